@@ -245,14 +245,13 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _convert(value, arg, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
+            except ConfigError:
+                continue
         raise ConfigError(f"{key}={value!r} has the wrong type; expected {_type_name(tp)}")
     if origin is list:
         (item,) = typing.get_args(tp)
@@ -268,6 +267,12 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}={value!r} has the wrong type; expected an integer")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads 1e-3 (no dot) as a string; everyone writes learning rates that way
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}={value!r} has the wrong type; expected a number")
         return float(value)
@@ -332,13 +337,37 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
+RECIPES_PACKAGE = "clipforge.configs"
+
+
+def recipe_names() -> list[str]:
+    """Names of the YAML recipes shipped inside the package (``clipforge train demo`` finds them)."""
+    from importlib.resources import files
+
+    return sorted(p.name.removesuffix(".yaml") for p in files(RECIPES_PACKAGE).iterdir() if p.name.endswith(".yaml"))
+
+
+def resolve_config_path(spec: str | Path) -> Path:
+    """A config file path as given, or the shipped recipe of that name (``demo`` -> .../configs/demo.yaml)."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    from importlib.resources import files
+
+    recipe = files(RECIPES_PACKAGE) / f"{spec}.yaml"
+    if recipe.is_file():
+        return Path(str(recipe))
+    raise ConfigError(
+        f"config {str(spec)!r} is neither a file nor a shipped recipe; recipes: {recipe_names()}, "
+        "or pass the path of a YAML file"
+    )
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (or start from defaults), apply dotted overrides, validate."""
+    """Read a YAML config or shipped recipe (or start from defaults), apply dotted overrides, validate."""
     values: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist; see configs/ for examples")
+        path = resolve_config_path(path)
         loaded = yaml.safe_load(path.read_text())
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
@@ -387,6 +416,8 @@ def validate(config: Config) -> None:
         if text.width % text.heads:
             raise ConfigError(f"model.text.width={text.width} must be divisible by model.text.heads={text.heads}")
         if text.tokenizer.kind == "hf" and not text.tokenizer.name:
-            raise ConfigError("model.text.tokenizer.kind='hf' with the built-in text tower needs model.text.tokenizer.name")
+            raise ConfigError(
+                "model.text.tokenizer.kind='hf' with the built-in text tower needs model.text.tokenizer.name"
+            )
     if config.loss.chunk_size is not None and config.loss.chunk_size <= 0:
         raise ConfigError(f"loss.chunk_size={config.loss.chunk_size} must be positive (or null for no chunking)")

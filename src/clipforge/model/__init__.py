@@ -1,0 +1,25 @@
+"""The two-tower model: towers (vision, text), projection heads, and the factory that builds them."""
+
+from clipforge.model.clip import CLIPModel, CLIPOutput
+from clipforge.model.registry import (
+    CLIP_INIT_LOGIT_SCALE,
+    MAX_LOGIT_SCALE,
+    SIGLIP_INIT_LOGIT_BIAS,
+    SIGLIP_INIT_LOGIT_SCALE,
+    count_parameters,
+    create_model,
+)
+from clipforge.model.vision import ImagePreprocess, resolve_image_preprocess
+
+__all__ = [
+    "CLIP_INIT_LOGIT_SCALE",
+    "CLIPModel",
+    "CLIPOutput",
+    "ImagePreprocess",
+    "MAX_LOGIT_SCALE",
+    "SIGLIP_INIT_LOGIT_BIAS",
+    "SIGLIP_INIT_LOGIT_SCALE",
+    "count_parameters",
+    "create_model",
+    "resolve_image_preprocess",
+]

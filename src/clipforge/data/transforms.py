@@ -1,0 +1,51 @@
+"""The one place that builds image transforms, for training and for evaluation alike.
+
+Both come from the image tower's :class:`~clipforge.model.vision.ImagePreprocess` (size,
+normalization, interpolation), so a checkpoint evaluates with exactly the preprocessing it trained with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from clipforge.config import AugmentConfig
+from clipforge.model.vision import ImagePreprocess
+
+_INTERPOLATION = {
+    "bicubic": v2.InterpolationMode.BICUBIC,
+    "bilinear": v2.InterpolationMode.BILINEAR,
+    "nearest": v2.InterpolationMode.NEAREST,
+}
+
+
+def build_image_transform(
+    preprocess: ImagePreprocess, augment: AugmentConfig | None = None
+) -> Callable[[Image.Image], torch.Tensor]:
+    """PIL RGB image -> normalized float tensor (3, size, size).
+
+    ``augment=None`` gives the evaluation transform: resize the short side to ``size``, center crop.
+    With an :class:`AugmentConfig` it is the training transform: random resized crop over an area
+    fraction in ``(augment.scale_min, 1)``, then an optional horizontal flip.
+    """
+    size = preprocess.image_size
+    interpolation = _INTERPOLATION[preprocess.interpolation]
+    if augment is None:
+        geometry = [v2.Resize(size, interpolation=interpolation, antialias=True), v2.CenterCrop(size)]
+    else:
+        geometry = [
+            v2.RandomResizedCrop(size, scale=(augment.scale_min, 1.0), interpolation=interpolation, antialias=True)
+        ]
+        if augment.hflip:
+            geometry.append(v2.RandomHorizontalFlip())
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            *geometry,
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=list(preprocess.mean), std=list(preprocess.std)),
+        ]
+    )

@@ -1,0 +1,163 @@
+"""Zero-shot classification: a prompt-ensemble classifier built from class names, and its metrics.
+
+Pure tensor functions: the model enters only as an ``encode_text`` callable, the images as features.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from clipforge.eval.templates import validate_templates
+
+__all__ = ["build_zeroshot_classifier", "zeroshot_metrics", "predict_proba"]
+
+
+def build_zeroshot_classifier(
+    encode_text: Callable[[list[str]], Tensor],
+    classnames: Sequence[str],
+    templates: Sequence[str] | str,
+    batch_size: int = 256,
+) -> Tensor:
+    """One unit-norm weight vector per class from a prompt ensemble (Radford et al. 2021).
+
+    For class ``c`` with name ``n_c`` and templates ``t_1..t_T``::
+
+        e_{c,t} = encode_text(t.format(n_c)) / ||encode_text(t.format(n_c))||
+        w_c     = mean_t e_{c,t} / ||mean_t e_{c,t}||
+
+    Templates hold one ``{}`` placeholder (CLIP_benchmark's ``{c}`` is accepted too and read as ``{}``); a
+    template without one raises ``ValueError``. The ``C * T`` prompts are sent to ``encode_text`` in batches of
+    at most ``batch_size`` strings, across class boundaries, under ``torch.no_grad()``.
+
+    Args:
+        encode_text: maps a list of n strings to an (n, D) tensor of (not necessarily normalized) embeddings.
+        classnames: the C class names, in label order.
+        templates: a list of templates, or a single template string.
+        batch_size: most prompts per ``encode_text`` call.
+
+    Returns:
+        (C, D) float32 tensor on the device ``encode_text`` returns, row c for class c.
+    """
+    templates = validate_templates([templates] if isinstance(templates, str) else templates)
+    if isinstance(classnames, str) or len(classnames) == 0:
+        raise ValueError(f"classnames must be a non-empty sequence of strings, got {classnames!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    num_templates = len(templates)
+    # Class-major order: prompt p belongs to class p // T, so a batch can span several classes and every call
+    # to the (slow) text tower is full.
+    prompts = [template.format(name) for name in classnames for template in templates]
+    # Running per-class sums instead of keeping all C*T embeddings: 1000 classes x 80 templates x 1024 floats
+    # would otherwise be 320 MB for nothing.
+    class_sums: Tensor | None = None
+    with torch.no_grad():
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start : start + batch_size]
+            embeddings = encode_text(batch)
+            if not isinstance(embeddings, Tensor) or embeddings.ndim != 2 or embeddings.shape[0] != len(batch):
+                shape = tuple(embeddings.shape) if isinstance(embeddings, Tensor) else type(embeddings).__name__
+                raise ValueError(f"encode_text must return an (n, D) tensor for n={len(batch)} prompts, got {shape}")
+            embeddings = F.normalize(embeddings.float(), dim=-1)
+            if class_sums is None:
+                class_sums = embeddings.new_zeros(len(classnames), embeddings.shape[1])
+            class_of_prompt = torch.arange(start, start + len(batch), device=embeddings.device) // num_templates
+            class_sums.index_add_(0, class_of_prompt, embeddings)
+    assert class_sums is not None  # at least one class and one template, checked above
+    # Dividing by T would not change the direction; it is kept so the code reads as the mean in the docstring.
+    return F.normalize(class_sums / num_templates, dim=-1)
+
+
+def zeroshot_metrics(
+    image_features: Tensor,
+    classifier: Tensor,
+    labels: Tensor,
+    ks: Sequence[int] = (1, 5, 10),
+) -> dict[str, float | list[list[int]]]:
+    """Top-k accuracy, mean per-class recall and the confusion matrix of a zero-shot classifier.
+
+    Logits are ``image_features @ classifier.T`` in float32. For image ``n`` with true class ``y``, its rank is::
+
+        rank(n) = 1 + #{ c != y : logit(n, c) >= logit(n, y) }
+
+    Tie rule (pessimistic): a wrong class with the same logit as the true class is ranked ahead of it. The
+    image is correct at k when ``rank(n) <= k``.
+
+    Returned keys:
+        ``acc{k}``: fraction correct at k, only for the k in ``ks`` with k <= C (with fewer than k classes,
+            top-k accuracy would be trivially 1, so the key is left out).
+        ``mean_per_class_recall``: the top-1 recall of each class, averaged over the classes that have at
+            least one image in ``labels`` (classes absent from the set are skipped, not counted as 0).
+        ``confusion_matrix``: C x C nested list of ints, row = true class, column = top-1 prediction. The
+            prediction follows the same tie rule: if the true class ties for the top logit with another class,
+            the (lowest-index) wrong class is predicted, so the trace divided by N equals ``acc1``.
+
+    Args:
+        image_features: (N, D) image embeddings (normally L2-normalized).
+        classifier: (C, D) class weights, e.g. from :func:`build_zeroshot_classifier`.
+        labels: (N,) integer true classes in [0, C).
+        ks: the k for top-k accuracy.
+    """
+    if image_features.ndim != 2 or classifier.ndim != 2 or image_features.shape[1] != classifier.shape[1]:
+        raise ValueError(
+            "expected image_features (N, D) and classifier (C, D) with the same D, got "
+            f"{tuple(image_features.shape)} and {tuple(classifier.shape)}"
+        )
+    num_images, num_classes = image_features.shape[0], classifier.shape[0]
+    if num_images == 0 or num_classes == 0:
+        raise ValueError(f"need at least one image and one class, got N={num_images}, C={num_classes}")
+    if labels.shape != (num_images,):
+        raise ValueError(f"labels must have shape (N,) = ({num_images},), got {tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}")
+    if len(ks) == 0 or any(isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1 for k in ks):
+        raise ValueError(f"ks must be a non-empty sequence of positive integers, got {list(ks)!r}")
+    labels = labels.to(device=image_features.device, dtype=torch.long)
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= num_classes:
+        raise ValueError(f"labels must be class indices in [0, {num_classes - 1}], got values in [{low}, {high}]")
+
+    logits = image_features.float() @ classifier.to(image_features.device).float().T  # (N, C)
+    true_logit = logits.gather(1, labels[:, None])  # (N, 1)
+    at_or_above = logits >= true_logit  # (N, C), includes the true class itself
+    ranks = at_or_above.sum(dim=1)  # = 1 + #(wrong classes >= true)
+
+    metrics: dict[str, float | list[list[int]]] = {}
+    for k in ks:
+        if k <= num_classes:
+            metrics[f"acc{k}"] = (ranks <= k).double().mean().item()
+
+    # Top-1 prediction under the same pessimistic rule: any wrong class tied at the top wins over the true one.
+    is_top = logits >= logits.max(dim=1, keepdim=True).values
+    wrong_top = is_top.scatter(1, labels[:, None], False)
+    has_wrong_top = wrong_top.any(dim=1)
+    # argmax of a 0/1 row returns the first maximal index, i.e. the lowest-index wrong class at the top.
+    predictions = torch.where(has_wrong_top, wrong_top.to(torch.uint8).argmax(dim=1), labels)
+
+    confusion = torch.bincount(labels * num_classes + predictions, minlength=num_classes * num_classes)
+    confusion = confusion.reshape(num_classes, num_classes).cpu()
+    support = confusion.sum(dim=1)
+    present = support > 0
+    per_class_recall = confusion.diagonal()[present].double() / support[present].double()
+    metrics["mean_per_class_recall"] = per_class_recall.mean().item()
+    metrics["confusion_matrix"] = confusion.tolist()
+    return metrics
+
+
+def predict_proba(image_features: Tensor, classifier: Tensor, logit_scale: float) -> Tensor:
+    """Class probabilities ``softmax(logit_scale * image_features @ classifier.T)`` over the C classes.
+
+    ``logit_scale`` is the multiplier itself (about 100 for trained CLIP models, i.e. ``exp`` of the learned
+    log-temperature), not its logarithm. Returns an (N, C) float32 tensor whose rows sum to 1.
+    """
+    if image_features.ndim != 2 or classifier.ndim != 2 or image_features.shape[1] != classifier.shape[1]:
+        raise ValueError(
+            "expected image_features (N, D) and classifier (C, D) with the same D, got "
+            f"{tuple(image_features.shape)} and {tuple(classifier.shape)}"
+        )
+    logits = float(logit_scale) * (image_features.float() @ classifier.to(image_features.device).float().T)
+    return logits.softmax(dim=-1)

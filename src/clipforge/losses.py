@@ -1,0 +1,252 @@
+"""Contrastive losses for two-tower image-text models: CLIP (softmax) and SigLIP (sigmoid).
+
+Both losses take L2-normalized features ``X`` (images) and ``Y`` (texts), each ``(N, D)``, where row ``i``
+of ``X`` and row ``i`` of ``Y`` are a matching pair, and the raw log-temperature ``logit_scale``:
+the logits are ``l_ij = t * <x_i, y_j>`` (+ ``b`` for SigLIP) with ``t = exp(logit_scale)``. The scale is
+not clamped here; keeping it in range is the model's job.
+
+Everything is computed in float32 whatever the input dtype (and with autocast switched off), because
+log-sum-exp and softplus over large batches lose too much in bf16/fp16.
+
+``chunk_size`` trades compute for memory: the losses are sums over rows, so they are summed over row
+blocks of ``chunk_size`` rows, each block wrapped in activation checkpointing. Neither the forward nor the
+backward pass then holds more than one ``(chunk_size, N)`` block of logits (peak extra memory
+O(chunk_size * N) instead of O(N^2)); backward recomputes each block's logits once.
+
+The losses are written as sums over "local rows against some columns" (``ClipLoss.partial_sum``,
+``SigLipLoss.pair_sum``) so that distributed variants can reuse them: rows from this process against
+columns gathered from (or exchanged with) the other processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from clipforge.config import LossConfig
+
+__all__ = ["ClipLoss", "SigLipLoss", "build_loss"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared helpers
+# ----------------------------------------------------------------------------------------------
+def _check_chunk_size(chunk_size: int | None) -> int | None:
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
+        raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer (or None for no chunking)")
+    return chunk_size
+
+
+def _check_features(rows: Tensor, columns: Tensor, rows_name: str, columns_name: str, same_shape: bool) -> None:
+    """Raise a ValueError that names the tensors when they are not (N, D) / (M, D) feature matrices."""
+    for name, tensor in ((rows_name, rows), (columns_name, columns)):
+        if tensor.dim() != 2 or tensor.shape[0] == 0:
+            raise ValueError(f"{name} must be a non-empty (batch, embed_dim) matrix; got shape {tuple(tensor.shape)}")
+    if same_shape and rows.shape != columns.shape:
+        raise ValueError(
+            f"{rows_name} and {columns_name} must have the same shape (batch, embed_dim), one row per pair; "
+            f"got {tuple(rows.shape)} and {tuple(columns.shape)}"
+        )
+    if rows.shape[1] != columns.shape[1]:
+        raise ValueError(
+            f"{rows_name} and {columns_name} must share embed_dim; got {tuple(rows.shape)} and {tuple(columns.shape)}"
+        )
+
+
+def _as_scalar(value: Tensor | float, name: str, like: Tensor) -> Tensor:
+    """A 0-dim float32 tensor on ``like``'s device (a float becomes a constant)."""
+    value = torch.as_tensor(value, device=like.device)
+    if value.numel() != 1:
+        raise ValueError(f"{name} must be a scalar (one element); got shape {tuple(value.shape)}")
+    return value.float().reshape(())
+
+
+def _float32_math(device: torch.device) -> contextlib.AbstractContextManager:
+    """Switch autocast off, so that float32 inputs really give float32 matmuls inside an autocast region."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _blockwise(
+    block_fn: Callable[..., Tensor], rows: Tensor, columns: Tensor, *scalars: Tensor, chunk_size: int | None
+) -> list[Tensor]:
+    """``block_fn(rows[a:b], columns, *scalars)`` for consecutive row blocks of ``chunk_size`` rows.
+
+    Each block runs under non-reentrant checkpointing when gradients are needed, so autograd keeps only its
+    inputs (views of ``rows``/``columns``, already alive) and recomputes the ``(chunk_size, M)`` logits in
+    backward, one block at a time. Without ``chunk_size`` the whole matrix is one plain block.
+    """
+    if chunk_size is None:
+        return [block_fn(rows, columns, *scalars)]
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (rows, columns, *scalars))
+    results = []
+    for start in range(0, rows.shape[0], chunk_size):
+        block = rows[start : start + chunk_size]
+        if needs_grad:
+            results.append(checkpoint(block_fn, block, columns, *scalars, use_reentrant=False))
+        else:
+            results.append(block_fn(block, columns, *scalars))
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# CLIP: symmetric softmax cross-entropy
+# ----------------------------------------------------------------------------------------------
+def _row_logsumexp(rows: Tensor, columns: Tensor, scale: Tensor) -> Tensor:
+    """``log sum_j exp(t * <r_i, c_j>)`` for every row i: ``(n,)``."""
+    return torch.logsumexp(scale * (rows @ columns.T), dim=1)
+
+
+class ClipLoss(nn.Module):
+    """Symmetric InfoNCE (CLIP) loss.
+
+    With logits ``l_ij = t * <x_i, y_j>``, ``t = exp(logit_scale)``, and the matching pair on the diagonal:
+
+        loss = 0.5 * (CE_rows + CE_cols)
+        CE_rows = (1/N) sum_i [ log sum_j exp(l_ij) - l_ii ]     (each image picks its caption)
+        CE_cols = (1/N) sum_j [ log sum_i exp(l_ij) - l_jj ]     (each caption picks its image)
+
+    The column term is the row term with the roles of X and Y swapped, so both are computed as row
+    log-sum-exps: of X against all of Y and of Y against all of X; the positives ``l_ii = t * <x_i, y_i>``
+    need no matrix at all. With ``chunk_size`` the row log-sum-exps are taken over row blocks (see the
+    module docstring); this costs a second ``N x N x D`` matmul compared with one shared logit matrix,
+    the price of never holding that matrix.
+    """
+
+    def __init__(self, chunk_size: int | None = None):
+        super().__init__()
+        self.chunk_size = _check_chunk_size(chunk_size)
+
+    def extra_repr(self) -> str:
+        return f"chunk_size={self.chunk_size}"
+
+    def partial_sum(
+        self,
+        image_features: Tensor,
+        text_features: Tensor,
+        image_columns: Tensor,
+        text_columns: Tensor,
+        logit_scale: Tensor,
+    ) -> Tensor:
+        """Un-normalized loss of some rows against some columns (float32 scalar).
+
+        ``sum_i [ lse_j(t <x_i, Y_j>) - t <x_i, y_i> ] + sum_i [ lse_j(t <y_i, X_j>) - t <x_i, y_i> ]``
+        over the pairs ``(x_i, y_i)`` of ``image_features``/``text_features`` (n rows), with ``Y``/``X`` =
+        ``text_columns``/``image_columns`` (M rows, which must include the n rows' own partners). On one
+        process the columns are the rows and the loss is ``0.5 * partial_sum / N``; a distributed loss
+        passes its local pairs as rows and the gathered features as columns, and divides by ``2 * N_global``.
+        """
+        _check_features(image_features, text_features, "image_features", "text_features", same_shape=True)
+        _check_features(image_columns, text_columns, "image_columns", "text_columns", same_shape=True)
+        _check_features(image_features, image_columns, "image_features", "image_columns", same_shape=False)
+        columns_are_rows = image_columns is image_features and text_columns is text_features
+        with _float32_math(image_features.device):
+            images, texts = image_features.float(), text_features.float()
+            scale = _as_scalar(logit_scale, "logit_scale", images).exp()
+            if self.chunk_size is None and columns_are_rows:
+                # Single process, no chunking: one shared N x N matrix serves both directions.
+                logits = scale * (images @ texts.T)  # (N, N)
+                image_lse, text_lse = torch.logsumexp(logits, dim=1), torch.logsumexp(logits, dim=0)
+            else:
+                image_columns, text_columns = (
+                    (images, texts) if columns_are_rows else (image_columns.float(), text_columns.float())
+                )
+                image_lse = torch.cat(
+                    _blockwise(_row_logsumexp, images, text_columns, scale, chunk_size=self.chunk_size)
+                )
+                text_lse = torch.cat(
+                    _blockwise(_row_logsumexp, texts, image_columns, scale, chunk_size=self.chunk_size)
+                )
+            positives = scale * (images * texts).sum(dim=1)  # (n,)
+            # Subtract per row before summing: the sums of lse and of positives are both ~ n * t and nearly
+            # cancel when the model is good, which would cost float32 digits.
+            return ((image_lse - positives) + (text_lse - positives)).sum()
+
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor) -> Tensor:
+        """The loss (0-dim float32) of ``image_features``/``text_features`` ``(N, D)``, pairs on the diagonal."""
+        total = self.partial_sum(image_features, text_features, image_features, text_features, logit_scale)
+        return total / (2 * image_features.shape[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# SigLIP: pairwise sigmoid
+# ----------------------------------------------------------------------------------------------
+def _row_softplus_sum(rows: Tensor, columns: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
+    """``sum_j softplus(t * <r_i, c_j> + b)`` for every row i: ``(n,)``."""
+    return F.softplus(scale * (rows @ columns.T) + bias).sum(dim=1)
+
+
+class SigLipLoss(nn.Module):
+    """Sigmoid (SigLIP) loss over all N x N pairs, normalized by N as in the SigLIP paper.
+
+        loss = -(1/N) sum_ij log sigmoid(z_ij * l_ij),   l_ij = t * <x_i, y_j> + b,   z_ij = 1 if i == j else -1
+
+    Computed without a label matrix. Since ``-log sigmoid(u) = softplus(-u)``:
+
+        off the diagonal (z = -1):  -log sigmoid(-l_ij) = softplus(l_ij)
+        on the diagonal  (z = +1):  -log sigmoid(l_ii)  = softplus(-l_ii) = softplus(l_ii) - l_ii
+
+    using ``softplus(-u) = log(1 + e^-u) = log(e^-u (e^u + 1)) = softplus(u) - u``. Summing both cases:
+
+        N * loss = sum_ij softplus(l_ij) - sum_i l_ii
+
+    The first term is a plain sum over all pairs, so it splits over row blocks of any size (``chunk_size``);
+    the second needs only the N positive pairs. ``b`` (``logit_bias``) is the learned bias that offsets the
+    N - 1 negatives per positive (the paper starts it at -10 with ``t = 10``).
+    """
+
+    def __init__(self, chunk_size: int | None = None):
+        super().__init__()
+        self.chunk_size = _check_chunk_size(chunk_size)
+
+    def extra_repr(self) -> str:
+        return f"chunk_size={self.chunk_size}"
+
+    def pair_sum(
+        self,
+        image_features: Tensor,
+        text_features: Tensor,
+        logit_scale: Tensor,
+        logit_bias: Tensor,
+        paired: bool = True,
+    ) -> Tensor:
+        """``sum_ij -log sigmoid(z_ij * l_ij)`` of ``image_features`` (n, D) against ``text_features`` (m, D).
+
+        ``paired=True``: the two blocks hold the same samples in the same order, so ``z_ii = +1``
+        (requires n == m); ``paired=False``: every pair is a negative (``z = -1``), as for a block of texts
+        received from another process. The loss on one process is ``pair_sum(X, Y, ..., paired=True) / N``.
+        """
+        _check_features(image_features, text_features, "image_features", "text_features", same_shape=paired)
+        with _float32_math(image_features.device):
+            images, texts = image_features.float(), text_features.float()
+            scale = _as_scalar(logit_scale, "logit_scale", images).exp()
+            bias = _as_scalar(logit_bias, "logit_bias", images)
+            row_sums = torch.cat(_blockwise(_row_softplus_sum, images, texts, scale, bias, chunk_size=self.chunk_size))
+            if paired:
+                # The diagonal's -l_ii: softplus(-l) = softplus(l) - l (class docstring). Subtracted per row,
+                # where softplus(l_ii) ~ l_ii nearly cancels, rather than after summing over all rows.
+                row_sums = row_sums - (scale * (images * texts).sum(dim=1) + bias)
+            return row_sums.sum()
+
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor, logit_bias: Tensor) -> Tensor:
+        """The loss (0-dim float32) of ``image_features``/``text_features`` ``(N, D)``, pairs on the diagonal."""
+        total = self.pair_sum(image_features, text_features, logit_scale, logit_bias, paired=True)
+        return total / image_features.shape[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Factory
+# ----------------------------------------------------------------------------------------------
+def build_loss(config: LossConfig) -> nn.Module:
+    """The loss module that ``config.kind`` names (``clip`` -> ClipLoss, ``siglip`` -> SigLipLoss)."""
+    if config.kind == "clip":
+        return ClipLoss(chunk_size=config.chunk_size)
+    if config.kind == "siglip":
+        return SigLipLoss(chunk_size=config.chunk_size)
+    raise ValueError(f"loss.kind={config.kind!r} is not a loss; choose 'clip' or 'siglip'")

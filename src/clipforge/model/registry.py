@@ -1,0 +1,97 @@
+"""Build a :class:`CLIPModel` from a :class:`ModelConfig`.
+
+Each tower is picked by its config's explicit ``kind`` through the builder tables below (never by looking
+at a model name), so adding a family is one entry here plus its builder.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from torch import nn
+
+from clipforge.config import ImageTowerConfig, ModelConfig, TextTowerConfig
+from clipforge.model.clip import CLIPModel
+from clipforge.model.heads import build_head
+from clipforge.model.text import build_hf_tower, build_transformer_tower
+from clipforge.model.vision import build_timm_tower, build_torchvision_tower, build_vit_tower
+
+# CLIP starts at temperature 0.07, i.e. logits = (1 / 0.07) * cosine
+CLIP_INIT_LOGIT_SCALE = math.log(1 / 0.07)
+# SigLIP starts at t = 10, b = -10: almost every pair in a batch is a negative, so starting every logit
+# strongly negative puts the model near that prior and avoids large early corrections (SigLIP paper)
+SIGLIP_INIT_LOGIT_SCALE = math.log(10.0)
+SIGLIP_INIT_LOGIT_BIAS = -10.0
+# the trainer clamps logit_scale to this after every step (CLIP caps exp(logit_scale) at 100)
+MAX_LOGIT_SCALE = math.log(100.0)
+
+IMAGE_TOWER_BUILDERS: dict[str, Callable[[ImageTowerConfig], nn.Module]] = {
+    "vit": build_vit_tower,
+    "torchvision": build_torchvision_tower,
+    "timm": build_timm_tower,
+}
+# builders take (cfg, vocab_size, pad_token_id)
+TEXT_TOWER_BUILDERS: dict[str, Callable[[TextTowerConfig, int | None, int], nn.Module]] = {
+    "transformer": build_transformer_tower,
+    "hf": build_hf_tower,
+}
+LOSS_INIT: dict[str, tuple[float, float | None]] = {
+    "clip": (CLIP_INIT_LOGIT_SCALE, None),
+    "siglip": (SIGLIP_INIT_LOGIT_SCALE, SIGLIP_INIT_LOGIT_BIAS),
+}
+
+
+def _pick(table: dict[str, Callable], kind: str, field: str) -> Callable:
+    if kind not in table:
+        raise ValueError(f"{field}={kind!r} is unknown; choose one of {sorted(table)}")
+    return table[kind]
+
+
+def create_model(
+    config: ModelConfig, loss_kind: str = "clip", vocab_size: int | None = None, pad_token_id: int = 0
+) -> CLIPModel:
+    """Build the two-tower model ``config`` describes.
+
+    loss_kind: "clip" -> logit_scale = log(1/0.07), no bias; "siglip" -> logit_scale = log(10), bias -10.
+    vocab_size / pad_token_id: the tokenizer's; vocab_size is required by the built-in text transformer.
+    """
+    init_logit_scale, init_logit_bias = _pick(LOSS_INIT, loss_kind, "loss.kind")  # type: ignore[misc]
+    image_tower = _pick(IMAGE_TOWER_BUILDERS, config.image.kind, "model.image.kind")(config.image)
+    text_tower = _pick(TEXT_TOWER_BUILDERS, config.text.kind, "model.text.kind")(config.text, vocab_size, pad_token_id)
+    image_head = build_head(config.image.head, image_tower.output_dim, config.embed_dim, config.image.head_dropout)
+    text_head = build_head(config.text.head, text_tower.output_dim, config.embed_dim, config.text.head_dropout)
+    return CLIPModel(
+        image_tower,
+        text_tower,
+        image_head,
+        text_head,
+        init_logit_scale=init_logit_scale,
+        init_logit_bias=init_logit_bias,
+        freeze_image=config.image.freeze,
+        freeze_text=config.text.freeze,
+    )
+
+
+def count_parameters(model: CLIPModel) -> dict[str, dict[str, int]]:
+    """Parameter counts per part: {"image_tower": {"total": n, "trainable": m}, ..., "all": {...}}.
+
+    Parts are the model's direct children plus "logit" (scale and bias) and "all" (everything).
+    """
+    counts: dict[str, dict[str, int]] = {}
+    for part, module in model.named_children():
+        params = list(module.parameters())
+        counts[part] = {
+            "total": sum(p.numel() for p in params),
+            "trainable": sum(p.numel() for p in params if p.requires_grad),
+        }
+    logit_params = [p for p in (model.logit_scale, model.logit_bias) if p is not None]
+    counts["logit"] = {
+        "total": sum(p.numel() for p in logit_params),
+        "trainable": sum(p.numel() for p in logit_params if p.requires_grad),
+    }
+    counts["all"] = {
+        "total": sum(p.numel() for p in model.parameters()),
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
+    return counts

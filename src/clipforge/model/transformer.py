@@ -1,0 +1,169 @@
+"""Pre-LN transformer blocks shared by the built-in image (ViT) and text towers.
+
+Attention runs through ``torch.nn.functional.scaled_dot_product_attention`` so GPUs get the fused
+(flash / memory-efficient) kernels. Those kernels never materialise the attention matrix, so when a caller
+asks for the weights (attention rollout, tests) a second, explicit path computes
+
+    weights = softmax(Q K^T / sqrt(head_dim) + mask),   out = weights V
+
+with exactly the same mask; both paths give the same output up to float rounding.
+
+Mask convention (the same as SDPA): a boolean mask is True where a query *may* attend to a key; a float
+mask is added to the scores (0 = keep, -inf = block). Masks broadcast to (batch, heads, T, T).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def causal_mask(length: int, device: torch.device | None = None) -> torch.Tensor:
+    """(length, length) boolean mask, True on and below the diagonal: position i sees positions <= i."""
+    return torch.ones(length, length, dtype=torch.bool, device=device).tril()
+
+
+def _merge_causal(attn_mask: torch.Tensor | None, is_causal: bool, length: int, device: torch.device):
+    """Fold ``is_causal`` into ``attn_mask`` when both are given (SDPA refuses the pair)."""
+    if not is_causal:
+        return attn_mask
+    causal = causal_mask(length, device)
+    if attn_mask is None:
+        return causal
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & causal
+    return attn_mask.masked_fill(~causal, float("-inf"))
+
+
+def explicit_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference attention that also returns the weights.
+
+    query/key/value: (batch, heads, T, head_dim). Returns (output (batch, heads, T, head_dim),
+    weights (batch, heads, T, T)) with weights = softmax(Q K^T / sqrt(head_dim) + mask) over the last axis.
+    """
+    scores = query @ key.transpose(-2, -1) / math.sqrt(query.shape[-1])  # (B, heads, T, T)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask
+    # softmax in float32: half-precision exp over long rows loses the small weights rollout multiplies
+    weights = scores.float().softmax(dim=-1).to(query.dtype)
+    return weights @ value, weights
+
+
+class MultiheadSelfAttention(nn.Module):
+    """Self-attention with one fused QKV projection (one matmul instead of three)."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"attention width={width} must be divisible by heads={heads}")
+        self.width = width
+        self.heads = heads
+        self.head_dim = width // heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        need_weights: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x: (batch, T, width) -> (output (batch, T, width), weights (batch, heads, T, T) or None).
+
+        The weights are computed (explicitly, without the fused kernel) only when ``need_weights``.
+        """
+        batch, length, _ = x.shape
+        qkv = self.qkv(x).view(batch, length, 3, self.heads, self.head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, T, head_dim)
+        weights = None
+        if need_weights:
+            mask = _merge_causal(attn_mask, is_causal, length, x.device)
+            out, weights = explicit_attention(query, key, value, mask)
+        elif is_causal and attn_mask is not None:
+            out = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=_merge_causal(attn_mask, True, length, x.device)
+            )
+        else:
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, is_causal=is_causal)
+        out = out.transpose(1, 2).reshape(batch, length, self.width)
+        return self.out_proj(out), weights
+
+
+class MLP(nn.Module):
+    """Linear(width, hidden) -> GELU -> Linear(hidden, width), hidden = round(width * mlp_ratio)."""
+
+    def __init__(self, width: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        hidden = int(round(width * mlp_ratio))
+        self.fc1 = nn.Linear(width, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-LN block: x = x + attn(ln1(x)); x = x + mlp(ln2(x))."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(width)
+        self.attn = MultiheadSelfAttention(width, heads)
+        self.ln2 = nn.LayerNorm(width)
+        self.mlp = MLP(width, mlp_ratio)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        need_weights: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attended, weights = self.attn(self.ln1(x), attn_mask=attn_mask, is_causal=is_causal, need_weights=need_weights)
+        x = x + attended
+        x = x + self.mlp(self.ln2(x))
+        return x, weights
+
+
+class Transformer(nn.Module):
+    """A stack of ``depth`` pre-LN blocks of the same ``width`` (no final LayerNorm: the towers own it)."""
+
+    def __init__(self, width: int, depth: int, heads: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        self.width = width
+        self.depth = depth
+        self.heads = heads
+        self.blocks = nn.ModuleList(ResidualAttentionBlock(width, heads, mlp_ratio) for _ in range(depth))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Truncated-normal(0.02) linear weights and zero biases, as in ViT/BERT; LayerNorms stay (1, 0)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        return_attention: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """x: (batch, T, width) -> (batch, T, width), plus the per-layer weights (batch, heads, T, T) if asked."""
+        attentions: list[torch.Tensor] = []
+        for block in self.blocks:
+            x, weights = block(x, attn_mask=attn_mask, is_causal=is_causal, need_weights=return_attention)
+            if return_attention:
+                attentions.append(weights)
+        return (x, attentions) if return_attention else x

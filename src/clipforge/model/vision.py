@@ -1,0 +1,337 @@
+"""Image towers: each maps images (batch, 3, H, W) to features (batch, output_dim).
+
+Three kinds, picked by ``ImageTowerConfig.kind``:
+
+* ``vit``: the built-in :class:`VisionTransformer` (CLIP-style ViT, class-token output).
+* ``torchvision``: any torchvision classification model with its final classifier Linear replaced by Identity.
+* ``timm``: any timm model created headless (``num_classes=0``).
+
+``resolve_image_preprocess`` is the single place that decides resize size, interpolation and normalization
+for a tower; the data transforms read it instead of guessing.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from clipforge.config import ImageTowerConfig
+from clipforge.model.transformer import Transformer
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+
+
+# ----------------------------------------------------------------------------------------------
+# Preprocessing
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ImagePreprocess:
+    """What a tower expects: square ``image_size`` input, resized with ``interpolation``, then
+    normalized per channel as (pixel / 255 - mean) / std."""
+
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str  # "bicubic" | "bilinear" | "nearest" (the last only when a timm model asks for it)
+
+
+def resolve_image_preprocess(cfg: ImageTowerConfig) -> ImagePreprocess:
+    """Preprocessing for the tower ``cfg`` describes; never touches the network.
+
+    mean/std: ``cfg.mean``/``cfg.std`` when set; else the tower's own: CLIP's for the built-in ViT, ImageNet's
+    for torchvision, and for timm the pretrained config of ``name`` (or ``name.tag``) from timm's local
+    registry, falling back to ImageNet's. Interpolation: bicubic (ViT), bilinear (torchvision), timm's own.
+    """
+    if cfg.kind == "vit":
+        mean, std, interpolation = CLIP_MEAN, CLIP_STD, "bicubic"
+    elif cfg.kind == "torchvision":
+        mean, std, interpolation = IMAGENET_MEAN, IMAGENET_STD, "bilinear"
+    elif cfg.kind == "timm":
+        mean, std, interpolation = _timm_preprocess(cfg)
+    else:
+        raise ValueError(f"model.image.kind={cfg.kind!r} is unknown; choose one of ['vit', 'torchvision', 'timm']")
+    if cfg.mean:
+        mean, std = tuple(float(v) for v in cfg.mean), tuple(float(v) for v in cfg.std)
+    return ImagePreprocess(image_size=cfg.image_size, mean=mean, std=std, interpolation=interpolation)
+
+
+def _timm_preprocess(cfg: ImageTowerConfig) -> tuple[tuple, tuple, str]:
+    from timm.models import get_pretrained_cfg
+
+    pretrained_cfg = get_pretrained_cfg(timm_model_name(cfg))  # a local table lookup: no download
+    if pretrained_cfg is None:
+        return IMAGENET_MEAN, IMAGENET_STD, "bicubic"
+    # the transforms know these three; timm's rare others ("random", "") fall back to bicubic
+    interpolation = pretrained_cfg.interpolation
+    interpolation = interpolation if interpolation in ("bicubic", "bilinear", "nearest") else "bicubic"
+    return tuple(pretrained_cfg.mean), tuple(pretrained_cfg.std), interpolation
+
+
+def timm_model_name(cfg: ImageTowerConfig) -> str:
+    """``name`` or, when ``pretrained`` is a tag, ``name.tag`` (timm's way of naming one set of weights)."""
+    if not _is_named_weights(cfg.pretrained):
+        return cfg.name
+    if "." in cfg.name:
+        raise ValueError(
+            f"model.image.name={cfg.name!r} already names a timm tag, and model.image.pretrained={cfg.pretrained!r} "
+            f"names another; set pretrained to 'default' to use the tag in the name"
+        )
+    return f"{cfg.name}.{cfg.pretrained}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Pretrained weights
+# ----------------------------------------------------------------------------------------------
+def _is_named_weights(pretrained: str | None) -> bool:
+    """A torchvision enum name or timm tag, i.e. not None, not "default" and not a local file."""
+    return pretrained is not None and pretrained != "default" and local_weights_file(pretrained) is None
+
+
+def local_weights_file(pretrained: str | None) -> Path | None:
+    """The local file ``pretrained`` names, or None when it names no file.
+
+    A string that looks like a path (a separator or a weights suffix) but does not exist is an error rather
+    than being passed on as a weights name, so a typo in a path does not turn into a download attempt.
+    """
+    if pretrained is None or pretrained == "default":
+        return None
+    path = Path(pretrained).expanduser()
+    if path.is_file():
+        return path
+    if "/" in pretrained or "\\" in pretrained or path.suffix in WEIGHT_FILE_SUFFIXES:
+        raise ValueError(f"pretrained={pretrained!r} looks like a weights file but no file exists there")
+    return None
+
+
+def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from ``.safetensors`` or a torch file (``torch.load(weights_only=True)``).
+
+    A torch file holding ``{"state_dict": {...}}`` (a common training-checkpoint layout) is unwrapped.
+    """
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ValueError(
+            f"{path}: not a plain state dict ({exc}). Save weights with torch.save(model.state_dict(), path)"
+        ) from exc
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: expected a dict of parameter name -> tensor, got {type(state).__name__}")
+    return state
+
+
+def _first(keys: list[str], limit: int = 5) -> str:
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return f"{keys[:limit]}{more}"
+
+
+def load_weights_file(module: nn.Module, path: Path, description: str, drop_prefixes: tuple[str, ...] = ()) -> None:
+    """Load the state dict in ``path`` into ``module`` strictly, or raise a ValueError that says what differs.
+
+    Keys under ``drop_prefixes`` (the classifier the headless tower no longer has) are dropped first.
+    A missing BatchNorm ``num_batches_tracked`` counter is tolerated: it is a step count, not a weight.
+    """
+    state = {
+        key: value
+        for key, value in load_state_dict_file(path).items()
+        if not any(key == prefix or key.startswith(prefix + ".") for prefix in drop_prefixes)
+    }
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in state
+        if k in expected and state[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        problems = []
+        if missing:
+            problems.append(f"missing keys {_first(missing)}")
+        if unexpected:
+            problems.append(f"unexpected keys {_first(unexpected)}")
+        if mismatched:
+            problems.append(f"shape mismatches {_first(mismatched, 3)}")
+        raise ValueError(
+            f"pretrained weights file {str(path)!r} does not fit {description}: {'; '.join(problems)}. "
+            f"Fix: point model.image.pretrained at a state dict saved from this same architecture "
+            f"(torch.save(model.state_dict(), path)), or change model.image.name/size settings to match the file"
+        )
+    module.load_state_dict(state, strict=False)  # strictness was checked above, with the counter exception
+
+
+# ----------------------------------------------------------------------------------------------
+# Built-in ViT
+# ----------------------------------------------------------------------------------------------
+class VisionTransformer(nn.Module):
+    """CLIP-style ViT: conv patch embedding, class token, learned positions, pre-LN blocks.
+
+    images (B, 3, S, S) -> patches (B, (S/p)^2, width) -> [class; patches] + positions -> LayerNorm
+    -> blocks -> LayerNorm of the class token = features (B, width).
+    The LayerNorm before the blocks (``ln_pre``) follows CLIP, so its checkpoints map onto this layout.
+    """
+
+    def __init__(self, image_size: int, patch_size: int, width: int, depth: int, heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"ViT image_size={image_size} must be a multiple of patch_size={patch_size}")
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.grid_size = image_size // patch_size
+        self.output_dim = width
+        # no bias: the learned positional embedding already adds a per-token offset
+        self.patch_embed = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        self.class_embedding = nn.Parameter(torch.empty(width))
+        self.positional_embedding = nn.Parameter(torch.empty(self.grid_size**2 + 1, width))
+        self.ln_pre = nn.LayerNorm(width)
+        self.transformer = Transformer(width, depth, heads, mlp_ratio)
+        self.ln_post = nn.LayerNorm(width)
+        nn.init.normal_(self.class_embedding, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.02)
+
+    def forward(
+        self, images: torch.Tensor, return_attention: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """images (B, 3, S, S) -> features (B, width), plus per-layer attention (B, heads, T, T) if asked.
+
+        T = 1 + (S / patch_size)^2; token 0 is the class token, the rest are patches in row-major order.
+        """
+        if images.ndim != 4 or tuple(images.shape[1:]) != (3, self.image_size, self.image_size):
+            raise ValueError(
+                f"this ViT expects images of shape (batch, 3, {self.image_size}, {self.image_size}), "
+                f"got {tuple(images.shape)}; resize with the tower's preprocessing (resolve_image_preprocess)"
+            )
+        tokens = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, grid^2, width)
+        class_token = self.class_embedding.to(tokens.dtype).expand(tokens.shape[0], 1, -1)
+        tokens = torch.cat([class_token, tokens], dim=1) + self.positional_embedding.to(tokens.dtype)
+        tokens = self.ln_pre(tokens)
+        if return_attention:
+            tokens, attentions = self.transformer(tokens, return_attention=True)
+            return self.ln_post(tokens[:, 0]), attentions
+        return self.ln_post(self.transformer(tokens)[:, 0])
+
+
+def build_vit_tower(cfg: ImageTowerConfig) -> VisionTransformer:
+    """The built-in ViT; ``pretrained`` may only be None or a local state dict file."""
+    tower = VisionTransformer(cfg.image_size, cfg.patch_size, cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio)
+    if cfg.pretrained is None:
+        return tower
+    path = local_weights_file(cfg.pretrained)
+    if path is None:
+        raise ValueError(
+            f"model.image.pretrained={cfg.pretrained!r}: the built-in ViT has no named weights; use null (random "
+            f"init) or a local .pt/.safetensors state dict (CLIP checkpoints go through clipforge.interop)"
+        )
+    load_weights_file(tower, path, f"the built-in ViT (width={cfg.width}, depth={cfg.depth})")
+    return tower
+
+
+# ----------------------------------------------------------------------------------------------
+# torchvision and timm backbones
+# ----------------------------------------------------------------------------------------------
+class BackboneTower(nn.Module):
+    """A headless library backbone with the ``output_dim`` the heads need; ``backbone`` keeps the library's
+    own parameter names, so its state dicts load unchanged."""
+
+    def __init__(self, backbone: nn.Module, output_dim: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.output_dim = output_dim
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) -> features (B, output_dim)."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"image tower expects images of shape (batch, 3, H, W), got {tuple(images.shape)}")
+        return self.backbone(images)
+
+
+# attribute names torchvision classification models give their final classifier
+_TORCHVISION_CLASSIFIERS = ("fc", "classifier", "heads", "head")
+
+
+def strip_torchvision_classifier(model: nn.Module, name: str) -> tuple[str, int]:
+    """Replace the model's final classifier Linear by Identity, in place.
+
+    Returns (the replaced Linear's state-dict prefix, e.g. "fc" or "classifier.1", its in_features).
+    In a Sequential classifier only the last Linear goes: the layers before it (ConvNeXt's LayerNorm +
+    Flatten, EfficientNet's Dropout, MobileNetV3's hidden Linear) are part of the feature path.
+    """
+    for attribute in _TORCHVISION_CLASSIFIERS:
+        layer = getattr(model, attribute, None)
+        if isinstance(layer, nn.Linear):
+            setattr(model, attribute, nn.Identity())
+            return attribute, layer.in_features
+        if isinstance(layer, nn.Sequential):
+            linear_names = [child for child, module in layer.named_children() if isinstance(module, nn.Linear)]
+            if linear_names:
+                last = linear_names[-1]
+                in_features = getattr(layer, last).in_features
+                setattr(layer, last, nn.Identity())
+                return f"{attribute}.{last}", in_features
+    raise ValueError(
+        f"torchvision model {name!r} has no final Linear classifier in {list(_TORCHVISION_CLASSIFIERS)}; "
+        f"use a classification model (resnet50, efficientnet_b0, convnext_tiny, ...) or model.image.kind='timm'"
+    )
+
+
+def build_torchvision_tower(cfg: ImageTowerConfig) -> BackboneTower:
+    """``torchvision.models.get_model(cfg.name, weights=...)`` without its classifier.
+
+    pretrained: None -> random; "default" -> weights="DEFAULT"; a local file -> random, then that state dict;
+    another string -> that weights enum name (e.g. "IMAGENET1K_V2").
+    """
+    from torchvision.models import get_model
+
+    path = local_weights_file(cfg.pretrained)
+    if cfg.pretrained is None or path is not None:
+        weights = None
+    else:
+        weights = "DEFAULT" if cfg.pretrained == "default" else cfg.pretrained
+    model = get_model(cfg.name, weights=weights)
+    classifier_prefix, output_dim = strip_torchvision_classifier(model, cfg.name)
+    if path is not None:
+        load_weights_file(model, path, f"torchvision model {cfg.name!r}", drop_prefixes=(classifier_prefix,))
+    return BackboneTower(model, output_dim)
+
+
+def build_timm_tower(cfg: ImageTowerConfig) -> BackboneTower:
+    """``timm.create_model(cfg.name, pretrained=..., num_classes=0)``; output_dim = the pooled feature size.
+
+    pretrained: None -> random; "default" -> timm's default tag; a local file -> random, then that state dict
+    (its classifier keys dropped); another string -> the tag, ``timm.create_model(f"{name}.{tag}", True)``.
+    Models that only take one input size (ViTs) are built for ``cfg.image_size`` (timm resamples the
+    pretrained position embeddings).
+    """
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    path = local_weights_file(cfg.pretrained)
+    name = timm_model_name(cfg)
+    kwargs = {}
+    pretrained_cfg = get_pretrained_cfg(name)
+    if pretrained_cfg is not None and pretrained_cfg.fixed_input_size:
+        if tuple(pretrained_cfg.input_size[-2:]) != (cfg.image_size, cfg.image_size):
+            kwargs["img_size"] = cfg.image_size
+    pretrained = cfg.pretrained is not None and path is None
+    model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
+    if path is not None:
+        classifier = model.pretrained_cfg.get("classifier") or ()
+        classifier = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+        load_weights_file(model, path, f"timm model {cfg.name!r}", drop_prefixes=classifier)
+    # head_hidden_size, where timm sets it, is the pooled output size: MobileNetV3 keeps its 1x1 conv head
+    # (e.g. 288 -> 1024) when num_classes=0, so num_features alone would be wrong there
+    output_dim = getattr(model, "head_hidden_size", None) or model.num_features
+    return BackboneTower(model, output_dim)

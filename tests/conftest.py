@@ -1,0 +1,86 @@
+"""Shared fixtures: tiny image-caption data written on the fly, and a tiny model config."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from clipforge.config import Config, config_from_dict
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 60, 220), "yellow": (235, 200, 20)}
+SHAPES = ("circle", "square", "triangle")
+SIZES = {"small": 7, "large": 13}
+
+torch.set_num_threads(2)
+
+
+def draw_shape(colour: str, shape: str, size: str, image_size: int = 32) -> Image.Image:
+    image = Image.new("RGB", (image_size, image_size), "white")
+    draw = ImageDraw.Draw(image)
+    centre, radius = image_size // 2, SIZES[size]
+    box = (centre - radius, centre - radius, centre + radius, centre + radius)
+    fill = COLOURS[colour]
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon(
+            [(centre, centre - radius), (centre - radius, centre + radius), (centre + radius, centre + radius)],
+            fill=fill,
+        )
+    return image
+
+
+def write_shapes_manifest(folder: Path) -> Path:
+    """24 distinct images (4 colours x 3 shapes x 2 sizes), two captions each, as a CSV manifest."""
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for colour in COLOURS:
+        for shape in SHAPES:
+            for size in SIZES:
+                name = f"images/{size}_{colour}_{shape}.png"
+                draw_shape(colour, shape, size).save(folder / name)
+                rows.append((name, f"a {size} {colour} {shape}"))
+                rows.append((name, f"{colour} {shape}, {size}"))
+    manifest = folder / "train.csv"
+    with manifest.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "caption"])
+        writer.writerows(rows)
+    return manifest
+
+
+@pytest.fixture
+def shapes_manifest(tmp_path: Path) -> Path:
+    return write_shapes_manifest(tmp_path / "shapes")
+
+
+def tiny_config(manifest: Path, output_dir: Path, **sections) -> Config:
+    """A model small enough to train for a few dozen steps in seconds on one CPU core."""
+    values = {
+        "model": {
+            "embed_dim": 32,
+            "image": {"kind": "vit", "image_size": 32, "patch_size": 8, "width": 48, "depth": 2, "heads": 2},
+            "text": {
+                "kind": "transformer",
+                "width": 48,
+                "depth": 2,
+                "heads": 2,
+                "context_length": 16,
+                "tokenizer": {"kind": "bpe", "vocab_size": 300},
+            },
+        },
+        "data": {"kind": "manifest", "path": str(manifest), "augment": {"scale_min": 0.9}},
+        "optim": {"lr": 2e-3, "weight_decay": 0.05},
+        "schedule": {"warmup_steps": 5},
+        "train": {"steps": 40, "batch_size": 16, "output_dir": str(output_dir), "checkpoint_every": 20, "seed": 0},
+        "logging": {"log_every": 5, "tensorboard": False, "progress": False},
+    }
+    for section, updates in sections.items():
+        values.setdefault(section, {}).update(updates)
+    return config_from_dict(values)

@@ -1,0 +1,78 @@
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from clipforge.config import AugmentConfig
+from clipforge.data.loader import Collator, ImageTextDataset, ResumableSampler, SkippedSample, build_train_loader
+from clipforge.data.sources import ManifestSource
+from clipforge.data.tokenize import train_bpe_tokenizer
+from clipforge.data.transforms import build_image_transform
+from clipforge.model.vision import ImagePreprocess
+
+
+def take(iterator, count):
+    return [next(iterator) for _ in range(count)]
+
+
+def test_sampler_epochs_are_permutations_and_resume_exactly() -> None:
+    sampler = ResumableSampler(10, seed=3)
+    stream = take(iter(sampler), 30)
+    for epoch in range(3):
+        assert sorted(i for i, _ in stream[epoch * 10 : epoch * 10 + 10]) == list(range(10))
+    assert [i for i, _ in stream[:10]] != [i for i, _ in stream[10:20]]  # a new order each epoch
+    for start in (0, 4, 10, 17):
+        resumed = take(iter(ResumableSampler(10, seed=3, start=start)), 30 - start)
+        assert resumed == stream[start:]
+
+
+def test_sampler_seeds_differ_per_visit() -> None:
+    stream = take(iter(ResumableSampler(5, seed=0)), 10)
+    seeds_of_zero = [s for i, s in stream if i == 0]
+    assert len(seeds_of_zero) == 2 and seeds_of_zero[0] != seeds_of_zero[1]
+
+
+def test_ranks_are_disjoint_and_cover_each_epoch() -> None:
+    per_rank = [take(iter(ResumableSampler(11, seed=1, rank=r, world_size=2)), 5) for r in range(2)]
+    first, second = ({i for i, _ in part} for part in per_rank)
+    assert not first & second and len(first | second) == 10  # 11 % 2 = 1 sample left out this epoch
+
+
+def test_dataset_is_deterministic_per_seed_and_skips_bad_images(shapes_manifest: Path) -> None:
+    source = ManifestSource(shapes_manifest)
+    preprocess = ImagePreprocess(24, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear")
+    dataset = ImageTextDataset(source, build_image_transform(preprocess, AugmentConfig(scale_min=0.3)))
+    first, again, other = dataset[(0, 123)], dataset[(0, 123)], dataset[(0, 124)]
+    assert torch.equal(first[0], again[0]) and first[1] == again[1]
+    assert not torch.equal(first[0], other[0])  # another visit gets another crop
+    state = torch.get_rng_state()
+    dataset[(1, 5)]
+    assert torch.equal(state, torch.get_rng_state())  # the caller's random stream is untouched
+
+    (shapes_manifest.parent / source.describe(2)).write_bytes(b"not a png")
+    bad = dataset[(2, 0)]
+    assert isinstance(bad, SkippedSample) and source.describe(2) in bad.where
+    tokenizer = train_bpe_tokenizer(["a red circle", "blue square"], vocab_size=280)
+    batch = Collator(tokenizer, 16)([first, bad, other])
+    assert len(batch) == 2 and len(batch.skipped) == 1 and batch.images.shape == (2, 3, 24, 24)
+
+
+def test_loader_resumes_mid_epoch_with_workers(shapes_manifest: Path) -> None:
+    source = ManifestSource(shapes_manifest)
+    preprocess = ImagePreprocess(16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear")
+    transform = build_image_transform(preprocess, AugmentConfig(scale_min=0.5))
+    tokenizer = train_bpe_tokenizer([c for i in range(len(source)) for c in source.captions(i)], vocab_size=300)
+
+    def batches(start: int, workers: int, count: int):
+        loader = build_train_loader(
+            source, transform, tokenizer, 16, 6, seed=7, start_sample=start, num_workers=workers
+        )
+        iterator = iter(loader)
+        return [next(iterator) for _ in range(count)]
+
+    full = batches(0, 0, 7)  # 42 samples: crosses the 24-image epoch boundary
+    resumed = batches(18, 2, 4)  # 3 batches in, read by two worker processes
+    for expected, got in zip(full[3:], resumed, strict=True):
+        assert torch.equal(expected.images, got.images)
+        assert torch.equal(expected.input_ids, got.input_ids)
+    assert not np.array_equal(full[0].images.numpy(), full[4].images.numpy())

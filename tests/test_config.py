@@ -1,0 +1,83 @@
+from pathlib import Path
+
+import pytest
+
+from clipforge.config import (
+    Config,
+    ConfigError,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    recipe_names,
+    save_config,
+)
+
+
+def test_defaults_round_trip_through_yaml(tmp_path: Path) -> None:
+    config = load_config(
+        None,
+        [
+            "train.batch_size=64",
+            "loss.kind=siglip",
+            "model.image.mean=[0.5, 0.5, 0.5]",
+            "model.image.std=[0.5,0.5,0.5]",
+            "loss.chunk_size=null",
+            "optim.lr=1e-3",
+        ],
+    )
+    assert config.train.batch_size == 64 and config.loss.kind == "siglip" and config.optim.lr == 1e-3
+    assert config.model.image.mean == [0.5, 0.5, 0.5] and config.loss.chunk_size is None
+    save_config(config, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == config
+    assert config_to_dict(config_from_dict(config_to_dict(config))) == config_to_dict(config)
+
+
+def test_yaml_then_overrides_win(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  steps: 7\n  batch_size: 8\nmodel:\n  text:\n    depth: 2\n")
+    config = load_config(path, ["train.steps=9"])
+    assert (config.train.steps, config.train.batch_size, config.model.text.depth) == (9, 8, 2)
+
+
+def test_unknown_key_names_key_and_allowed_keys() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["train.batch_szie=4"])
+    message = str(info.value)
+    assert "train.batch_szie" in message and "train.batch_size" in message and "allows" in message
+
+
+def test_unknown_section() -> None:
+    with pytest.raises(ConfigError, match="unknown config key 'trian'"):
+        config_from_dict({"trian": {"steps": 3}})
+
+
+def test_wrong_type_and_wrong_choice() -> None:
+    with pytest.raises(ConfigError, match=r"train.batch_size='big'.*integer"):
+        load_config(None, ["train.batch_size=big"])
+    with pytest.raises(ConfigError, match=r"loss.kind='softmax'.*\['clip', 'siglip'\]"):
+        load_config(None, ["loss.kind=softmax"])
+    with pytest.raises(ConfigError, match="true or false"):
+        load_config(None, ["model.image.freeze=3"])
+
+
+def test_cross_field_checks() -> None:
+    with pytest.raises(ConfigError, match="data.path"):
+        load_config(None, ["data.kind=manifest"])
+    with pytest.raises(ConfigError, match="accumulation_steps"):
+        load_config(None, ["train.batch_size=10", "train.accumulation_steps=4"])
+    with pytest.raises(ConfigError, match="patch_size"):
+        load_config(None, ["model.image.image_size=50"])
+
+
+def test_override_syntax_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(None, ["train.steps"])
+    with pytest.raises(ConfigError, match="neither a file nor a shipped recipe"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_every_shipped_recipe_loads() -> None:
+    names = recipe_names()
+    assert "demo" in names
+    for name in names:
+        assert isinstance(load_config(name), Config)

@@ -1,0 +1,157 @@
+"""End-to-end: a tiny model trains on data the test writes; resume is exact; bad input is clear."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from clipforge.cli import main
+from clipforge.config import ConfigError
+from clipforge.data.sources import ManifestSource
+from clipforge.eval.features import encode_source_images, encode_texts
+from clipforge.eval.retrieval import retrieval_metrics
+from clipforge.train.checkpoint import load_checkpoint, read_checkpoint
+from clipforge.train.logging import read_metrics
+from clipforge.train.loop import train
+from tests.conftest import tiny_config
+
+
+def in_sample_retrieval(checkpoint: Path, manifest: Path) -> dict[str, float]:
+    loaded = load_checkpoint(checkpoint)
+    source = ManifestSource(manifest)
+    images = encode_source_images(loaded.model, source, loaded.config.model.image)
+    captions, owners = [], []
+    for row, index in enumerate(images.indices):
+        for caption in source.captions(int(index)):
+            captions.append(caption)
+            owners.append(row)
+    texts = encode_texts(loaded.model, loaded.tokenizer, captions, loaded.config.model.text.context_length)
+    return retrieval_metrics(images.features, texts, torch.tensor(owners))
+
+
+@pytest.mark.parametrize(
+    ("loss_kind", "lr", "steps"),
+    # SigLIP starts at bias -10, where negatives give almost no gradient: it needs a few more steps
+    [("clip", 2e-3, 40), ("siglip", 5e-3, 60)],
+)
+def test_training_lowers_loss_and_beats_chance(
+    shapes_manifest: Path, tmp_path: Path, loss_kind: str, lr: float, steps: int
+) -> None:
+    config = tiny_config(
+        shapes_manifest, tmp_path / "run", loss={"kind": loss_kind}, optim={"lr": lr}, train={"steps": steps}
+    )
+    result = train(config)
+    losses = [r["loss"] for r in read_metrics(result.output_dir / "metrics.jsonl")]
+    assert len(losses) == steps // 5
+    assert sum(losses[-2:]) / 2 < 0.75 * losses[0], losses
+    metrics = in_sample_retrieval(result.checkpoint, shapes_manifest)
+    chance_at_1, chance_at_5 = 1 / 24, 5 / 24
+    for direction in ("image_retrieval", "text_retrieval"):
+        assert metrics[f"{direction}_recall@1"] > 3 * chance_at_1, metrics
+        assert metrics[f"{direction}_recall@5"] > 2 * chance_at_5, metrics
+    assert (result.output_dir / "config.yaml").is_file()
+
+
+def test_resume_mid_epoch_equals_uninterrupted_run(shapes_manifest: Path, tmp_path: Path) -> None:
+    # batch 10 over 24 images: step 5 stops mid-epoch; the continuation reads with 2 worker processes
+    common = {"steps": 10, "batch_size": 10, "checkpoint_every": 5, "keep_checkpoints": 3}
+    full = train(tiny_config(shapes_manifest, tmp_path / "run", train=common))
+    uninterrupted = read_checkpoint(full.checkpoint)["model"]
+    at_step_5 = read_checkpoint(tmp_path / "run" / "step_5.pt")
+    assert at_step_5["step"] == 5 and at_step_5["samples_seen"] == 50
+
+    resumed = train(
+        tiny_config(shapes_manifest, tmp_path / "run", train=common, data={"num_workers": 2}),
+        resume=tmp_path / "run" / "step_5.pt",
+    )
+    assert resumed.step == 10
+    continued = read_checkpoint(resumed.checkpoint)["model"]
+    for key, value in uninterrupted.items():
+        assert torch.allclose(value, continued[key], atol=1e-6), key
+    assert any(not torch.equal(v, at_step_5["model"][k]) for k, v in uninterrupted.items())
+    steps = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
+    assert steps == [5, 10], "a resumed run replaces the records after its resume point"
+
+
+def test_gradcache_step_equals_full_batch_step(shapes_manifest: Path, tmp_path: Path) -> None:
+    from clipforge.data.loader import Collator
+    from clipforge.data.tokenize import build_tokenizer
+    from clipforge.data.transforms import build_image_transform
+    from clipforge.losses import build_loss
+    from clipforge.model import resolve_image_preprocess
+    from clipforge.train.checkpoint import build_model
+    from clipforge.train.loop import autocast_context, backward_step
+
+    for loss_kind in ("clip", "siglip"):
+        config = tiny_config(
+            shapes_manifest,
+            tmp_path / "gc",
+            loss={"kind": loss_kind},
+            model={
+                "text": {
+                    "kind": "transformer",
+                    "width": 48,
+                    "depth": 2,
+                    "heads": 2,
+                    "context_length": 16,
+                    "head": "mlp",
+                    "head_dropout": 0.3,
+                }
+            },
+        )
+        source = ManifestSource(shapes_manifest)
+        captions = [c for i in range(len(source)) for c in source.captions(i)]
+        tokenizer = build_tokenizer(config.model.text.tokenizer, "", captions)
+        transform = build_image_transform(resolve_image_preprocess(config.model.image))
+        batch = Collator(tokenizer, 16)([(transform(source.load_image(i)), source.captions(i)[0]) for i in range(16)])
+        gradients = []
+        for steps in (1, 4):
+            torch.manual_seed(0)
+            model = build_model(config, tokenizer).train()
+            torch.manual_seed(1)  # same dropout stream in both
+            backward_step(
+                model, build_loss(config.loss), batch, steps, autocast_context(torch.device("cpu"), "fp32"), None
+            )
+            gradients.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        full, cached = gradients
+        assert full.keys() == cached.keys() and len(full) > 10
+        for name in full:
+            assert torch.allclose(full[name], cached[name], atol=1e-5), (loss_kind, name)
+
+
+def test_corrupt_and_missing_images_are_skipped_and_counted(shapes_manifest: Path, tmp_path: Path) -> None:
+    source = ManifestSource(shapes_manifest)
+    (shapes_manifest.parent / source.describe(0)).write_bytes(b"\x89PNG broken")
+    (shapes_manifest.parent / source.describe(1)).unlink()
+    result = train(tiny_config(shapes_manifest, tmp_path / "run", train={"steps": 6, "batch_size": 12}))
+    records = read_metrics(result.output_dir / "metrics.jsonl")
+    assert result.step == 6 and records[-1]["skipped_images"] >= 2
+
+
+def test_manifest_missing_column_fails_at_start(tmp_path: Path) -> None:
+    manifest = tmp_path / "bad.csv"
+    manifest.write_text("image,text\na.png,hello\n")
+    with pytest.raises(ValueError, match="caption"):
+        train(tiny_config(manifest, tmp_path / "run"))
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_resume_with_another_model_is_refused(shapes_manifest: Path, tmp_path: Path) -> None:
+    run = train(tiny_config(shapes_manifest, tmp_path / "run", train={"steps": 2}))
+    other = tiny_config(shapes_manifest, tmp_path / "run", model={"embed_dim": 16})
+    with pytest.raises(ConfigError, match="another model config"):
+        train(other, resume=run.checkpoint)
+
+
+def test_cli_train_and_errors(shapes_manifest: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config_path = tmp_path / "tiny.yaml"
+    from clipforge.config import save_config
+
+    save_config(tiny_config(shapes_manifest, tmp_path / "cli"), config_path)
+    assert main(["train", str(config_path), "train.steps=3", "logging.log_every=1"]) == 0
+    assert "trained 3 steps" in capsys.readouterr().out
+    assert len(read_metrics(tmp_path / "cli" / "metrics.jsonl")) == 3
+    assert main(["train", str(config_path), "train.stpes=3"]) == 2
+    assert "did you mean 'train.steps'" in capsys.readouterr().err
+    assert main(["train", str(config_path), "--resume", str(tmp_path / "missing.pt")]) == 2
+    assert "does not exist" in capsys.readouterr().err
