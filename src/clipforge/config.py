@@ -120,18 +120,46 @@ class AugmentConfig:
     hflip: bool = False  # off by default: captions say "left" and "right"
 
 
+DataKind = Literal["emoji", "manifest", "coco", "flickr", "imagefolder", "webdataset", "hf", "idx", "cifar", "mix"]
+
+
 @dataclass
 class DataConfig:
-    """Where training images and captions come from.
+    """Where images and captions (or labels) come from.
 
-    ``emoji``: the built-in Noto emoji set (``split``: train | val | test, concept-disjoint).
-    ``manifest``: a CSV/TSV/JSONL file at ``path`` with an ``image`` column (path relative to the
-    manifest) and ``caption`` (several rows per image, or a JSONL ``captions`` list).
+    ``kind`` picks the source; ``path`` is its main file or folder:
+
+    - ``emoji``: the built-in Noto emoji set (no path; ``split``: train | val | test, concept-disjoint).
+    - ``manifest``: a CSV/TSV/JSONL file with an ``image`` column (path relative to the manifest) and
+      ``caption`` (several rows per image, or a JSONL ``captions`` list); optional ``label``.
+    - ``coco``: ``captions_*.json`` (``images`` + ``annotations``); images in ``image_root``.
+    - ``flickr``: a Karpathy split JSON (``dataset_flickr8k.json`` ..., with ``split``), a
+      ``Flickr8k.token.txt`` file or a ``captions.txt`` CSV; images in ``image_root``.
+    - ``imagefolder``: ``path/<class>/<image>``; readable names from ``classnames`` (JSON/TXT) if given.
+    - ``webdataset``: tar shards, brace notation allowed (``data/{00000..00123}.tar``).
+    - ``hf``: a ``datasets`` folder saved with ``save_to_disk``, or Parquet/Arrow files.
+    - ``idx``: MNIST-family ``*-images-idx3-ubyte[.gz]`` (labels file found beside it).
+    - ``cifar``: the CIFAR-10/100 python pickle folder.
+    - ``mix``: the sources listed in ``mix``, sampled in proportion to their ``weight``.
     """
 
-    kind: Literal["emoji", "manifest"] = "emoji"
+    kind: DataKind = "emoji"
     path: str = ""
+    image_root: str = ""
     split: str = "train"
+    classnames: str = ""
+    image_column: str = "image"
+    caption_column: str = "caption"
+    label_column: str = "label"
+    caption_sampling: Literal["random", "cycle"] = "random"
+    # webdataset only
+    epoch_size: int | None = None
+    shuffle_buffer: int = 1000
+    resample: bool = False
+    # mix only: the sources, each with its weight
+    mix: list[DataConfig] = field(default_factory=list)
+    weight: float = 1.0
+    # loading
     num_workers: int = 0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
@@ -394,8 +422,7 @@ def validate(config: Config) -> None:
             f"train.batch_size={train.batch_size} must split evenly into "
             f"train.accumulation_steps={train.accumulation_steps} micro-batches"
         )
-    if config.data.kind == "manifest" and not config.data.path:
-        raise ConfigError("data.kind='manifest' needs data.path: the CSV/TSV/JSONL file of image,caption rows")
+    _validate_data(config.data, "data")
     image = config.model.image
     if image.kind in ("torchvision", "timm") and not image.name:
         raise ConfigError(f"model.image.kind={image.kind!r} needs model.image.name, e.g. resnet18")
@@ -421,3 +448,29 @@ def validate(config: Config) -> None:
             )
     if config.loss.chunk_size is not None and config.loss.chunk_size <= 0:
         raise ConfigError(f"loss.chunk_size={config.loss.chunk_size} must be positive (or null for no chunking)")
+
+
+_PATH_NEEDED = {
+    "manifest": "the CSV/TSV/JSONL file of image,caption rows",
+    "coco": "the path to captions_*.json",
+    "flickr": "the Karpathy dataset_*.json, Flickr8k.token.txt or captions.txt file",
+    "imagefolder": "the root folder holding one sub-folder per class",
+    "webdataset": "the shard list, e.g. data/{00000..00123}.tar",
+    "hf": "a datasets folder (save_to_disk) or Parquet/Arrow files",
+    "idx": "the *-images-idx3-ubyte[.gz] file",
+    "cifar": "the cifar-10-batches-py or cifar-100-python folder",
+}
+
+
+def _validate_data(data: DataConfig, prefix: str) -> None:
+    if data.kind in _PATH_NEEDED and not data.path:
+        raise ConfigError(f"{prefix}.kind={data.kind!r} needs {prefix}.path: {_PATH_NEEDED[data.kind]}")
+    if data.kind == "mix":
+        if not data.mix:
+            raise ConfigError(f"{prefix}.kind='mix' needs {prefix}.mix: a list of sources, each with a weight")
+        for position, entry in enumerate(data.mix):
+            if entry.kind == "mix":
+                raise ConfigError(f"{prefix}.mix[{position}]: a mix cannot contain another mix")
+            if entry.weight <= 0:
+                raise ConfigError(f"{prefix}.mix[{position}].weight={entry.weight} must be positive")
+            _validate_data(entry, f"{prefix}.mix[{position}]")
