@@ -84,3 +84,24 @@ def tiny_config(manifest: Path, output_dir: Path, **sections) -> Config:
     for section, updates in sections.items():
         values.setdefault(section, {}).update(updates)
     return config_from_dict(values)
+
+
+def write_tiny_bert(folder: Path) -> Path:
+    """A tiny random BERT with a WordPiece tokenizer over the shapes vocabulary, saved as a local folder."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    words = ["a", "small", "large", *COLOURS, *SHAPES, ","]
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    BertTokenizerFast.from_pretrained(folder).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=5 + len(words),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+    )
+    BertModel(config).save_pretrained(folder)
+    return folder

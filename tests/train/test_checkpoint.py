@@ -47,3 +47,17 @@ def test_checkpoint_is_self_describing(shapes_manifest: Path, tmp_path: Path) ->
     features = loaded.model.encode_text(ids, mask)
     assert features.shape == (1, 32) and torch.allclose(features.norm(dim=-1), torch.ones(1), atol=1e-5)
     assert not loaded.model.training
+
+
+def test_checkpoint_with_hf_text_tower_loads_without_its_source_folder(shapes_manifest: Path, tmp_path: Path) -> None:
+    from tests.conftest import write_tiny_bert
+
+    bert = write_tiny_bert(tmp_path / "tiny-bert")
+    text = {"kind": "hf", "name": str(bert), "pretrained": "default", "context_length": 16, "tokenizer": {"kind": "hf"}}
+    result = train(tiny_config(shapes_manifest, tmp_path / "run", model={"text": text}, train={"steps": 3}))
+    before = load_checkpoint(result.checkpoint)
+    ids, mask = before.tokenizer(["a small red circle"], 16)
+    expected = before.model.encode_text(ids, mask)
+    bert.rename(tmp_path / "moved-away")  # as on another machine, where the folder or hub id is unreachable
+    after = load_checkpoint(result.checkpoint)
+    assert torch.allclose(after.model.encode_text(*after.tokenizer(["a small red circle"], 16)), expected, atol=1e-6)

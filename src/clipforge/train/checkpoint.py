@@ -98,7 +98,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     except ConfigError as error:
         raise CheckpointError(f"{path}: its saved config does not fit this clipforge version: {error}") from error
     tokenizer = Tokenizer.from_state_dict(state["tokenizer"])
-    model = build_model(config, tokenizer, pretrained=False)
+    model = build_model(config, tokenizer, pretrained=False, text_config_json=state.get("hf_text_config"))
     missing, unexpected = model.load_state_dict(state["model"], strict=False)
     if missing or unexpected:
         raise CheckpointError(
@@ -108,9 +108,40 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     return LoadedCheckpoint(model.to(device).eval(), tokenizer, config, int(state.get("step", 0)))
 
 
-def build_model(config: Config, tokenizer: Tokenizer, pretrained: bool = True) -> CLIPModel:
-    """The run's model for this tokenizer; ``pretrained=False`` skips hub/local weight loading."""
+def hf_text_config(model: CLIPModel) -> str | None:
+    """The Hugging Face config (JSON) of a ``hf`` text tower, stored in checkpoints; None otherwise.
+
+    With it a checkpoint rebuilds its text tower offline, even when ``model.text.name`` is a hub id.
+    """
+    encoder = getattr(model.text_tower, "encoder", None)
+    config = getattr(encoder, "config", None)
+    return config.to_json_string() if config is not None and hasattr(config, "to_json_string") else None
+
+
+def build_model(
+    config: Config, tokenizer: Tokenizer, pretrained: bool = True, text_config_json: str | None = None
+) -> CLIPModel:
+    """The run's model for this tokenizer.
+
+    ``pretrained=False`` skips hub/local weight loading (a checkpoint's weights replace them);
+    ``text_config_json`` (from :func:`hf_text_config`) builds a ``hf`` text tower from that config
+    instead of fetching ``model.text.name``'s.
+    """
     model_config = (config if pretrained else offline_model_config(config)).model
-    return create_model(
-        model_config, loss_kind=config.loss.kind, vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_token_id
-    )
+    if text_config_json is None or model_config.text.kind != "hf":
+        return create_model(
+            model_config,
+            loss_kind=config.loss.kind,
+            vocab_size=tokenizer.vocab_size,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    model_config = copy.deepcopy(model_config)
+    with tempfile.TemporaryDirectory() as folder:
+        Path(folder, "config.json").write_text(text_config_json)
+        model_config.text.name = folder
+        return create_model(
+            model_config,
+            loss_kind=config.loss.kind,
+            vocab_size=tokenizer.vocab_size,
+            pad_token_id=tokenizer.pad_token_id,
+        )

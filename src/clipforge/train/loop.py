@@ -37,7 +37,7 @@ from clipforge.data.transforms import build_image_transform
 from clipforge.losses import SigLipLoss, build_loss
 from clipforge.model import CLIPModel, resolve_image_preprocess
 from clipforge.model.registry import MAX_LOGIT_SCALE
-from clipforge.train.checkpoint import build_model, read_checkpoint, save_checkpoint
+from clipforge.train.checkpoint import build_model, hf_text_config, read_checkpoint, save_checkpoint
 from clipforge.train.logging import RunLogger
 from clipforge.train.optim import build_optimizer, build_scheduler
 
@@ -212,7 +212,9 @@ def train(config: Config, resume: str | Path | None = None) -> TrainResult:
         tokenizer = Tokenizer.from_state_dict(state["tokenizer"])
     else:
         tokenizer = build_tokenizer(text_config.tokenizer, text_config.name, _training_captions(source))
-    model = build_model(config, tokenizer, pretrained=state is None).to(device)
+    model = build_model(
+        config, tokenizer, pretrained=state is None, text_config_json=state.get("hf_text_config") if state else None
+    ).to(device)
     transform = build_image_transform(resolve_image_preprocess(config.model.image), config.data.augment)
     loss_fn = build_loss(config.loss)
     optimizer = build_optimizer(model, config.optim, device)
@@ -235,6 +237,7 @@ def train(config: Config, resume: str | Path | None = None) -> TrainResult:
         return {
             "config": config_to_dict(config),
             "tokenizer": tokenizer.state_dict(),
+            "hf_text_config": hf_text_config(model),
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
