@@ -155,3 +155,18 @@ def test_cli_train_and_errors(shapes_manifest: Path, tmp_path: Path, capsys: pyt
     assert "did you mean 'train.steps'" in capsys.readouterr().err
     assert main(["train", str(config_path), "--resume", str(tmp_path / "missing.pt")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_bf16_autocast_trains_with_float32_master_weights(shapes_manifest: Path, tmp_path: Path) -> None:
+    result = train(tiny_config(shapes_manifest, tmp_path / "run", train={"steps": 20, "precision": "bf16"}))
+    losses = [r["loss"] for r in read_metrics(result.output_dir / "metrics.jsonl")]
+    assert all(loss == loss for loss in losses) and losses[-1] < losses[0]
+    weights = read_checkpoint(result.checkpoint)["model"]
+    assert all(value.dtype == torch.float32 for value in weights.values() if value.is_floating_point())
+
+
+def test_fp16_on_cpu_is_refused_with_the_fix(shapes_manifest: Path, tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("fp16 is allowed where CUDA is present")
+    with pytest.raises(ConfigError, match="bf16 or fp32"):
+        train(tiny_config(shapes_manifest, tmp_path / "run", train={"precision": "fp16"}))
