@@ -15,7 +15,8 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 60, 220), 
 SHAPES = ("circle", "square", "triangle")
 SIZES = {"small": 7, "large": 13}
 
-torch.set_num_threads(2)
+# tiny models gain nothing from intra-op threads, and on a busy machine threads contend
+torch.set_num_threads(1)
 
 
 def draw_shape(colour: str, shape: str, size: str, image_size: int = 32) -> Image.Image:
@@ -105,3 +106,24 @@ def write_tiny_bert(folder: Path) -> Path:
     )
     BertModel(config).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(checkpoint, shapes folder): the tiny ViT model trained 30 steps on the shapes, once per test session.
+
+    For the tests of using a model (embed, search, classify, explain, serve), which need a real checkpoint
+    but not a good one.
+    """
+    from clipforge.train.loop import train
+
+    folder = tmp_path_factory.mktemp("use")
+    manifest = write_shapes_manifest(folder / "shapes")
+    # one thread: on a shared 2-core machine OpenMP's barriers make this tiny model's steps ~40x slower
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = train(tiny_config(manifest, folder / "run", train={"steps": 30, "checkpoint_every": 30}))
+    finally:
+        torch.set_num_threads(threads)
+    return result.checkpoint, manifest.parent / "images"

@@ -57,7 +57,7 @@ def test_wrong_type_and_wrong_choice() -> None:
     with pytest.raises(ConfigError, match=r"loss.kind='softmax'.*\['clip', 'siglip'\]"):
         load_config(None, ["loss.kind=softmax"])
     with pytest.raises(ConfigError, match="true or false"):
-        load_config(None, ["model.image.freeze=3"])
+        load_config(None, ["data.augment.hflip=3"])
 
 
 def test_cross_field_checks() -> None:

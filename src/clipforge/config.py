@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +18,9 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
+
+# the built-in ViT's input size when model.image.image_size is null
+BUILTIN_VIT_IMAGE_SIZE = 64
 
 
 class ConfigError(ValueError):
@@ -47,17 +51,26 @@ class ImageTowerConfig:
     """The image tower: a built-in ViT, a torchvision model or any timm model.
 
     ``pretrained``: where the weights come from. ``None`` = random init; ``"default"`` = the standard
-    weights for ``name`` (torchvision's DEFAULT enum, timm's default tag); another string is a local
-    file (``.pt``/``.pth``/``.safetensors`` state dict) when it exists on disk, else a torchvision
-    weights enum name (``IMAGENET1K_V2``) or a timm pretrained tag (``in1k``).
-    ``mean``/``std``: normalization; empty = the tower's own (ImageNet for torchvision/timm, CLIP's
-    for the built-in ViT).
+    weights for ``name`` (torchvision's DEFAULT enum, timm's default tag); ``"package:<name>"`` = weights
+    shipped inside a pip package (``package:efficientnet-lite0``, see ``clipforge.model.pretrained``);
+    another string is a local file (``.pt``/``.pth``/``.safetensors`` state dict) when it exists on disk,
+    else a torchvision weights enum name (``IMAGENET1K_V2``) or a timm pretrained tag (``in1k``).
+    ``pretrained_keys``: how a file's tensors meet the model's: ``by_name`` (the same names) or ``in_order``
+    (another naming of the same architecture: the i-th tensor of the file is the model's i-th, shapes checked).
+    ``image_size``: null = the tower's own (its pretrained config's input size for timm, 224 for torchvision,
+    64 for the built-in ViT). ``mean``/``std``: normalization; empty = the tower's own (timm's pretrained
+    config, ImageNet for torchvision, CLIP's for the built-in ViT).
+    ``lock``: ``false`` (train the tower), ``true`` (no gradient, eval mode: BatchNorm statistics and dropout
+    frozen, LiT) or ``"all-but-last-N"`` (only the last N blocks and what follows them train).
+    ``lr_scale``: the tower's learning rate is ``lr_scale * optim.lr``; ``layer_decay`` < 1 scales it down
+    by that factor per block towards the input (layer-wise lr decay for fine-tuning pretrained towers).
     """
 
     kind: Literal["vit", "torchvision", "timm"] = "vit"
     name: str = ""
     pretrained: str | None = None
-    image_size: int = 64
+    pretrained_keys: Literal["by_name", "in_order"] = "by_name"
+    image_size: int | None = None
     # built-in ViT only
     patch_size: int = 8
     width: int = 192
@@ -67,8 +80,11 @@ class ImageTowerConfig:
     # shared
     mean: list[float] = field(default_factory=list)
     std: list[float] = field(default_factory=list)
-    freeze: bool = False
-    head: Literal["linear", "mlp"] = "linear"
+    lock: bool | str = False
+    lr_scale: float = 1.0
+    layer_decay: float = 1.0
+    head: Literal["linear", "mlp", "identity"] = "linear"
+    head_init: Literal["normal", "identity"] = "normal"
     head_dropout: float = 0.1
 
 
@@ -80,7 +96,13 @@ class TextTowerConfig:
     ``cls`` (the first token) or ``mean`` (mean over non-padding tokens); ``auto`` = ``eot`` for the
     built-in tower, ``cls`` for Hugging Face encoders.
     ``pretrained`` (``hf`` only): ``None`` = random init from ``name``'s config; ``"default"`` =
-    the weights of ``name``; another string = a hub id or local folder to load weights from.
+    the weights of ``name``; another string = a hub id or local folder to load weights from. ``name`` and
+    ``pretrained`` may also be ``"package:<name>"``, a model folder shipped inside a pip package
+    (``package:all-minilm-l6-v2``, see ``clipforge.model.pretrained``).
+    ``lock``, ``lr_scale``, ``layer_decay``: as for the image tower (blocks = the encoder's layers).
+    ``head``: ``identity`` keeps the tower's own space (needs ``embed_dim`` = the tower's width);
+    ``head_init: identity`` starts a ``linear`` head at the identity (near-identity: it keeps the pretrained space
+    to begin with and trains from there), else normal(0, in_dim^-1/2).
     """
 
     kind: Literal["transformer", "hf"] = "transformer"
@@ -94,8 +116,11 @@ class TextTowerConfig:
     heads: int = 4
     mlp_ratio: float = 4.0
     # shared
-    freeze: bool = False
-    head: Literal["linear", "mlp"] = "linear"
+    lock: bool | str = False
+    lr_scale: float = 1.0
+    layer_decay: float = 1.0
+    head: Literal["linear", "mlp", "identity"] = "linear"
+    head_init: Literal["normal", "identity"] = "normal"
     head_dropout: float = 0.1
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
 
@@ -136,11 +161,23 @@ class DataConfig:
     - ``flickr``: a Karpathy split JSON (``dataset_flickr8k.json`` ..., with ``split``), a
       ``Flickr8k.token.txt`` file or a ``captions.txt`` CSV; images in ``image_root``.
     - ``imagefolder``: ``path/<class>/<image>``; readable names from ``classnames`` (JSON/TXT) if given.
-    - ``webdataset``: tar shards, brace notation allowed (``data/{00000..00123}.tar``).
+    - ``webdataset``: tar shards, brace notation allowed (``data/{00000..00123}.tar``), as img2dataset or
+      ``clipforge data pack`` writes them. Streamed: shards are shuffled per epoch and split over ranks and
+      loader workers, samples pass a ``shuffle_buffer``; ``resample: true`` draws shards with replacement
+      and then needs ``epoch_size`` (samples per epoch over all ranks; without resampling an epoch is one
+      pass over the shards and ``epoch_size`` is not used).
     - ``hf``: a ``datasets`` folder saved with ``save_to_disk``, or Parquet/Arrow files.
     - ``idx``: MNIST-family ``*-images-idx3-ubyte[.gz]`` (labels file found beside it).
     - ``cifar``: the CIFAR-10/100 python pickle folder.
     - ``mix``: the sources listed in ``mix``, sampled in proportion to their ``weight``.
+
+    Feature cache (``clipforge.data.feature_cache``): with ``cache_features`` the features of a fully locked
+    tower are computed once per sample and read from disk in training instead of running the tower: always
+    for a locked text tower; for a locked image tower when its augmentation is deterministic
+    (``augment.scale_min: 1``, no flip), or, with random augmentation, when ``cached_views`` = K > 0: K views
+    per image are cached and visit ``v`` of an image reads view ``v mod K``. ``feature_cache``: the cache
+    folder (empty = ``<train.output_dir>/feature_cache``); runs that share it share the entries whose tower,
+    weights, preprocessing and data agree.
     """
 
     kind: DataKind = "emoji"
@@ -162,6 +199,10 @@ class DataConfig:
     # loading
     num_workers: int = 0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # features of locked towers
+    cache_features: bool = True
+    cached_views: int = 0
+    feature_cache: str = ""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,12 +241,28 @@ class ScheduleConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Multi-process training, launched with torchrun (see ``clipforge.distributed``).
+
+    ``strategy``: ``ddp`` replicates the model and averages gradients; ``fsdp`` shards parameters, gradients
+    and optimizer state over the ranks (FSDP2 ``fully_shard`` per transformer block, per tower, then the
+    model). Both write the same full-weight checkpoint, which loads on any number of processes.
+    """
+
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+
+
+@dataclass
 class TrainConfig:
     """The training run.
 
-    ``batch_size`` is the contrastive batch of one optimizer step. With ``accumulation_steps`` > 1 it
-    is split into that many micro-batches and the step is still exact over the whole batch (the loss
-    sees all ``batch_size`` pairs; see ``clipforge.train.loop``).
+    ``batch_size`` is the contrastive batch of one optimizer step, over all processes: each of ``W``
+    processes loads ``batch_size / W`` pairs, and the loss still sees all ``batch_size``. With
+    ``accumulation_steps`` > 1 each process's share is split into that many micro-batches and the step is
+    still exact over the whole batch (GradCache; see ``clipforge.train.loop``).
+    ``gradient_checkpointing``: recompute the towers' block activations in the backward pass instead of
+    keeping them (built-in ViT and text transformer, timm and Hugging Face towers that support it).
+    ``compile``: ``torch.compile`` the two towers.
     """
 
     steps: int = 1000
@@ -218,6 +275,9 @@ class TrainConfig:
     output_dir: str = "runs/clipforge"
     checkpoint_every: int = 500
     keep_checkpoints: int = 0  # also keep this many step_<N>.pt files beside last.pt
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    gradient_checkpointing: bool = False
+    compile: bool = False
 
 
 @dataclass
@@ -225,6 +285,57 @@ class LoggingConfig:
     log_every: int = 10
     tensorboard: bool = True
     progress: bool = True
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation during training
+# ----------------------------------------------------------------------------------------------
+# The metric names each task reports (clipforge.eval.runner computes them; a test keeps the two in step).
+ZEROSHOT_METRICS = ("acc1", "acc5", "mean_per_class_recall")
+RETRIEVAL_METRICS = tuple(
+    f"{direction}_retrieval_{measure}"
+    for direction in ("image", "text")
+    for measure in ("recall@1", "recall@5", "recall@10", "mean_rank", "median_rank")
+)
+EVAL_METRICS = {"zeroshot": ZEROSHOT_METRICS, "retrieval": RETRIEVAL_METRICS}
+
+
+@dataclass
+class EvalTaskConfig:
+    """One evaluation: zero-shot classification or image-text retrieval on one data source.
+
+    ``name`` prefixes the task's metrics in every log (``{name}/acc1``). ``data`` is any source the data
+    section accepts, usually a held-out split (``split: test``), read from local files.
+    ``zeroshot`` needs a source with labels; ``templates`` is a named set (``simple``, ``openai-imagenet``,
+    ``cifar10`` ...), one template holding ``{}``, a list of templates, or a JSON file (``file.json`` /
+    ``file.json:dataset``); ``classnames`` is read as ``data.classnames`` is (a TXT file with one name per line,
+    a JSON list, or a JSON object mapping the source's class names or label numbers to readable names); empty =
+    the source's own names.
+    ``retrieval`` uses every caption of every image.
+    """
+
+    name: str = ""
+    task: Literal["zeroshot", "retrieval"] = "zeroshot"
+    data: DataConfig = field(default_factory=DataConfig)
+    templates: str | list[str] = "simple"
+    classnames: str = ""
+
+
+@dataclass
+class EvalConfig:
+    """Evaluations run during training: every ``every`` optimizer steps (0 = only at the end) and after the last.
+
+    Results are logged as ``{task name}/{metric}`` (metrics.jsonl, TensorBoard, progress line). With
+    ``best_metric`` (``"{task name}/{metric}"``, e.g. ``val/image_retrieval_recall@5``) the checkpoint with the
+    best value so far is kept as ``best.pt``; ``best_mode`` says whether higher (accuracy, recall) or lower
+    (ranks) is better. ``batch_size``: images or prompts per forward pass.
+    """
+
+    every: int = 0
+    tasks: list[EvalTaskConfig] = field(default_factory=list)
+    best_metric: str = ""
+    best_mode: Literal["max", "min"] = "max"
+    batch_size: int = 256
 
 
 @dataclass
@@ -238,6 +349,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -333,6 +445,19 @@ def config_from_dict(values: dict[str, Any]) -> Config:
     return config
 
 
+def data_config_from_dict(
+    values: dict[str, Any], overrides: list[str] | None = None, prefix: str = "data"
+) -> DataConfig:
+    """A :class:`DataConfig` alone (``clipforge eval --data``): ``values`` with ``key=value`` overrides applied
+    (``split=test``, ``augment.scale_min=1``), checked with the same schema and rules as the ``data`` section."""
+    values = dict(values or {})
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(values, key, value)
+    data = _build(DataConfig, values, prefix)
+    _validate_data(data, prefix)
+    return data
+
+
 def config_to_dict(config: Any) -> dict[str, Any]:
     """Nested plain values (YAML/JSON/checkpoint-safe) of a config dataclass."""
     return dataclasses.asdict(config)
@@ -426,10 +551,12 @@ def validate(config: Config) -> None:
     image = config.model.image
     if image.kind in ("torchvision", "timm") and not image.name:
         raise ConfigError(f"model.image.kind={image.kind!r} needs model.image.name, e.g. resnet18")
+    if image.image_size is not None and image.image_size < 1:
+        raise ConfigError(f"model.image.image_size={image.image_size} must be positive (or null: the tower's own)")
     if image.kind == "vit":
-        if image.image_size % image.patch_size:
+        if (image.image_size or BUILTIN_VIT_IMAGE_SIZE) % image.patch_size:
             raise ConfigError(
-                f"model.image.image_size={image.image_size} must be a multiple of "
+                f"model.image.image_size={image.image_size or BUILTIN_VIT_IMAGE_SIZE} must be a multiple of "
                 f"model.image.patch_size={image.patch_size}"
             )
         if image.width % image.heads:
@@ -446,8 +573,27 @@ def validate(config: Config) -> None:
             raise ConfigError(
                 "model.text.tokenizer.kind='hf' with the built-in text tower needs model.text.tokenizer.name"
             )
+    for where, tower in (("model.image", image), ("model.text", text)):
+        _validate_lock(tower, where)
+    if config.data.cached_views < 0:
+        raise ConfigError(f"data.cached_views={config.data.cached_views} must be >= 0 (0 = cache no random views)")
     if config.loss.chunk_size is not None and config.loss.chunk_size <= 0:
         raise ConfigError(f"loss.chunk_size={config.loss.chunk_size} must be positive (or null for no chunking)")
+    _validate_eval(config.eval)
+
+
+LOCK_PATTERN = re.compile(r"all-but-last-(\d+)")
+
+
+def _validate_lock(tower: ImageTowerConfig | TextTowerConfig, where: str) -> None:
+    if isinstance(tower.lock, str) and not LOCK_PATTERN.fullmatch(tower.lock):
+        raise ConfigError(
+            f"{where}.lock={tower.lock!r} is not a lock; use true, false or 'all-but-last-N' (e.g. 'all-but-last-2')"
+        )
+    if tower.lr_scale <= 0:
+        raise ConfigError(f"{where}.lr_scale={tower.lr_scale} must be positive; lock the tower to stop its training")
+    if not 0 < tower.layer_decay <= 1:
+        raise ConfigError(f"{where}.layer_decay={tower.layer_decay} must lie in (0, 1] (1 = no layer-wise decay)")
 
 
 _PATH_NEEDED = {
@@ -465,6 +611,15 @@ _PATH_NEEDED = {
 def _validate_data(data: DataConfig, prefix: str) -> None:
     if data.kind in _PATH_NEEDED and not data.path:
         raise ConfigError(f"{prefix}.kind={data.kind!r} needs {prefix}.path: {_PATH_NEEDED[data.kind]}")
+    if data.epoch_size is not None and data.epoch_size < 1:
+        raise ConfigError(f"{prefix}.epoch_size={data.epoch_size} must be positive (or null)")
+    if data.resample and data.epoch_size is None:
+        raise ConfigError(
+            f"{prefix}.resample=true needs {prefix}.epoch_size: the samples in one epoch over all ranks "
+            "(resampled shards have no natural end)"
+        )
+    if data.shuffle_buffer < 0:
+        raise ConfigError(f"{prefix}.shuffle_buffer={data.shuffle_buffer} must be >= 0 (0 or 1: no shuffling)")
     if data.kind == "mix":
         if not data.mix:
             raise ConfigError(f"{prefix}.kind='mix' needs {prefix}.mix: a list of sources, each with a weight")
@@ -474,3 +629,50 @@ def _validate_data(data: DataConfig, prefix: str) -> None:
             if entry.weight <= 0:
                 raise ConfigError(f"{prefix}.mix[{position}].weight={entry.weight} must be positive")
             _validate_data(entry, f"{prefix}.mix[{position}]")
+
+
+def _validate_eval(evaluation: EvalConfig) -> None:
+    if evaluation.every < 0:
+        raise ConfigError(f"eval.every={evaluation.every} must be >= 0 (0 = evaluate only at the end)")
+    if evaluation.batch_size < 1:
+        raise ConfigError(f"eval.batch_size={evaluation.batch_size} must be positive")
+    tasks: dict[str, EvalTaskConfig] = {}
+    for position, task in enumerate(evaluation.tasks):
+        where = f"eval.tasks[{position}]"
+        if not task.name or "/" in task.name:
+            raise ConfigError(
+                f"{where}.name={task.name!r}: give every evaluation a name without '/'; "
+                "its metrics are logged as '<name>/<metric>'"
+            )
+        if task.name in tasks:
+            raise ConfigError(f"{where}.name={task.name!r} is used by another task; task names must be unique")
+        tasks[task.name] = task
+        if task.data.kind == "mix":
+            raise ConfigError(
+                f"{where}.data.kind='mix': a mix samples sources for training; evaluate each source as its own task"
+            )
+        _validate_data(task.data, f"{where}.data")
+        if task.task == "retrieval" and task.classnames:
+            raise ConfigError(f"{where}.classnames is only used by zero-shot tasks; this one is task=retrieval")
+    if (evaluation.every or evaluation.best_metric) and not tasks:
+        raise ConfigError("eval.every / eval.best_metric are set but eval.tasks is empty: list what to evaluate")
+    if evaluation.best_metric:
+        name, slash, metric = evaluation.best_metric.partition("/")
+        if not slash:
+            raise ConfigError(
+                f"eval.best_metric={evaluation.best_metric!r} must look like '<task name>/<metric>', "
+                f"e.g. {next(iter(tasks))}/{EVAL_METRICS[next(iter(tasks.values())).task][0]}"
+            )
+        if name not in tasks:
+            raise ConfigError(
+                f"eval.best_metric={evaluation.best_metric!r} names the task {name!r}, but eval.tasks has {list(tasks)}"
+            )
+        allowed = EVAL_METRICS[tasks[name].task]
+        if metric not in allowed:
+            raise ConfigError(
+                f"eval.best_metric={evaluation.best_metric!r}: a {tasks[name].task} task reports {list(allowed)}"
+            )
+        if metric.endswith("_rank") and evaluation.best_mode == "max":
+            raise ConfigError(
+                f"eval.best_metric={evaluation.best_metric!r} is a rank (lower is better); set eval.best_mode=min"
+            )

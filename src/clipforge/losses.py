@@ -14,8 +14,10 @@ backward pass then holds more than one ``(chunk_size, N)`` block of logits (peak
 O(chunk_size * N) instead of O(N^2)); backward recomputes each block's logits once.
 
 The losses are written as sums over "local rows against some columns" (``ClipLoss.partial_sum``,
-``SigLipLoss.pair_sum``) so that distributed variants can reuse them: rows from this process against
-columns gathered from (or exchanged with) the other processes.
+``SigLipLoss.pair_sum``), and ``distributed=True`` reuses them across processes: each rank's rows against
+columns gathered from (CLIP) or passed around a ring of (SigLIP) the other ranks. A rank's forward then
+returns its *share* ``L_r`` of the loss of the global batch (``sum_r L_r`` = the single-process loss); see
+``clipforge.distributed`` for why the trainer backpropagates ``world_size * L_r``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from clipforge.config import LossConfig
+from clipforge.distributed import all_gather_with_grad, gather_ints, is_distributed, neighbour_exchange_with_grad
 
 __all__ = ["ClipLoss", "SigLipLoss", "build_loss"]
 
@@ -117,14 +120,20 @@ class ClipLoss(nn.Module):
     need no matrix at all. With ``chunk_size`` the row log-sum-exps are taken over row blocks (see the
     module docstring); this costs a second ``N x N x D`` matmul compared with one shared logit matrix,
     the price of never holding that matrix.
+
+    ``distributed=True`` (with an initialized process group): rank r's ``n_r`` pairs are the rows, the
+    features of all ranks, gathered with gradient, the columns, and the forward returns rank r's share
+    ``partial_sum(rows, all columns) / (2 N)``, ``N = sum_r n_r``: the "local loss" layout, ``n_r x N``
+    logits per rank, never ``N x N``.
     """
 
-    def __init__(self, chunk_size: int | None = None):
+    def __init__(self, chunk_size: int | None = None, distributed: bool = False):
         super().__init__()
         self.chunk_size = _check_chunk_size(chunk_size)
+        self.distributed = distributed
 
     def extra_repr(self) -> str:
-        return f"chunk_size={self.chunk_size}"
+        return f"chunk_size={self.chunk_size}, distributed={self.distributed}"
 
     def partial_sum(
         self,
@@ -169,7 +178,16 @@ class ClipLoss(nn.Module):
             return ((image_lse - positives) + (text_lse - positives)).sum()
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor) -> Tensor:
-        """The loss (0-dim float32) of ``image_features``/``text_features`` ``(N, D)``, pairs on the diagonal."""
+        """The loss (0-dim float32) of ``image_features``/``text_features`` ``(N, D)``, pairs on the diagonal.
+
+        Distributed: this rank's share of the global batch's loss (class docstring).
+        """
+        if self.distributed and is_distributed():
+            sizes = gather_ints(image_features.shape[0])
+            image_columns = all_gather_with_grad(image_features, sizes)
+            text_columns = all_gather_with_grad(text_features, sizes)
+            total = self.partial_sum(image_features, text_features, image_columns, text_columns, logit_scale)
+            return total / (2 * sum(sizes))
         total = self.partial_sum(image_features, text_features, image_features, text_features, logit_scale)
         return total / (2 * image_features.shape[0])
 
@@ -199,14 +217,23 @@ class SigLipLoss(nn.Module):
     The first term is a plain sum over all pairs, so it splits over row blocks of any size (``chunk_size``);
     the second needs only the N positive pairs. ``b`` (``logit_bias``) is the learned bias that offsets the
     N - 1 negatives per positive (the paper starts it at -10 with ``t = 10``).
+
+    ``distributed=True`` (with an initialized process group) is the paper's chunked form: rank r sums its
+    images against its own texts (the positives and the local negatives), then ``W - 1`` times passes the
+    text block it holds to rank r + 1 and receives rank r - 1's (gradients flow back around the ring), and
+    sums its images against each received block as negatives. It returns its share
+    ``sum_s pair_sum(X_r, Y_s) / N``. The global ``N x N`` logits never exist: a rank computes ``n_r x n_s``
+    blocks one at a time, which autograd keeps for the backward (``n_r x N`` in all, like CLIP's layout);
+    with ``chunk_size`` only one ``chunk_size x n_s`` block is alive at a time.
     """
 
-    def __init__(self, chunk_size: int | None = None):
+    def __init__(self, chunk_size: int | None = None, distributed: bool = False):
         super().__init__()
         self.chunk_size = _check_chunk_size(chunk_size)
+        self.distributed = distributed
 
     def extra_repr(self) -> str:
-        return f"chunk_size={self.chunk_size}"
+        return f"chunk_size={self.chunk_size}, distributed={self.distributed}"
 
     def pair_sum(
         self,
@@ -235,18 +262,35 @@ class SigLipLoss(nn.Module):
             return row_sums.sum()
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor, logit_bias: Tensor) -> Tensor:
-        """The loss (0-dim float32) of ``image_features``/``text_features`` ``(N, D)``, pairs on the diagonal."""
+        """The loss (0-dim float32) of ``image_features``/``text_features`` ``(N, D)``, pairs on the diagonal.
+
+        Distributed: this rank's share of the global batch's loss, summed around the ring (class docstring).
+        """
         total = self.pair_sum(image_features, text_features, logit_scale, logit_bias, paired=True)
-        return total / image_features.shape[0]
+        if not (self.distributed and is_distributed()):
+            return total / image_features.shape[0]
+        sizes = gather_ints(image_features.shape[0])
+        rank, world_size = torch.distributed.get_rank(), len(sizes)
+        texts = text_features
+        for hop in range(1, world_size):
+            # after this hop we hold rank (rank - hop)'s texts: every one of them is a negative for our images
+            texts = neighbour_exchange_with_grad(
+                texts, (rank + 1) % world_size, (rank - 1) % world_size, sizes[(rank - hop) % world_size]
+            )
+            total = total + self.pair_sum(image_features, texts, logit_scale, logit_bias, paired=False)
+        return total / sum(sizes)
 
 
 # ----------------------------------------------------------------------------------------------
 # Factory
 # ----------------------------------------------------------------------------------------------
-def build_loss(config: LossConfig) -> nn.Module:
-    """The loss module that ``config.kind`` names (``clip`` -> ClipLoss, ``siglip`` -> SigLipLoss)."""
+def build_loss(config: LossConfig, distributed: bool = False) -> nn.Module:
+    """The loss module that ``config.kind`` names (``clip`` -> ClipLoss, ``siglip`` -> SigLipLoss).
+
+    ``distributed``: the process-group path (each rank returns its share of the global batch's loss).
+    """
     if config.kind == "clip":
-        return ClipLoss(chunk_size=config.chunk_size)
+        return ClipLoss(chunk_size=config.chunk_size, distributed=distributed)
     if config.kind == "siglip":
-        return SigLipLoss(chunk_size=config.chunk_size)
+        return SigLipLoss(chunk_size=config.chunk_size, distributed=distributed)
     raise ValueError(f"loss.kind={config.kind!r} is not a loss; choose 'clip' or 'siglip'")

@@ -19,8 +19,8 @@ def test_sampler_epochs_are_permutations_and_resume_exactly() -> None:
     sampler = ResumableSampler(10, seed=3)
     stream = take(iter(sampler), 30)
     for epoch in range(3):
-        assert sorted(i for i, _ in stream[epoch * 10 : epoch * 10 + 10]) == list(range(10))
-    assert [i for i, _ in stream[:10]] != [i for i, _ in stream[10:20]]  # a new order each epoch
+        assert sorted(i for i, *_ in stream[epoch * 10 : epoch * 10 + 10]) == list(range(10))
+    assert [i for i, *_ in stream[:10]] != [i for i, *_ in stream[10:20]]  # a new order each epoch
     for start in (0, 4, 10, 17):
         resumed = take(iter(ResumableSampler(10, seed=3, start=start)), 30 - start)
         assert resumed == stream[start:]
@@ -28,13 +28,13 @@ def test_sampler_epochs_are_permutations_and_resume_exactly() -> None:
 
 def test_sampler_seeds_differ_per_visit() -> None:
     stream = take(iter(ResumableSampler(5, seed=0)), 10)
-    seeds_of_zero = [s for i, s in stream if i == 0]
+    seeds_of_zero = [s for i, s, _ in stream if i == 0]
     assert len(seeds_of_zero) == 2 and seeds_of_zero[0] != seeds_of_zero[1]
 
 
 def test_ranks_are_disjoint_and_cover_each_epoch() -> None:
     per_rank = [take(iter(ResumableSampler(11, seed=1, rank=r, world_size=2)), 5) for r in range(2)]
-    first, second = ({i for i, _ in part} for part in per_rank)
+    first, second = ({i for i, *_ in part} for part in per_rank)
     assert not first & second and len(first | second) == 10  # 11 % 2 = 1 sample left out this epoch
 
 

@@ -1,4 +1,4 @@
-"""CLIPModel: normalized embeddings, similarity formula, output contract, frozen towers."""
+"""CLIPModel: normalized embeddings, similarity formula, output contract, locked towers."""
 
 import math
 
@@ -11,12 +11,12 @@ from clipforge.model import CLIP_INIT_LOGIT_SCALE, SIGLIP_INIT_LOGIT_BIAS, SIGLI
 VOCAB = 40
 
 
-def tiny_config(image_kind: str = "vit", freeze_image: bool = False, freeze_text: bool = False, head="linear"):
+def tiny_config(image_kind: str = "vit", lock_image: bool = False, lock_text: bool = False, head="linear"):
     image = ImageTowerConfig(kind=image_kind, image_size=32, patch_size=8, width=32, depth=1, heads=2, head=head)
     if image_kind == "timm":
         image.name = "test_resnet"  # tiny, with BatchNorm
-    image.freeze = freeze_image
-    text = TextTowerConfig(context_length=8, width=32, depth=1, heads=2, freeze=freeze_text, head=head)
+    image.lock = lock_image
+    text = TextTowerConfig(context_length=8, width=32, depth=1, heads=2, lock=lock_text, head=head)
     return ModelConfig(embed_dim=16, image=image, text=text)
 
 
@@ -83,9 +83,9 @@ def test_siglip_model_has_learnable_bias():
     assert model.logit_scale.item() == pytest.approx(math.log(10))
 
 
-def test_frozen_towers_get_no_gradient_and_stay_in_eval():
+def test_locked_towers_get_no_gradient_and_stay_in_eval():
     torch.manual_seed(0)
-    config = tiny_config(image_kind="timm", freeze_image=True, freeze_text=True)
+    config = tiny_config(image_kind="timm", lock_image=True, lock_text=True)
     model = create_model(config, vocab_size=VOCAB)
     model.train()
     assert model.training and model.image_head.training

@@ -76,8 +76,8 @@ def test_builtin_text_requires_vocab_size():
         create_model(ModelConfig(image=tiny_image(), text=tiny_text()))
 
 
-def test_count_parameters_adds_up_and_tracks_freezing():
-    config = ModelConfig(embed_dim=8, image=tiny_image(freeze=True), text=tiny_text())
+def test_count_parameters_adds_up_and_tracks_locking():
+    config = ModelConfig(embed_dim=8, image=tiny_image(lock=True), text=tiny_text())
     model = create_model(config, loss_kind="siglip", vocab_size=VOCAB)
     counts = count_parameters(model)
     image_total = sum(p.numel() for p in model.image_tower.parameters())

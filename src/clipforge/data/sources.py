@@ -9,10 +9,11 @@ skipped sample (``ImageLoadError``), not a crashed run.
 from __future__ import annotations
 
 import csv
+import importlib
 import io
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -21,6 +22,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from clipforge.config import DataConfig
 from clipforge.data.emoji import GROUPS, load_emoji_set
+from clipforge.data.tables import CaptionTable, StringTable
 
 
 class ImageLoadError(Exception):
@@ -182,27 +184,6 @@ class EmojiSource:
 MANIFEST_FORMATS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl"}
 
 
-class _StringTable:
-    """Strings kept as one UTF-8 byte buffer plus offsets: two NumPy arrays instead of a list of str.
-
-    Forked loader workers would copy every page a list's str objects live on as soon as they touch their
-    reference counts; two flat arrays are shared for free. A fixed-width ``np.str_`` array would also
-    avoid that, but costs 4 bytes x the longest caption for every caption.
-    """
-
-    def __init__(self, strings: Sequence[str]) -> None:
-        encoded = [text.encode("utf-8") for text in strings]
-        self.offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-        np.cumsum([len(chunk) for chunk in encoded], out=self.offsets[1:])
-        self.buffer = np.frombuffer(b"".join(encoded), dtype=np.uint8)
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def __getitem__(self, index: int) -> str:
-        return self.buffer[self.offsets[index] : self.offsets[index + 1]].tobytes().decode("utf-8")
-
-
 class ManifestSource:
     """Images and captions listed in a CSV (``.csv``), TSV (``.tsv``/``.tab``) or JSON Lines (``.jsonl``) file.
 
@@ -258,11 +239,9 @@ class ManifestSource:
             raise ValueError(
                 f"manifest {self.path}: all {row_count} rows were skipped for an empty caption or image path"
             )
-        self._images = _StringTable(list(position))
-        self._captions = _StringTable([text for group in captions_of for text in group])
-        # caption_offsets[i]:caption_offsets[i + 1] are the captions of image i
-        self.caption_offsets = np.zeros(len(captions_of) + 1, dtype=np.int64)
-        np.cumsum([len(group) for group in captions_of], out=self.caption_offsets[1:])
+        self._images = StringTable(list(position))
+        self._captions = CaptionTable(captions_of)
+        self.caption_offsets = self._captions.offsets  # [i]:[i + 1] are the captions of image i
         self.labels, self.classnames = self._encode_labels(label_of)
 
     # -- reading -------------------------------------------------------------------------------
@@ -337,14 +316,14 @@ class ManifestSource:
 
     @property
     def num_captions(self) -> int:
-        return len(self._captions)
+        return self._captions.num_captions
 
     def load_image(self, index: int) -> Image.Image:
         return decode_image(self._images[_check_index(index, len(self))])
 
     def captions(self, index: int) -> list[str]:
         index = _check_index(index, len(self))
-        return [self._captions[i] for i in range(self.caption_offsets[index], self.caption_offsets[index + 1])]
+        return self._captions[index]
 
     def describe(self, index: int) -> str:
         return self._images[_check_index(index, len(self))]
@@ -353,10 +332,44 @@ class ManifestSource:
 # ----------------------------------------------------------------------------------------------
 # From a data config to a source
 # ----------------------------------------------------------------------------------------------
+def _lazy(module: str, name: str) -> Callable:
+    """``clipforge.data.<module>.<name>``, imported on first use: those modules import this one."""
+    return getattr(importlib.import_module(f"clipforge.data.{module}"), name)
+
+
+def _build_mix(config: DataConfig) -> ImageTextSource:
+    if any(entry.kind == "webdataset" for entry in config.mix):
+        raise ValueError("data.kind='mix' draws from map-style sources; webdataset shards stream and cannot be mixed")
+    sources = [build_source(entry) for entry in config.mix]
+    return _lazy("mix", "MixSource")(sources, [entry.weight for entry in config.mix])
+
+
+SOURCE_BUILDERS: dict[str, Callable[[DataConfig], ImageTextSource]] = {
+    "emoji": lambda c: EmojiSource(c.split),
+    "manifest": lambda c: ManifestSource(c.path),
+    "coco": lambda c: _lazy("captioned", "read_coco")(c.path, c.image_root),
+    "flickr": lambda c: _lazy("captioned", "read_flickr")(c.path, c.image_root, c.split),
+    "imagefolder": lambda c: _lazy("classification", "ImageFolderSource")(c.path, c.classnames),
+    "idx": lambda c: _lazy("classification", "read_idx")(c.path, c.classnames),
+    "cifar": lambda c: _lazy("classification", "read_cifar")(c.path, c.split, c.classnames),
+    "hf": lambda c: _lazy("hf", "HFSource")(
+        c.path, c.split, c.image_column, c.caption_column, c.label_column, c.image_root, c.classnames
+    ),
+    "mix": _build_mix,
+    "webdataset": lambda c: _lazy("shards", "ShardSource")(c.path, c.shuffle_buffer, c.resample, c.epoch_size),
+}
+
+
 def build_source(config: DataConfig) -> ImageTextSource:
-    """The source ``config.kind`` names: ``emoji`` (``split``) or ``manifest`` (``path``)."""
-    if config.kind == "emoji":
-        return EmojiSource(config.split)
-    if config.kind == "manifest":
-        return ManifestSource(config.path)
-    raise ValueError(f"data.kind={config.kind!r} is unknown; choose one of ['emoji', 'manifest']")
+    """The map-style source ``config.kind`` names, built from ``config.path`` and the kind's other fields.
+
+    ``webdataset`` gives a :class:`~clipforge.data.shards.ShardSource` instead: tar shards have no index, so
+    the loader streams them (``build_train_loader`` picks the path from the source's type).
+    Fails at once (``FileNotFoundError`` / ``ValueError``) when a path is missing or a file is not in the
+    format the kind reads; the message names the file, what was expected and, where it can tell, the kind
+    that would read it.
+    """
+    builder = SOURCE_BUILDERS.get(config.kind)
+    if builder is None:
+        raise ValueError(f"data.kind={config.kind!r} is unknown; choose one of {sorted(SOURCE_BUILDERS)}")
+    return builder(config)

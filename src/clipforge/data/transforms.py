@@ -22,6 +22,16 @@ _INTERPOLATION = {
 }
 
 
+def is_deterministic(augment: AugmentConfig) -> bool:
+    """Whether the training transform of ``augment`` gives the same pixels for every seed.
+
+    True for ``scale_min >= 1`` without flip: a random resized crop over the whole area then only differs in
+    aspect ratio, and no ratio but the image's own fits the whole area, so it falls back to its fixed center
+    crop (the whole image for ratios within (3/4, 4/3)) every time.
+    """
+    return augment.scale_min >= 1.0 and not augment.hflip
+
+
 def build_image_transform(
     preprocess: ImagePreprocess, augment: AugmentConfig | None = None
 ) -> Callable[[Image.Image], torch.Tensor]:

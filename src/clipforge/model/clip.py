@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TypedDict
 
 import torch
@@ -29,8 +30,9 @@ class CLIPModel(nn.Module):
 
     logits_ij = exp(logit_scale) * <image_i, text_j> (+ logit_bias for SigLIP), with both embeddings unit-norm.
 
-    Frozen towers (``freeze_image`` / ``freeze_text``) have ``requires_grad=False`` parameters and stay in
-    eval mode through ``train()``, so BatchNorm statistics and dropout do not drift; their heads still train.
+    Locked parts of the towers (``clipforge.model.locking``) have ``requires_grad=False`` parameters, and the
+    submodules named in ``locked_modules`` (the maximal all-locked ones) stay in eval mode through ``train()``,
+    so BatchNorm statistics and dropout do not drift there; the heads still train.
     """
 
     def __init__(
@@ -41,8 +43,7 @@ class CLIPModel(nn.Module):
         text_head: nn.Module,
         init_logit_scale: float,
         init_logit_bias: float | None = None,
-        freeze_image: bool = False,
-        freeze_text: bool = False,
+        locked_modules: Sequence[str] = (),
     ) -> None:
         super().__init__()
         self.image_tower = image_tower
@@ -54,21 +55,36 @@ class CLIPModel(nn.Module):
             self.register_parameter("logit_bias", None)
         else:
             self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias)))
-        self.freeze_image = freeze_image
-        self.freeze_text = freeze_text
-        for tower, frozen in ((image_tower, freeze_image), (text_tower, freeze_text)):
-            if frozen:
-                tower.requires_grad_(False)
+        self.locked_modules = tuple(locked_modules)
         self.train(self.training)
 
     def train(self, mode: bool = True) -> CLIPModel:
-        """Set train/eval mode; frozen towers stay in eval mode whatever ``mode`` is."""
+        """Set train/eval mode; the ``locked_modules`` stay in eval mode whatever ``mode`` is."""
         super().train(mode)
-        if self.freeze_image:
-            self.image_tower.eval()
-        if self.freeze_text:
-            self.text_tower.eval()
+        for name in self.locked_modules:
+            self.get_submodule(name).eval()
         return self
+
+    @property
+    def image_locked(self) -> bool:
+        """Whether no parameter of the image tower trains (its features are a fixed function of the pixels)."""
+        return not any(p.requires_grad for p in self.image_tower.parameters())
+
+    @property
+    def text_locked(self) -> bool:
+        """Whether no parameter of the text tower trains (its features are a fixed function of the tokens)."""
+        return not any(p.requires_grad for p in self.text_tower.parameters())
+
+    def project_image(self, tower_features: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Image tower features (B, F) -> embeddings (B, D) through the head; training from cached features
+        enters here, skipping the tower."""
+        embeddings = self.image_head(tower_features)
+        return F.normalize(embeddings, dim=-1) if normalize else embeddings
+
+    def project_text(self, tower_features: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Text tower features (B, F) -> embeddings (B, D) through the head (see :meth:`project_image`)."""
+        embeddings = self.text_head(tower_features)
+        return F.normalize(embeddings, dim=-1) if normalize else embeddings
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """images (B, 3, H, W) -> embeddings (B, D); unit L2 norm unless ``normalize=False`` (raw projection)."""
@@ -76,8 +92,7 @@ class CLIPModel(nn.Module):
             raise ValueError(f"images must have shape (batch, 3, height, width), got {tuple(images.shape)}")
         # No torch.no_grad() for a frozen tower: autograd already skips it when no parameter needs a gradient,
         # and Grad-CAM needs gradients of its activations with respect to the input.
-        embeddings = self.image_head(self.image_tower(images))
-        return F.normalize(embeddings, dim=-1) if normalize else embeddings
+        return self.project_image(self.image_tower(images), normalize)
 
     def encode_text(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True
@@ -92,14 +107,33 @@ class CLIPModel(nn.Module):
             )
         if input_ids.is_floating_point():
             raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
-        embeddings = self.text_head(self.text_tower(input_ids, attention_mask))
-        return F.normalize(embeddings, dim=-1) if normalize else embeddings
+        return self.project_text(self.text_tower(input_ids, attention_mask), normalize)
 
-    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> CLIPOutput:
-        """Embed a batch of images and a batch of texts; see :class:`CLIPOutput` for the keys."""
+    def forward(
+        self,
+        images: torch.Tensor | None,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        image_tower_features: torch.Tensor | None = None,
+        text_tower_features: torch.Tensor | None = None,
+    ) -> CLIPOutput:
+        """Embed a batch of images and a batch of texts; see :class:`CLIPOutput` for the keys.
+
+        ``image_tower_features`` / ``text_tower_features``: a locked tower's features read from the feature
+        cache; given, that tower is skipped and its inputs (``images``, or ``input_ids``/``attention_mask``)
+        may be None.
+        """
+        if image_tower_features is not None:
+            image_features = self.project_image(image_tower_features)
+        else:
+            image_features = self.encode_image(images)
+        if text_tower_features is not None:
+            text_features = self.project_text(text_tower_features)
+        else:
+            text_features = self.encode_text(input_ids, attention_mask)
         return {
-            "image_features": self.encode_image(images),
-            "text_features": self.encode_text(input_ids, attention_mask),
+            "image_features": image_features,
+            "text_features": text_features,
             "logit_scale": self.logit_scale,
             "logit_bias": self.logit_bias,
         }

@@ -5,17 +5,28 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-HEAD_KINDS = ("linear", "mlp")
+HEAD_KINDS = ("linear", "mlp", "identity")
 
 
 class LinearHead(nn.Module):
-    """y = W x, no bias: the CLIP paper's linear projection into the joint space."""
+    """y = W x, no bias: the CLIP paper's linear projection into the joint space.
 
-    def __init__(self, in_dim: int, out_dim: int) -> None:
+    ``init="normal"``: W ~ normal(0, in_dim^-1/2); ``"identity"``: W = I (in_dim == out_dim), a head that starts
+    as the tower's own space (a pretrained text tower's) and moves only as far as training takes it.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, init: str = "normal") -> None:
         super().__init__()
         self.proj = nn.Linear(in_dim, out_dim, bias=False)
-        # std in_dim^-1/2 keeps the projected norm close to the feature norm, as in CLIP
-        nn.init.normal_(self.proj.weight, std=in_dim**-0.5)
+        if init == "identity":
+            if in_dim != out_dim:
+                raise ValueError(f"an identity-initialised head needs in_dim == out_dim, got {in_dim} -> {out_dim}")
+            nn.init.eye_(self.proj.weight)
+        elif init == "normal":
+            # std in_dim^-1/2 keeps the projected norm close to the feature norm, as in CLIP
+            nn.init.normal_(self.proj.weight, std=in_dim**-0.5)
+        else:
+            raise ValueError(f"head init={init!r} is unknown; choose 'normal' or 'identity'")
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.proj(features)
@@ -41,10 +52,27 @@ class MLPHead(nn.Module):
         return self.norm(hidden + projected)
 
 
-def build_head(kind: str, in_dim: int, out_dim: int, dropout: float = 0.1) -> nn.Module:
-    """``linear`` -> :class:`LinearHead`; ``mlp`` -> :class:`MLPHead` (``dropout`` applies to ``mlp`` only)."""
+def build_head(
+    kind: str, in_dim: int, out_dim: int, dropout: float = 0.1, where: str = "model", init: str = "normal"
+) -> nn.Module:
+    """``linear`` -> :class:`LinearHead` (``init``: ``normal`` | ``identity``); ``mlp`` -> :class:`MLPHead`
+    (``dropout`` applies to ``mlp`` only); ``identity`` -> y = x, which keeps a pretrained tower's own space (LiT's
+    locked text tower: the other head learns to map into it); it needs ``in_dim == out_dim``.
+    ``where`` names the config section in errors."""
+    if init == "identity" and (kind != "linear" or in_dim != out_dim):
+        raise ValueError(
+            f"{where}.head_init='identity' needs head 'linear' and model.embed_dim equal to the tower's {in_dim}-d "
+            f"features (it is {out_dim})"
+        )
     if kind == "linear":
-        return LinearHead(in_dim, out_dim)
+        return LinearHead(in_dim, out_dim, init)
     if kind == "mlp":
         return MLPHead(in_dim, out_dim, dropout)
+    if kind == "identity":
+        if in_dim != out_dim:
+            raise ValueError(
+                f"{where}.head='identity' keeps the tower's {in_dim}-d features, so model.embed_dim must be "
+                f"{in_dim} (it is {out_dim}); or use head 'linear'"
+            )
+        return nn.Identity()
     raise ValueError(f"projection head kind={kind!r} is unknown; choose one of {list(HEAD_KINDS)}")

@@ -14,6 +14,7 @@ from torch import nn
 from clipforge.config import ImageTowerConfig, ModelConfig, TextTowerConfig
 from clipforge.model.clip import CLIPModel
 from clipforge.model.heads import build_head
+from clipforge.model.locking import lock_tower, locked_submodules
 from clipforge.model.text import build_hf_tower, build_transformer_tower
 from clipforge.model.vision import build_timm_tower, build_torchvision_tower, build_vit_tower
 
@@ -59,8 +60,24 @@ def create_model(
     init_logit_scale, init_logit_bias = _pick(LOSS_INIT, loss_kind, "loss.kind")  # type: ignore[misc]
     image_tower = _pick(IMAGE_TOWER_BUILDERS, config.image.kind, "model.image.kind")(config.image)
     text_tower = _pick(TEXT_TOWER_BUILDERS, config.text.kind, "model.text.kind")(config.text, vocab_size, pad_token_id)
-    image_head = build_head(config.image.head, image_tower.output_dim, config.embed_dim, config.image.head_dropout)
-    text_head = build_head(config.text.head, text_tower.output_dim, config.embed_dim, config.text.head_dropout)
+    lock_tower(image_tower, config.image.lock, "model.image.lock")
+    lock_tower(text_tower, config.text.lock, "model.text.lock")
+    image_head = build_head(
+        config.image.head,
+        image_tower.output_dim,
+        config.embed_dim,
+        config.image.head_dropout,
+        "model.image",
+        config.image.head_init,
+    )
+    text_head = build_head(
+        config.text.head,
+        text_tower.output_dim,
+        config.embed_dim,
+        config.text.head_dropout,
+        "model.text",
+        config.text.head_init,
+    )
     return CLIPModel(
         image_tower,
         text_tower,
@@ -68,8 +85,7 @@ def create_model(
         text_head,
         init_logit_scale=init_logit_scale,
         init_logit_bias=init_logit_bias,
-        freeze_image=config.image.freeze,
-        freeze_text=config.text.freeze,
+        locked_modules=locked_submodules(image_tower, "image_tower") + locked_submodules(text_tower, "text_tower"),
     )
 
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from clipforge.config import TextTowerConfig
+from clipforge.model.pretrained import hf_load_kwargs, resolve_location
 from clipforge.model.transformer import Transformer
 
 POOLINGS = ("eot", "cls", "mean")
@@ -107,7 +108,8 @@ class HFTextEncoder(nn.Module):
 
     pretrained: None -> ``AutoConfig.from_pretrained(name)`` + ``AutoModel.from_config`` (random weights);
     "default" -> ``AutoModel.from_pretrained(name)``; any other string -> ``AutoModel.from_pretrained(it)``
-    (a hub id or a local folder). ``name`` may itself be a local folder.
+    (a hub id or a local folder). ``name`` may itself be a local folder, and either may be ``package:<name>``
+    (a model folder inside a pip package, :mod:`clipforge.model.pretrained`); local folders never consult the hub.
     """
 
     def __init__(self, name: str, pretrained: str | None = None, pooling: str = "cls") -> None:
@@ -119,9 +121,11 @@ class HFTextEncoder(nn.Module):
         self.name = name
         self.pooling = pooling
         if pretrained is None:
-            self.encoder = AutoModel.from_config(AutoConfig.from_pretrained(name))
+            location = resolve_location(name)
+            self.encoder = AutoModel.from_config(AutoConfig.from_pretrained(location, **hf_load_kwargs(location)))
         else:
-            self.encoder = AutoModel.from_pretrained(name if pretrained == "default" else pretrained)
+            location = resolve_location(name if pretrained == "default" else pretrained)
+            self.encoder = AutoModel.from_pretrained(location, **hf_load_kwargs(location))
         # BERT-like models carry a pooler (dense + tanh over [CLS]) trained for next-sentence prediction;
         # its parameters would get no gradient here (DDP then fails on unused parameters), so drop it.
         if getattr(self.encoder, "pooler", None) is not None:

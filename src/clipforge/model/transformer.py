@@ -19,6 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 def causal_mask(length: int, device: torch.device | None = None) -> torch.Tensor:
@@ -136,13 +137,19 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    """A stack of ``depth`` pre-LN blocks of the same ``width`` (no final LayerNorm: the towers own it)."""
+    """A stack of ``depth`` pre-LN blocks of the same ``width`` (no final LayerNorm: the towers own it).
+
+    ``grad_checkpointing = True``: while gradients are recorded, each block runs under non-reentrant
+    activation checkpointing: only its input is kept, and its activations are recomputed in the backward
+    pass (one extra block forward each; memory of one block's activations instead of ``depth``).
+    """
 
     def __init__(self, width: int, depth: int, heads: int, mlp_ratio: float = 4.0) -> None:
         super().__init__()
         self.width = width
         self.depth = depth
         self.heads = heads
+        self.grad_checkpointing = False
         self.blocks = nn.ModuleList(ResidualAttentionBlock(width, heads, mlp_ratio) for _ in range(depth))
         self.reset_parameters()
 
@@ -162,7 +169,11 @@ class Transformer(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """x: (batch, T, width) -> (batch, T, width), plus the per-layer weights (batch, heads, T, T) if asked."""
         attentions: list[torch.Tensor] = []
+        recompute = self.grad_checkpointing and torch.is_grad_enabled() and not return_attention
         for block in self.blocks:
+            if recompute:
+                x, weights = checkpoint(block, x, attn_mask, is_causal, False, use_reentrant=False)
+                continue
             x, weights = block(x, attn_mask=attn_mask, is_causal=is_causal, need_weights=return_attention)
             if return_attention:
                 attentions.append(weights)

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from clipforge.config import ImageTowerConfig
+from clipforge.config import BUILTIN_VIT_IMAGE_SIZE, ImageTowerConfig
+from clipforge.model.pretrained import is_packaged, map_state_dict_in_order, packaged_entry, packaged_path
 from clipforge.model.transformer import Transformer
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -27,6 +28,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+TORCHVISION_IMAGE_SIZE = 224  # every torchvision classification weight set was trained at 224 px
 
 
 # ----------------------------------------------------------------------------------------------
@@ -46,33 +48,36 @@ class ImagePreprocess:
 def resolve_image_preprocess(cfg: ImageTowerConfig) -> ImagePreprocess:
     """Preprocessing for the tower ``cfg`` describes; never touches the network.
 
-    mean/std: ``cfg.mean``/``cfg.std`` when set; else the tower's own: CLIP's for the built-in ViT, ImageNet's
-    for torchvision, and for timm the pretrained config of ``name`` (or ``name.tag``) from timm's local
-    registry, falling back to ImageNet's. Interpolation: bicubic (ViT), bilinear (torchvision), timm's own.
+    Each of size, mean/std and interpolation is ``cfg``'s when set (``image_size``, ``mean``/``std``), else the
+    tower's own: for timm the pretrained config of ``name`` (or ``name.tag``) from timm's local registry
+    (falling back to 224 px, ImageNet mean/std, bicubic for a name it does not know); for torchvision 224 px,
+    ImageNet mean/std, bilinear; for the built-in ViT 64 px, CLIP's mean/std, bicubic.
     """
     if cfg.kind == "vit":
-        mean, std, interpolation = CLIP_MEAN, CLIP_STD, "bicubic"
+        size, mean, std, interpolation = BUILTIN_VIT_IMAGE_SIZE, CLIP_MEAN, CLIP_STD, "bicubic"
     elif cfg.kind == "torchvision":
-        mean, std, interpolation = IMAGENET_MEAN, IMAGENET_STD, "bilinear"
+        size, mean, std, interpolation = TORCHVISION_IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, "bilinear"
     elif cfg.kind == "timm":
-        mean, std, interpolation = _timm_preprocess(cfg)
+        size, mean, std, interpolation = _timm_preprocess(cfg)
     else:
         raise ValueError(f"model.image.kind={cfg.kind!r} is unknown; choose one of ['vit', 'torchvision', 'timm']")
     if cfg.mean:
         mean, std = tuple(float(v) for v in cfg.mean), tuple(float(v) for v in cfg.std)
-    return ImagePreprocess(image_size=cfg.image_size, mean=mean, std=std, interpolation=interpolation)
+    size = cfg.image_size or size
+    return ImagePreprocess(image_size=size, mean=mean, std=std, interpolation=interpolation)
 
 
-def _timm_preprocess(cfg: ImageTowerConfig) -> tuple[tuple, tuple, str]:
+def _timm_preprocess(cfg: ImageTowerConfig) -> tuple[int, tuple, tuple, str]:
     from timm.models import get_pretrained_cfg
 
     pretrained_cfg = get_pretrained_cfg(timm_model_name(cfg))  # a local table lookup: no download
     if pretrained_cfg is None:
-        return IMAGENET_MEAN, IMAGENET_STD, "bicubic"
+        return TORCHVISION_IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, "bicubic"
     # the transforms know these three; timm's rare others ("random", "") fall back to bicubic
     interpolation = pretrained_cfg.interpolation
     interpolation = interpolation if interpolation in ("bicubic", "bilinear", "nearest") else "bicubic"
-    return tuple(pretrained_cfg.mean), tuple(pretrained_cfg.std), interpolation
+    size = int(pretrained_cfg.input_size[-1])
+    return size, tuple(pretrained_cfg.mean), tuple(pretrained_cfg.std), interpolation
 
 
 def timm_model_name(cfg: ImageTowerConfig) -> str:
@@ -91,18 +96,26 @@ def timm_model_name(cfg: ImageTowerConfig) -> str:
 # Pretrained weights
 # ----------------------------------------------------------------------------------------------
 def _is_named_weights(pretrained: str | None) -> bool:
-    """A torchvision enum name or timm tag, i.e. not None, not "default" and not a local file."""
-    return pretrained is not None and pretrained != "default" and local_weights_file(pretrained) is None
+    """A torchvision enum name or timm tag, i.e. not None, not "default", not packaged and not a local file."""
+    return (
+        pretrained is not None
+        and pretrained != "default"
+        and not is_packaged(pretrained)
+        and local_weights_file(pretrained) is None
+    )
 
 
 def local_weights_file(pretrained: str | None) -> Path | None:
-    """The local file ``pretrained`` names, or None when it names no file.
+    """The local file ``pretrained`` names (``package:<name>``: the file inside that pip package), or None when
+    it names no file.
 
     A string that looks like a path (a separator or a weights suffix) but does not exist is an error rather
     than being passed on as a weights name, so a typo in a path does not turn into a download attempt.
     """
     if pretrained is None or pretrained == "default":
         return None
+    if is_packaged(pretrained):
+        return packaged_path(pretrained)
     path = Path(pretrained).expanduser()
     if path.is_file():
         return path
@@ -138,15 +151,32 @@ def _first(keys: list[str], limit: int = 5) -> str:
     return f"{keys[:limit]}{more}"
 
 
-def load_weights_file(module: nn.Module, path: Path, description: str, drop_prefixes: tuple[str, ...] = ()) -> None:
+def weights_key_order(cfg: ImageTowerConfig) -> str:
+    """How ``cfg.pretrained``'s tensors meet the tower's: packaged weights know their own; else ``pretrained_keys``."""
+    return packaged_entry(cfg.pretrained).key_order if is_packaged(cfg.pretrained) else cfg.pretrained_keys
+
+
+def load_weights_file(
+    module: nn.Module,
+    path: Path,
+    description: str,
+    drop_prefixes: tuple[str, ...] = (),
+    key_order: str = "by_name",
+) -> None:
     """Load the state dict in ``path`` into ``module`` strictly, or raise a ValueError that says what differs.
 
-    Keys under ``drop_prefixes`` (the classifier the headless tower no longer has) are dropped first.
-    A missing BatchNorm ``num_batches_tracked`` counter is tolerated: it is a step count, not a weight.
+    ``key_order="by_name"``: keys under ``drop_prefixes`` (the classifier the headless tower no longer has) are
+    dropped first. ``"in_order"``: the file's tensors are renamed to ``module``'s by position with every shape
+    checked (:func:`~clipforge.model.pretrained.map_state_dict_in_order`), so ``module`` must still have the
+    classifier the file has. A missing BatchNorm ``num_batches_tracked`` counter is tolerated: it is a step
+    count, not a weight.
     """
+    state = load_state_dict_file(path)
+    if key_order == "in_order":
+        state = map_state_dict_in_order(state, module.state_dict(), description)
     state = {
         key: value
-        for key, value in load_state_dict_file(path).items()
+        for key, value in state.items()
         if not any(key == prefix or key.startswith(prefix + ".") for prefix in drop_prefixes)
     }
     expected = module.state_dict()
@@ -226,7 +256,8 @@ class VisionTransformer(nn.Module):
 
 def build_vit_tower(cfg: ImageTowerConfig) -> VisionTransformer:
     """The built-in ViT; ``pretrained`` may only be None or a local state dict file."""
-    tower = VisionTransformer(cfg.image_size, cfg.patch_size, cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio)
+    size = cfg.image_size or BUILTIN_VIT_IMAGE_SIZE
+    tower = VisionTransformer(size, cfg.patch_size, cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio)
     if cfg.pretrained is None:
         return tower
     path = local_weights_file(cfg.pretrained)
@@ -235,7 +266,9 @@ def build_vit_tower(cfg: ImageTowerConfig) -> VisionTransformer:
             f"model.image.pretrained={cfg.pretrained!r}: the built-in ViT has no named weights; use null (random "
             f"init) or a local .pt/.safetensors state dict (CLIP checkpoints go through clipforge.interop)"
         )
-    load_weights_file(tower, path, f"the built-in ViT (width={cfg.width}, depth={cfg.depth})")
+    load_weights_file(
+        tower, path, f"the built-in ViT (width={cfg.width}, depth={cfg.depth})", key_order=weights_key_order(cfg)
+    )
     return tower
 
 
@@ -301,8 +334,11 @@ def build_torchvision_tower(cfg: ImageTowerConfig) -> BackboneTower:
     else:
         weights = "DEFAULT" if cfg.pretrained == "default" else cfg.pretrained
     model = get_model(cfg.name, weights=weights)
+    in_order = path is not None and weights_key_order(cfg) == "in_order"
+    if in_order:  # by position, the file's classifier meets the model's: load before it goes
+        load_weights_file(model, path, f"torchvision model {cfg.name!r}", key_order="in_order")
     classifier_prefix, output_dim = strip_torchvision_classifier(model, cfg.name)
-    if path is not None:
+    if path is not None and not in_order:
         load_weights_file(model, path, f"torchvision model {cfg.name!r}", drop_prefixes=(classifier_prefix,))
     return BackboneTower(model, output_dim)
 
@@ -310,8 +346,9 @@ def build_torchvision_tower(cfg: ImageTowerConfig) -> BackboneTower:
 def build_timm_tower(cfg: ImageTowerConfig) -> BackboneTower:
     """``timm.create_model(cfg.name, pretrained=..., num_classes=0)``; output_dim = the pooled feature size.
 
-    pretrained: None -> random; "default" -> timm's default tag; a local file -> random, then that state dict
-    (its classifier keys dropped); another string -> the tag, ``timm.create_model(f"{name}.{tag}", True)``.
+    pretrained: None -> random; "default" -> timm's default tag; a local file or ``package:<name>`` -> random,
+    then that state dict (its classifier keys dropped; with ``in_order`` keys, mapped by position onto the model
+    with its classifier, which then goes); another string -> the tag, ``timm.create_model(f"{name}.{tag}", True)``.
     Models that only take one input size (ViTs) are built for ``cfg.image_size`` (timm resamples the
     pretrained position embeddings).
     """
@@ -322,11 +359,18 @@ def build_timm_tower(cfg: ImageTowerConfig) -> BackboneTower:
     name = timm_model_name(cfg)
     kwargs = {}
     pretrained_cfg = get_pretrained_cfg(name)
-    if pretrained_cfg is not None and pretrained_cfg.fixed_input_size:
+    if pretrained_cfg is not None and pretrained_cfg.fixed_input_size and cfg.image_size is not None:
         if tuple(pretrained_cfg.input_size[-2:]) != (cfg.image_size, cfg.image_size):
             kwargs["img_size"] = cfg.image_size
     pretrained = cfg.pretrained is not None and path is None
-    model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
+    if path is not None and weights_key_order(cfg) == "in_order":
+        # by position, the file's classifier meets the model's: build with it, load, then go headless
+        model = timm.create_model(name, pretrained=False, **kwargs)
+        load_weights_file(model, path, f"timm model {cfg.name!r}", key_order="in_order")
+        model.reset_classifier(0)
+        path = None
+    else:
+        model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
     if path is not None:
         classifier = model.pretrained_cfg.get("classifier") or ()
         classifier = (classifier,) if isinstance(classifier, str) else tuple(classifier)

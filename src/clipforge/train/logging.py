@@ -47,6 +47,7 @@ class RunLogger:
             except ImportError:
                 logger.warning("tensorboard is not installed; logging to metrics.jsonl only (pip install tensorboard)")
         self._bar = tqdm(total=total_steps, initial=start_step, disable=not progress, desc="train", dynamic_ncols=True)
+        self._shown: dict[str, str] = {}  # the progress line keeps the latest value of every shown key
 
     def log(self, step: int, metrics: dict[str, float], show: tuple[str, ...] = ()) -> None:
         """Record ``metrics`` at ``step``; keys in ``show`` also go on the progress line."""
@@ -57,7 +58,9 @@ class RunLogger:
             for key, value in metrics.items():
                 self._writer.add_scalar(key, value, step)
         if show:
-            self._bar.set_postfix({k: _short(metrics[k]) for k in show if k in metrics}, refresh=False)
+            # merged, not replaced: an eval record must not wipe the loss off the line, nor the loss the eval
+            self._shown.update({k: _short(metrics[k]) for k in show if k in metrics})
+            self._bar.set_postfix(self._shown, refresh=False)
 
     def advance(self, steps: int = 1) -> None:
         self._bar.update(steps)

@@ -1,0 +1,211 @@
+"""Search latency over an embedding folder of N float16 vectors, and image-embedding throughput of a model.
+
+1. Exact search (``clipforge.search.exact.exact_search``): N random unit vectors (D=512, float16) are written
+   as an embedding folder in a temporary directory (1M x 512 x 2 bytes = 1 GB) and memory-mapped. Reported:
+   the median wall and CPU time of ``--queries`` single queries (top-10), with both kernels (float16
+   candidates + float32 re-scoring, as ``Index`` uses; float32 blocks), and the per-query time when the same
+   queries go in one batch. Runs for each ``--workers`` value, with ``torch.set_num_threads(--threads)``.
+2. FAISS (when ``faiss`` imports): ``clipforge index build`` (IVF, SQfp16, nprobe tuned to recall@10 >= 0.95
+   on stored rows), then the median single-query latency and recall@10 against exact search on fresh queries.
+   Random unit vectors in 512-d have no neighbourhood structure (every point is almost equally far from every
+   other), which is the worst case for any index, so FAISS is also measured on ``--clusters`` Gaussian clusters (``--spread``),
+   closer to real embeddings; queries are then fresh points of the same clusters.
+3. Embedding throughput (``--embed``): images/s of ``encode_source_images`` with the demo recipe's model
+   (random weights: speed does not depend on them) on the built-in emoji images.
+
+    python benchmarks/search_speed.py                        # 1M items, 2 threads, everything
+    python benchmarks/search_speed.py --items 200000 --no-faiss --no-embed
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from clipforge.search.exact import exact_search
+from clipforge.search.store import EmbeddingStore
+
+
+def load_average() -> str:
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.2f} (1 min), {five:.2f} (5 min) on {os.cpu_count()} cores"
+
+
+def make_store(folder: Path, items: int, dim: int, clusters: int, spread: float, seed: int) -> EmbeddingStore:
+    """An embedding folder of ``items`` unit float16 vectors: uniform on the sphere, or around ``clusters`` centres."""
+    store = EmbeddingStore.open_for_model(
+        folder, {"checkpoint": "synthetic", "step": 0, "fingerprint": "synthetic", "embed_dim": dim}, "float16"
+    )
+    generator = np.random.default_rng(seed)
+    centres = sample_points(generator, clusters, dim, None, spread) if clusters else None
+    part = 262144  # a few parts, as a resumed embedding run leaves them
+    for start in range(0, items, part):
+        count = min(part, items - start)
+        vectors = sample_points(generator, count, dim, centres, spread)
+        store.write_part("images", vectors.astype(np.float16), [{"id": str(start + i)} for i in range(count)])
+    return store
+
+
+def sample_points(
+    generator: np.random.Generator, count: int, dim: int, centres: np.ndarray | None, spread: float = 1.0
+) -> np.ndarray:
+    points = generator.standard_normal((count, dim), dtype=np.float32)
+    if centres is not None:
+        # noise of norm about ``spread`` around a unit centre: cosine to the centre about 1 / sqrt(1 + spread^2)
+        points = centres[generator.integers(len(centres), size=count)] + points * (spread / math.sqrt(dim))
+    return points / np.linalg.norm(points, axis=1, keepdims=True)
+
+
+def time_exact(matrices: list[np.ndarray], queries: torch.Tensor, k: int, workers: int, unit_rows: bool) -> dict:
+    """``unit_rows=True`` is what ``Index`` does: single queries take the float16-candidates kernel."""
+    exact_search(matrices, queries[:1], k, workers=workers)  # page the file in once, as a warm server has it
+    single, cpu = [], []
+    for query in queries:
+        started, cpu_started = time.perf_counter(), time.process_time()
+        exact_search(matrices, query[None], k, workers=workers, unit_rows=unit_rows)
+        single.append(time.perf_counter() - started)
+        cpu.append(time.process_time() - cpu_started)
+    started = time.perf_counter()
+    exact_search(matrices, queries, k, workers=workers)
+    batched = time.perf_counter() - started
+    return {
+        "single_query_kernel": "float16 candidates + float32 re-score" if unit_rows else "float32 blocks",
+        "workers": workers,
+        "single_query_median_ms": 1000 * statistics.median(single),
+        "single_query_p90_ms": 1000 * sorted(single)[int(0.9 * len(single))],
+        # CPU time of all threads: on a machine shared with other jobs, wall time / CPU time shows the share
+        # of the cores this process got; CPU time / workers is the latency on otherwise idle cores
+        "single_query_median_cpu_ms": 1000 * statistics.median(cpu),
+        "batched_ms_per_query": 1000 * batched / len(queries),
+    }
+
+
+def time_faiss(store: EmbeddingStore, queries: torch.Tensor, k: int) -> dict:
+    from clipforge.search.ann import build_faiss_index, faiss_search, load_faiss_index
+
+    report = build_faiss_index(store, "images", "ivf")
+    index = load_faiss_index(store, "images")
+    matrices = store.matrices("images")
+    _, truth = exact_search(matrices, queries, k, workers=2)
+    latencies, recalls = [], []
+    for query, expected in zip(queries, truth, strict=True):
+        started = time.perf_counter()
+        _, rows = faiss_search(index, query[None], k)
+        latencies.append(time.perf_counter() - started)
+        recalls.append(len(set(rows[0]) & set(expected)) / len(expected))
+    return {
+        "factory": report.factory,
+        report.knob: report.value,
+        "build_s": report.seconds,
+        "single_query_median_ms": 1000 * statistics.median(latencies),
+        "recall_at_10": float(np.mean(recalls)),
+    }
+
+
+def embedding_throughput(batch_size: int, images: int) -> dict:
+    from clipforge.config import load_config
+    from clipforge.data.sources import EmojiSource
+    from clipforge.eval.features import encode_source_images
+    from clipforge.model import create_model
+
+    config = load_config("demo")
+    model = create_model(config.model, config.loss.kind, vocab_size=config.model.text.tokenizer.vocab_size).eval()
+    source = EmojiSource("all")
+    subset = _First(source, images)
+    encode_source_images(model, _First(source, batch_size), config.model.image, batch_size)  # warm-up
+    started = time.perf_counter()
+    encode_source_images(model, subset, config.model.image, batch_size)
+    seconds = time.perf_counter() - started
+    return {"model": "demo recipe (random init)", "images": len(subset), "images_per_s": len(subset) / seconds}
+
+
+class _First:
+    """The first ``count`` images of a source (cycled when it has fewer)."""
+
+    labels = None
+    classnames = None
+
+    def __init__(self, source, count: int) -> None:
+        self.source, self.count = source, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def load_image(self, index: int):
+        return self.source.load_image(index % len(self.source))
+
+    def captions(self, index: int) -> list[str]:
+        return self.source.captions(index % len(self.source))
+
+    def describe(self, index: int) -> str:
+        return self.source.describe(index % len(self.source))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--items", type=int, default=1_000_000)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--queries", type=int, default=100)
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="exact_search worker threads")
+    parser.add_argument("--clusters", type=int, default=10000, help="clusters of the second FAISS data set")
+    parser.add_argument("--spread", type=float, default=0.7, help="noise norm around a cluster centre")
+    parser.add_argument("--no-exact", action="store_true")
+    parser.add_argument("--clustered-only", action="store_true", help="FAISS on the clustered set only")
+    parser.add_argument("--no-faiss", action="store_true")
+    parser.add_argument("--no-embed", action="store_true")
+    parser.add_argument("--embed-images", type=int, default=1024)
+    parser.add_argument("--embed-batch", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    results: dict = {"items": args.items, "dim": args.dim, "threads": args.threads, "machine": load_average()}
+    generator = np.random.default_rng(args.seed + 1)
+    with tempfile.TemporaryDirectory(prefix="clipforge-search-bench-") as folder:
+        store = make_store(Path(folder) / "random", args.items, args.dim, 0, args.spread, args.seed)
+        queries = torch.from_numpy(sample_points(generator, args.queries, args.dim, None))
+        matrices = store.matrices("images")
+        if not args.no_exact:
+            results["exact"] = [
+                time_exact(matrices, queries, args.k, workers, unit_rows)
+                for unit_rows in (True, False)
+                for workers in args.workers
+            ]
+            print(json.dumps(results["exact"]), flush=True)
+        faiss_available = True
+        try:
+            import faiss  # noqa: F401
+        except ImportError:
+            faiss_available = False
+            results["faiss"] = "not installed"
+        if faiss_available and not args.no_faiss:
+            if not args.clustered_only:
+                results["faiss_random"] = time_faiss(store, queries, args.k)
+                print(json.dumps(results["faiss_random"]), flush=True)
+            del matrices
+            clustered = make_store(
+                Path(folder) / "clustered", args.items, args.dim, args.clusters, args.spread, args.seed
+            )
+            centres_generator = np.random.default_rng(args.seed)  # the same centres as the store
+            centres = sample_points(centres_generator, args.clusters, args.dim, None)
+            cluster_queries = torch.from_numpy(sample_points(generator, args.queries, args.dim, centres, args.spread))
+            results["faiss_clustered"] = time_faiss(clustered, cluster_queries, args.k)
+            print(json.dumps(results["faiss_clustered"]), flush=True)
+    if not args.no_embed:
+        results["embedding"] = embedding_throughput(args.embed_batch, args.embed_images)
+    results["machine_after"] = load_average()
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

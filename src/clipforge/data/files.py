@@ -1,0 +1,147 @@
+"""Start-up checks and small readers shared by the file-based sources.
+
+Everything here runs when a source is built, before the first training step, so that a wrong path or a
+file in the wrong format fails at once with a message naming the file, what was expected, and (where
+it can tell) which ``data.kind`` would fit, instead of as a stream of skipped samples an hour later.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+SHIPPED_CLASSNAMES_PACKAGE = "clipforge.data.classnames"
+
+
+def require_file(path: str | os.PathLike, kind: str, expected: str) -> Path:
+    """``path`` as a Path when it is an existing file; else ``FileNotFoundError`` naming it and ``expected``."""
+    path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"data.kind={kind!r}: {str(path)!r} is a folder; expected {expected}")
+    if not path.is_file():
+        raise FileNotFoundError(f"data.kind={kind!r}: {str(path)!r} does not exist; expected {expected}")
+    return path
+
+
+def require_dir(path: str | os.PathLike, kind: str, expected: str) -> Path:
+    """``path`` as a Path when it is an existing folder; else ``FileNotFoundError`` naming it and ``expected``."""
+    path = Path(path)
+    if path.is_file():
+        raise FileNotFoundError(f"data.kind={kind!r}: {str(path)!r} is a file; expected {expected}")
+    if not path.is_dir():
+        raise FileNotFoundError(f"data.kind={kind!r}: folder {str(path)!r} does not exist; expected {expected}")
+    return path
+
+
+def read_json(path: Path, kind: str, expected: str) -> Any:
+    """The parsed JSON of ``path``; a file that is not JSON raises ``ValueError`` saying what was expected."""
+    try:
+        with open(path, encoding="utf-8-sig") as handle:
+            return json.load(handle)
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"data.kind={kind!r}: {path} is not valid JSON ({error.msg} at line {error.lineno}); expected {expected}"
+        ) from None
+    except UnicodeDecodeError:
+        raise ValueError(f"data.kind={kind!r}: {path} is not a UTF-8 text file; expected {expected}") from None
+
+
+def resolve_image_root(image_root: str, candidates: Sequence[Path], kind: str) -> Path:
+    """The folder that image paths are relative to.
+
+    ``image_root`` when given (it must exist); else the first existing folder of ``candidates`` (the
+    layouts the datasets are distributed in), else the last candidate.
+    """
+    if image_root:
+        return require_dir(image_root, kind, "data.image_root: the folder holding the images")
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate
+    return candidates[-1]
+
+
+def check_images_present(root: Path, relative_paths: Sequence[str], origin: Path, kind: str, probes: int = 16) -> None:
+    """Fail at start when *none* of ``probes`` images spread over the list exist under ``root``.
+
+    A few missing images are normal (they are skipped and counted while training); all of them missing
+    means ``data.image_root`` points at the wrong folder, which is better said now than as 100% skipped
+    samples later. Only ``probes`` ``stat`` calls, so a million-image set still opens at once.
+    """
+    count = len(relative_paths)
+    if count == 0:
+        return
+    taken = min(probes, count)
+    positions = sorted({round(i * (count - 1) / max(taken - 1, 1)) for i in range(taken)})
+    if any((root / relative_paths[i]).is_file() for i in positions):
+        return
+    example = relative_paths[positions[0]]
+    raise FileNotFoundError(
+        f"data.kind={kind!r}: none of {len(positions)} images listed in {origin} were found under {str(root)!r} "
+        f"(e.g. {str(root / example)!r}); set data.image_root to the folder that holds {example!r}"
+    )
+
+
+def shipped_classnames() -> list[str]:
+    """Names of the class-name lists shipped with clipforge (``fashion-mnist``, ...)."""
+    return sorted(
+        p.name.removesuffix(".txt") for p in files(SHIPPED_CLASSNAMES_PACKAGE).iterdir() if p.name.endswith(".txt")
+    )
+
+
+def load_classnames(spec: str, kind: str) -> list[str] | dict[str, str]:
+    """Class names from a file or a shipped list, as ``data.classnames`` gives them.
+
+    ``spec``: a ``.json`` file holding a list (names in label order) or an object (folder or raw name ->
+    readable name); any other file: one name per line (blank lines ignored); or the name of a shipped
+    list (``fashion-mnist``).
+    """
+    path = Path(spec)
+    if not path.is_file():
+        shipped = files(SHIPPED_CLASSNAMES_PACKAGE) / f"{spec}.txt"
+        if shipped.is_file():
+            return _lines(shipped.read_text(encoding="utf-8"))
+        raise FileNotFoundError(
+            f"data.kind={kind!r}: data.classnames={spec!r} is neither a file nor a shipped list; expected a JSON "
+            f"list (or object) or a text file with one class name per line, or one of {shipped_classnames()}"
+        )
+    if path.suffix.lower() == ".json":
+        names = read_json(path, kind, "a JSON list of class names, or an object mapping folder names to names")
+        if isinstance(names, list) and all(isinstance(name, str) for name in names):
+            return names
+        if isinstance(names, dict) and all(isinstance(name, str) for name in names.values()):
+            return names
+        raise ValueError(
+            f"data.kind={kind!r}: classnames file {path} holds {type(names).__name__} {str(names)[:60]!r}; expected "
+            "a JSON list of strings (in label order) or an object mapping folder names to readable names"
+        )
+    return _lines(path.read_text(encoding="utf-8-sig"))
+
+
+def _lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def classnames_for(spec: str, kind: str, num_classes: int, default: Sequence[str]) -> list[str]:
+    """``num_classes`` names in label order: from ``spec`` (see :func:`load_classnames`) or ``default``.
+
+    A mapping is looked up by the default names (e.g. folder names or raw ids); a list must have exactly
+    ``num_classes`` names.
+    """
+    if not spec:
+        return list(default)
+    names = load_classnames(spec, kind)
+    if isinstance(names, dict):
+        missing = [name for name in default if name not in names]
+        if missing:
+            raise ValueError(f"data.kind={kind!r}: data.classnames={spec!r} has no readable name for {missing[:5]}")
+        return [names[name] for name in default]
+    if len(names) != num_classes:
+        raise ValueError(
+            f"data.kind={kind!r}: data.classnames={spec!r} lists {len(names)} names but the data has "
+            f"{num_classes} classes; expected one name per class, in label order"
+        )
+    return names

@@ -1,0 +1,265 @@
+"""WebDataset tar shards: shard lists in brace notation, an index of each shard's samples, reading them.
+
+Layout (what img2dataset and ``clipforge data pack`` write): consecutive tar members that share a key form
+one sample, the key being the member name up to the first dot of its base name (webdataset's rule, reused
+from the library). A sample holds an image (``.jpg``/``.jpeg``/``.png``/``.webp``) and its caption in
+``.txt``, or in ``.json`` as ``caption`` (or a ``captions`` list); an integer label may come as ``label`` in
+the ``.json`` or as a ``.cls`` member.
+
+Shards are read with ``tarfile`` in seekable mode rather than through webdataset's streaming pipeline: a
+*scan* reads only the 512-byte member headers (seeking over the data) and records where each member's bytes
+lie, and a sample's bytes are read (``os.pread``) only when the sample is used. Any position in the stream
+is then reached by scanning headers, without reading or decoding a single skipped image (exact resume), and
+the shuffle buffer holds small references instead of image bytes. The price: shards are local (or mounted)
+uncompressed tar files, not ``pipe:`` or ``http`` URLs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tarfile
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from webdataset.shardlists import expand_urls
+from webdataset.tariterators import base_plus_ext
+
+logger = logging.getLogger("clipforge")
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+_USED_EXTENSIONS = (*IMAGE_EXTENSIONS, "txt", "json", "cls")
+_OPEN_SHARDS = 8  # file descriptors one process keeps open: the shuffle buffer spans a few shards at most
+
+
+def expand_shards(spec: str) -> list[str]:
+    """``"data/{00000..00002}.tar"`` -> ``["data/00000.tar", "data/00001.tar", "data/00002.tar"]``.
+
+    Brace ranges and alternatives (``{a,b}``) expand as in the shell; several specs join with ``::``
+    (webdataset's convention, whose expansion this is).
+    """
+    return [url for url in expand_urls(spec) if url]
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    """Where one sample lies: shard number, its position among the shard's samples, and its members.
+
+    ``members``: ``(extension, byte offset of the data, size)`` of each member the reader uses.
+    """
+
+    shard: int
+    position: int
+    key: str
+    members: tuple[tuple[str, int, int], ...]
+
+
+@dataclass
+class ShardSample:
+    """One sample's contents. ``problem`` says why it cannot be trained on ("" when it can)."""
+
+    where: str
+    image: bytes | None
+    captions: list[str]
+    label: int | None = None
+    classname: str | None = None
+    problem: str = ""
+    image_extension: str = ""  # the image member's extension (jpg, png ...), "" without an image
+
+
+@dataclass
+class _OpenFiles:
+    """A small LRU of read-only descriptors; reads are positional, so forked workers never share an offset."""
+
+    pid: int = field(default_factory=os.getpid)
+    descriptors: OrderedDict[str, int] = field(default_factory=OrderedDict)
+
+    def read(self, path: str, offset: int, size: int) -> bytes:
+        if self.pid != os.getpid():  # inherited from the parent through fork: open our own
+            self.pid, self.descriptors = os.getpid(), OrderedDict()
+        descriptor = self.descriptors.pop(path, None)
+        if descriptor is None:
+            descriptor = os.open(path, os.O_RDONLY)
+            while len(self.descriptors) >= _OPEN_SHARDS:
+                os.close(self.descriptors.popitem(last=False)[1])
+        self.descriptors[path] = descriptor
+        data = os.pread(descriptor, size, offset)
+        if len(data) != size:
+            raise OSError(f"{path}: expected {size} bytes at offset {offset}, the file ends after {len(data)}")
+        return data
+
+
+class ShardSource:
+    """The samples of a list of WebDataset shards, with the stream options of ``data.kind='webdataset'``.
+
+    Not a map-style :class:`~clipforge.data.sources.ImageTextSource` (a tar has no index of its samples):
+    the loader streams it (``clipforge.data.streaming``), ``iter_samples`` reads it once in shard order.
+    A shard that is missing or cannot be read is skipped with a warning naming it (once per process); the
+    samples before a corrupt point of a shard are kept. ``count(shard)`` caches each shard's sample count.
+    """
+
+    def __init__(
+        self, spec: str, shuffle_buffer: int = 1000, resample: bool = False, epoch_size: int | None = None
+    ) -> None:
+        self.spec = spec
+        self.shards = expand_shards(spec)
+        if not self.shards:
+            raise ValueError(f"data.kind='webdataset': the shard spec {spec!r} names no file")
+        if not any(os.path.isfile(path) for path in self.shards):
+            raise FileNotFoundError(
+                f"data.kind='webdataset': none of the {len(self.shards)} shards of {spec!r} exists "
+                f"(the first is {self.shards[0]!r}); shards must be local .tar files"
+            )
+        if resample and not epoch_size:
+            raise ValueError("data.resample=true needs data.epoch_size: the samples in one epoch over all ranks")
+        self.shuffle_buffer = shuffle_buffer
+        self.resample = resample
+        self.epoch_size = epoch_size
+        self._counts: dict[int, int] = {}
+        self._warned: set[int] = set()
+        self._files = _OpenFiles()
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_files"] = _OpenFiles()  # descriptors do not travel to spawned workers
+        return state
+
+    def __repr__(self) -> str:
+        return f"ShardSource({self.spec!r}, {len(self.shards)} shards)"
+
+    # -- the index of a shard --------------------------------------------------------------------
+    def _warn(self, shard: int, message: str) -> None:
+        if shard not in self._warned:
+            self._warned.add(shard)
+            logger.warning("skipping %s", message)
+
+    def scan(self, shard: int) -> list[SampleRef]:
+        """The samples of shard number ``shard`` in file order, from its headers alone; [] if unreadable."""
+        refs, problem = _scan_headers(self.shards[shard], shard)
+        if problem:
+            self._warn(shard, problem)
+        self._counts[shard] = len(refs)
+        return refs
+
+    def count(self, shard: int) -> int:
+        """The number of samples in shard ``shard`` (a header scan the first time, cached after)."""
+        if shard not in self._counts:
+            self.scan(shard)
+        return self._counts[shard]
+
+    def all_empty(self) -> bool:
+        """True once every shard has been scanned in this process and none held a sample: nothing to stream."""
+        return len(self._counts) == len(self.shards) and not any(self._counts.values())
+
+    # -- reading samples -------------------------------------------------------------------------
+    def read(self, ref: SampleRef, image: bool = True) -> ShardSample:
+        """The contents of sample ``ref``; ``image=False`` reads only its caption and label members."""
+        path = self.shards[ref.shard]
+        where = f"{path}:{ref.key}"
+        data: dict[str, bytes] = {}
+        image_extension = ""
+        try:
+            for extension, offset, size in ref.members:
+                is_image = extension in IMAGE_EXTENSIONS
+                if (is_image and (not image or image_extension)) or extension in data:
+                    continue  # one image per sample: the first
+                if is_image:
+                    image_extension = extension
+                data["image" if is_image else extension] = self._files.read(path, offset, size)
+        except OSError as error:
+            return ShardSample(where, None, [], problem=f"cannot read the shard ({error})")
+        sample = _parse_sample(where, data, image)
+        sample.image_extension = image_extension
+        return sample
+
+    def iter_samples(self, image: bool = True) -> Iterator[ShardSample]:
+        """Every sample of every shard, in shard order and file order (unreadable shards skipped)."""
+        for shard in range(len(self.shards)):
+            for ref in self.scan(shard):
+                yield self.read(ref, image=image)
+
+    def iter_captions(self) -> Iterator[str]:
+        """Every caption of every sample, reading no image bytes (for training a tokenizer)."""
+        for sample in self.iter_samples(image=False):
+            yield from sample.captions
+
+
+def _scan_headers(path: str, shard: int) -> tuple[list[SampleRef], str]:
+    """The samples of one shard from its member headers, and what went wrong ("" if nothing did).
+
+    The samples before a corrupt point are kept; a sample cut by truncation is not.
+    """
+    refs: list[SampleRef] = []
+    key: str | None = None
+    members: list[tuple[str, int, int]] = []
+    try:
+        size = os.path.getsize(path)
+        with tarfile.open(path, mode="r:") as tar:
+            while (member := tar.next()) is not None:
+                tar.members = []  # keep no headers: a shard of 10^5 files would hold them all
+                name_key, extension = base_plus_ext(member.name)
+                if not member.isfile() or name_key is None:
+                    continue
+                if name_key != key:
+                    if key is not None:
+                        refs.append(SampleRef(shard, len(refs), key, tuple(members)))
+                    key, members = name_key, []
+                if extension.lower() in _USED_EXTENSIONS:
+                    members.append((extension.lower(), member.offset_data, member.size))
+            end = tar.offset
+        # tarfile stops silently at a bad header after the first one: look for data past the end it saw
+        with open(path, "rb") as handle:
+            handle.seek(end)
+            trailing = handle.read(1024)
+    except FileNotFoundError:
+        return [], f"shard {path}: the file is missing"
+    except (tarfile.TarError, OSError) as error:
+        # typically a truncated shard: the sample being read may be cut, the ones before it are whole
+        return refs, f"shard {path} after {len(refs)} samples: not a readable uncompressed tar ({error})"
+    if key is not None:
+        refs.append(SampleRef(shard, len(refs), key, tuple(members)))
+    if trailing.strip(b"\0"):
+        return refs, f"the rest of shard {path} after {len(refs)} samples: bad tar header at byte {end}"
+    if refs and any(offset + length > size for _, offset, length in refs[-1].members):
+        refs.pop()
+        return refs, f"the last sample of shard {path}: the file is truncated"
+    return refs, ""
+
+
+def _parse_sample(where: str, data: dict[str, bytes], want_image: bool) -> ShardSample:
+    """Captions from ``json['captions']``, else ``.txt``, else ``json['caption']``; label from json or .cls."""
+    problems = []
+    meta: dict = {}
+    if "json" in data:
+        try:
+            meta = json.loads(data["json"].decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            problems.append(f"unreadable .json ({error})")
+        if not isinstance(meta, dict):
+            meta = {}
+    captions: list[str] = []
+    if isinstance(meta.get("captions"), list):
+        captions = [str(text) for text in meta["captions"] if isinstance(text, str)]
+    if not captions and "txt" in data:
+        captions = [data["txt"].decode("utf-8", errors="replace")]
+    if not captions and isinstance(meta.get("caption"), str):
+        captions = [meta["caption"]]
+    captions = [text.strip() for text in captions if text and text.strip()]
+    if not captions:
+        problems.append("no caption (a .txt member, or a .json member with 'caption' or 'captions')")
+    label = meta.get("label")
+    if label is None and "cls" in data:
+        try:
+            label = int(data["cls"].decode("ascii").strip())
+        except ValueError:
+            problems.append("a .cls member that is not an integer")
+    if label is not None and (isinstance(label, bool) or not isinstance(label, int)):
+        problems.append(f"label {label!r} is not an integer")
+        label = None
+    image = data.get("image")
+    if want_image and image is None:
+        problems.append(f"no image member ({', '.join('.' + e for e in IMAGE_EXTENSIONS)})")
+    classname = meta.get("classname") if isinstance(meta.get("classname"), str) else None
+    return ShardSample(where, image, captions, label, classname, "; ".join(problems))

@@ -1,0 +1,307 @@
+"""Zero-shot classification and retrieval of a model on one data source, and how their results are written.
+
+The glue between a source (``clipforge.data.sources``), a model and the metric maths (``zeroshot.py``,
+``retrieval.py``): images are embedded with the evaluation transform (``features.py``: resize + center crop),
+texts and images in batches under ``torch.inference_mode`` and the caller's autocast. Images that fail to
+decode are left out of every metric and counted (with their captions, for retrieval), never fatal.
+
+The model is used as it is: put it in eval mode first (``load_checkpoint`` already does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from clipforge.config import Config, DataConfig
+from clipforge.data.files import classnames_for
+from clipforge.data.loader import SkippedSample
+from clipforge.data.sources import ImageTextSource, build_source
+from clipforge.data.tokenize import Tokenizer
+from clipforge.eval.features import encode_source_images, encode_texts
+from clipforge.eval.retrieval import retrieval_metrics
+from clipforge.eval.templates import get_templates
+from clipforge.eval.zeroshot import build_zeroshot_classifier, zeroshot_metrics
+from clipforge.model import CLIPModel
+
+__all__ = [
+    "BENCHMARK_TASKS",
+    "EvalResult",
+    "RetrievalEmbeddings",
+    "benchmark_record",
+    "classification_targets",
+    "classnames_from_file",
+    "dataset_label",
+    "evaluate_retrieval",
+    "evaluate_zeroshot",
+    "format_results_table",
+    "open_eval_source",
+    "zeroshot_classifier",
+    "write_results_json",
+]
+
+ZEROSHOT_KS = (1, 5)  # CLIP_benchmark reports acc1 and acc5
+RETRIEVAL_KS = (1, 5, 10)
+# our task names -> the CLIP_benchmark task names used in the results JSON
+BENCHMARK_TASKS = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval"}
+
+Autocast = contextlib.AbstractContextManager | None
+
+
+@dataclass
+class RetrievalEmbeddings:
+    """The embeddings behind a retrieval result, for pictures of its top results.
+
+    ``image_features`` (N_img, D) and ``text_features`` (N_txt, D) are unit-norm; image row ``r`` is source
+    image ``image_indices[r]``; caption ``j`` (``captions[j]``) describes image row ``text_to_image[j]``.
+    """
+
+    image_features: torch.Tensor
+    image_indices: np.ndarray
+    text_features: torch.Tensor
+    captions: list[str]
+    text_to_image: torch.Tensor
+
+
+@dataclass
+class EvalResult:
+    """What one evaluation measured, and on how much data.
+
+    ``task``: ``zeroshot`` or ``retrieval``. ``metrics``: plain floats (the keys of ``zeroshot_metrics`` or
+    ``retrieval_metrics``, without the confusion matrix). ``num_images`` / ``num_captions`` count what was
+    evaluated; ``skipped_images`` / ``skipped_captions`` what was left out because its image was unreadable.
+    """
+
+    task: str
+    metrics: dict[str, float]
+    num_images: int
+    skipped_images: int
+    num_captions: int = 0
+    skipped_captions: int = 0
+    confusion_matrix: list[list[int]] | None = None  # zero-shot: row = true class, column = top-1 prediction
+    classnames: list[str] | None = None
+    embeddings: RetrievalEmbeddings | None = None
+    skipped: list[SkippedSample] = field(default_factory=list)
+
+
+def open_eval_source(data: DataConfig) -> ImageTextSource:
+    """``build_source(data)``, checked to be a finite source evaluation can index.
+
+    Every image must be visited exactly once and its captions looked up by index, so a streamed source
+    (no ``len``/``load_image``) is refused with a ``ValueError`` that says so, rather than failing mid-run.
+    """
+    source = build_source(data)
+    if not isinstance(source, ImageTextSource):
+        raise ValueError(
+            f"data.kind={data.kind!r} gives a streamed source ({type(source).__name__}) that evaluation cannot "
+            "index; evaluate on a source with random access (manifest, coco, flickr, imagefolder, idx, cifar, hf)"
+        )
+    return source
+
+
+# ----------------------------------------------------------------------------------------------
+# Zero-shot classification
+# ----------------------------------------------------------------------------------------------
+def classification_targets(
+    source: ImageTextSource, classnames: Sequence[str] | None = None
+) -> tuple[np.ndarray, list[str]]:
+    """The source's labels (num_images,) and the class names to prompt with (``classnames`` if given).
+
+    Raises ``ValueError`` saying what is missing: labels (the source is not a classification set), names
+    (its labels are plain numbers), or names for the largest label.
+    """
+    if source.labels is None:
+        raise ValueError(
+            "zero-shot classification needs class labels, and this source has none; use a labelled source "
+            "(a manifest with a 'label' column, imagefolder, idx, cifar) or task retrieval"
+        )
+    names = list(classnames) if classnames is not None else source.classnames
+    if not names:
+        raise ValueError(
+            "zero-shot classification puts class names into its prompts, and this source's labels are plain "
+            "numbers; give the class names in label order (a .txt file with one name per line, or .json)"
+        )
+    labels = np.asarray(source.labels, dtype=np.int64)
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(names)):
+        raise ValueError(
+            f"the labels run from {labels.min()} to {labels.max()} but there are {len(names)} class names; "
+            "every label must index a name"
+        )
+    return labels, [str(name) for name in names]
+
+
+def classnames_from_file(source: ImageTextSource, spec: str, kind: str) -> list[str]:
+    """Class names for ``source``'s labels from ``spec``, read as ``data.classnames`` is (a JSON list in label
+    order, a JSON object mapping the source's own class names, or label numbers, to readable names, a text
+    file with one name per line, or a shipped list); ``kind`` names the data kind in error messages."""
+    if source.labels is None:
+        classification_targets(source)  # raises, explaining that the source has no labels
+    default = source.classnames or [str(label) for label in range(int(np.max(source.labels, initial=-1)) + 1)]
+    return classnames_for(spec, kind, len(default), default)
+
+
+def zeroshot_classifier(
+    model: CLIPModel,
+    tokenizer: Tokenizer,
+    config: Config,
+    classnames: Sequence[str],
+    templates: str | Sequence[str] = "simple",
+    batch_size: int = 256,
+    autocast: Autocast = None,
+) -> torch.Tensor:
+    """(C, D) unit-norm class weights: the normalized mean of the normalized prompt embeddings of each class
+    (see ``build_zeroshot_classifier``); ``templates`` is any spec ``get_templates`` accepts."""
+    context_length = config.model.text.context_length
+
+    def encode(texts: list[str]) -> torch.Tensor:
+        return encode_texts(model, tokenizer, texts, context_length, batch_size, autocast)
+
+    return build_zeroshot_classifier(encode, list(classnames), get_templates(templates), batch_size)
+
+
+@torch.inference_mode()
+def evaluate_zeroshot(
+    model: CLIPModel,
+    tokenizer: Tokenizer,
+    config: Config,
+    source: ImageTextSource,
+    classnames: Sequence[str] | None = None,
+    templates: str | Sequence[str] = "simple",
+    batch_size: int = 256,
+    autocast: Autocast = None,
+    num_workers: int = 0,
+    classifier: torch.Tensor | None = None,
+) -> EvalResult:
+    """Zero-shot classification of every readable image of ``source`` by its most similar class prompt.
+
+    Prediction: ``argmax_c <image_n, w_c>`` with ``w`` from :func:`zeroshot_classifier`. Metrics (see
+    ``zeroshot_metrics``, pessimistic tie rule): ``acc1``, ``acc5`` (only with at least 5 classes) and
+    ``mean_per_class_recall``; the confusion matrix is kept on the result.
+
+    Args:
+        config: the checkpoint's config: the image transform and the text context length come from it.
+        classnames: names in label order; None = the source's own ``classnames``.
+        templates: a named set, one template, a list, or a JSON file (``get_templates``).
+        classifier: (C, D) weights already built for these classes and templates (the trainer's per-step
+            cache); None builds them here.
+    """
+    labels, names = classification_targets(source, classnames)
+    if classifier is None:
+        classifier = zeroshot_classifier(model, tokenizer, config, names, templates, batch_size, autocast)
+    images = encode_source_images(model, source, config.model.image, batch_size, num_workers, autocast)
+    measured = zeroshot_metrics(images.features, classifier, torch.as_tensor(labels[images.indices]), ZEROSHOT_KS)
+    confusion = measured.pop("confusion_matrix")
+    return EvalResult(
+        task="zeroshot",
+        metrics={key: float(value) for key, value in measured.items()},
+        num_images=len(images.indices),
+        skipped_images=len(images.skipped),
+        confusion_matrix=confusion,
+        classnames=names,
+        skipped=images.skipped,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Retrieval
+# ----------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def evaluate_retrieval(
+    model: CLIPModel,
+    tokenizer: Tokenizer,
+    config: Config,
+    source: ImageTextSource,
+    batch_size: int = 256,
+    autocast: Autocast = None,
+    num_workers: int = 0,
+    ks: Sequence[int] = RETRIEVAL_KS,
+) -> EvalResult:
+    """Text -> image and image -> text retrieval over every caption of every readable image of ``source``.
+
+    Every caption is a text query whose one correct image is the image it belongs to; every image is a
+    query whose correct texts are all of its captions (a hit when any one of them is in the top k). Metrics
+    (see ``retrieval_metrics``, pessimistic tie rule): ``{image,text}_retrieval_recall@{k}`` for ``ks`` and
+    the mean and median ranks. An unreadable image is dropped together with its captions, so no caption
+    points at an image that is not among the candidates.
+    """
+    images = encode_source_images(model, source, config.model.image, batch_size, num_workers, autocast)
+    captions: list[str] = []
+    text_to_image: list[int] = []
+    for row, index in enumerate(images.indices):
+        owned = source.captions(int(index))
+        captions.extend(owned)
+        text_to_image.extend([row] * len(owned))
+    unreadable = np.setdiff1d(np.arange(len(source)), images.indices)
+    skipped_captions = sum(len(source.captions(int(index))) for index in unreadable)
+    text_features = encode_texts(
+        model, tokenizer, captions, config.model.text.context_length, batch_size, autocast
+    )  # (N_txt, D)
+    owners = torch.as_tensor(text_to_image, dtype=torch.long)
+    metrics = retrieval_metrics(images.features, text_features, owners, ks=ks)
+    return EvalResult(
+        task="retrieval",
+        metrics={key: float(value) for key, value in metrics.items()},
+        num_images=len(images.indices),
+        skipped_images=len(images.skipped),
+        num_captions=len(captions),
+        skipped_captions=skipped_captions,
+        embeddings=RetrievalEmbeddings(images.features, images.indices, text_features, captions, owners),
+        skipped=images.skipped,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Results: the CLIP_benchmark JSON, and a table for people
+# ----------------------------------------------------------------------------------------------
+# the kinds whose source reads data.split (clipforge.data.sources.SOURCE_BUILDERS); others have no splits
+_SPLIT_KINDS = ("emoji", "flickr", "cifar", "hf")
+
+
+def dataset_label(data: DataConfig) -> str:
+    """A short name for the data a result was measured on: ``kind:path`` and ``:split`` where the kind has
+    splits (``emoji:test``, ``manifest:data/test.csv``, ``cifar:data/cifar-10-batches-py:test``)."""
+    split = data.split if data.kind in _SPLIT_KINDS else ""
+    return ":".join(part for part in (data.kind, data.path, split) if part)
+
+
+def benchmark_record(result: EvalResult, dataset: str, model: str) -> dict[str, Any]:
+    """The result in CLIP_benchmark's layout: ``{"dataset", "model", "task", "metrics"}``.
+
+    ``task`` is ``zeroshot_classification`` or ``zeroshot_retrieval``; ``metrics`` holds floats only
+    (``acc1``, ``acc5``, ``mean_per_class_recall`` / ``image_retrieval_recall@k``, ``text_retrieval_recall@k``,
+    mean and median ranks), so tools that read CLIP_benchmark results read ours.
+    """
+    return {"dataset": dataset, "model": model, "task": BENCHMARK_TASKS[result.task], "metrics": dict(result.metrics)}
+
+
+def write_results_json(path: str | Path, result: EvalResult, dataset: str, model: str) -> Path:
+    """Write :func:`benchmark_record` as indented JSON to ``path`` (its folder is created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(benchmark_record(result, dataset, model), indent=2) + "\n")
+    return path
+
+
+def format_results_table(result: EvalResult, dataset: str, model: str) -> str:
+    """A plain-text table of the metrics, headed by what was measured on how much data."""
+    if result.task == "zeroshot":
+        counted = f"{result.num_images} images, {len(result.classnames or [])} classes"
+    else:
+        counted = f"{result.num_images} images, {result.num_captions} captions"
+    if result.skipped_images:
+        counted += f"; skipped {result.skipped_images} unreadable images"
+        counted += f" ({result.skipped_captions} captions)" if result.task == "retrieval" else ""
+    width = max(len(key) for key in result.metrics)
+    lines = [f"{BENCHMARK_TASKS[result.task]} of {model}", f"on {dataset} ({counted})"]
+    lines.append(f"  {'metric':<{width}}  {'value':>8}")
+    for key, value in result.metrics.items():
+        shown = f"{value:8.2f}" if key.endswith("_rank") else f"{value:8.4f}"
+        lines.append(f"  {key:<{width}}  {shown}")
+    return "\n".join(lines)

@@ -1,0 +1,139 @@
+"""``clipforge explain``: one heat map per (image, text) pair, by the method the image tower allows.
+
+Methods: ``attention-gradient`` (built-in ViT, text-conditioned rollout), ``rollout`` (built-in ViT, plain
+attention rollout: the same map for every text), ``gradcam`` (CNN towers); ``auto`` picks
+``attention-gradient`` for the built-in ViT and ``gradcam`` otherwise. See ``rollout.py`` and ``gradcam.py``
+for the formulas.
+
+Maps are returned at the resolution of the square the model saw (the evaluation transform resizes the short
+side and crops the center), scaled to [0, 1] per map, together with that same square of the original image,
+so an overlay lines up pixel for pixel.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from clipforge.data.sources import decode_image
+from clipforge.data.transforms import build_image_transform
+from clipforge.eval.features import encode_texts
+from clipforge.explain.gradcam import gradcam_maps
+from clipforge.explain.rollout import rollout_maps, text_conditioned_maps
+from clipforge.model import resolve_image_preprocess
+from clipforge.model.vision import VisionTransformer
+from clipforge.train.checkpoint import LoadedCheckpoint
+
+METHODS = ("auto", "attention-gradient", "rollout", "gradcam")
+
+
+@dataclass
+class Explanation:
+    """The heat map (h, w) in [0, 1] of ``text`` on ``image`` (the center square the model saw)."""
+
+    image: Image.Image
+    text: str
+    heatmap: np.ndarray
+    method: str
+    similarity: float
+
+
+def resolve_method(loaded: LoadedCheckpoint, method: str = "auto") -> str:
+    """``auto`` -> the method the image tower allows; an explicit method is checked against the tower."""
+    if method not in METHODS:
+        raise ValueError(f"method={method!r}: choose one of {list(METHODS)}")
+    is_vit = isinstance(loaded.model.image_tower, VisionTransformer)
+    if method == "auto":
+        return "attention-gradient" if is_vit else "gradcam"
+    if method in ("attention-gradient", "rollout") and not is_vit:
+        raise ValueError(f"method={method!r} needs the built-in ViT image tower; use 'gradcam' for this model")
+    return method
+
+
+def center_square(image: Image.Image) -> Image.Image:
+    """The centered square crop of ``image``: what resize-short-side + center-crop keeps, at full resolution."""
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    return image.crop((left, top, left + side, top + side))
+
+
+def _scale(maps: torch.Tensor) -> torch.Tensor:
+    """Each (h, w) map scaled to [0, 1] by its own maximum (an all-zero map stays zero)."""
+    flat = maps.flatten(-2)
+    low = flat.min(dim=-1, keepdim=True).values
+    high = flat.max(dim=-1, keepdim=True).values
+    return ((flat - low) / (high - low).clamp(min=1e-12)).reshape(maps.shape)
+
+
+def explain(
+    loaded: LoadedCheckpoint,
+    images: Sequence[str | os.PathLike | Image.Image],
+    texts: Sequence[str],
+    method: str = "auto",
+) -> list[list[Explanation]]:
+    """Heat maps of every text on every image: ``result[i][t]`` for image i and text t."""
+    if not images or not texts:
+        raise ValueError("explain needs at least one image and one text")
+    method = resolve_method(loaded, method)
+    model = loaded.model
+    transform = build_image_transform(resolve_image_preprocess(loaded.config.model.image))
+    originals = [image if isinstance(image, Image.Image) else decode_image(image) for image in images]
+    device = next(model.parameters()).device
+    pixels = torch.stack([transform(image) for image in originals]).to(device)
+    text_features = encode_texts(model, loaded.tokenizer, list(texts), loaded.config.model.text.context_length)
+    if method == "gradcam":
+        maps = gradcam_maps(model, pixels, text_features)
+    elif method == "attention-gradient":
+        maps = text_conditioned_maps(model, pixels, text_features)
+    else:
+        maps = rollout_maps(model, pixels)[:, None].expand(-1, len(texts), -1, -1)
+    size = pixels.shape[-1]
+    maps = _scale(F.interpolate(maps.float(), size=(size, size), mode="bilinear", align_corners=False)).cpu()
+    with torch.inference_mode():
+        similarities = (model.encode_image(pixels).float() @ text_features.T).cpu()  # (B, N_text) cosine
+    return [
+        [
+            Explanation(center_square(original), text, maps[i, t].numpy(), method, float(similarities[i, t]))
+            for t, text in enumerate(texts)
+        ]
+        for i, original in enumerate(originals)
+    ]
+
+
+def run_explain(
+    checkpoint: str,
+    images: Sequence[str],
+    texts: Sequence[str],
+    out: str = "explain.png",
+    method: str = "auto",
+    overlays: str | None = None,
+    device: str = "auto",
+) -> list[list[Explanation]]:
+    """``clipforge explain``: draw every (image, text) heat map into the figure ``out``; with ``overlays``,
+    also save each overlay alone as ``<overlays>/<image stem>__<text number>.png``."""
+    from pathlib import Path
+
+    from clipforge.search.command import load_model, user_errors
+    from clipforge.viz import overlay_heatmap, plot_explanations
+
+    loaded = load_model(checkpoint, device)
+    with user_errors("explain"):
+        rows = explain(loaded, images, texts, method)
+    plot_explanations(rows, out, names=[Path(image).name for image in images])
+    print(f"heat maps ({rows[0][0].method}): {out}")
+    if overlays:
+        folder = Path(overlays)
+        folder.mkdir(parents=True, exist_ok=True)
+        for image, explanations in zip(images, rows, strict=True):
+            for number, explanation in enumerate(explanations):
+                overlay_heatmap(explanation.image, explanation.heatmap).save(
+                    folder / f"{Path(image).stem}__{number}.png"
+                )
+        print(f"overlays: {folder}")
+    return rows

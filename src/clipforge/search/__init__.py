@@ -1,0 +1,11 @@
+"""Use a trained model: embed images and captions into a folder, search it, serve it as a web page.
+
+``embed.py`` (resumable embedding), ``store.py`` (the embedding folder), ``exact.py`` (exact top-k),
+``index.py`` (the ``Index`` API), ``ann.py`` (optional FAISS index), ``inputs.py`` (what can be embedded),
+``app.py`` (the web page), ``command.py`` (the commands).
+"""
+
+from clipforge.search.exact import exact_search
+from clipforge.search.index import Index, SearchHit
+
+__all__ = ["Index", "SearchHit", "exact_search"]

@@ -1,0 +1,176 @@
+"""``clipforge embed``: unit-norm embeddings of images (or captions) into an embedding folder, resumably.
+
+Work goes in chunks of ``chunk_size`` items; each chunk is embedded by the evaluation code
+(``encode_source_images`` / ``encode_texts``: batched, evaluation transform) and committed as one part of the
+store (``clipforge.search.store``). Items whose id is already in the store are skipped, so a run that was
+stopped, or a folder that gained files, costs only the new items. Images that fail to decode are listed in
+``images/failed.jsonl`` (and retried by the next run), never fatal.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from clipforge.data.loader import SkippedSample
+from clipforge.data.sources import ImageLoadError, ImageTextSource
+from clipforge.eval.features import encode_source_images, encode_texts
+from clipforge.search.inputs import open_image_source, read_texts, resolve_image_spec, source_names_files
+from clipforge.search.store import EmbeddingStore, model_fingerprint
+from clipforge.train.checkpoint import LoadedCheckpoint
+
+logger = logging.getLogger("clipforge")
+
+
+@dataclass
+class EmbedReport:
+    """What one run did: items embedded now, items already in the store, failures (id, reason)."""
+
+    store: Path
+    kind: str
+    embedded: int
+    already_done: int
+    failed: list[dict[str, str]] = field(default_factory=list)
+
+
+class _Subset:
+    """Positions ``indices`` of a source, as a source (one chunk of the work)."""
+
+    labels = None
+    classnames = None
+
+    def __init__(self, source: ImageTextSource, indices: Sequence[int]) -> None:
+        self.source = source
+        self.indices = list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def load_image(self, index: int):
+        return self.source.load_image(self.indices[index])
+
+    def captions(self, index: int) -> list[str]:
+        return self.source.captions(self.indices[index])
+
+    def describe(self, index: int) -> str:
+        return self.source.describe(self.indices[index])
+
+
+def model_info(loaded: LoadedCheckpoint, checkpoint: str | os.PathLike) -> dict:
+    """How an embedding folder records the model that filled it."""
+    return {
+        "checkpoint": os.path.abspath(checkpoint),
+        "step": loaded.step,
+        "fingerprint": model_fingerprint(loaded.model),
+        "embed_dim": loaded.config.model.embed_dim,
+    }
+
+
+def _encode_chunk(loaded: LoadedCheckpoint, chunk: _Subset, batch_size: int, num_workers: int):
+    """(features (n_ok, D), positions of the n_ok in the chunk, skipped samples) for one chunk."""
+    try:
+        result = encode_source_images(
+            loaded.model, chunk, loaded.config.model.image, batch_size=batch_size, num_workers=num_workers
+        )
+    except ValueError as error:
+        # encode_source_images refuses a set where nothing decodes; for one chunk of a large run that is
+        # just a chunk of bad files, so name each one (re-raising if one does load: then it was another error)
+        skipped = []
+        for position in range(len(chunk)):
+            try:
+                chunk.load_image(position)
+            except ImageLoadError as error:
+                skipped.append(SkippedSample(chunk.describe(position), str(error)))
+            else:
+                raise error
+        return torch.empty(0, loaded.config.model.embed_dim), np.empty(0, dtype=np.int64), skipped
+    return result.features, result.indices, result.skipped
+
+
+def embed_images(
+    loaded: LoadedCheckpoint,
+    checkpoint: str | os.PathLike,
+    images: str | os.PathLike,
+    out: str | os.PathLike,
+    dtype: str = "float16",
+    batch_size: int = 64,
+    chunk_size: int = 2048,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> EmbedReport:
+    """Embed every image ``images`` names (folder, manifest, data config, shards) into the folder ``out``.
+
+    Row contract: each stored row is ``{"id": source.describe(i), "path": the file or "", "source": number
+    of the input in meta["sources"], "index": i}`` beside its unit-norm embedding.
+    """
+    spec = resolve_image_spec(images)
+    source = open_image_source(spec)
+    store = EmbeddingStore.open_for_model(out, model_info(loaded, checkpoint), dtype)
+    source_number = store.source_number(spec)
+    done = set(store.table("images").ids)
+    todo = [i for i in range(len(source)) if source.describe(i) not in done]
+    names_files = source_names_files(source)
+    store.reset_failures("images")
+    report = EmbedReport(store.root, "images", 0, len(source) - len(todo))
+    bar = tqdm(total=len(todo), unit="img", desc="embed images", disable=not progress)
+    for start in range(0, len(todo), chunk_size):
+        chunk = _Subset(source, todo[start : start + chunk_size])
+        features, positions, skipped = _encode_chunk(loaded, chunk, batch_size, num_workers)
+        failures = [{"id": s.where, "reason": s.reason} for s in skipped]
+        store.add_failures("images", failures)
+        report.failed.extend(failures)
+        if len(positions):
+            rows = []
+            for position in positions:
+                index = chunk.indices[int(position)]
+                identifier = source.describe(index)
+                rows.append(
+                    {
+                        "id": identifier,
+                        "path": identifier if names_files else "",
+                        "source": source_number,
+                        "index": index,
+                    }
+                )
+            store.write_part("images", features.cpu().numpy(), rows)
+            report.embedded += len(rows)
+        bar.update(len(chunk))
+    bar.close()
+    for failure in report.failed[:20]:
+        logger.warning("could not embed %s", failure["reason"])
+    return report
+
+
+def embed_text_file(
+    loaded: LoadedCheckpoint,
+    checkpoint: str | os.PathLike,
+    texts: str | os.PathLike,
+    out: str | os.PathLike,
+    dtype: str = "float16",
+    batch_size: int = 256,
+    chunk_size: int = 8192,
+    progress: bool = True,
+) -> EmbedReport:
+    """Embed the captions of a text file (one per line) into ``out/texts``; a caption is its own id."""
+    captions = list(dict.fromkeys(read_texts(texts)))  # an identical caption has an identical embedding
+    store = EmbeddingStore.open_for_model(out, model_info(loaded, checkpoint), dtype)
+    done = set(store.table("texts").ids)
+    todo = [caption for caption in captions if caption not in done]
+    report = EmbedReport(store.root, "texts", 0, len(captions) - len(todo))
+    context_length = loaded.config.model.text.context_length
+    bar = tqdm(total=len(todo), unit="text", desc="embed texts", disable=not progress)
+    for start in range(0, len(todo), chunk_size):
+        chunk = todo[start : start + chunk_size]
+        features = encode_texts(loaded.model, loaded.tokenizer, chunk, context_length, batch_size=batch_size)
+        store.write_part("texts", features.cpu().numpy(), [{"id": caption} for caption in chunk])
+        report.embedded += len(chunk)
+        bar.update(len(chunk))
+    bar.close()
+    return report

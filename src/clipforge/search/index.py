@@ -1,0 +1,203 @@
+"""Search an embedding folder: exact top-k (``exact.py``, any size, CPU or GPU), or a FAISS index when one is built.
+
+``Index.load(dir, checkpoint)`` opens the folder ``clipforge embed`` wrote; ``index.search(text=..., k=10)``
+embeds the query with the same model and returns the best rows with their cosine similarity.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from clipforge.data.sources import decode_image
+from clipforge.data.transforms import build_image_transform
+from clipforge.eval.features import encode_texts
+from clipforge.model import resolve_image_preprocess
+from clipforge.search.exact import exact_search
+from clipforge.search.store import EmbeddingStore, StoreTable, model_fingerprint
+from clipforge.train.checkpoint import LoadedCheckpoint, load_checkpoint
+
+logger = logging.getLogger("clipforge")
+
+BACKENDS = ("auto", "exact", "faiss")
+
+
+@dataclass
+class SearchHit:
+    """One result: its rank (1 = best), row in the store, id, file path ("" if none) and cosine score."""
+
+    rank: int
+    row: int
+    id: str
+    path: str
+    score: float
+
+
+class Index:
+    """An embedding folder opened for search; encodes queries with ``checkpoint`` when one is given.
+
+    ``kind``: search the ``images`` (default) or the ``texts`` of the folder. ``backend``: ``exact``
+    (blockwise matrix product), ``faiss`` (the index ``clipforge index build`` wrote; needs the ``faiss``
+    extra) or ``auto`` (FAISS when its index exists, is current and faiss imports; else exact).
+    """
+
+    def __init__(
+        self,
+        store: EmbeddingStore,
+        loaded: LoadedCheckpoint | None = None,
+        kind: str = "images",
+        backend: str = "auto",
+        device: str | torch.device = "cpu",
+        workers: int | None = None,
+    ) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r}: choose one of {list(BACKENDS)}")
+        self.store = store
+        self.kind = kind
+        self.device = torch.device(device)
+        self.matrices = store.matrices(kind)
+        if not self.matrices:
+            raise ValueError(f"{store.root} holds no {kind} embeddings; run `clipforge embed` first")
+        self.loaded = loaded
+        if loaded is not None:
+            store.check_model(model_fingerprint(loaded.model))
+        # one search thread per core torch may use (more would only queue up)
+        self.workers = workers or max(1, min(os.cpu_count() or 1, torch.get_num_threads()))
+        self.faiss = self._open_faiss(backend)
+        self._sources: dict[int, object] = {}
+
+    @classmethod
+    def load(
+        cls,
+        directory: str | os.PathLike,
+        checkpoint: str | os.PathLike | LoadedCheckpoint | None = None,
+        kind: str = "images",
+        backend: str = "auto",
+        device: str | torch.device = "cpu",
+    ) -> Index:
+        """Open ``directory``; ``checkpoint`` (a path or a loaded one) is needed for text and image queries."""
+        loaded = load_checkpoint(checkpoint, device) if isinstance(checkpoint, str | os.PathLike) else checkpoint
+        return cls(EmbeddingStore(directory), loaded, kind=kind, backend=backend, device=device)
+
+    def _open_faiss(self, backend: str):
+        if backend == "exact":
+            return None
+        from clipforge.search.ann import load_faiss_index
+
+        try:
+            return load_faiss_index(self.store, self.kind)
+        except (ImportError, FileNotFoundError, ValueError) as error:
+            if backend == "faiss":
+                raise
+            if not isinstance(error, FileNotFoundError):
+                logger.warning("using exact search: %s", error)
+            return None
+
+    @cached_property
+    def table(self) -> StoreTable:
+        return self.store.table(self.kind)
+
+    def __len__(self) -> int:
+        return sum(len(m) for m in self.matrices)
+
+    # -- queries ---------------------------------------------------------------------------------------
+    def _require_model(self) -> LoadedCheckpoint:
+        if self.loaded is None:
+            raise ValueError("this query needs the model: open the index with a checkpoint (--checkpoint)")
+        return self.loaded
+
+    def embed_text(self, texts: Sequence[str]) -> torch.Tensor:
+        """(len(texts), D) unit-norm query embeddings."""
+        loaded = self._require_model()
+        context_length = loaded.config.model.text.context_length
+        return encode_texts(loaded.model, loaded.tokenizer, list(texts), context_length)
+
+    @torch.inference_mode()
+    def embed_images(self, images: Sequence[str | os.PathLike | Image.Image]) -> torch.Tensor:
+        """(len(images), D) unit-norm embeddings of image files (or PIL images), evaluation transform."""
+        loaded = self._require_model()
+        transform = self.transform
+        pixels = [transform(image if isinstance(image, Image.Image) else decode_image(image)) for image in images]
+        device = next(loaded.model.parameters()).device
+        return loaded.model.encode_image(torch.stack(pixels).to(device)).float()
+
+    @cached_property
+    def transform(self):
+        return build_image_transform(resolve_image_preprocess(self._require_model().config.model.image))
+
+    def row_embedding(self, row: int) -> torch.Tensor:
+        """The stored (unit-norm) embedding of ``row`` as a float32 (D,) tensor."""
+        for matrix in self.matrices:
+            if row < len(matrix):
+                return torch.from_numpy(np.asarray(matrix[row], dtype=np.float32))
+            row -= len(matrix)
+        raise IndexError("row out of range")
+
+    def search_vectors(self, queries: torch.Tensor, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, rows) of the top k for each query embedding (Q, D), best first."""
+        queries = F.normalize(queries.float(), dim=-1)
+        if self.faiss is not None:
+            from clipforge.search.ann import faiss_search
+
+            return faiss_search(self.faiss, queries, k)
+        return exact_search(self.matrices, queries.to(self.device), k, workers=self.workers, unit_rows=True)
+
+    def search(
+        self,
+        text: str | None = None,
+        image: str | os.PathLike | Image.Image | None = None,
+        row: int | None = None,
+        k: int = 10,
+    ) -> list[SearchHit]:
+        """The k best rows for one query: a ``text``, an ``image`` (a file or PIL image) or a stored ``row``."""
+        given = [value is not None for value in (text, image, row)]
+        if sum(given) != 1:
+            raise ValueError("give exactly one query: text=..., image=... or row=...")
+        if text is not None:
+            if not text.strip():
+                raise ValueError("the text query is empty")
+            query = self.embed_text([text])
+        elif image is not None:
+            query = self.embed_images([image])
+        else:
+            if not 0 <= int(row) < len(self):
+                raise IndexError(f"row {row} is not in the index (it has {len(self)} rows)")
+            query = self.row_embedding(int(row))[None]
+        scores, rows = self.search_vectors(query, k)
+        return [
+            self.hit(rank, int(r), float(s))
+            for rank, (s, r) in enumerate(zip(scores[0], rows[0], strict=True), start=1)
+        ]
+
+    def hit(self, rank: int, row: int, score: float) -> SearchHit:
+        return SearchHit(rank, row, self.table.ids[row], self.table.paths[row], score)
+
+    # -- the stored items ------------------------------------------------------------------------------
+    def load_image(self, row: int) -> Image.Image:
+        """The image of ``row``: its file when it has one, else re-read from the source it was embedded from."""
+        if self.kind != "images":
+            raise ValueError("this index holds texts, not images")
+        table = self.table
+        if not 0 <= row < len(table):
+            raise IndexError(f"row {row} is not in the index")
+        if table.paths[row]:
+            return decode_image(table.paths[row])
+        number = int(table.sources[row])
+        if number not in self._sources:
+            from clipforge.search.inputs import open_image_source
+
+            self._sources[number] = open_image_source(self.store.meta["sources"][number])
+        return self._sources[number].load_image(int(table.indices[row]))
+
+
+def format_hits(hits: Sequence[SearchHit]) -> str:
+    """The lines ``clipforge search`` prints: rank, score, path (or id)."""
+    return "\n".join(f"{hit.rank:3d}  {hit.score:+.4f}  {hit.path or hit.id}" for hit in hits)

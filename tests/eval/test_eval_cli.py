@@ -1,0 +1,126 @@
+"""``clipforge eval`` end to end, on a checkpoint trained for a few steps on the shapes the tests draw."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from clipforge.cli import main
+from clipforge.data.sources import ManifestSource
+from clipforge.train.loop import train
+from tests.conftest import tiny_config, write_shapes_manifest
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("eval_cli")
+    shapes = write_shapes_manifest(folder / "shapes")
+    result = train(tiny_config(shapes, folder / "run", train={"steps": 2, "batch_size": 8}))
+    # the same images as a classification set: 12 classes "<colour> <shape>", 2 sizes each
+    source = ManifestSource(shapes)
+    labelled = shapes.parent / "labelled.csv"
+    with labelled.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "caption", "label"])
+        for index in range(len(source)):
+            relative = Path(source.describe(index)).relative_to(shapes.parent)
+            _, colour, shape = relative.stem.split("_")
+            writer.writerow([relative.as_posix(), source.captions(index)[0], f"{colour} {shape}"])
+    return {"checkpoint": result.checkpoint, "shapes": shapes, "labelled": labelled, "folder": folder}
+
+
+def test_zeroshot_writes_table_json_and_confusion_matrix(
+    trained: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "results.json"
+    code = main(
+        [
+            "eval",
+            "--checkpoint",
+            str(trained["checkpoint"]),
+            "--task",
+            "zeroshot",
+            "--data",
+            "kind=manifest",
+            f"path={trained['labelled']}",
+            "split=test",
+            "--templates",
+            "cifar10",
+            "--out",
+            str(out),
+            "--plot",
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "zeroshot_classification" in printed and "24 images, 12 classes" in printed and "acc1" in printed
+    written = json.loads(out.read_text())
+    assert list(written) == ["dataset", "model", "task", "metrics"]
+    assert written["task"] == "zeroshot_classification" and written["model"] == str(trained["checkpoint"])
+    assert written["dataset"] == f"manifest:{trained['labelled']}"  # a manifest has no splits to name
+    assert set(written["metrics"]) == {"acc1", "acc5", "mean_per_class_recall"}
+    assert all(0.0 <= value <= 1.0 for value in written["metrics"].values())
+    assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_retrieval_from_a_yaml_data_file_with_overrides(
+    trained: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    data_file = tmp_path / "data.yaml"
+    data_file.write_text(f"data:\n  kind: manifest\n  path: {trained['shapes']}\n  split: val\n")
+    grid, out = tmp_path / "grid.png", tmp_path / "retrieval.json"
+    code = main(
+        [
+            "eval",
+            "--checkpoint",
+            str(trained["checkpoint"]),
+            "--task",
+            "retrieval",
+            "--data",
+            str(data_file),
+            "split=test",
+            "--out",
+            str(out),
+            "--plot",
+            str(grid),
+            "--batch-size",
+            "7",
+        ]
+    )
+    assert code == 0
+    assert "24 images, 48 captions" in capsys.readouterr().out
+    written = json.loads(out.read_text())
+    assert written["task"] == "zeroshot_retrieval" and written["dataset"] == f"manifest:{trained['shapes']}"
+    for direction in ("image", "text"):
+        for k in (1, 5, 10):
+            assert 0.0 <= written["metrics"][f"{direction}_retrieval_recall@{k}"] <= 1.0
+    assert grid.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--checkpoint", "{folder}/missing.pt", "--task", "retrieval"], "does not exist"),
+        (["--task", "zeroshot"], "needs class labels"),
+        (["--task", "zeroshot", "--data", "kind=manifest", "path={labelled}", "--templates", "nope"], "--templates"),
+        (["--task", "zeroshot", "--data", "kind=manifest", "path={labelled}", "--classnames", "x.txt"], "--classnames"),
+        (["--task", "retrieval", "--data", "kind=manifest", "pth={shapes}"], "did you mean 'data.path'"),
+        (["--task", "retrieval", "--data", "kind=manifest", "path={folder}/none.csv"], "does not exist"),
+        (["--task", "retrieval", "--data", "{folder}/none.yaml"], "neither a YAML file nor key=value"),
+    ],
+)
+def test_input_mistakes_exit_2_with_a_message(
+    trained: dict[str, Path], capsys: pytest.CaptureFixture, arguments: list[str], message: str
+) -> None:
+    arguments = [argument.format(**{key: str(value) for key, value in trained.items()}) for argument in arguments]
+    command = ["eval", *arguments]
+    if "--checkpoint" not in arguments:
+        command += ["--checkpoint", str(trained["checkpoint"])]
+    if "--data" not in arguments:
+        command += ["--data", "kind=manifest", f"path={trained['shapes']}"]
+    assert main(command) == 2
+    error = capsys.readouterr().err
+    assert message in error and "Traceback" not in error
