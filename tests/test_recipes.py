@@ -95,6 +95,8 @@ def test_recipe_builds_model_and_data_pipeline_offline(name: str, tmp_path: Path
     if text["kind"] == "hf":
         text.update(name=str(tiny_distilbert), pretrained=None)
         text["tokenizer"]["name"] = ""
+        if text.get("head_init") == "identity":  # an identity head keeps the stand-in tower's 16-d space
+            values["model"]["embed_dim"] = 16
     values["data"] = {**stand_in_data(values["data"], tmp_path / "train"), "num_workers": 0}
     for position, task in enumerate(values["eval"]["tasks"]):
         task["data"] = stand_in_data(task["data"], tmp_path / f"eval{position}")
