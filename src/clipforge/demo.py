@@ -25,13 +25,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clipforge.config import load_config
+from clipforge.config import Config, load_config
 from clipforge.data.classification import ArrayImageSource, read_idx
 from clipforge.data.emoji import GROUPS
 from clipforge.data.sources import EmojiSource
 from clipforge.eval.command import plot_retrieval_examples
 from clipforge.eval.runner import ZEROSHOT_KS, EvalResult, evaluate_retrieval, evaluate_zeroshot, zeroshot_classifier
 from clipforge.eval.zeroshot import zeroshot_metrics
+from clipforge.model import resolve_image_preprocess
+from clipforge.train.cache_features import cpu_images_per_forward
 from clipforge.train.checkpoint import LoadedCheckpoint, load_checkpoint
 from clipforge.train.logging import read_metrics
 from clipforge.train.loop import train
@@ -41,9 +43,6 @@ GROUP_PROMPT = "an emoji of {}"
 RECIPES = {False: "demo-lit", True: "demo"}  # from_scratch -> shipped recipe
 # Debian's dataset-fashion-mnist installs the IDX files here
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
-# The demo evaluates on the CPU (load_checkpoint's default), a few images per forward: large CPU batches are
-# slow in glibc's allocator (see clipforge.train.cache_features.CPU_FORWARD_BATCH).
-EVAL_BATCH_SIZE = 4
 FASHION_MNIST_PER_CLASS = 200  # a fixed, balanced subset of the 10k test images: 2,000 tower forwards, not 10,000
 
 
@@ -57,6 +56,12 @@ class DemoReport:
     seconds: float
 
 
+def eval_batch_size(config: Config) -> int:
+    """Images (and texts) per forward when the demo evaluates, on the CPU (``load_checkpoint``'s default): a few
+    images per forward run 2-3x faster there than large batches (see ``cpu_images_per_forward``)."""
+    return cpu_images_per_forward(resolve_image_preprocess(config.model.image).image_size)
+
+
 @torch.inference_mode()
 def evaluate_emoji(loaded: LoadedCheckpoint, split: str) -> tuple[dict[str, float], dict[str, float], EvalResult]:
     """Retrieval (name <-> image) and group zero-shot on one split of the emoji set.
@@ -65,10 +70,11 @@ def evaluate_emoji(loaded: LoadedCheckpoint, split: str) -> tuple[dict[str, floa
     """
     source = EmojiSource(split)
     model, tokenizer, config = loaded.model, loaded.tokenizer, loaded.config
-    retrieval = evaluate_retrieval(model, tokenizer, config, source, batch_size=EVAL_BATCH_SIZE)
+    batch_size = eval_batch_size(config)
+    retrieval = evaluate_retrieval(model, tokenizer, config, source, batch_size=batch_size)
     # the zero-shot metrics of evaluate_zeroshot, on the image embeddings retrieval already computed: the image
     # tower runs once per emoji, not twice (it dominates the demo's evaluation time)
-    classifier = zeroshot_classifier(model, tokenizer, config, list(GROUPS), [GROUP_PROMPT], EVAL_BATCH_SIZE)
+    classifier = zeroshot_classifier(model, tokenizer, config, list(GROUPS), [GROUP_PROMPT], batch_size)
     embeddings = retrieval.embeddings
     labels = torch.as_tensor(source.labels[embeddings.image_indices])
     zeroshot = zeroshot_metrics(embeddings.image_features, classifier, labels, ZEROSHOT_KS)
@@ -112,7 +118,12 @@ def evaluate_fashion_mnist(
         return None
     source = fashion_mnist_subset(path, per_class)
     result = evaluate_zeroshot(
-        loaded.model, loaded.tokenizer, loaded.config, source, templates="fashion-mnist", batch_size=EVAL_BATCH_SIZE
+        loaded.model,
+        loaded.tokenizer,
+        loaded.config,
+        source,
+        templates="fashion-mnist",
+        batch_size=eval_batch_size(loaded.config),
     )
     return {"fashion_mnist_zeroshot_top1": result.metrics["acc1"]}, {"fashion_mnist_zeroshot_top1": 1 / 10}
 

@@ -41,11 +41,19 @@ from clipforge.model import CLIPModel, resolve_image_preprocess
 logger = logging.getLogger("clipforge")
 
 IMAGE_CHUNK = 64  # images between two progress records
-# Images per tower forward on the CPU. Large CPU batches are slow in glibc's allocator: every activation
-# above its mmap threshold (at most 32 MB) is mapped fresh and page-faulted in, op after op. Measured for
-# EfficientNet-Lite0 at 224 px on 2 cores: 20 images/s at 64 per forward (1.5M page faults per 64 images),
-# 47-52 images/s at 1-4 per forward (none). GPUs take the whole chunk.
-CPU_FORWARD_BATCH = 4
+# Pixels per image-tower forward on the CPU. Large CPU batches are slow with glibc's allocator: activations
+# above its mmap threshold are mapped fresh and page-faulted in, op after op (system time, not compute).
+# EfficientNet-Lite0 on 2 cores, images/s by images per forward: 224 px: 20 at 64 (1.5M page faults per 64
+# images), 47 at 4, 52 at 1 (none); 160 px: 45 at 64, 132 at 4 (none). About 100k pixels per forward avoids
+# the faults; GPUs take the whole chunk.
+CPU_FORWARD_PIXELS = 100_000
+
+
+def cpu_images_per_forward(image_size: int) -> int:
+    """Images per forward that keep a CPU forward below ``CPU_FORWARD_PIXELS`` (at least 1)."""
+    return max(1, CPU_FORWARD_PIXELS // (image_size * image_size))
+
+
 TEXT_CHUNK = 256
 VIEW_SEED = 0  # cached views do not depend on the run's seed, so runs with other seeds share them
 # settings that change how a tower trains, not what its locked features are
@@ -137,7 +145,7 @@ def _image_rows(
             pixels.append(prepare_sample(image, ("",), sample_seed(VIEW_SEED, view, index), transform)[0])
             rows.append(index - start)
         features = np.full((stop - start, tower.output_dim), np.nan, dtype=np.float32)  # NaN = unreadable
-        step = CPU_FORWARD_BATCH if device.type == "cpu" else len(pixels)
+        step = cpu_images_per_forward(pixels[0].shape[-1]) if device.type == "cpu" and pixels else len(pixels)
         with torch.inference_mode():
             for first in range(0, len(pixels), step):
                 batch = torch.stack(pixels[first : first + step]).to(device)
