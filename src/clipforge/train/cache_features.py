@@ -43,10 +43,10 @@ logger = logging.getLogger("clipforge")
 IMAGE_CHUNK = 64  # images between two progress records
 # Pixels per image-tower forward on the CPU. Large CPU batches are slow with glibc's allocator: activations
 # above its mmap threshold are mapped fresh and page-faulted in, op after op (system time, not compute).
-# EfficientNet-Lite0 on 2 cores, images/s by images per forward: 224 px: 20 at 64 (1.5M page faults per 64
-# images), 47 at 4, 52 at 1 (none); 160 px: 45 at 64, 132 at 4 (none). About 100k pixels per forward avoids
-# the faults; GPUs take the whole chunk.
-CPU_FORWARD_PIXELS = 100_000
+# Building the emoji cache with EfficientNet-Lite0 at 224 px on 2 cores, images/s by images per forward:
+# 35 at 8 (1.6M page faults per 192 images), 48-55 at 4 (0.5-0.8M), 62-65 at 2 (none), 48 at 1 (none: too
+# little work per op for two threads). Two 224 px images (four at 160 px) per forward; GPUs take the chunk.
+CPU_FORWARD_PIXELS = 110_000
 
 
 def cpu_images_per_forward(image_size: int) -> int:
