@@ -1,6 +1,6 @@
 """Training throughput of LiT heads with cached tower features against running both locked towers every step.
 
-Both runs are the default demo recipe (``demo-lit``: locked EfficientNet-Lite0 at 128 px + locked
+Both runs are the default demo recipe (``demo-lit``: locked EfficientNet-Lite0 at 224 px + locked
 all-MiniLM-L6-v2, linear heads, batch 256, the emoji training split) through ``clipforge.train.loop.train``,
 in this one process, one after the other:
 
@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from clipforge.config import load_config
+from clipforge.model import resolve_image_preprocess
 from clipforge.model.pretrained import packaged_available
 from clipforge.train.loop import train
 
@@ -79,7 +80,7 @@ def main() -> None:
     results = {
         "weights": "packaged pretrained" if pretrained else "random (demo extra not installed)",
         "batch_size": config.train.batch_size,
-        "image_size": config.model.image.image_size,
+        "image_size": resolve_image_preprocess(config.model.image).image_size,
         "threads": args.threads,
         "load_average_before": load,
         "load_average_after": os.getloadavg()[0],

@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from clipforge.config import ConfigError, ImageTowerConfig, ModelConfig, TextTowerConfig, load_config
+from clipforge.data.sources import build_source
+from clipforge.data.tokenize import build_tokenizer
 from clipforge.model import create_model
 from clipforge.model.locking import layer_ids, layer_lr_scales
-from clipforge.train.checkpoint import load_checkpoint
+from clipforge.train.checkpoint import build_model, load_checkpoint
 from clipforge.train.loop import train
 from clipforge.train.optim import build_optimizer
 from tests.conftest import tiny_config
@@ -99,11 +101,7 @@ def test_locked_towers_are_unchanged_by_training_and_absent_from_the_optimizer(
         data={"cache_features": False},
         train={"steps": 4, "batch_size": 8, "checkpoint_every": 4},
     )
-    torch.manual_seed(config.train.seed)
-    from clipforge.data.sources import build_source
-    from clipforge.data.tokenize import build_tokenizer
-    from clipforge.train.checkpoint import build_model
-
+    torch.manual_seed(config.train.seed)  # the same initial weights as the run below draws
     source = build_source(config.data)
     captions = [c for i in range(len(source)) for c in source.captions(i)]
     initial = build_model(config, build_tokenizer(config.model.text.tokenizer, "", captions))

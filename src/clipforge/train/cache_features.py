@@ -13,6 +13,8 @@ Each entry's identity (what its folder name hashes, see :mod:`clipforge.data.fea
   (its saved state) and context length;
 * the data: the source's settings (kind, path, split, columns ...), its size, a hash of all its captions and
   the size and modification time of its files; and the view index.
+
+Features are computed in float32 with the towers in eval mode, whatever ``train.precision`` is.
 """
 
 from __future__ import annotations
