@@ -40,8 +40,8 @@ from clipforge.data.loader import build_train_loader
 from clipforge.data.pack import pack_source
 from clipforge.data.sources import build_source
 from clipforge.data.tokenize import train_bpe_tokenizer
-from clipforge.data.transforms import build_image_transform
-from clipforge.model.vision import CLIP_MEAN, CLIP_STD, ImagePreprocess
+from clipforge.data.transforms import ImagePreprocess, build_image_transform
+from clipforge.model.vision import CLIP_MEAN, CLIP_STD
 
 WORDS = "a the photo of dog cat man woman street table red blue green small large sitting on near with two".split()
 

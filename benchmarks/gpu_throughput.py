@@ -35,13 +35,14 @@ import time
 import torch
 
 from clipforge.config import LossConfig, OptimConfig, config_from_dict
-from clipforge.data.loader import Batch
+from clipforge.data.samples import Batch
+from clipforge.distributed.wrap import compile_towers
 from clipforge.losses import build_loss
 from clipforge.model import create_model
 from clipforge.model.registry import MAX_LOGIT_SCALE
-from clipforge.train.loop import autocast_context, backward_step
+from clipforge.runtime import autocast_context
+from clipforge.train.loop import backward_step
 from clipforge.train.optim import build_optimizer
-from clipforge.train.parallel import compile_towers
 
 # dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from the vendors' data sheets
 BF16_PEAK_TFLOPS = {"H200": 989.5, "H100 SXM": 989.5, "H100 80GB HBM3": 989.5, "H100 PCIe": 756.5, "A100": 312.0}

@@ -31,7 +31,7 @@ import torch
 
 from clipforge.config import load_config
 from clipforge.model import resolve_image_preprocess
-from clipforge.model.pretrained import packaged_available
+from clipforge.packaged import packaged_available
 from clipforge.train.loop import train
 
 

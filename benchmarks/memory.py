@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from clipforge.config import LossConfig, ModelConfig, config_from_dict
-from clipforge.data.loader import Batch
+from clipforge.data.samples import Batch
 from clipforge.losses import build_loss
 from clipforge.model import create_model
 from clipforge.train.loop import backward_step

@@ -113,7 +113,7 @@ def time_faiss(store: EmbeddingStore, queries: torch.Tensor, k: int) -> dict:
 
 def embedding_throughput(batch_size: int, images: int) -> dict:
     from clipforge.config import load_config
-    from clipforge.data.sources import EmojiSource
+    from clipforge.data.emoji import EmojiSource
     from clipforge.eval.features import encode_source_images
     from clipforge.model import create_model
 

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+from clipforge.checkpoint import load_checkpoint
 from clipforge.classify import classify_images, parse_labels
 from clipforge.cli import main
-from clipforge.data.sources import decode_image
+from clipforge.data.base import decode_image
 from clipforge.data.transforms import build_image_transform
 from clipforge.eval.features import encode_texts
 from clipforge.model import resolve_image_preprocess
-from clipforge.train.checkpoint import load_checkpoint
 
 
 def test_labels_are_split_stripped_and_deduplicated() -> None:

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clipforge.demo import format_report, run_demo
-from clipforge.model.pretrained import packaged_available
+from clipforge.commands.demo import run_demo
+from clipforge.demo import format_report
+from clipforge.packaged import packaged_available
 
 needs_demo_extra = pytest.mark.skipif(
     not (packaged_available("package:efficientnet-lite0") and packaged_available("package:all-minilm-l6-v2")),

@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from clipforge.checkpoint import build_model
 from clipforge.config import Config, config_from_dict, config_to_dict, load_config, recipe_names
 from clipforge.data.loader import build_train_loader
 from clipforge.data.sources import build_source
 from clipforge.data.tokenize import Tokenizer, build_tokenizer
 from clipforge.data.transforms import build_image_transform
 from clipforge.model import CLIPModel, resolve_image_preprocess
-from clipforge.train.checkpoint import build_model
 from tests.data.test_captioned import write_coco, write_karpathy
 
 BATCH = 4

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
+from clipforge.checkpoint import LoadedCheckpoint
+from clipforge.data.inputs import ImageFilesSource
 from clipforge.eval.features import encode_source_images
 from clipforge.eval.runner import zeroshot_classifier
 from clipforge.eval.zeroshot import predict_proba
-from clipforge.search.inputs import ImageFilesSource
-from clipforge.train.checkpoint import LoadedCheckpoint
 
 DEFAULT_TEMPLATES = "openai-imagenet"
 
@@ -86,30 +86,3 @@ def classify_images(
     paths = [source.describe(int(i)) for i in features.indices]
     failed = [{"id": s.where, "reason": s.reason} for s in features.skipped]
     return Classification(paths, list(labels), probabilities, failed)
-
-
-def run_classify(
-    checkpoint: str,
-    labels: str,
-    images: Sequence[str],
-    templates: str = DEFAULT_TEMPLATES,
-    plot: str | None = None,
-    top: int = 5,
-    batch_size: int = 64,
-    device: str = "auto",
-) -> Classification:
-    """``clipforge classify``: print each image's most probable labels; draw a bar chart when ``plot`` is set."""
-    from clipforge.data.sources import decode_image
-    from clipforge.search.command import load_model, user_errors
-    from clipforge.viz import plot_class_probabilities
-
-    with user_errors("classify"):
-        names = parse_labels(labels)
-        loaded = load_model(checkpoint, device)
-        result = classify_images(loaded, images, names, templates, batch_size)
-    print(result.format(top))
-    if plot:
-        pictures = [decode_image(path) for path in result.paths]
-        plot_class_probabilities(pictures, [Path(p).name for p in result.paths], names, result.probabilities, plot)
-        print(f"bar chart: {plot}")
-    return result

@@ -52,7 +52,7 @@ class ImageTowerConfig:
 
     ``pretrained``: where the weights come from. ``None`` = random init; ``"default"`` = the standard
     weights for ``name`` (torchvision's DEFAULT enum, timm's default tag); ``"package:<name>"`` = weights
-    shipped inside a pip package (``package:efficientnet-lite0``, see ``clipforge.model.pretrained``);
+    shipped inside a pip package (``package:efficientnet-lite0``, see ``clipforge.packaged``);
     another string is a local file (``.pt``/``.pth``/``.safetensors`` state dict) when it exists on disk,
     else a torchvision weights enum name (``IMAGENET1K_V2``) or a timm pretrained tag (``in1k``).
     ``pretrained_keys``: how a file's tensors meet the model's: ``by_name`` (the same names) or ``in_order``
@@ -98,7 +98,7 @@ class TextTowerConfig:
     ``pretrained`` (``hf`` only): ``None`` = random init from ``name``'s config; ``"default"`` =
     the weights of ``name``; another string = a hub id or local folder to load weights from. ``name`` and
     ``pretrained`` may also be ``"package:<name>"``, a model folder shipped inside a pip package
-    (``package:all-minilm-l6-v2``, see ``clipforge.model.pretrained``).
+    (``package:all-minilm-l6-v2``, see ``clipforge.packaged``).
     ``lock``, ``lr_scale``, ``layer_decay``: as for the image tower (blocks = the encoder's layers).
     ``head``: ``identity`` keeps the tower's own space (needs ``embed_dim`` = the tower's width);
     ``head_init: identity`` starts a ``linear`` head at the identity (near-identity: it keeps the pretrained space
@@ -145,7 +145,29 @@ class AugmentConfig:
     hflip: bool = False  # off by default: captions say "left" and "right"
 
 
-DataKind = Literal["emoji", "manifest", "coco", "flickr", "imagefolder", "webdataset", "hf", "idx", "cifar", "mix"]
+@dataclass(frozen=True)
+class DataKindInfo:
+    """What one ``data.kind`` needs: ``path`` says what ``data.path`` must name ("" = the kind takes no path);
+    ``splits``: whether the kind reads ``data.split``. The builders are in ``clipforge.data.sources``."""
+
+    path: str = ""
+    splits: bool = False
+
+
+# every data kind, once: config validation, the source factory and evaluation read this table
+DATA_KINDS: dict[str, DataKindInfo] = {
+    "emoji": DataKindInfo(splits=True),
+    "manifest": DataKindInfo(path="the CSV/TSV/JSONL file of image,caption rows"),
+    "coco": DataKindInfo(path="the path to captions_*.json"),
+    "flickr": DataKindInfo(path="the Karpathy dataset_*.json, Flickr8k.token.txt or captions.txt file", splits=True),
+    "imagefolder": DataKindInfo(path="the root folder holding one sub-folder per class"),
+    "webdataset": DataKindInfo(path="the shard list, e.g. data/{00000..00123}.tar"),
+    "hf": DataKindInfo(path="a datasets folder (save_to_disk) or Parquet/Arrow files", splits=True),
+    "idx": DataKindInfo(path="the *-images-idx3-ubyte[.gz] file"),
+    "cifar": DataKindInfo(path="the cifar-10-batches-py or cifar-100-python folder", splits=True),
+    "mix": DataKindInfo(),
+}
+DataKind = Literal[tuple(DATA_KINDS)]  # type: ignore[valid-type]  # the choices of data.kind, from the table
 
 
 @dataclass
@@ -596,21 +618,10 @@ def _validate_lock(tower: ImageTowerConfig | TextTowerConfig, where: str) -> Non
         raise ConfigError(f"{where}.layer_decay={tower.layer_decay} must lie in (0, 1] (1 = no layer-wise decay)")
 
 
-_PATH_NEEDED = {
-    "manifest": "the CSV/TSV/JSONL file of image,caption rows",
-    "coco": "the path to captions_*.json",
-    "flickr": "the Karpathy dataset_*.json, Flickr8k.token.txt or captions.txt file",
-    "imagefolder": "the root folder holding one sub-folder per class",
-    "webdataset": "the shard list, e.g. data/{00000..00123}.tar",
-    "hf": "a datasets folder (save_to_disk) or Parquet/Arrow files",
-    "idx": "the *-images-idx3-ubyte[.gz] file",
-    "cifar": "the cifar-10-batches-py or cifar-100-python folder",
-}
-
-
 def _validate_data(data: DataConfig, prefix: str) -> None:
-    if data.kind in _PATH_NEEDED and not data.path:
-        raise ConfigError(f"{prefix}.kind={data.kind!r} needs {prefix}.path: {_PATH_NEEDED[data.kind]}")
+    needs_path = DATA_KINDS[data.kind].path
+    if needs_path and not data.path:
+        raise ConfigError(f"{prefix}.kind={data.kind!r} needs {prefix}.path: {needs_path}")
     if data.epoch_size is not None and data.epoch_size < 1:
         raise ConfigError(f"{prefix}.epoch_size={data.epoch_size} must be positive (or null)")
     if data.resample and data.epoch_size is None:

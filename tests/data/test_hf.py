@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from clipforge.config import DataConfig
-from clipforge.data.sources import ImageLoadError, ImageTextSource, build_source
+from clipforge.data.base import ImageLoadError, ImageTextSource
+from clipforge.data.sources import build_source
 
 datasets = pytest.importorskip(
     "datasets", reason="the hf source needs the 'datasets' package: pip install 'clipforge[hf]'"

@@ -4,11 +4,12 @@ import numpy as np
 import torch
 
 from clipforge.config import AugmentConfig
-from clipforge.data.loader import Collator, ImageTextDataset, ResumableSampler, SkippedSample, build_train_loader
-from clipforge.data.sources import ManifestSource
+from clipforge.data.loader import ImageTextDataset, build_train_loader
+from clipforge.data.manifest import ManifestSource
+from clipforge.data.sampler import ResumableSampler
+from clipforge.data.samples import Collator, SkippedSample
 from clipforge.data.tokenize import train_bpe_tokenizer
-from clipforge.data.transforms import build_image_transform
-from clipforge.model.vision import ImagePreprocess
+from clipforge.data.transforms import ImagePreprocess, build_image_transform
 
 
 def take(iterator, count):

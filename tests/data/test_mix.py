@@ -9,9 +9,13 @@ import pytest
 import torch
 
 from clipforge.config import ConfigError, DataConfig, config_from_dict
-from clipforge.data.loader import ImageTextDataset, ResumableSampler, SampleKey, build_train_loader
+from clipforge.data.emoji import EmojiSource
+from clipforge.data.loader import ImageTextDataset, build_train_loader
+from clipforge.data.manifest import ManifestSource
 from clipforge.data.mix import MixSource
-from clipforge.data.sources import EmojiSource, ManifestSource, build_source
+from clipforge.data.sampler import ResumableSampler
+from clipforge.data.samples import SampleKey
+from clipforge.data.sources import build_source
 from clipforge.data.tokenize import train_bpe_tokenizer
 from tests.conftest import write_shapes_manifest
 

@@ -9,9 +9,9 @@ from PIL import Image
 
 from clipforge.cli import main
 from clipforge.config import data_config_from_dict
+from clipforge.data.base import decode_image
 from clipforge.data.pack import inspect_source, pack_source
 from clipforge.data.shards import ShardSource
-from clipforge.data.sources import decode_image
 from tests.conftest import COLOURS, SHAPES, draw_shape
 from tests.data.shard_helpers import png_bytes, shapes_samples, write_shards
 

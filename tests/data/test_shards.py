@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from clipforge.config import AugmentConfig, ConfigError, data_config_from_dict
+from clipforge.data.base import decode_image
 from clipforge.data.loader import build_train_loader
 from clipforge.data.shards import ShardSource, expand_shards
-from clipforge.data.sources import build_source, decode_image
+from clipforge.data.sources import build_source
 from clipforge.data.streaming import ShardStream, shuffle_buffer
 from clipforge.data.tokenize import train_bpe_tokenizer
-from clipforge.data.transforms import build_image_transform
-from clipforge.model.vision import ImagePreprocess
+from clipforge.data.transforms import ImagePreprocess, build_image_transform
 from tests.data.shard_helpers import shapes_samples, write_shards
 
 TRANSFORM = build_image_transform(

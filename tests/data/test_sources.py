@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clipforge.data.sources import ImageLoadError, ImageTextSource, ManifestSource, decode_image
+from clipforge.data.base import ImageLoadError, ImageTextSource, decode_image
+from clipforge.data.manifest import ManifestSource
 
 
 def pixels(image: Image.Image) -> np.ndarray:

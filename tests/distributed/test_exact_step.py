@@ -20,11 +20,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from clipforge.config import DistributedConfig, LossConfig, OptimConfig, TrainConfig
-from clipforge.data.loader import Batch
-from clipforge.distributed import DistributedContext, all_reduce_sum, init_distributed
+from clipforge.data.samples import Batch
+from clipforge.distributed import DistributedContext, all_reduce_sum, init_distributed, wrap
 from clipforge.losses import build_loss
 from clipforge.model import create_model
-from clipforge.train import parallel
 from clipforge.train.loop import backward_step
 from clipforge.train.optim import build_optimizer
 from tests.conftest import tiny_config
@@ -89,20 +88,20 @@ def take_step(case: Case, context: DistributedContext, batch: Batch) -> dict:
     train_config = TrainConfig(
         distributed=DistributedConfig(strategy=case.strategy), gradient_checkpointing=case.gradient_checkpointing
     )
-    module = parallel.prepare_model(model, train_config, context)
+    module = wrap.prepare_model(model, train_config, context)
     loss_fn = build_loss(LossConfig(kind=case.loss, chunk_size=case.chunk_size), distributed=context.enabled)
     optimizer = build_optimizer(model, OptimConfig(lr=1e-3), torch.device("cpu"))
     loss = backward_step(
         module, loss_fn, batch, case.accumulation_steps, contextlib.nullcontext(), None, context.world_size
     )
-    parallel.finish_gradients(module)
+    wrap.finish_gradients(module)
     grads = {}
     for name, parameter in model.named_parameters():
         grad = parameter.grad
         grads[name] = (grad.full_tensor() if hasattr(grad, "full_tensor") else grad).clone()
     torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
     optimizer.step()
-    weights = {name: value.clone() for name, value in parallel.model_state(module).items()}
+    weights = {name: value.clone() for name, value in wrap.model_state(module).items()}
     return {"loss": all_reduce_sum(loss.clone()), "grads": grads, "weights": weights}
 
 

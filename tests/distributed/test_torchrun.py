@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from clipforge.checkpoint import load_checkpoint, read_checkpoint
 from clipforge.config import save_config
+from clipforge.distributed import wrap
 from clipforge.model import create_model
-from clipforge.train import parallel
-from clipforge.train.checkpoint import load_checkpoint, read_checkpoint
-from clipforge.train.logging import read_metrics
 from clipforge.train.optim import build_optimizer
+from clipforge.train.run_log import read_metrics
 from tests.conftest import tiny_config, write_shapes_manifest
 from tests.distributed.helpers import launch
 
@@ -93,7 +93,7 @@ def test_resume_on_two_processes_with_fsdp_continues_exactly(two_process_run: Pa
         loaded = load_checkpoint(checkpoint)
         model = create_model(loaded.config.model, vocab_size=loaded.tokenizer.vocab_size)
         optimizer = build_optimizer(model, loaded.config.optim, torch.device("cpu"), loaded.config.model)
-        parallel.load_optimizer_state(model, optimizer, state["optimizer"])
+        wrap.load_optimizer_state(model, optimizer, state["optimizer"])
         return optimizer.state_dict()
 
     from_fsdp, from_ddp = loaded_optimizer(resumed), loaded_optimizer(two_process_run / "run" / "last.pt")

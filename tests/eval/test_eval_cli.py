@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from clipforge.cli import main
-from clipforge.data.sources import ManifestSource
+from clipforge.data.manifest import ManifestSource
 from clipforge.train.loop import train
 from tests.conftest import tiny_config, write_shapes_manifest
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from clipforge.config import EVAL_METRICS, DataConfig
-from clipforge.data.sources import ManifestSource, build_source
+from clipforge.data.manifest import ManifestSource
+from clipforge.data.sources import build_source
 from clipforge.eval.runner import (
     benchmark_record,
     classnames_from_file,

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from clipforge.checkpoint import load_checkpoint, read_checkpoint
 from clipforge.config import EVAL_METRICS, ConfigError, config_from_dict, load_config, save_config
-from clipforge.train.checkpoint import load_checkpoint, read_checkpoint
 from clipforge.train.evaluation import TrainingEvaluator
-from clipforge.train.logging import read_metrics
 from clipforge.train.loop import train
+from clipforge.train.run_log import read_metrics
 from tests.conftest import tiny_config
 from tests.eval.handmade import ColourTokenizer, colour_config, colour_model, write_colour_set
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from clipforge.checkpoint import load_checkpoint
 from clipforge.explain.heatmap import explain
 from clipforge.explain.rollout import (
     attention_rollout,
@@ -13,7 +14,6 @@ from clipforge.explain.rollout import (
     rollout_maps,
     text_conditioned_maps,
 )
-from clipforge.train.checkpoint import load_checkpoint
 
 
 def test_two_layer_rollout_equals_the_hand_computation() -> None:

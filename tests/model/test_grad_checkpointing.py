@@ -10,10 +10,10 @@ import torch
 
 from clipforge.config import TrainConfig
 from clipforge.distributed import DistributedContext
+from clipforge.distributed.wrap import compile_towers, prepare_model
 from clipforge.model import create_model
 from clipforge.model.grad_checkpointing import enable_grad_checkpointing
 from clipforge.train.memory import TensorMemoryTracker
-from clipforge.train.parallel import compile_towers, prepare_model
 from tests.conftest import tiny_config, write_tiny_bert
 
 VOCAB = 16  # the tiny BERT's vocabulary size: every tower takes the same ids

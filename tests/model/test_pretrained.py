@@ -9,16 +9,11 @@ import timm
 import torch
 from torch import nn
 
+from clipforge import packaged as pretrained_module
 from clipforge.config import ImageTowerConfig, TextTowerConfig
-from clipforge.model import pretrained as pretrained_module
-from clipforge.model.pretrained import (
-    MissingPackageError,
-    PackagedWeights,
-    map_state_dict_in_order,
-    packaged_available,
-    packaged_path,
-)
+from clipforge.model.pretrained import map_state_dict_in_order
 from clipforge.model.vision import build_timm_tower, build_torchvision_tower, resolve_image_preprocess
+from clipforge.packaged import MissingPackageError, PackagedWeights, packaged_available, packaged_path
 
 
 class Named(nn.Module):

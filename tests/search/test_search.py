@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from clipforge.checkpoint import load_checkpoint
 from clipforge.cli import main
 from clipforge.search import embed as embed_module
 from clipforge.search import exact as exact_module
@@ -17,7 +18,6 @@ from clipforge.search.embed import embed_images, embed_text_file
 from clipforge.search.exact import exact_search
 from clipforge.search.index import Index
 from clipforge.search.store import EmbeddingStore
-from clipforge.train.checkpoint import load_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from clipforge.train.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
+from clipforge.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
 from clipforge.train.loop import train
 from tests.conftest import tiny_config
 

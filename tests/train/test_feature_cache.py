@@ -10,7 +10,7 @@ import torch
 
 from clipforge.config import AugmentConfig, Config
 from clipforge.data.feature_cache import CachedFeatureDataset, CachedFeatures, FeatureStore
-from clipforge.data.loader import caption_choice
+from clipforge.data.samples import caption_choice
 from clipforge.data.sources import build_source
 from clipforge.data.transforms import is_deterministic
 from clipforge.train.loop import train

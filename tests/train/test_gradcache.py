@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from clipforge.data.loader import Batch
+from clipforge.data.samples import Batch
 from clipforge.losses import build_loss
 from clipforge.model import create_model
 from clipforge.train.loop import backward_step

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from clipforge.losses import build_loss
-from clipforge.train.loop import autocast_context, backward_step
+from clipforge.runtime import autocast_context
+from clipforge.train.loop import backward_step
 from tests.train.test_gradcache import random_batch, tiny_model
 
 

@@ -5,14 +5,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from clipforge.checkpoint import load_checkpoint, read_checkpoint
 from clipforge.cli import main
 from clipforge.config import ConfigError
-from clipforge.data.sources import ManifestSource
+from clipforge.data.manifest import ManifestSource
 from clipforge.eval.features import encode_source_images, encode_texts
 from clipforge.eval.retrieval import retrieval_metrics
-from clipforge.train.checkpoint import load_checkpoint, read_checkpoint
-from clipforge.train.logging import read_metrics
 from clipforge.train.loop import train
+from clipforge.train.run_log import read_metrics
 from tests.conftest import tiny_config
 
 
@@ -74,13 +74,14 @@ def test_resume_mid_epoch_equals_uninterrupted_run(shapes_manifest: Path, tmp_pa
 
 
 def test_gradcache_step_equals_full_batch_step(shapes_manifest: Path, tmp_path: Path) -> None:
-    from clipforge.data.loader import Collator
+    from clipforge.checkpoint import build_model
+    from clipforge.data.samples import Collator
     from clipforge.data.tokenize import build_tokenizer
     from clipforge.data.transforms import build_image_transform
     from clipforge.losses import build_loss
     from clipforge.model import resolve_image_preprocess
-    from clipforge.train.checkpoint import build_model
-    from clipforge.train.loop import autocast_context, backward_step
+    from clipforge.runtime import autocast_context
+    from clipforge.train.loop import backward_step
 
     for loss_kind in ("clip", "siglip"):
         config = tiny_config(

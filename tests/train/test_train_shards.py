@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from clipforge.train.checkpoint import read_checkpoint
+from clipforge.checkpoint import read_checkpoint
 from clipforge.train.loop import train
 from tests.conftest import tiny_config
 from tests.data.shard_helpers import shapes_samples, write_shards

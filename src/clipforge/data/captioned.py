@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from clipforge.data.base import check_index, decode_image
 from clipforge.data.files import check_images_present, read_json, require_file, resolve_image_root
-from clipforge.data.sources import _check_index, decode_image
 from clipforge.data.tables import CaptionTable, StringTable
 
 
@@ -60,13 +60,13 @@ class CaptionedImageSource:
         return self._captions.num_captions
 
     def load_image(self, index: int) -> Image.Image:
-        return decode_image(self.root / self._images[_check_index(index, len(self))])
+        return decode_image(self.root / self._images[check_index(index, len(self))])
 
     def captions(self, index: int) -> list[str]:
-        return self._captions[_check_index(index, len(self))]
+        return self._captions[check_index(index, len(self))]
 
     def describe(self, index: int) -> str:
-        return str(self.root / self._images[_check_index(index, len(self))])
+        return str(self.root / self._images[check_index(index, len(self))])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from clipforge.data.base import check_index, decode_image
 from clipforge.data.files import classnames_for, require_dir, require_file
-from clipforge.data.sources import _check_index, decode_image
 from clipforge.data.tables import StringTable
 
 # the extensions torchvision's ImageFolder accepts, plus WebP
@@ -64,13 +64,13 @@ class ImageFolderSource:
         return len(self._images)
 
     def load_image(self, index: int) -> Image.Image:
-        return decode_image(self.root / self._images[_check_index(index, len(self))])
+        return decode_image(self.root / self._images[check_index(index, len(self))])
 
     def captions(self, index: int) -> list[str]:
-        return [self.classnames[self.labels[_check_index(index, len(self))]]]
+        return [self.classnames[self.labels[check_index(index, len(self))]]]
 
     def describe(self, index: int) -> str:
-        return str(self.root / self._images[_check_index(index, len(self))])
+        return str(self.root / self._images[check_index(index, len(self))])
 
 
 class ArrayImageSource:
@@ -96,14 +96,14 @@ class ArrayImageSource:
         return len(self.images)
 
     def load_image(self, index: int) -> Image.Image:
-        pixels = np.ascontiguousarray(self.images[_check_index(index, len(self))])
+        pixels = np.ascontiguousarray(self.images[check_index(index, len(self))])
         return Image.fromarray(pixels, mode="L" if pixels.ndim == 2 else "RGB").convert("RGB")
 
     def captions(self, index: int) -> list[str]:
-        return [self.classnames[self.labels[_check_index(index, len(self))]]]
+        return [self.classnames[self.labels[check_index(index, len(self))]]]
 
     def describe(self, index: int) -> str:
-        return f"{self.origin}[{_check_index(index, len(self))}]"
+        return f"{self.origin}[{check_index(index, len(self))}]"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -24,6 +24,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
+from clipforge.data.base import check_index
+
 GROUPS: tuple[str, ...] = (
     "Smileys & Emotion",
     "People & Body",
@@ -211,3 +213,42 @@ def load_emoji_set() -> EmojiSet:
         splits=column("split"),
         group_index=_readonly(np.array([group_position[record["group"]] for record in records], dtype=np.int64)),
     )
+
+
+EMOJI_SPLITS = ("train", "val", "test", "all")
+
+
+class EmojiSource:
+    """One split of the built-in emoji set (``clipforge.data.emoji``): caption = the emoji's Unicode name.
+
+    ``split``: ``train`` | ``val`` | ``test`` (concept-disjoint) or ``all``. ``labels`` is the emoji's
+    group (index into ``classnames`` = the 9 groups), for zero-shot group classification.
+    """
+
+    def __init__(self, split: str = "train") -> None:
+        if split not in EMOJI_SPLITS:
+            raise ValueError(f"emoji split {split!r} does not exist; choose one of {list(EMOJI_SPLITS)}")
+        self.split = split
+        self._emoji = load_emoji_set()
+        selected = np.ones(len(self._emoji), dtype=bool) if split == "all" else self._emoji.splits == split
+        self.indices = np.flatnonzero(selected)  # (num_images,) rows of the full set
+        self.names = self._emoji.names[self.indices]
+        self.groups = self._emoji.groups[self.indices]
+        self.concepts = self._emoji.concepts[self.indices]
+        self.labels: np.ndarray | None = self._emoji.group_index[self.indices]
+        self.classnames: list[str] | None = list(GROUPS)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def load_image(self, index: int) -> Image.Image:
+        """The 64x64 RGB emoji; never raises ImageLoadError (the pixels are already in memory)."""
+        row = self.indices[check_index(index, len(self))]
+        return Image.fromarray(self._emoji.images[row], mode="RGB")
+
+    def captions(self, index: int) -> list[str]:
+        return [str(self.names[check_index(index, len(self))])]
+
+    def describe(self, index: int) -> str:
+        row = self.indices[check_index(index, len(self))]
+        return f"emoji U+{self._emoji.codepoints[row].replace(' ', ' U+')} ({self._emoji.names[row]})"

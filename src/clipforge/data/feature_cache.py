@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +28,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from clipforge.data.loader import Batch, SkippedSample, caption_choice, prepare_sample
-from clipforge.data.sources import ImageLoadError, ImageTextSource
+from clipforge.data.base import ImageLoadError, ImageTextSource
+from clipforge.data.samples import Batch, SkippedSample, caption_choice, prepare_sample
 from clipforge.data.tokenize import Tokenizer
+from clipforge.io import atomic_write_json
 
 FORMAT_VERSION = 1
 FEATURES_FILE = "features.npy"
@@ -43,12 +43,6 @@ def identity_key(identity: dict[str, Any]) -> str:
     """A short stable hash of a JSON-able identity (sorted keys), naming the entry's folder."""
     text = json.dumps({"format": FORMAT_VERSION, **identity}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
-
-
-def _write_json_atomically(path: Path, value: Any) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(value, indent=1, sort_keys=True, default=str))
-    os.replace(temporary, path)
 
 
 @contextlib.contextmanager
@@ -109,7 +103,7 @@ class FeatureStore:
                 return features
         # a new entry, or one whose files do not match what it should hold: start it afresh
         (self.folder / PROGRESS_FILE).unlink(missing_ok=True)
-        _write_json_atomically(identity_path, self.identity)
+        atomic_write_json(identity_path, self.identity)
         return np.lib.format.open_memmap(self.path, mode="w+", dtype=np.float32, shape=(self.num_rows, self.dim))
 
     def fill(
@@ -138,7 +132,7 @@ class FeatureStore:
                     )
                 features[start:stop] = rows
                 features.flush()  # the rows reach the file before the progress that vouches for them
-                _write_json_atomically(self.folder / PROGRESS_FILE, {"rows_done": stop})
+                atomic_write_json(self.folder / PROGRESS_FILE, {"rows_done": stop})
                 computed += stop - start
                 if progress is not None:
                     progress(stop - start)

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from clipforge.data.base import ImageLoadError, check_index, decode_image
 from clipforge.data.files import classnames_for
-from clipforge.data.sources import ImageLoadError, _check_index, decode_image
 
 HF_EXPECTED = "a datasets folder written by save_to_disk, a .parquet/.arrow file, a folder of them, or a glob"
 _SAVED_MARKERS = ("dataset_dict.json", "dataset_info.json", "state.json")
@@ -117,7 +117,7 @@ class HFSource:
         return len(self.rows)
 
     def load_image(self, index: int) -> Image.Image:
-        cell = self._image_column[int(self.rows[_check_index(index, len(self))])].as_py()
+        cell = self._image_column[int(self.rows[check_index(index, len(self))])].as_py()
         if self._image_kind == "struct" and cell is not None:
             # a datasets Image cell: embedded bytes, or a path when the images stayed outside the table
             cell = cell.get("bytes") or (self.root / cell["path"] if cell.get("path") else None)
@@ -128,7 +128,7 @@ class HFSource:
         return decode_image(cell)
 
     def captions(self, index: int) -> list[str]:
-        row = int(self.rows[_check_index(index, len(self))])
+        row = int(self.rows[check_index(index, len(self))])
         if self._caption_column is None:
             return [self.classnames[self.labels[index]]]
         value = self._caption_column[row].as_py()
@@ -136,7 +136,7 @@ class HFSource:
         return [text.strip() for text in texts] or [str(value)]
 
     def describe(self, index: int) -> str:
-        return f"{self.path} row {int(self.rows[_check_index(index, len(self))])}"
+        return f"{self.path} row {int(self.rows[check_index(index, len(self))])}"
 
 
 def _image_kind(kind: Any, pa: Any, path: Path) -> str:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from clipforge.data.sources import ImageTextSource, _check_index
+from clipforge.data.base import ImageTextSource, check_index
 
 
 class MixSource:
@@ -46,7 +46,7 @@ class MixSource:
 
     def locate(self, index: int) -> tuple[int, int]:
         """(source position, index inside that source) of mix image ``index``."""
-        index = _check_index(index, len(self))
+        index = check_index(index, len(self))
         source = int(np.searchsorted(self.offsets, index, side="right")) - 1
         return source, index - int(self.offsets[source])
 

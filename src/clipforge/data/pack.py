@@ -21,8 +21,9 @@ from pathlib import Path
 from PIL import Image
 
 from clipforge.config import DataConfig
+from clipforge.data.base import ImageLoadError, ImageTextSource, decode_image
 from clipforge.data.shards import ShardSource
-from clipforge.data.sources import ImageLoadError, ImageTextSource, build_source, decode_image
+from clipforge.data.sources import build_source
 
 logger = logging.getLogger("clipforge")
 

@@ -31,9 +31,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from clipforge.data.loader import Collator, SkippedSample, prepare_sample, sample_seed
+from clipforge.data.base import ImageLoadError, decode_image
+from clipforge.data.samples import Collator, SkippedSample, prepare_sample, sample_seed
 from clipforge.data.shards import SampleRef, ShardSource
-from clipforge.data.sources import ImageLoadError, decode_image
 from clipforge.data.tokenize import Tokenizer
 
 logger = logging.getLogger("clipforge")

@@ -277,15 +277,15 @@ class HFTokenizer(Tokenizer):
 def _auto_tokenizer(name_or_path: str) -> Any:
     from transformers import AutoTokenizer
 
-    from clipforge.model.pretrained import hf_load_kwargs
+    from clipforge.packaged import hf_load_kwargs
 
     return AutoTokenizer.from_pretrained(name_or_path, **hf_load_kwargs(name_or_path))
 
 
 def load_hf_tokenizer(name_or_path: str) -> HFTokenizer:
     """A Hugging Face tokenizer by hub id, local folder or ``package:<name>`` (a model folder shipped in a pip
-    package, see :mod:`clipforge.model.pretrained`), through ``AutoTokenizer.from_pretrained``."""
-    from clipforge.model.pretrained import resolve_location
+    package, see :mod:`clipforge.packaged`), through ``AutoTokenizer.from_pretrained``."""
+    from clipforge.packaged import resolve_location
 
     return HFTokenizer(_auto_tokenizer(resolve_location(name_or_path)))
 

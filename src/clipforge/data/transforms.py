@@ -1,25 +1,36 @@
 """The one place that builds image transforms, for training and for evaluation alike.
 
-Both come from the image tower's :class:`~clipforge.model.vision.ImagePreprocess` (size,
+Both come from the image tower's :class:`ImagePreprocess` (size,
 normalization, interpolation), so a checkpoint evaluates with exactly the preprocessing it trained with.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from PIL import Image
 from torchvision.transforms import v2
 
 from clipforge.config import AugmentConfig
-from clipforge.model.vision import ImagePreprocess
 
 _INTERPOLATION = {
     "bicubic": v2.InterpolationMode.BICUBIC,
     "bilinear": v2.InterpolationMode.BILINEAR,
     "nearest": v2.InterpolationMode.NEAREST,
 }
+
+
+@dataclass(frozen=True)
+class ImagePreprocess:
+    """What a tower expects: square ``image_size`` input, resized with ``interpolation``, then
+    normalized per channel as (pixel / 255 - mean) / std."""
+
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str  # "bicubic" | "bilinear" | "nearest" (the last only when a timm model asks for it)
 
 
 def is_deterministic(augment: AugmentConfig) -> bool:

@@ -14,8 +14,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from clipforge.data.loader import ImageTextDataset, SkippedSample
-from clipforge.data.sources import ImageTextSource
+from clipforge.data.base import ImageTextSource
+from clipforge.data.loader import ImageTextDataset
+from clipforge.data.samples import SkippedSample
 from clipforge.data.tokenize import Tokenizer
 from clipforge.data.transforms import build_image_transform
 from clipforge.model import CLIPModel, resolve_image_preprocess

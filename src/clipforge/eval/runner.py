@@ -20,16 +20,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from clipforge.config import Config, DataConfig
+from clipforge.config import DATA_KINDS, Config, DataConfig
+from clipforge.data.base import ImageTextSource
 from clipforge.data.files import classnames_for
-from clipforge.data.loader import SkippedSample
-from clipforge.data.sources import ImageTextSource, build_source
+from clipforge.data.samples import SkippedSample
+from clipforge.data.sources import build_source
 from clipforge.data.tokenize import Tokenizer
 from clipforge.eval.features import encode_source_images, encode_texts
 from clipforge.eval.retrieval import retrieval_metrics
 from clipforge.eval.templates import get_templates
 from clipforge.eval.zeroshot import build_zeroshot_classifier, zeroshot_metrics
 from clipforge.model import CLIPModel
+from clipforge.viz import plot_retrieval_grid
 
 __all__ = [
     "BENCHMARK_TASKS",
@@ -260,14 +262,12 @@ def evaluate_retrieval(
 # ----------------------------------------------------------------------------------------------
 # Results: the CLIP_benchmark JSON, and a table for people
 # ----------------------------------------------------------------------------------------------
-# the kinds whose source reads data.split (clipforge.data.sources.SOURCE_BUILDERS); others have no splits
-_SPLIT_KINDS = ("emoji", "flickr", "cifar", "hf")
 
 
 def dataset_label(data: DataConfig) -> str:
     """A short name for the data a result was measured on: ``kind:path`` and ``:split`` where the kind has
     splits (``emoji:test``, ``manifest:data/test.csv``, ``cifar:data/cifar-10-batches-py:test``)."""
-    split = data.split if data.kind in _SPLIT_KINDS else ""
+    split = data.split if DATA_KINDS[data.kind].splits else ""
     return ":".join(part for part in (data.kind, data.path, split) if part)
 
 
@@ -305,3 +305,22 @@ def format_results_table(result: EvalResult, dataset: str, model: str) -> str:
         shown = f"{value:8.2f}" if key.endswith("_rank") else f"{value:8.4f}"
         lines.append(f"  {key:<{width}}  {shown}")
     return "\n".join(lines)
+
+
+def plot_retrieval_examples(
+    result: EvalResult, source: ImageTextSource, path: str | Path, queries: int = 8, top: int = 5
+) -> Path:
+    """Draw ``queries`` caption queries, evenly spread over the caption list, with their ``top`` images.
+
+    Only the chosen queries are scored (queries x N_img), never the full caption x image matrix.
+    """
+    found = result.embeddings
+    picks = np.unique(np.linspace(0, len(found.captions) - 1, min(queries, len(found.captions))).round().astype(int))
+    scores = found.text_features[torch.as_tensor(picks)] @ found.image_features.T  # (queries, N_img)
+    best = scores.topk(min(top, scores.shape[1]), dim=1)
+    rows, hits = [], []
+    for query, image_rows in zip(picks, best.indices.tolist(), strict=True):
+        rows.append([source.load_image(int(found.image_indices[row])) for row in image_rows])
+        hits.append([row == int(found.text_to_image[query]) for row in image_rows])
+    texts = [found.captions[query] for query in picks]
+    return plot_retrieval_grid(texts, rows, hits, best.values.tolist(), path, title=f"text -> image: top {top}")

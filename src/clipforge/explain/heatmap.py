@@ -21,14 +21,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from clipforge.data.sources import decode_image
+from clipforge.checkpoint import LoadedCheckpoint
+from clipforge.data.base import decode_image
 from clipforge.data.transforms import build_image_transform
 from clipforge.eval.features import encode_texts
 from clipforge.explain.gradcam import gradcam_maps
 from clipforge.explain.rollout import rollout_maps, text_conditioned_maps
 from clipforge.model import resolve_image_preprocess
 from clipforge.model.vision import VisionTransformer
-from clipforge.train.checkpoint import LoadedCheckpoint
 
 METHODS = ("auto", "attention-gradient", "rollout", "gradcam")
 
@@ -104,36 +104,3 @@ def explain(
         ]
         for i, original in enumerate(originals)
     ]
-
-
-def run_explain(
-    checkpoint: str,
-    images: Sequence[str],
-    texts: Sequence[str],
-    out: str = "explain.png",
-    method: str = "auto",
-    overlays: str | None = None,
-    device: str = "auto",
-) -> list[list[Explanation]]:
-    """``clipforge explain``: draw every (image, text) heat map into the figure ``out``; with ``overlays``,
-    also save each overlay alone as ``<overlays>/<image stem>__<text number>.png``."""
-    from pathlib import Path
-
-    from clipforge.search.command import load_model, user_errors
-    from clipforge.viz import overlay_heatmap, plot_explanations
-
-    loaded = load_model(checkpoint, device)
-    with user_errors("explain"):
-        rows = explain(loaded, images, texts, method)
-    plot_explanations(rows, out, names=[Path(image).name for image in images])
-    print(f"heat maps ({rows[0][0].method}): {out}")
-    if overlays:
-        folder = Path(overlays)
-        folder.mkdir(parents=True, exist_ok=True)
-        for image, explanations in zip(images, rows, strict=True):
-            for number, explanation in enumerate(explanations):
-                overlay_heatmap(explanation.image, explanation.heatmap).save(
-                    folder / f"{Path(image).stem}__{number}.png"
-                )
-        print(f"overlays: {folder}")
-    return rows

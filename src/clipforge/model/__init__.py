@@ -9,13 +9,12 @@ from clipforge.model.registry import (
     count_parameters,
     create_model,
 )
-from clipforge.model.vision import ImagePreprocess, resolve_image_preprocess
+from clipforge.model.vision import resolve_image_preprocess
 
 __all__ = [
     "CLIP_INIT_LOGIT_SCALE",
     "CLIPModel",
     "CLIPOutput",
-    "ImagePreprocess",
     "MAX_LOGIT_SCALE",
     "SIGLIP_INIT_LOGIT_BIAS",
     "SIGLIP_INIT_LOGIT_SCALE",

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from clipforge.config import TextTowerConfig
-from clipforge.model.pretrained import hf_load_kwargs, resolve_location
 from clipforge.model.transformer import Transformer
+from clipforge.packaged import hf_load_kwargs, resolve_location
 
 POOLINGS = ("eot", "cls", "mean")
 
@@ -109,7 +109,7 @@ class HFTextEncoder(nn.Module):
     pretrained: None -> ``AutoConfig.from_pretrained(name)`` + ``AutoModel.from_config`` (random weights);
     "default" -> ``AutoModel.from_pretrained(name)``; any other string -> ``AutoModel.from_pretrained(it)``
     (a hub id or a local folder). ``name`` may itself be a local folder, and either may be ``package:<name>``
-    (a model folder inside a pip package, :mod:`clipforge.model.pretrained`); local folders never consult the hub.
+    (a model folder inside a pip package, :mod:`clipforge.packaged`); local folders never consult the hub.
     """
 
     def __init__(self, name: str, pretrained: str | None = None, pooling: str = "cls") -> None:

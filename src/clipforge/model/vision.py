@@ -13,15 +13,16 @@ for a tower; the data transforms read it instead of guessing.
 from __future__ import annotations
 
 import pickle
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from clipforge.config import BUILTIN_VIT_IMAGE_SIZE, ImageTowerConfig
-from clipforge.model.pretrained import is_packaged, map_state_dict_in_order, packaged_entry, packaged_path
+from clipforge.data.transforms import ImagePreprocess
+from clipforge.model.pretrained import map_state_dict_in_order
 from clipforge.model.transformer import Transformer
+from clipforge.packaged import is_packaged, packaged_entry, packaged_path
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -34,17 +35,6 @@ TORCHVISION_IMAGE_SIZE = 224  # every torchvision classification weight set was 
 # ----------------------------------------------------------------------------------------------
 # Preprocessing
 # ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ImagePreprocess:
-    """What a tower expects: square ``image_size`` input, resized with ``interpolation``, then
-    normalized per channel as (pixel / 255 - mean) / std."""
-
-    image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str  # "bicubic" | "bilinear" | "nearest" (the last only when a timm model asks for it)
-
-
 def resolve_image_preprocess(cfg: ImageTowerConfig) -> ImagePreprocess:
     """Preprocessing for the tower ``cfg`` describes; never touches the network.
 

@@ -23,7 +23,7 @@ from importlib.resources import files
 
 from PIL import Image
 
-from clipforge.data.sources import ImageLoadError
+from clipforge.data.base import ImageLoadError
 from clipforge.search.index import Index, SearchHit
 
 logger = logging.getLogger("clipforge")

@@ -19,12 +19,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from clipforge.data.loader import SkippedSample
-from clipforge.data.sources import ImageLoadError, ImageTextSource
+from clipforge.checkpoint import LoadedCheckpoint
+from clipforge.data.base import ImageLoadError, ImageTextSource
+from clipforge.data.inputs import open_image_source, read_texts, resolve_image_spec, source_names_files
+from clipforge.data.samples import SkippedSample
 from clipforge.eval.features import encode_source_images, encode_texts
-from clipforge.search.inputs import open_image_source, read_texts, resolve_image_spec, source_names_files
-from clipforge.search.store import EmbeddingStore, model_fingerprint
-from clipforge.train.checkpoint import LoadedCheckpoint
+from clipforge.io import weights_fingerprint
+from clipforge.search.store import EmbeddingStore
 
 logger = logging.getLogger("clipforge")
 
@@ -68,7 +69,7 @@ def model_info(loaded: LoadedCheckpoint, checkpoint: str | os.PathLike) -> dict:
     return {
         "checkpoint": os.path.abspath(checkpoint),
         "step": loaded.step,
-        "fingerprint": model_fingerprint(loaded.model),
+        "fingerprint": weights_fingerprint(loaded.model),
         "embed_dim": loaded.config.model.embed_dim,
     }
 

@@ -17,13 +17,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from clipforge.data.sources import decode_image
+from clipforge.checkpoint import LoadedCheckpoint, load_checkpoint
+from clipforge.data.base import decode_image
 from clipforge.data.transforms import build_image_transform
 from clipforge.eval.features import encode_texts
+from clipforge.io import weights_fingerprint
 from clipforge.model import resolve_image_preprocess
 from clipforge.search.exact import exact_search
-from clipforge.search.store import EmbeddingStore, StoreTable, model_fingerprint
-from clipforge.train.checkpoint import LoadedCheckpoint, load_checkpoint
+from clipforge.search.store import EmbeddingStore, StoreTable
 
 logger = logging.getLogger("clipforge")
 
@@ -68,7 +69,7 @@ class Index:
             raise ValueError(f"{store.root} holds no {kind} embeddings; run `clipforge embed` first")
         self.loaded = loaded
         if loaded is not None:
-            store.check_model(model_fingerprint(loaded.model))
+            store.check_model(weights_fingerprint(loaded.model))
         # one search thread per core torch may use (more would only queue up)
         self.workers = workers or max(1, min(os.cpu_count() or 1, torch.get_num_threads()))
         self.faiss = self._open_faiss(backend)
@@ -192,7 +193,7 @@ class Index:
             return decode_image(table.paths[row])
         number = int(table.sources[row])
         if number not in self._sources:
-            from clipforge.search.inputs import open_image_source
+            from clipforge.data.inputs import open_image_source
 
             self._sources[number] = open_image_source(self.store.meta["sources"][number])
         return self._sources[number].load_image(int(table.indices[row]))

@@ -16,46 +16,21 @@ table does. A crashed run leaves whole parts behind and the next run skips the i
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from clipforge import __version__
+from clipforge.io import atomic_write
+from clipforge.version import __version__
 
 FORMAT = "clipforge-embeddings"
 FORMAT_VERSION = 1
 KINDS = ("images", "texts")
 DTYPES = ("float16", "float32")
-
-
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """A hash of every weight: embeddings of two models are never mixed in one store or one search."""
-    digest = hashlib.blake2b(digest_size=16)
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through ``write(handle)`` to a temporary file beside ``path``, then rename it over ``path``."""
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 @dataclass
@@ -113,7 +88,7 @@ class EmbeddingStore:
                 "dtype": dtype,
                 "sources": [],
             }
-            _atomic_write(root / "meta.json", lambda handle: handle.write(json.dumps(meta, indent=2).encode()))
+            atomic_write(root / "meta.json", lambda handle: handle.write(json.dumps(meta, indent=2).encode()))
         store = cls(root)
         stored = store.meta["model"]
         if stored["fingerprint"] != model_info["fingerprint"]:
@@ -144,7 +119,7 @@ class EmbeddingStore:
 
     def save_meta(self) -> None:
         text = json.dumps(self.meta, indent=2).encode()
-        _atomic_write(self.root / "meta.json", lambda handle: handle.write(text))
+        atomic_write(self.root / "meta.json", lambda handle: handle.write(text))
 
     # -- parts ----------------------------------------------------------------------------------------
     def part_paths(self, kind: str) -> list[Path]:
@@ -163,9 +138,9 @@ class EmbeddingStore:
         taken = [int(p.stem.split("-")[1]) for p in folder.glob("part-*.*") if p.stem.split("-")[1].isdigit()]
         path = folder / f"part-{max(taken, default=-1) + 1:06d}.npy"
         array = np.ascontiguousarray(embeddings, dtype=self.meta["dtype"])
-        _atomic_write(path, lambda handle: np.save(handle, array))
+        atomic_write(path, lambda handle: np.save(handle, array))
         lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
-        _atomic_write(path.with_suffix(".jsonl"), lambda handle: handle.write(lines))
+        atomic_write(path.with_suffix(".jsonl"), lambda handle: handle.write(lines))
         return path
 
     def matrices(self, kind: str, mmap: bool = True) -> list[np.ndarray]:

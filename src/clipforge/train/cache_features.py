@@ -33,11 +33,12 @@ import torch
 from torch import nn
 
 from clipforge.config import Config, DataConfig
+from clipforge.data.base import ImageLoadError, ImageTextSource
 from clipforge.data.feature_cache import CachedFeatures, FeatureStore, caption_offsets
-from clipforge.data.loader import prepare_sample, sample_seed
-from clipforge.data.sources import ImageLoadError, ImageTextSource
+from clipforge.data.samples import prepare_sample, sample_seed
 from clipforge.data.tokenize import Tokenizer
 from clipforge.data.transforms import is_deterministic
+from clipforge.io import weights_fingerprint
 from clipforge.model import CLIPModel, resolve_image_preprocess
 
 logger = logging.getLogger("clipforge")
@@ -95,16 +96,6 @@ def plan_feature_cache(config: Config, model: CLIPModel, source: Any) -> CachePl
     if model.image_locked:
         image_views = 1 if is_deterministic(config.data.augment) else config.data.cached_views
     return CachePlan(image_views=image_views, text=model.text_locked)
-
-
-def state_dict_hash(module: nn.Module) -> str:
-    """SHA-256 over every tensor of ``module.state_dict()`` (name, dtype, shape, bytes), in order."""
-    digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def _file_stamp(spec: str) -> list[Any] | None:
@@ -214,7 +205,7 @@ def build_feature_cache(
         if plan.image_views:
             image_identity = {
                 "tower": _tower_settings(config.model.image),
-                "weights_sha256": state_dict_hash(model.image_tower),
+                "weights_sha256": weights_fingerprint(model.image_tower),
                 "preprocess": dataclasses.asdict(resolve_image_preprocess(config.model.image)),
                 "augment": "deterministic"
                 if is_deterministic(config.data.augment)
@@ -233,7 +224,7 @@ def build_feature_cache(
             captions = [caption for index in range(len(source)) for caption in source.captions(index)]
             text_identity = {
                 "tower": _tower_settings(config.model.text),
-                "weights_sha256": state_dict_hash(model.text_tower),
+                "weights_sha256": weights_fingerprint(model.text_tower),
                 "tokenizer_sha256": hashlib.sha256(
                     json.dumps(tokenizer.state_dict(), sort_keys=True).encode()
                 ).hexdigest(),

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from clipforge.config import Config, ConfigError, EvalTaskConfig
-from clipforge.data.sources import ImageTextSource
+from clipforge.data.base import ImageTextSource
 from clipforge.data.tokenize import Tokenizer
 from clipforge.eval.runner import (
     classification_targets,

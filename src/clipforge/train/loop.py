@@ -13,7 +13,7 @@ The parameter gradients then equal those of one step on the whole batch, while o
 micro-batch's activations are alive at a time. (Towers with BatchNorm normalize per micro-batch,
 which no accumulation scheme avoids; their running statistics are updated once, in step 3.)
 
-Several processes (torchrun; ``clipforge.distributed``, ``clipforge.train.parallel``): each loads
+Several processes (torchrun; ``clipforge.distributed``, ``clipforge.distributed.wrap``): each loads
 ``batch_size / world_size`` pairs, the loss gathers (CLIP) or passes around (SigLIP) the other ranks'
 features, and the step is still exact over the global batch. With GradCache, step 2 runs the distributed
 loss on every rank's cached embeddings, and step 3 replays the micro-batches without gradient
@@ -24,21 +24,22 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
+from clipforge.checkpoint import build_model, hf_text_config, read_checkpoint, save_checkpoint
 from clipforge.config import Config, ConfigError, config_to_dict, save_config
-from clipforge.data.loader import Batch, build_train_loader
+from clipforge.data.base import ImageTextSource
+from clipforge.data.loader import build_train_loader
+from clipforge.data.samples import Batch
 from clipforge.data.shards import ShardSource
-from clipforge.data.sources import ImageTextSource, build_source
+from clipforge.data.sources import build_source
 from clipforge.data.tokenize import Tokenizer, build_tokenizer
 from clipforge.data.transforms import build_image_transform
 from clipforge.distributed import (
@@ -48,16 +49,16 @@ from clipforge.distributed import (
     close_distributed,
     gather_ints,
     init_distributed,
+    wrap,
 )
 from clipforge.losses import SigLipLoss, build_loss
 from clipforge.model import resolve_image_preprocess
 from clipforge.model.registry import MAX_LOGIT_SCALE
-from clipforge.train import parallel
+from clipforge.runtime import autocast_context, resolve_device, rng_state, seed_everything, set_rng_state
 from clipforge.train.cache_features import build_feature_cache
-from clipforge.train.checkpoint import build_model, hf_text_config, read_checkpoint, save_checkpoint
 from clipforge.train.evaluation import TrainingEvaluator
-from clipforge.train.logging import RunLogger
 from clipforge.train.optim import build_optimizer, build_scheduler
+from clipforge.train.run_log import NullRunLogger, RunLogger
 
 logger = logging.getLogger("clipforge")
 
@@ -70,44 +71,6 @@ class TrainResult:
     step: int
     checkpoint: Path
     history: list[dict[str, Any]] = field(default_factory=list)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> the first CUDA device when there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name!r} but CUDA is not available here; use train.device=cpu or auto")
-    return device
-
-
-def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Mixed precision for the towers; the loss is always computed in float32 outside it."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _loss(loss_fn: nn.Module, image_features, text_features, logit_scale, logit_bias) -> torch.Tensor:
@@ -151,7 +114,7 @@ def backward_step(
     """Accumulate the gradients of the contrastive loss over ``batch`` into ``.grad``; return the loss.
 
     With ``accumulation_steps > 1`` this is the exact GradCache step described in the module docstring.
-    ``model`` is a :class:`CLIPModel` or its DDP/FSDP2 wrapper (see ``clipforge.train.parallel``);
+    ``model`` is a :class:`CLIPModel` or its DDP/FSDP2 wrapper (see ``clipforge.distributed.wrap``);
     ``loss_multiplier`` multiplies the loss before backward: ``world_size`` under DDP/FSDP, which average
     gradients over ranks (``clipforge.distributed``). The returned loss is not multiplied.
     """
@@ -195,7 +158,7 @@ def backward_step(
         if cuda_state is not None:
             torch.cuda.set_rng_state(cuda_state)
         last = index == len(micro_batches) - 1
-        with parallel.gradient_sync(model, enabled=last):
+        with wrap.gradient_sync(model, enabled=last):
             image_features, *outputs = _embed(model, micro, autocast)
             roots, grads = [image_features, outputs[0]], [image_grad, text_grad]
             if last:
@@ -286,7 +249,7 @@ def _train(config: Config, resume: str | Path | None, context: DistributedContex
     transform = build_image_transform(resolve_image_preprocess(config.model.image), config.data.augment)
     # locked towers' features, computed once (or found) before the model is wrapped for distribution
     cached_features = build_feature_cache(config, model, source, tokenizer, transform, device)
-    train_model = parallel.prepare_model(model, config.train, context)
+    train_model = wrap.prepare_model(model, config.train, context)
     loss_fn = build_loss(config.loss, distributed=context.enabled)
     optimizer = build_optimizer(model, config.optim, device, config.model)
     scheduler = build_scheduler(optimizer, config.schedule, config.train.steps)
@@ -297,14 +260,14 @@ def _train(config: Config, resume: str | Path | None, context: DistributedContex
     # streams: the slot layout of a shard stream (see clipforge.data.streaming), kept from the run's start
     step, samples_seen, streams = 0, 0, max(1, config.data.num_workers)
     if state is not None:
-        parallel.load_optimizer_state(train_model, optimizer, state["optimizer"])
+        wrap.load_optimizer_state(train_model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         step, samples_seen = int(state["step"]), int(state["samples_seen"])
         streams = int(state.get("data_streams") or streams)
         if not context.enabled:  # torch's generators are reseeded every step; this restores Python's and CUDA's
-            _set_rng_state(state["rng"], device)
+            set_rng_state(state["rng"], device)
         evaluator.load_state_dict(state.get("eval", {}))
         logger.info("resumed from %s at step %d (%d samples seen)", resume, step, samples_seen)
     if context.is_main:
@@ -316,14 +279,14 @@ def _train(config: Config, resume: str | Path | None, context: DistributedContex
             "config": config_to_dict(config),
             "tokenizer": tokenizer.state_dict(),
             "hf_text_config": hf_text_config(model),
-            "model": parallel.model_state(train_model),
-            "optimizer": parallel.optimizer_state(train_model, optimizer),
+            "model": wrap.model_state(train_model),
+            "optimizer": wrap.optimizer_state(train_model, optimizer),
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else {},
             "step": step,
             "samples_seen": samples_seen,
             "data_streams": streams,
-            "rng": _rng_state(device),
+            "rng": rng_state(device),
             "eval": evaluator.state_dict(),
             "world_size": world_size,
         }
@@ -368,7 +331,7 @@ def _train(config: Config, resume: str | Path | None, context: DistributedContex
             progress=config.logging.progress,
         )
         if context.is_main
-        else parallel.NullRunLogger()
+        else NullRunLogger()
     )
     history: list[dict[str, Any]] = []
     loss_sum = torch.zeros((), device=device)  # summed on device: no host sync inside the step
@@ -388,12 +351,12 @@ def _train(config: Config, resume: str | Path | None, context: DistributedContex
             if min(sizes) == 0 or sum(sizes) < 2:
                 continue  # nothing to contrast; the samples are consumed and counted
             batch = batch.to(device)
-            parallel.seed_step(config.train.seed, context.rank, step)
+            wrap.seed_step(config.train.seed, context.rank, step)
             optimizer.zero_grad(set_to_none=True)
             loss = backward_step(
                 train_model, loss_fn, batch, config.train.accumulation_steps, autocast, scaler, world_size
             )
-            parallel.finish_gradients(train_model)
+            wrap.finish_gradients(train_model)
             if scaler is not None:
                 scaler.unscale_(optimizer)
             if config.train.grad_clip > 0:
@@ -430,9 +393,9 @@ def _train(config: Config, resume: str | Path | None, context: DistributedContex
                 losses_in_window, samples_in_window = 0, 0
                 window_start = time.perf_counter()
             # DDP: rank 0 evaluates alone; FSDP2: every rank takes part (the weights are gathered), rank 0 logs
-            if evaluator.due(step) and (context.is_main or parallel.is_sharded(train_model)):
+            if evaluator.due(step) and (context.is_main or wrap.is_sharded(train_model)):
                 eval_started = time.perf_counter()
-                with parallel.evaluation_view(train_model) as eval_model:
+                with wrap.evaluation_view(train_model) as eval_model:
                     eval_record, improved = evaluator.run(eval_model, step)
                 run_log.log(step, eval_record, show=evaluator.shown)
                 if improved:
@@ -445,7 +408,7 @@ def _train(config: Config, resume: str | Path | None, context: DistributedContex
     except KeyboardInterrupt:
         # every finished step is worth keeping: save where we are, then stop as asked (not under FSDP2, whose
         # weights would have to be gathered from ranks that may be gone already)
-        if not parallel.is_sharded(train_model):
+        if not wrap.is_sharded(train_model):
             last_checkpoint = write_checkpoints()
         logger.warning("interrupted at step %d; resume with --resume %s", step, last_checkpoint)
         raise

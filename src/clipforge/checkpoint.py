@@ -9,7 +9,6 @@ saving leaves the previous checkpoint whole.
 from __future__ import annotations
 
 import copy
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +16,11 @@ from typing import Any
 
 import torch
 
-from clipforge import __version__
 from clipforge.config import Config, ConfigError, config_from_dict
 from clipforge.data.tokenize import Tokenizer
+from clipforge.io import atomic_write
 from clipforge.model import CLIPModel, create_model
+from clipforge.version import __version__
 
 FORMAT = "clipforge-checkpoint"
 FORMAT_VERSION = 1
@@ -33,18 +33,8 @@ class CheckpointError(ValueError):
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     """Atomically write ``state`` (plus format and version stamps) to ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "clipforge_version": __version__, **state}
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda handle: torch.save(payload, handle))
     return path
 
 

@@ -73,3 +73,16 @@ class RunLogger:
 
 def _short(value: float) -> str:
     return f"{value:.4g}"
+
+
+class NullRunLogger:
+    """What ranks other than 0 log: nothing (the interface of :class:`RunLogger`)."""
+
+    def log(self, step: int, metrics: dict[str, float], show: tuple[str, ...] = ()) -> None:
+        pass
+
+    def advance(self, steps: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

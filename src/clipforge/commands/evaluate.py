@@ -7,17 +7,18 @@ without a stack trace.
 
 from __future__ import annotations
 
+import argparse
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
-import torch
 import yaml
 
+from clipforge.checkpoint import load_checkpoint
+from clipforge.commands.common import CHECKPOINT_HELP, DEVICE_HELP
 from clipforge.config import ConfigError, DataConfig, data_config_from_dict
-from clipforge.data.sources import ImageTextSource
+from clipforge.data.base import ImageTextSource
 from clipforge.eval.runner import (
     EvalResult,
     classification_targets,
@@ -27,14 +28,65 @@ from clipforge.eval.runner import (
     evaluate_zeroshot,
     format_results_table,
     open_eval_source,
+    plot_retrieval_examples,
     write_results_json,
 )
 from clipforge.eval.templates import get_templates
-from clipforge.train.checkpoint import load_checkpoint
-from clipforge.train.loop import autocast_context, resolve_device
-from clipforge.viz import plot_confusion_matrix, plot_retrieval_grid
+from clipforge.runtime import inference_autocast, resolve_device
+from clipforge.viz import plot_confusion_matrix
 
 logger = logging.getLogger("clipforge")
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("eval", help="zero-shot classification or retrieval of a checkpoint on local data")
+    parser.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    parser.add_argument("--task", required=True, choices=["zeroshot", "retrieval"])
+    parser.add_argument(
+        "--data",
+        required=True,
+        nargs="+",
+        metavar="YAML|KEY=VALUE",
+        help="a YAML file with a data section, and/or data fields, e.g. kind=manifest path=test.csv split=test",
+    )
+    parser.add_argument(
+        "--templates",
+        default="simple",
+        help="zero-shot prompts: a named set (simple, openai-imagenet, cifar10 ...), one template with {}, "
+        "or a JSON file (file.json, or file.json:dataset)",
+    )
+    parser.add_argument(
+        "--classnames",
+        default=None,
+        help="zero-shot class names in label order (.txt, one per line, or .json); default: the dataset's own",
+    )
+    parser.add_argument("--out", default=None, help="write the results JSON (CLIP_benchmark layout) here")
+    parser.add_argument(
+        "--plot",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="PNG",
+        help="draw a confusion matrix (zeroshot) or caption queries with their top-5 images (retrieval); "
+        "without a file name: --out with .png",
+    )
+    parser.add_argument("--batch-size", type=int, default=256, help="images or prompts per forward pass")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    run_eval(
+        args.checkpoint,
+        args.task,
+        args.data,
+        templates=args.templates,
+        classnames=args.classnames,
+        out=args.out,
+        plot=args.plot,
+        batch_size=args.batch_size,
+        device=args.device,
+    )
 
 
 def parse_data_spec(items: Sequence[str]) -> DataConfig:
@@ -68,13 +120,6 @@ def parse_data_spec(items: Sequence[str]) -> DataConfig:
         return data_config_from_dict(values, items, prefix="data")
     except ConfigError as error:
         raise ConfigError(f"--data: {error}") from error
-
-
-def _eval_autocast(device: torch.device, precision: str):
-    # The model's own training precision; fp16 autocast is a CUDA feature, so on the CPU it evaluates in fp32.
-    if precision == "fp16" and device.type != "cuda":
-        precision = "fp32"
-    return autocast_context(device, precision)
 
 
 def run_eval(
@@ -119,7 +164,7 @@ def run_eval(
             classification_targets(source, names)
         except ValueError as error:
             raise ConfigError(f"--task zeroshot on {dataset}: {error}") from error
-    autocast = _eval_autocast(torch_device, loaded.config.train.precision)
+    autocast = inference_autocast(torch_device, loaded.config.train.precision)
     try:
         if task == "zeroshot":
             result = evaluate_zeroshot(
@@ -162,22 +207,3 @@ def _plot(result: EvalResult, source: ImageTextSource, path: Path) -> Path:
     if result.task == "zeroshot":
         return plot_confusion_matrix(result.confusion_matrix, result.classnames, path)
     return plot_retrieval_examples(result, source, path)
-
-
-def plot_retrieval_examples(
-    result: EvalResult, source: ImageTextSource, path: str | Path, queries: int = 8, top: int = 5
-) -> Path:
-    """Draw ``queries`` caption queries, evenly spread over the caption list, with their ``top`` images.
-
-    Only the chosen queries are scored (queries x N_img), never the full caption x image matrix.
-    """
-    found = result.embeddings
-    picks = np.unique(np.linspace(0, len(found.captions) - 1, min(queries, len(found.captions))).round().astype(int))
-    scores = found.text_features[torch.as_tensor(picks)] @ found.image_features.T  # (queries, N_img)
-    best = scores.topk(min(top, scores.shape[1]), dim=1)
-    rows, hits = [], []
-    for query, image_rows in zip(picks, best.indices.tolist(), strict=True):
-        rows.append([source.load_image(int(found.image_indices[row])) for row in image_rows])
-        hits.append([row == int(found.text_to_image[query]) for row in image_rows])
-    texts = [found.captions[query] for query in picks]
-    return plot_retrieval_grid(texts, rows, hits, best.values.tolist(), path, title=f"text -> image: top {top}")

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from clipforge.config import TrainConfig
-from clipforge.distributed import DistributedContext
+from clipforge.distributed.groups import DistributedContext
 from clipforge.model import CLIPModel
 from clipforge.model.grad_checkpointing import enable_grad_checkpointing
 from clipforge.model.transformer import ResidualAttentionBlock
@@ -39,7 +39,6 @@ from clipforge.model.transformer import ResidualAttentionBlock
 logger = logging.getLogger("clipforge")
 
 __all__ = [
-    "NullRunLogger",
     "compile_towers",
     "evaluation_view",
     "finish_gradients",
@@ -232,7 +231,7 @@ def load_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, sa
 
 
 # ----------------------------------------------------------------------------------------------
-# RNG and logging
+# RNG
 # ----------------------------------------------------------------------------------------------
 def seed_step(seed: int, rank: int, step: int) -> None:
     """Seed torch's CPU and CUDA generators for optimizer step ``step`` on ``rank`` (module docstring)."""
@@ -242,16 +241,3 @@ def seed_step(seed: int, rank: int, step: int) -> None:
     torch.default_generator.manual_seed(mixed)
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.manual_seed(mixed)
-
-
-class NullRunLogger:
-    """What ranks other than 0 log: nothing (the interface of :class:`~clipforge.train.logging.RunLogger`)."""
-
-    def log(self, step: int, metrics: dict[str, float], show: tuple[str, ...] = ()) -> None:
-        pass
-
-    def advance(self, steps: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass

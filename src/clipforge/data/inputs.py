@@ -14,8 +14,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from clipforge.data.base import ImageLoadError, ImageTextSource, decode_image
 from clipforge.data.classification import IMAGE_EXTENSIONS, ImageFolderSource
-from clipforge.data.sources import ImageLoadError, ImageTextSource, ManifestSource, build_source, decode_image
+from clipforge.data.manifest import ManifestSource
+from clipforge.data.sources import build_source
 from clipforge.data.tables import StringTable
 
 CONFIG_SUFFIXES = (".yaml", ".yml")

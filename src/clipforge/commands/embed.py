@@ -1,0 +1,66 @@
+"""``clipforge embed``: images and/or captions into an embedding folder, resumable."""
+
+from __future__ import annotations
+
+import argparse
+
+from clipforge.commands.common import CHECKPOINT_HELP, DEVICE_HELP, load_model, user_errors
+from clipforge.config import ConfigError
+from clipforge.search.embed import embed_images, embed_text_file
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("embed", help="embed images (and/or captions) into a folder for search; resumable")
+    parser.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    parser.add_argument(
+        "--images",
+        default=None,
+        help="an image folder, a manifest (.csv/.tsv/.jsonl), a data config (.yaml), or shards",
+    )
+    parser.add_argument("--texts", default=None, help="a text file with one caption a line")
+    parser.add_argument("--out", required=True, help="the embedding folder (created, or added to)")
+    parser.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="how embeddings are stored")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    parser.add_argument("--workers", type=int, default=0, help="image decoding processes")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    run_embed(
+        args.checkpoint, args.out, args.images, args.texts, args.dtype, args.batch_size, args.workers, args.device
+    )
+
+
+def run_embed(
+    checkpoint: str,
+    out: str,
+    images: str | None = None,
+    texts: str | None = None,
+    dtype: str = "float16",
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: str = "auto",
+    progress: bool = True,
+) -> None:
+    """Embed ``images`` and/or ``texts`` with ``checkpoint`` into the folder ``out``; print what was added."""
+    if images is None and texts is None:
+        raise ConfigError("embed needs --images and/or --texts")
+    loaded = load_model(checkpoint, device)
+    reports = []
+    with user_errors("embed"):
+        if images is not None:
+            reports.append(
+                embed_images(
+                    loaded, checkpoint, images, out, dtype, batch_size, num_workers=num_workers, progress=progress
+                )
+            )
+        if texts is not None:
+            reports.append(embed_text_file(loaded, checkpoint, texts, out, dtype, progress=progress))
+    for report in reports:
+        print(f"{report.kind}: embedded {report.embedded}, already in {report.store}: {report.already_done}", end="")
+        print(
+            f", failed: {len(report.failed)} (listed in {report.store / report.kind / 'failed.jsonl'})"
+            if report.failed
+            else ""
+        )

@@ -1,0 +1,21 @@
+"""``clipforge train CONFIG [overrides] [--resume PATH|latest]``."""
+
+from __future__ import annotations
+
+import argparse
+
+from clipforge.config import load_config
+from clipforge.train.loop import train
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("train", help="train a model from a YAML config or shipped recipe")
+    parser.add_argument("config", help="a YAML file, or a shipped recipe name such as 'demo'")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.batch_size=64 loss.kind=siglip")
+    parser.add_argument("--resume", default=None, help="a checkpoint path, or 'latest' for <output_dir>/last.pt")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    result = train(load_config(args.config, args.overrides), resume=args.resume)
+    print(f"trained {result.step} steps; checkpoint: {result.checkpoint}")

@@ -1,0 +1,128 @@
+"""The source interface every loader consumes, and the one image decoder every source uses.
+
+A source is a map from an image index to a decoded RGB picture and that image's captions. It does no
+transforms and no tokenization (``transforms.py`` and ``tokenize.py`` do) and touches no file until an
+image is asked for, so a manifest of a million rows opens in seconds and a missing file costs one
+skipped sample (``ImageLoadError``), not a crashed run.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+
+class ImageLoadError(Exception):
+    """An image that cannot be used; the message names the file (or key) and why."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding
+# ----------------------------------------------------------------------------------------------
+_WHITE = (255, 255, 255)
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode -> RGB; transparency is composited onto white, 16-bit values scaled (not clipped)."""
+    if image.mode in _SIXTEEN_BIT_MODES:
+        # Pillow's own I;16 -> L conversion clips at 255, which turns every mid-grey white.
+        values = np.asarray(image, dtype=np.float64)
+        grey = np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8)  # 65535 / 255 = 257
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        scale = 255.0 if np.nanmax(values, initial=0.0) <= 1.0 else 1.0  # float images come in [0, 1] or [0, 255]
+        grey = np.clip(np.round(np.nan_to_num(values) * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    if has_alpha:
+        rgba = image.convert("RGBA")  # also applies a palette's or a tRNS chunk's transparent colour
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (*_WHITE, 255)), rgba).convert("RGB")
+    if image.mode == "RGB":
+        return image
+    return image.convert("RGB")  # L, 1, P, CMYK (Pillow already undid Adobe's inverted CMYK JPEGs), YCbCr
+
+
+def decode_image(path_or_bytes: str | os.PathLike | bytes | bytearray | memoryview) -> Image.Image:
+    """Open an image file (or its bytes) fully and return it upright, in RGB.
+
+    EXIF orientation is applied (``ImageOps.exif_transpose``); alpha (RGBA, LA, palette or single-colour
+    transparency) is composited onto white; CMYK, palette, greyscale and 1-bit images are converted;
+    16-bit greyscale (``I;16``, ``I``) is scaled to 8 bits (value / 257), not clipped. The pixels are
+    decoded here (``load()``), so a truncated file fails here and not later inside a transform.
+
+    Raises ``ImageLoadError`` naming the file and the reason: missing, unreadable, not an image,
+    truncated or corrupt, or too large for Pillow's decompression-bomb guard.
+    """
+    is_bytes = isinstance(path_or_bytes, (bytes, bytearray, memoryview))
+    label = f"<{len(path_or_bytes)} bytes>" if is_bytes else str(path_or_bytes)
+    try:
+        handle = io.BytesIO(bytes(path_or_bytes)) if is_bytes else open(path_or_bytes, "rb")
+    except FileNotFoundError:
+        raise ImageLoadError(f"{label}: image file is missing") from None
+    except OSError as error:
+        raise ImageLoadError(f"{label}: cannot read the file ({error.strerror or error})") from error
+    with handle:
+        try:
+            with Image.open(handle) as image:
+                image.load()
+                upright = _exif_upright(image)
+                return _to_rgb(upright)
+        except UnidentifiedImageError:
+            raise ImageLoadError(f"{label}: not an image Pillow can identify (corrupt, or not an image)") from None
+        except Image.DecompressionBombError as error:
+            raise ImageLoadError(f"{label}: too large to decode safely ({error})") from error
+        except (OSError, SyntaxError, ValueError, EOFError) as error:
+            # Pillow reports truncation as OSError("image file is truncated ...") and broken streams as
+            # SyntaxError/ValueError depending on the codec; all mean the pixels cannot be trusted.
+            raise ImageLoadError(f"{label}: truncated or corrupt image data ({error})") from error
+
+
+def _exif_upright(image: Image.Image) -> Image.Image:
+    """The image rotated/flipped as its EXIF orientation says; a broken EXIF block leaves it as stored."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # the pixels are fine; only the orientation tag is unreadable
+        return image.copy()
+
+
+# ----------------------------------------------------------------------------------------------
+# The interface the loader consumes
+# ----------------------------------------------------------------------------------------------
+@runtime_checkable
+class ImageTextSource(Protocol):
+    """Images with one or more captions each, and optionally a class label per image.
+
+    ``labels``: (num_images,) int class ids into ``classnames``, or None when the source has no classes.
+    """
+
+    labels: np.ndarray | None
+    classnames: list[str] | None
+
+    def __len__(self) -> int:
+        """Number of images (not captions)."""
+        ...
+
+    def load_image(self, index: int) -> Image.Image:
+        """Image ``index`` in RGB; raises ``ImageLoadError`` when it is missing or cannot be decoded."""
+        ...
+
+    def captions(self, index: int) -> list[str]:
+        """All captions of image ``index`` (at least one)."""
+        ...
+
+    def describe(self, index: int) -> str:
+        """Where image ``index`` comes from (a path or a key), for logs and error reports."""
+        ...
+
+
+def check_index(index: int, length: int) -> int:
+    """``index`` as an int when it lies in ``[0, length)``; IndexError otherwise (sources call it first)."""
+    if not 0 <= index < length:
+        raise IndexError(f"image index {index} is out of range for a source of {length} images")
+    return int(index)

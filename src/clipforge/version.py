@@ -1,0 +1,3 @@
+"""The library version, in a module of its own so that anything can stamp it without importing the package API."""
+
+__version__ = "0.1.0"
