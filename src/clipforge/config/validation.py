@@ -1,0 +1,150 @@
+"""Cross-field checks that the type system cannot express, run before anything else does."""
+
+from __future__ import annotations
+
+import re
+
+from clipforge.config.errors import ConfigError
+from clipforge.config.schema import (
+    BUILTIN_VIT_IMAGE_SIZE,
+    DATA_KINDS,
+    EVAL_METRICS,
+    Config,
+    DataConfig,
+    EvalConfig,
+    EvalTaskConfig,
+    ImageTowerConfig,
+    TextTowerConfig,
+)
+
+
+def validate(config: Config) -> None:
+    """Cross-field checks that the type system cannot express."""
+    train = config.train
+    if train.steps <= 0:
+        raise ConfigError(f"train.steps={train.steps} must be positive")
+    if train.batch_size < 2:
+        raise ConfigError(f"train.batch_size={train.batch_size}: a contrastive batch needs at least 2 pairs")
+    if train.accumulation_steps < 1 or train.batch_size % train.accumulation_steps:
+        raise ConfigError(
+            f"train.batch_size={train.batch_size} must split evenly into "
+            f"train.accumulation_steps={train.accumulation_steps} micro-batches"
+        )
+    validate_data(config.data, "data")
+    image = config.model.image
+    if image.kind in ("torchvision", "timm") and not image.name:
+        raise ConfigError(f"model.image.kind={image.kind!r} needs model.image.name, e.g. resnet18")
+    if image.image_size is not None and image.image_size < 1:
+        raise ConfigError(f"model.image.image_size={image.image_size} must be positive (or null: the tower's own)")
+    if image.kind == "vit":
+        if (image.image_size or BUILTIN_VIT_IMAGE_SIZE) % image.patch_size:
+            raise ConfigError(
+                f"model.image.image_size={image.image_size or BUILTIN_VIT_IMAGE_SIZE} must be a multiple of "
+                f"model.image.patch_size={image.patch_size}"
+            )
+        if image.width % image.heads:
+            raise ConfigError(f"model.image.width={image.width} must be divisible by model.image.heads={image.heads}")
+    if bool(image.mean) != bool(image.std) or len(image.mean) not in (0, 3) or len(image.std) not in (0, 3):
+        raise ConfigError("model.image.mean and model.image.std must both be empty or both hold 3 numbers")
+    text = config.model.text
+    if text.kind == "hf" and not text.name:
+        raise ConfigError("model.text.kind='hf' needs model.text.name: a Hugging Face model id or local folder")
+    if text.kind == "transformer":
+        if text.width % text.heads:
+            raise ConfigError(f"model.text.width={text.width} must be divisible by model.text.heads={text.heads}")
+        if text.tokenizer.kind == "hf" and not text.tokenizer.name:
+            raise ConfigError(
+                "model.text.tokenizer.kind='hf' with the built-in text tower needs model.text.tokenizer.name"
+            )
+    for where, tower in (("model.image", image), ("model.text", text)):
+        _validate_lock(tower, where)
+    if config.data.cached_views < 0:
+        raise ConfigError(f"data.cached_views={config.data.cached_views} must be >= 0 (0 = cache no random views)")
+    if config.loss.chunk_size is not None and config.loss.chunk_size <= 0:
+        raise ConfigError(f"loss.chunk_size={config.loss.chunk_size} must be positive (or null for no chunking)")
+    _validate_eval(config.eval)
+
+
+LOCK_PATTERN = re.compile(r"all-but-last-(\d+)")
+
+
+def _validate_lock(tower: ImageTowerConfig | TextTowerConfig, where: str) -> None:
+    if isinstance(tower.lock, str) and not LOCK_PATTERN.fullmatch(tower.lock):
+        raise ConfigError(
+            f"{where}.lock={tower.lock!r} is not a lock; use true, false or 'all-but-last-N' (e.g. 'all-but-last-2')"
+        )
+    if tower.lr_scale <= 0:
+        raise ConfigError(f"{where}.lr_scale={tower.lr_scale} must be positive; lock the tower to stop its training")
+    if not 0 < tower.layer_decay <= 1:
+        raise ConfigError(f"{where}.layer_decay={tower.layer_decay} must lie in (0, 1] (1 = no layer-wise decay)")
+
+
+def validate_data(data: DataConfig, prefix: str) -> None:
+    needs_path = DATA_KINDS[data.kind].path
+    if needs_path and not data.path:
+        raise ConfigError(f"{prefix}.kind={data.kind!r} needs {prefix}.path: {needs_path}")
+    if data.epoch_size is not None and data.epoch_size < 1:
+        raise ConfigError(f"{prefix}.epoch_size={data.epoch_size} must be positive (or null)")
+    if data.resample and data.epoch_size is None:
+        raise ConfigError(
+            f"{prefix}.resample=true needs {prefix}.epoch_size: the samples in one epoch over all ranks "
+            "(resampled shards have no natural end)"
+        )
+    if data.shuffle_buffer < 0:
+        raise ConfigError(f"{prefix}.shuffle_buffer={data.shuffle_buffer} must be >= 0 (0 or 1: no shuffling)")
+    if data.kind == "mix":
+        if not data.mix:
+            raise ConfigError(f"{prefix}.kind='mix' needs {prefix}.mix: a list of sources, each with a weight")
+        for position, entry in enumerate(data.mix):
+            if entry.kind == "mix":
+                raise ConfigError(f"{prefix}.mix[{position}]: a mix cannot contain another mix")
+            if entry.weight <= 0:
+                raise ConfigError(f"{prefix}.mix[{position}].weight={entry.weight} must be positive")
+            validate_data(entry, f"{prefix}.mix[{position}]")
+
+
+def _validate_eval(evaluation: EvalConfig) -> None:
+    if evaluation.every < 0:
+        raise ConfigError(f"eval.every={evaluation.every} must be >= 0 (0 = evaluate only at the end)")
+    if evaluation.batch_size < 1:
+        raise ConfigError(f"eval.batch_size={evaluation.batch_size} must be positive")
+    tasks: dict[str, EvalTaskConfig] = {}
+    for position, task in enumerate(evaluation.tasks):
+        where = f"eval.tasks[{position}]"
+        if not task.name or "/" in task.name:
+            raise ConfigError(
+                f"{where}.name={task.name!r}: give every evaluation a name without '/'; "
+                "its metrics are logged as '<name>/<metric>'"
+            )
+        if task.name in tasks:
+            raise ConfigError(f"{where}.name={task.name!r} is used by another task; task names must be unique")
+        tasks[task.name] = task
+        if task.data.kind == "mix":
+            raise ConfigError(
+                f"{where}.data.kind='mix': a mix samples sources for training; evaluate each source as its own task"
+            )
+        validate_data(task.data, f"{where}.data")
+        if task.task == "retrieval" and task.classnames:
+            raise ConfigError(f"{where}.classnames is only used by zero-shot tasks; this one is task=retrieval")
+    if (evaluation.every or evaluation.best_metric) and not tasks:
+        raise ConfigError("eval.every / eval.best_metric are set but eval.tasks is empty: list what to evaluate")
+    if evaluation.best_metric:
+        name, slash, metric = evaluation.best_metric.partition("/")
+        if not slash:
+            raise ConfigError(
+                f"eval.best_metric={evaluation.best_metric!r} must look like '<task name>/<metric>', "
+                f"e.g. {next(iter(tasks))}/{EVAL_METRICS[next(iter(tasks.values())).task][0]}"
+            )
+        if name not in tasks:
+            raise ConfigError(
+                f"eval.best_metric={evaluation.best_metric!r} names the task {name!r}, but eval.tasks has {list(tasks)}"
+            )
+        allowed = EVAL_METRICS[tasks[name].task]
+        if metric not in allowed:
+            raise ConfigError(
+                f"eval.best_metric={evaluation.best_metric!r}: a {tasks[name].task} task reports {list(allowed)}"
+            )
+        if metric.endswith("_rank") and evaluation.best_mode == "max":
+            raise ConfigError(
+                f"eval.best_metric={evaluation.best_metric!r} is a rank (lower is better); set eval.best_mode=min"
+            )
