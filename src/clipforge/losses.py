@@ -177,11 +177,16 @@ class ClipLoss(nn.Module):
             # cancel when the model is good, which would cost float32 digits.
             return ((image_lse - positives) + (text_lse - positives)).sum()
 
-    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor) -> Tensor:
+    def forward(
+        self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor, logit_bias: Tensor | None = None
+    ) -> Tensor:
         """The loss (0-dim float32) of ``image_features``/``text_features`` ``(N, D)``, pairs on the diagonal.
 
+        The call shape of every contrastive loss; the softmax loss has no bias, so ``logit_bias`` must be None.
         Distributed: this rank's share of the global batch's loss (class docstring).
         """
+        if logit_bias is not None:
+            raise ValueError("the CLIP softmax loss has no logit bias; a model with one trains with loss.kind=siglip")
         if self.distributed and is_distributed():
             sizes = gather_ints(image_features.shape[0])
             image_columns = all_gather_with_grad(image_features, sizes)

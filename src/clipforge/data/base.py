@@ -20,6 +20,21 @@ class ImageLoadError(Exception):
     """An image that cannot be used; the message names the file (or key) and why."""
 
 
+class ImageTooLargeError(ImageLoadError):
+    """An image whose decoded size exceeds :data:`MAX_IMAGE_PIXELS`: skipped in training and embedding,
+    refused with HTTP 413 by the web page."""
+
+
+class DataError(ValueError):
+    """Input data that cannot be used as it is (a malformed manifest, no readable image at all, ...): the message
+    names the file, what is wrong and the fix; the command line prints it as one line and exits 2."""
+
+
+# The largest image (width x height) any clipforge path decodes: 40 megapixels (e.g. 8000 x 5000) covers camera
+# photos, while one decoded RGB picture stays under ~120 MB. Larger ones raise ImageTooLargeError before decoding.
+MAX_IMAGE_PIXELS = 40_000_000
+
+
 # ----------------------------------------------------------------------------------------------
 # Decoding
 # ----------------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ from clipforge.distributed import (
     init_distributed,
     wrap,
 )
-from clipforge.losses import SigLipLoss, build_loss
+from clipforge.losses import build_loss
 from clipforge.model import resolve_image_preprocess
 from clipforge.model.registry import MAX_LOGIT_SCALE
 from clipforge.runtime import autocast_context, resolve_device, rng_state, seed_everything, set_rng_state
@@ -71,12 +71,6 @@ class TrainResult:
     step: int
     checkpoint: Path
     history: list[dict[str, Any]] = field(default_factory=list)
-
-
-def _loss(loss_fn: nn.Module, image_features, text_features, logit_scale, logit_bias) -> torch.Tensor:
-    if isinstance(loss_fn, SigLipLoss):
-        return loss_fn(image_features, text_features, logit_scale, logit_bias)
-    return loss_fn(image_features, text_features, logit_scale)
 
 
 def _embed(model: nn.Module, batch: Batch, autocast) -> tuple[torch.Tensor, ...]:
@@ -124,7 +118,7 @@ def backward_step(
         return scaler.scale(loss) if scaler is not None else loss
 
     if accumulation_steps == 1:
-        loss = _loss(loss_fn, *_embed(model, batch, autocast))
+        loss = loss_fn(*_embed(model, batch, autocast))
         scaled(loss).backward()
         return loss.detach()
 
@@ -147,7 +141,7 @@ def backward_step(
     stand_ins = [
         p.detach().requires_grad_(p.requires_grad) if p is not None else None for p in (logit_scale, logit_bias)
     ]
-    loss = _loss(loss_fn, all_image, all_text, *stand_ins)
+    loss = loss_fn(all_image, all_text, *stand_ins)
     scaled(loss).backward()  # grads of the logit scale/bias stand-ins, and of every embedding
     image_grads = all_image.grad.split([len(p) for p in image_parts])
     text_grads = all_text.grad.split([len(p) for p in text_parts])
