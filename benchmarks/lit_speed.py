@@ -44,7 +44,7 @@ def run(output: Path, steps: int, cache: bool, extra: list[str]) -> tuple[float,
         f"data.cache_features={'true' if cache else 'false'}",
         "logging.log_every=1",
         "logging.progress=false",
-        "logging.tensorboard=false",
+        "logging.backends=[]",
         *extra,
     ]
     started = time.perf_counter()

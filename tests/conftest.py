@@ -80,7 +80,7 @@ def tiny_config(manifest: Path, output_dir: Path, **sections) -> Config:
         "optim": {"lr": 2e-3, "weight_decay": 0.05},
         "schedule": {"warmup_steps": 5},
         "train": {"steps": 40, "batch_size": 16, "output_dir": str(output_dir), "checkpoint_every": 20, "seed": 0},
-        "logging": {"log_every": 5, "tensorboard": False, "progress": False},
+        "logging": {"log_every": 5, "backends": [], "progress": False},
     }
     for section, updates in sections.items():
         values.setdefault(section, {}).update(updates)

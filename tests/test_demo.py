@@ -29,7 +29,7 @@ TINY = [
     "model.text.tokenizer.vocab_size=400",
     "data.num_workers=0",
     "logging.progress=false",
-    "logging.tensorboard=false",
+    "logging.backends=[]",
 ]
 
 
@@ -84,7 +84,7 @@ def test_default_demo_trains_heads_on_locked_pretrained_towers_from_the_cache(
         "train.batch_size=8",
         "schedule.warmup_steps=2",
         "logging.progress=false",
-        "logging.tensorboard=false",
+        "logging.backends=[]",
     ]
     report = run_demo(tmp_path / "out", overrides, eval_split="val", fashion_mnist=fashion, fashion_mnist_per_class=3)
     assert report.chance["fashion_mnist_zeroshot_top1"] == pytest.approx(0.1)

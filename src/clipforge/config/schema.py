@@ -286,8 +286,14 @@ class TrainConfig:
 
 @dataclass
 class LoggingConfig:
+    """Where a run's metrics go besides ``metrics.jsonl`` (always written), every ``log_every`` steps.
+
+    ``backends``: any of ``tensorboard`` (``<output_dir>/tensorboard``), ``wandb`` and ``mlflow`` (optional extras:
+    ``pip install 'clipforge[wandb]'`` / ``'clipforge[mlflow]'``). ``progress``: the tqdm progress line.
+    """
+
     log_every: int = 10
-    tensorboard: bool = True
+    backends: list[Literal["tensorboard", "wandb", "mlflow"]] = field(default_factory=lambda: ["tensorboard"])
     progress: bool = True
 
 

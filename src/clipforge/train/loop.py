@@ -321,7 +321,7 @@ def _train(config: Config, resume: str | Path | None, context: DistributedContex
             output_dir,
             config.train.steps,
             step,
-            tensorboard=config.logging.tensorboard,
+            tensorboard="tensorboard" in config.logging.backends,
             progress=config.logging.progress,
         )
         if context.is_main
