@@ -81,3 +81,29 @@ def test_every_shipped_recipe_loads() -> None:
     assert "demo" in names
     for name in names:
         assert isinstance(load_config(name), Config)
+
+
+def test_a_yaml_syntax_error_names_the_file_line_and_column(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train:\n  steps: 10\n  batch_size: [8\nloss:\n  kind: clip\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml: not valid YAML: .* at line \d+, column \d+"):
+        load_config(broken)
+
+
+def test_a_yaml_syntax_error_in_an_override_names_the_override() -> None:
+    with pytest.raises(ConfigError, match=r"override 'model.image.mean=\[0.5,': the value is not valid YAML"):
+        load_config("demo", ["model.image.mean=[0.5,"])
+
+
+def test_a_config_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("train:\n  output_dir: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="latin.yaml is not UTF-8 text"):
+        load_config(latin)
+
+
+def test_an_empty_config_file_is_refused_not_trained_with_defaults(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing here yet\n")
+    with pytest.raises(ConfigError, match="empty.yaml is empty: a config needs its sections"):
+        load_config(empty)

@@ -1,6 +1,10 @@
-"""``clipforge <command>``: train, evaluate, search with and explain CLIP-style image-text models.
+"""clipforge: train, evaluate, search with and explain CLIP-style image-text models.
 
-Run ``clipforge <command> --help`` for a command's options; the README has a walk-through.
+  clipforge demo                          train on the built-in emoji set and report held-out results
+  clipforge train RECIPE|CONFIG [k=v ...] train (recipes: demo, demo-lit, flickr8k, ...)
+  clipforge eval --checkpoint CKPT ...    zero-shot or retrieval on local data
+
+Run `clipforge COMMAND --help` for a command's options.
 """
 
 from __future__ import annotations
@@ -11,11 +15,15 @@ import sys
 
 from clipforge.commands import MODULES
 from clipforge.commands.common import USER_ERRORS
+from clipforge.version import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``clipforge`` parser: one sub-command per module of :mod:`clipforge.commands`."""
-    parser = argparse.ArgumentParser(prog="clipforge", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="clipforge", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"clipforge {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     for module in MODULES:
         module.register(commands)

@@ -12,6 +12,7 @@ from clipforge.config.errors import ConfigError
 from clipforge.config.recipes import resolve_config_path
 from clipforge.config.schema import Config, DataConfig
 from clipforge.config.validation import validate, validate_data
+from clipforge.io import atomic_write_text
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:
@@ -56,9 +57,35 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.steps=100")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as error:
+            raise ConfigError(
+                f"override {item!r}: the value is not valid YAML ({_yaml_problem(error)}); "
+                "quote a string that holds ':', '[' or '{' (key='\"a: b\"')"
+            ) from None
         parsed.append((key.strip(), value))
     return parsed
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """What PyYAML says is wrong, and where (1-based line and column), in one line."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+
+
+def read_yaml(path: str | Path) -> Any:
+    """The YAML document in ``path``; a ConfigError naming the file, line and column when it does not parse."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path} is not UTF-8 text (a bad byte at offset {error.start}); save it as UTF-8") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(error)}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -66,10 +93,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     values: dict[str, Any] = {}
     if path is not None:
         path = resolve_config_path(path)
-        loaded = yaml.safe_load(path.read_text())
-        if loaded is not None and not isinstance(loaded, dict):
+        loaded = read_yaml(path)
+        if loaded is None:
+            # an empty file would silently train every default: refuse it rather than guess what was meant
+            raise ConfigError(
+                f"{path} is empty: a config needs its sections (model, data, train, ...); "
+                "to train a shipped recipe pass its name, e.g. clipforge train demo"
+            )
+        if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
-        values = loaded or {}
+        values = loaded
     for key, value in parse_overrides(overrides or []):
         _set_dotted(values, key, value)
     return config_from_dict(values)
@@ -77,4 +110,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def save_config(config: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (what ``load_config`` reads back to an equal config)."""
-    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))

@@ -1,0 +1,41 @@
+"""The command line's own surface: --version, a --help written for users, one line per user error."""
+
+from __future__ import annotations
+
+import pytest
+
+from clipforge import __version__
+from clipforge.cli import main
+
+
+def test_version_prints_the_library_version(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"clipforge {__version__}"
+
+
+def test_help_is_written_for_users_not_developers(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "clipforge demo" in text and "COMMAND --help" in text
+    assert "``" not in text and ":func:" not in text  # no reStructuredText from a developer docstring
+
+
+@pytest.mark.parametrize("command", ["classify", "explain", "eval", "embed"])
+def test_every_checkpoint_flag_has_help(command: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    usage = capsys.readouterr().out
+    line = next(line for line in usage.splitlines() if line.strip().startswith("--checkpoint"))
+    assert len(line.split()) > 2 or "last.pt" in usage.split("--checkpoint", 2)[2][:200]
+
+
+def test_an_empty_config_file_is_refused(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert main(["train", str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert "empty" in err and str(empty) in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
