@@ -6,7 +6,7 @@ import argparse
 
 from clipforge.commands.common import CHECKPOINT_HELP, DEVICE_HELP, load_model, user_errors
 from clipforge.config import ConfigError
-from clipforge.search.embed import embed_images, embed_text_file
+from clipforge.search.embed import FLUSH_EVERY, embed_images, embed_text_file
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -22,13 +22,28 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="how embeddings are stored")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     parser.add_argument("--workers", type=int, default=0, help="image decoding processes")
+    parser.add_argument(
+        "--flush-every",
+        type=int,
+        default=FLUSH_EVERY,
+        metavar="N",
+        help=f"commit the embeddings every N images (default {FLUSH_EVERY}): an interruption loses at most N",
+    )
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> None:
     run_embed(
-        args.checkpoint, args.out, args.images, args.texts, args.dtype, args.batch_size, args.workers, args.device
+        args.checkpoint,
+        args.out,
+        args.images,
+        args.texts,
+        args.dtype,
+        args.batch_size,
+        args.workers,
+        args.device,
+        flush_every=args.flush_every,
     )
 
 
@@ -42,17 +57,30 @@ def run_embed(
     num_workers: int = 0,
     device: str = "auto",
     progress: bool = True,
+    flush_every: int = FLUSH_EVERY,
 ) -> None:
-    """Embed ``images`` and/or ``texts`` with ``checkpoint`` into the folder ``out``; print what was added."""
+    """Embed ``images`` and/or ``texts`` with ``checkpoint`` into the folder ``out``; print what was added.
+
+    Another run writing ``out`` makes this one fail at once (exit 2), before anything is written."""
     if images is None and texts is None:
         raise ConfigError("embed needs --images and/or --texts")
+    if flush_every < 1:
+        raise ConfigError(f"--flush-every {flush_every} must be a positive number of images")
     loaded = load_model(checkpoint, device)
     reports = []
     with user_errors("embed"):
         if images is not None:
             reports.append(
                 embed_images(
-                    loaded, checkpoint, images, out, dtype, batch_size, num_workers=num_workers, progress=progress
+                    loaded,
+                    checkpoint,
+                    images,
+                    out,
+                    dtype,
+                    batch_size,
+                    chunk_size=flush_every,
+                    num_workers=num_workers,
+                    progress=progress,
                 )
             )
         if texts is not None:

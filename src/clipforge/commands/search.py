@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from PIL import Image
+
 from clipforge.commands.common import DEVICE_HELP, load_model, user_errors
 from clipforge.config import ConfigError
 from clipforge.data.base import decode_image
-from clipforge.search.index import Index, format_hits
+from clipforge.search.index import Index, SearchHit, format_hits
 from clipforge.viz import plot_search_results
 
 
@@ -41,8 +43,14 @@ def run(args: argparse.Namespace) -> None:
         hits = index.search(text=args.query, image=args.image, k=args.top)
     print(format_hits(hits))
     if args.grid:
-        images = [index.load_image(hit.row) for hit in hits]
-        names = [Path(hit.path or hit.id).name for hit in hits]
-        query = args.query if args.query is not None else decode_image(args.image)
-        plot_search_results(query, images, [h.score for h in hits], names, args.grid)
+        with user_errors("search --grid"):
+            draw_grid(index, hits, args.query if args.query is not None else decode_image(args.image), args.grid)
         print(f"grid: {args.grid}")
+
+
+def draw_grid(index: Index, hits: list[SearchHit], query: str | Image.Image, grid: str) -> None:
+    """The results as one picture at ``grid``; its folder is created when missing."""
+    images = [index.load_image(hit.row) for hit in hits]
+    names = [Path(hit.path or hit.id).name for hit in hits]
+    Path(grid).parent.mkdir(parents=True, exist_ok=True)
+    plot_search_results(query, images, [h.score for h in hits], names, grid)

@@ -19,6 +19,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--backend", default="auto", choices=["auto", "exact", "faiss"])
     parser.add_argument("--explain-method", default="auto", choices=list(METHODS))
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    parser.add_argument(
+        "--show-paths",
+        action="store_true",
+        help="show images' and the checkpoint's absolute paths in the API (default: relative to the embedded folder)",
+    )
     parser.set_defaults(run=run)
 
 
@@ -32,4 +37,5 @@ def run(args: argparse.Namespace) -> None:
             args.backend,
             str(resolve_device(args.device)),
             args.explain_method,
+            show_paths=args.show_paths,
         )

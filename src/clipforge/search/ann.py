@@ -11,9 +11,11 @@ a margin of two standard errors of that estimate. The value and the recall it re
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,10 +31,25 @@ _KNOB = {"ivf": "nprobe", "hnsw": "efSearch"}
 
 def _faiss():
     try:
-        import faiss
+        with _quiet_faiss_loader():
+            import faiss
     except ImportError:
         raise ImportError("FAISS is not installed: pip install 'clipforge[faiss]' (the faiss-cpu package)") from None
     return faiss
+
+
+@contextlib.contextmanager
+def _quiet_faiss_loader() -> Iterator[None]:
+    """faiss's loader tries its AVX2/AVX512 builds first and logs each miss at INFO, traceback text and all
+    (``ModuleNotFoundError(... swigfaiss_avx2)``), although it then loads the generic build: under the CLI's
+    INFO logging that printed on every search. Only its INFO is dropped; its warnings and errors still show."""
+    loader = logging.getLogger("faiss.loader")
+    previous = loader.level
+    loader.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        loader.setLevel(previous)
 
 
 @dataclass

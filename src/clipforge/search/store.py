@@ -7,22 +7,35 @@ Layout::
     EMB_DIR/images/part-000000.jsonl  one row per embedding row: {"id", "path", "source", "index"}
     EMB_DIR/images/failed.jsonl       {"id", "reason"} of images that did not decode in the last run
     EMB_DIR/texts/part-*.npy|jsonl    the same for captions: {"id": caption}
+    EMB_DIR/.lock                     held (``flock``) by the one process writing the folder
 
-Embeddings are appended as *parts*, never rewritten: a part's ``.npy`` is written first and its ``.jsonl``
-last, each to a temporary name and renamed into place, so a part exists (is committed) exactly when its
-table does. A crashed run leaves whole parts behind and the next run skips the ids they hold (resume). Row
-``r`` of the store is row ``r - offset`` of the part that holds it, parts taken in name order.
+Embeddings are appended as *parts*: a part's ``.npy`` is written first and its ``.jsonl`` last, each to a
+temporary name and renamed into place, so a part exists (is committed) exactly when its table does. A
+crashed run leaves whole parts behind and the next run skips the ids they hold (resume). Row ``r`` of the
+store is row ``r - offset`` of the part that holds it, parts taken in name order.
+
+A writer holds :func:`writer_lock` for its whole run, so two runs never append the same ids twice. Small
+parts (a run commits one every few hundred images, so an interruption loses seconds of work) are merged
+by :meth:`EmbeddingStore.merge_parts` into one part with the same rows in the same order: every memory-mapped
+part holds a file descriptor and is one more block for a search to step through.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; the folder is then not protected against a second writer
+    fcntl = None
 
 from clipforge.io import atomic_write
 from clipforge.version import __version__
@@ -31,6 +44,36 @@ FORMAT = "clipforge-embeddings"
 FORMAT_VERSION = 1
 KINDS = ("images", "texts")
 DTYPES = ("float16", "float32")
+LOCK_NAME = ".lock"
+_STAGED_TABLE = "merge-{number:06d}.jsonl"  # a merged part's table before it is committed
+
+
+class StoreBusyError(ValueError):
+    """Another process holds the embedding folder's write lock (another ``clipforge embed`` is writing it)."""
+
+
+@contextlib.contextmanager
+def writer_lock(root: str | os.PathLike) -> Iterator[Path]:
+    """Hold the exclusive write lock of the embedding folder ``root`` (created if missing) inside the block.
+
+    ``flock(LOCK_EX | LOCK_NB)`` on ``root/.lock``: a second writer fails at once with ``StoreBusyError``
+    instead of waiting or appending the same ids again. The kernel drops the lock when its holder exits,
+    killed or not, so no stale lock is ever left behind to clean up.
+    """
+    root = Path(root)
+    if root.is_file():
+        raise FileExistsError(f"--out {str(root)!r} is a file; expected a folder for the embeddings")
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / LOCK_NAME, "a+b") as handle:  # closing the file releases the lock
+        if fcntl is not None:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StoreBusyError(
+                    f"another `clipforge embed` is writing {root} (it holds {root / LOCK_NAME}); "
+                    "wait for it to finish, or embed into another --out"
+                ) from None
+        yield root
 
 
 @dataclass
@@ -73,8 +116,7 @@ class EmbeddingStore:
         ``model_info``: ``{"checkpoint", "step", "fingerprint", "embed_dim"}``. An existing folder must hold
         embeddings of the same model (same fingerprint) and dtype, else ``ValueError`` says so.
         """
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype={dtype!r}: choose one of {list(DTYPES)}")
+        check_dtype(dtype)
         root = Path(root)
         if not (root / "meta.json").is_file():
             if root.is_file():
@@ -135,13 +177,51 @@ class EmbeddingStore:
             raise ValueError(f"{len(embeddings)} embeddings but {len(rows)} rows")
         folder = self.root / _check_kind(kind)
         folder.mkdir(exist_ok=True)
-        taken = [int(p.stem.split("-")[1]) for p in folder.glob("part-*.*") if p.stem.split("-")[1].isdigit()]
-        path = folder / f"part-{max(taken, default=-1) + 1:06d}.npy"
+        path = folder / f"part-{_next_part_number(folder):06d}.npy"
         array = np.ascontiguousarray(embeddings, dtype=self.meta["dtype"])
         atomic_write(path, lambda handle: np.save(handle, array))
         lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
         atomic_write(path.with_suffix(".jsonl"), lambda handle: handle.write(lines))
         return path
+
+    def merge_parts(self, kind: str, parts: list[Path]) -> Path:
+        """Replace ``parts`` (the newest committed parts of ``kind``, in order) by one part holding their rows
+        in the same order, so row numbers do not change. Call it only while holding :func:`writer_lock`.
+
+        Never duplicates a row: the merged part's embeddings and its table are written first under names no
+        reader takes, then ``parts`` are uncommitted (their tables removed) and the merged table is renamed
+        into place. A crash in between (a few renames) uncommits those rows, which the next run embeds again.
+        """
+        if len(parts) < 2:
+            return parts[0]
+        committed = self.part_paths(kind)
+        if committed[-len(parts) :] != list(parts):
+            raise ValueError("merge_parts merges the newest parts only: merging older ones would renumber rows")
+        folder = self.root / kind
+        number = _next_part_number(folder)
+        merged = folder / f"part-{number:06d}.npy"
+        array = np.concatenate([np.load(part) for part in parts])  # a few thousand rows: small
+        atomic_write(merged, lambda handle: np.save(handle, array))
+        lines = b"".join(part.with_suffix(".jsonl").read_bytes() for part in parts)
+        staged = atomic_write(folder / _STAGED_TABLE.format(number=number), lambda handle: handle.write(lines))
+        for part in parts:
+            part.with_suffix(".jsonl").unlink()
+        os.replace(staged, merged.with_suffix(".jsonl"))
+        for part in parts:
+            part.unlink()
+        return merged
+
+    def remove_uncommitted(self, kind: str) -> None:
+        """Delete what a crashed writer left half done: parts' embeddings without a table, staged merges.
+        Call it only while holding :func:`writer_lock` (a live writer's part is uncommitted for a moment)."""
+        folder = self.root / _check_kind(kind)
+        if not folder.is_dir():
+            return
+        for path in folder.glob("part-*.npy"):
+            if not path.with_suffix(".jsonl").is_file():
+                path.unlink()
+        for path in folder.glob(_STAGED_TABLE.replace("{number:06d}", "*")):
+            path.unlink()
 
     def matrices(self, kind: str, mmap: bool = True) -> list[np.ndarray]:
         """Each part's (n, D) embeddings, memory-mapped (copy-on-write, so torch can wrap them without a copy)."""
@@ -184,6 +264,18 @@ class EmbeddingStore:
         if not path.is_file():
             return []
         return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _next_part_number(folder: Path) -> int:
+    """One more than any part number in ``folder``, committed or not (a live writer's half-written part too)."""
+    taken = [int(p.stem.split("-")[1]) for p in folder.glob("part-*.*") if p.stem.split("-")[1].isdigit()]
+    return max(taken, default=-1) + 1
+
+
+def check_dtype(dtype: str) -> str:
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: choose one of {list(DTYPES)}")
+    return dtype
 
 
 def _check_kind(kind: str) -> str:
