@@ -13,6 +13,7 @@ from clipforge.commands import (
     embed,
     evaluate,
     explain,
+    export,
     index,
     search,
     serve,
@@ -20,6 +21,6 @@ from clipforge.commands import (
 )
 
 # the order of ``clipforge --help``: the run's path first, then using what it made
-MODULES = (train, demo, evaluate, data, embed, search, index, classify, explain, serve)
+MODULES = (train, demo, evaluate, data, embed, search, index, classify, explain, serve, export)
 
 __all__ = ["MODULES"]

@@ -1,0 +1,189 @@
+"""ONNX export: one graph per tower, normalized embeddings out, checked against PyTorch with onnxruntime.
+
+``export_onnx(loaded, out_dir)`` writes
+
+* ``image_encoder.onnx``: ``pixel_values`` (batch, 3, S, S) float32, preprocessed as ``preprocess.json`` says
+  -> ``image_embeds`` (batch, D), unit L2 norm;
+* ``text_encoder.onnx``: ``input_ids``, ``attention_mask`` (batch, length) int64 -> ``text_embeds`` (batch, D);
+* ``preprocess.json`` (image size, mean/std, interpolation, context length) and ``tokenizer/`` (the files of the
+  checkpoint's tokenizer);
+
+with the batch (and the text length) dynamic. Both graphs carry metadata: ``logit_scale`` (the learned log
+temperature: logits = exp(logit_scale) * image_embeds @ text_embeds.T, plus ``logit_bias`` when present, a
+SigLIP model), ``embed_dim``, ``clipforge_version``. After writing, each graph is run with onnxruntime on a
+batch size that the export did not trace with and compared with PyTorch; a difference above ``atol`` fails the
+export, so a written folder is a checked one. Any tower kind exports (built-in, timm, torchvision, Hugging Face).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import torch
+from torch import nn
+
+from clipforge.checkpoint import LoadedCheckpoint
+from clipforge.io import atomic_write_text
+from clipforge.model import resolve_image_preprocess
+from clipforge.version import __version__
+
+EXPORT_BATCH = 2  # the batch size the graphs are traced with
+CHECK_BATCH = 3  # ... and the one they are checked with: a dynamic batch axis must really be dynamic
+OPSET = 18
+
+
+class _ImageEncoder(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixel_values)
+
+
+class _TextEncoder(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_text(input_ids, attention_mask)
+
+
+@dataclass
+class OnnxExport:
+    """What :func:`export_onnx` wrote and how closely onnxruntime matched PyTorch (max absolute difference)."""
+
+    folder: Path
+    image_encoder: Path
+    text_encoder: Path
+    image_max_difference: float
+    text_max_difference: float
+
+
+def _onnx_modules():
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as error:
+        raise ImportError("ONNX export needs onnx and onnxruntime: pip install 'clipforge[onnx]'") from error
+    return onnx, onnxruntime
+
+
+def _export(module: nn.Module, inputs: tuple, names: list[str], output: str, dynamic: dict, path: Path) -> None:
+    # the TorchScript exporter: one well-trodden graph for every tower kind, with named dynamic axes. Its tracer
+    # warns about every shape check in the towers' forward; they only guard the input's layout, so hush them.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            module,
+            inputs,
+            str(path),
+            input_names=names,
+            output_names=[output],
+            dynamic_axes={**dynamic, output: {0: "batch"}},
+            opset_version=OPSET,
+            dynamo=False,
+        )
+
+
+def _stamp(path: Path, metadata: dict[str, str]) -> None:
+    """Write ``metadata`` into the graph's ``metadata_props`` (what onnxruntime shows as custom metadata)."""
+    onnx, _ = _onnx_modules()
+    graph = onnx.load(str(path))
+    for key, value in metadata.items():
+        entry = graph.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(graph, str(path))
+
+
+def _max_difference(path: Path, feeds: dict[str, torch.Tensor], expected: torch.Tensor) -> float:
+    _, onnxruntime = _onnx_modules()
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {name: value.numpy() for name, value in feeds.items()})
+    return float(np.abs(got - expected.numpy()).max())
+
+
+def _write_tokenizer(state: dict[str, str], folder: Path) -> None:
+    """The tokenizer's files (its checkpoint state: file name -> text) into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, content in state.items():
+        relative = PurePosixPath(name)
+        if name == "kind" or relative.is_absolute() or ".." in relative.parts:
+            continue
+        target = folder.joinpath(*relative.parts)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(target, content)
+
+
+def _text_inputs(loaded: LoadedCheckpoint, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real token ids of ``batch`` captions of different lengths, so padding is exercised."""
+    captions = ["a photo", "a small red circle on a white page", "two dogs", "the letter a", "x"][:batch]
+    captions += ["a photo"] * (batch - len(captions))
+    return loaded.tokenizer(captions, loaded.config.model.text.context_length)
+
+
+def export_onnx(loaded: LoadedCheckpoint, out_dir: str | Path, atol: float = 1e-4) -> OnnxExport:
+    """Write the ONNX graphs of ``loaded``'s towers to ``out_dir`` (module docstring), checked with onnxruntime.
+
+    Refuses an ``out_dir`` that already holds an export (``FileExistsError``). Raises ValueError when
+    onnxruntime's embeddings differ from PyTorch's by more than ``atol``.
+    """
+    folder = Path(out_dir)
+    if (folder / "image_encoder.onnx").exists() or (folder / "text_encoder.onnx").exists():
+        raise FileExistsError(f"{folder} already holds an ONNX export; choose another --out or remove it first")
+    _onnx_modules()
+    model = loaded.model.float().eval().cpu()
+    preprocess = resolve_image_preprocess(loaded.config.model.image)
+    size = preprocess.image_size
+    generator = torch.Generator().manual_seed(0)
+    metadata = {"logit_scale": repr(model.logit_scale.item()), "clipforge_version": __version__}
+    if model.logit_bias is not None:
+        metadata["logit_bias"] = repr(model.logit_bias.item())
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".export-") as scratch:
+        image_path, text_path = Path(scratch, "image_encoder.onnx"), Path(scratch, "text_encoder.onnx")
+        pixels = torch.randn(EXPORT_BATCH, 3, size, size, generator=generator)
+        _export(
+            _ImageEncoder(model),
+            (pixels,),
+            ["pixel_values"],
+            "image_embeds",
+            {"pixel_values": {0: "batch"}},
+            image_path,
+        )
+        ids, mask = _text_inputs(loaded, EXPORT_BATCH)
+        text_axes = {"input_ids": {0: "batch", 1: "length"}, "attention_mask": {0: "batch", 1: "length"}}
+        _export(_TextEncoder(model), (ids, mask), ["input_ids", "attention_mask"], "text_embeds", text_axes, text_path)
+        check_pixels = torch.randn(CHECK_BATCH, 3, size, size, generator=generator)
+        check_ids, check_mask = _text_inputs(loaded, CHECK_BATCH)
+        with torch.no_grad():
+            image_expected = model.encode_image(check_pixels)
+            text_expected = model.encode_text(check_ids, check_mask)
+        embed_dim = str(image_expected.shape[1])
+        for path in (image_path, text_path):
+            _stamp(path, {**metadata, "embed_dim": embed_dim})
+        image_difference = _max_difference(image_path, {"pixel_values": check_pixels}, image_expected)
+        text_difference = _max_difference(
+            text_path, {"input_ids": check_ids, "attention_mask": check_mask}, text_expected
+        )
+        if max(image_difference, text_difference) > atol:
+            raise ValueError(
+                f"the ONNX graphs differ from PyTorch by {max(image_difference, text_difference):.2e} (> {atol}): "
+                "the export is not faithful for this model; nothing was written"
+            )
+        info = {**asdict(preprocess), "context_length": loaded.config.model.text.context_length, **metadata}
+        atomic_write_text(Path(scratch, "preprocess.json"), json.dumps(info, indent=2) + "\n")
+        _write_tokenizer(loaded.tokenizer.state_dict(), Path(scratch, "tokenizer"))
+        for item in Path(scratch).iterdir():  # all checked: move the export into place
+            item.replace(folder / item.name)
+    return OnnxExport(
+        folder, folder / "image_encoder.onnx", folder / "text_encoder.onnx", image_difference, text_difference
+    )
