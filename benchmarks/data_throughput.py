@@ -36,7 +36,7 @@ from torchvision import datasets
 from torchvision import transforms as T
 
 from clipforge.config import AugmentConfig, data_config_from_dict
-from clipforge.data.loader import build_train_loader
+from clipforge.data.loader import LoaderSpec, build_train_loader
 from clipforge.data.pack import pack_source
 from clipforge.data.sources import build_source
 from clipforge.data.tokenize import train_bpe_tokenizer
@@ -131,9 +131,8 @@ def main() -> None:
         def loader(name: str, workers: int) -> DataLoader:
             if name == "torchvision":
                 return baseline_loader(root / "images", args, workers)
-            return build_train_loader(
-                sources[name], transform, tokenizer, 77, args.batch_size, seed=args.seed, num_workers=workers
-            )
+            spec = LoaderSpec(transform, tokenizer, 77, args.batch_size, seed=args.seed, num_workers=workers)
+            return build_train_loader(sources[name], spec)
 
         names = ["torchvision", "clipforge-folder", "clipforge-shards"]
         rates: dict[tuple[str, int], list[float]] = {(name, w): [] for w in args.workers for name in names}

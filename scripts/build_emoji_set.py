@@ -1,10 +1,19 @@
 """Build the packaged emoji image-caption set in ``src/clipforge/data/emoji/``.
 
-Run once, from the repository root, on a machine with the Debian packages ``fonts-noto-color-emoji`` and
-``unicode-data``; the output is committed, so clipforge never needs those packages at run time::
+Run once, from the repository root, on a machine with the Debian packages ``fonts-noto-color-emoji``,
+``unicode-data`` and ``unicode-cldr-core``; the output is committed, so clipforge never needs those packages at
+run time::
 
-    python scripts/build_emoji_set.py            # writes images.webp, metadata.jsonl, LICENSE-emoji.txt
-    python scripts/build_emoji_set.py --measure  # also prints what other storage formats would take
+    python scripts/build_emoji_set.py                  # writes images.webp, metadata.jsonl, LICENSE-emoji.txt
+    python scripts/build_emoji_set.py --measure        # also prints what other storage formats would take
+    python scripts/build_emoji_set.py --captions-only  # only (re)adds the CLDR captions to metadata.jsonl
+
+Extra captions: each emoji's CLDR English keywords and text-to-speech name (``annotations/en.xml`` and
+``annotationsDerived/en.xml`` of ``unicode-cldr-core``) go into the metadata as ``keywords`` (a list) and
+``tts``. CLDR keys emoji by their characters; U+FE0F (the emoji presentation selector) is dropped from both
+sides and both are NFC-normalized before matching, because CLDR writes most keys without it. Emoji newer than
+the CLDR release get an empty list and an empty ``tts``. ``--captions-only`` adds them to the committed
+metadata without rendering anything, so the images, names and split stay byte-identical.
 
 Every fully-qualified emoji of ``emoji-test.txt`` is drawn with Noto Color Emoji (a CBDT bitmap font,
 which only loads at size 109), cropped to its drawn pixels, composited onto white, padded to a centred
@@ -24,6 +33,8 @@ import io
 import json
 import re
 import sys
+import unicodedata
+import xml.etree.ElementTree as ET
 from collections import Counter
 from pathlib import Path
 
@@ -40,9 +51,13 @@ from clipforge.data.emoji import (
     concept_key,
     split_of_concept,
 )
+from clipforge.io import atomic_write, atomic_write_text
 
 EMOJI_TEST = Path("/usr/share/unicode/emoji/emoji-test.txt")
 FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
+CLDR = Path("/usr/share/unicode/cldr/common")
+CLDR_ANNOTATIONS = (CLDR / "annotations" / "en.xml", CLDR / "annotationsDerived" / "en.xml")
+EMOJI_PRESENTATION = "\ufe0f"
 FONT_SIZE = 109  # the only size the font's CBDT bitmaps are stored at; FreeType refuses any other
 QUANT_STEP = 8  # 33 levels per channel: no visible banding at 64 px, and 2.6x smaller than lossless
 GLYPH_WIDTH = 136  # pixels of one emoji bitmap at FONT_SIZE
@@ -63,6 +78,10 @@ The emoji names, groups and subgroups in metadata.jsonl come from emoji-test.txt
 as shipped by the Debian package unicode-data:
   Copyright (c) 1991-2022 Unicode, Inc. Distributed under the Unicode License (Unicode Terms of Use,
   https://www.unicode.org/terms_of_use.html and https://www.unicode.org/license.txt).
+The "keywords" and "tts" fields come from the CLDR English annotations (annotations/en.xml and
+annotationsDerived/en.xml, CLDR {cldr_version}), as shipped by the Debian package unicode-cldr-core:
+  Copyright (c) 1991-2022 Unicode, Inc. Distributed under the Unicode License (Unicode-DFS-2016,
+  https://www.unicode.org/license.txt).
 The "concept" and "split" fields are clipforge's own (see clipforge.data.emoji).
 
 Made by `python scripts/build_emoji_set.py` in the clipforge repository.
@@ -74,11 +93,14 @@ README_TEXT = """\
 
 {count} Noto Color Emoji pictures (64x64 RGB on white) captioned with their Unicode {version} names, loaded by
 `clipforge.data.emoji.load_emoji_set()`. Made by `python scripts/build_emoji_set.py` (needs the Debian packages
-fonts-noto-color-emoji and unicode-data); see that script for how, and LICENSE-emoji.txt for the licences.
+fonts-noto-color-emoji, unicode-data and unicode-cldr-core); see that script for how, and LICENSE-emoji.txt for
+the licences.
 
 - `images.webp`: one lossless WebP atlas, {columns} tiles of 64x64 per row, tile i = line i of the metadata;
   colour values rounded to multiples of 8 before encoding (largest error 4/255).
-- `metadata.jsonl`: one JSON object per emoji: codepoints, name, group, subgroup, concept, split.
+- `metadata.jsonl`: one JSON object per emoji: codepoints, name, group, subgroup, concept, split, and the
+  CLDR {cldr_version} English `keywords` (a list) and text-to-speech name `tts` ({annotated} of {count} emoji
+  have them; the newer ones have `[]` and `""`). `EmojiSource(split, captions="all")` adds them as captions.
 """
 
 
@@ -104,6 +126,44 @@ def read_emoji_test(path: Path) -> tuple[list[dict[str, str]], str]:
                 }
             )
     return records, version
+
+
+def cldr_key(text: str) -> str:
+    """The form both sides are matched in: without U+FE0F, NFC-normalized."""
+    return unicodedata.normalize("NFC", text.replace(EMOJI_PRESENTATION, ""))
+
+
+def read_cldr_annotations(paths: tuple[Path, ...] = CLDR_ANNOTATIONS) -> tuple[dict[str, dict], str]:
+    """``{cldr_key(emoji): {"keywords": [...], "tts": "..."}}`` from CLDR annotation files, and the CLDR version.
+
+    ``<annotation cp="😀">face | grin | grinning face</annotation>`` gives the keywords (in file order);
+    ``<annotation cp="😀" type="tts">grinning face</annotation>`` the text-to-speech name. A later file
+    (annotationsDerived: skin tones, sequences) adds to an earlier one.
+    """
+    annotations: dict[str, dict] = {}
+    for path in paths:
+        for element in ET.parse(path).getroot().iter("annotation"):
+            entry = annotations.setdefault(cldr_key(element.get("cp", "")), {"keywords": [], "tts": ""})
+            text = (element.text or "").strip()
+            if element.get("type") == "tts":
+                entry["tts"] = text
+            else:
+                entry["keywords"] = [word.strip() for word in text.split("|") if word.strip()]
+    dtd = (paths[0].parents[1] / "dtd" / "ldml.dtd").read_text(encoding="utf-8")
+    version = re.search(r'cldrVersion CDATA #FIXED "([^"]+)"', dtd)
+    return annotations, version[1] if version else "?"
+
+
+def add_cldr_captions(records: list[dict], annotations: dict[str, dict]) -> int:
+    """Set ``keywords`` and ``tts`` on every record (empty when CLDR lacks the emoji); returns how many had them."""
+    found = 0
+    for record in records:
+        emoji = "".join(chr(int(code, 16)) for code in record["codepoints"].split())
+        entry = annotations.get(cldr_key(emoji))
+        found += entry is not None
+        record["keywords"] = list(entry["keywords"]) if entry else []
+        record["tts"] = entry["tts"] if entry else ""
+    return found
 
 
 def render(font: ImageFont.FreeTypeFont, text: str) -> tuple[np.ndarray, bool]:
@@ -178,14 +238,55 @@ def measure_formats(images: np.ndarray, atlas: np.ndarray) -> dict[str, tuple[in
     }
 
 
+def write_text_files(output: Path, records: list[dict], version: str, cldr_version: str, annotated: int) -> None:
+    """metadata.jsonl (one record a line, in atlas order), LICENSE-emoji.txt and README.md, each atomically."""
+    lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    atomic_write_text(output / METADATA_FILE, lines)
+    license_text = LICENSE_TEXT.format(version=version, cldr_version=cldr_version)
+    atomic_write_text(output / "LICENSE-emoji.txt", license_text)
+    readme = README_TEXT.format(
+        count=len(records), version=version, columns=ATLAS_COLUMNS, cldr_version=cldr_version, annotated=annotated
+    )
+    atomic_write_text(output / "README.md", readme)
+
+
+def add_captions_to_existing(output: Path, annotations: dict[str, dict], cldr_version: str) -> None:
+    """``--captions-only``: rewrite the committed metadata with the CLDR fields, leaving every other field as it was.
+
+    The emoji version comes from emoji-test.txt (the one the metadata was built from); the images are not read.
+    """
+    metadata = output / METADATA_FILE
+    if not metadata.is_file():
+        sys.exit(f"{metadata} is missing: run the full build first (without --captions-only)")
+    records = [json.loads(line) for line in metadata.read_text(encoding="utf-8").splitlines() if line.strip()]
+    annotated = add_cldr_captions(records, annotations)
+    _, version = read_emoji_test(EMOJI_TEST)
+    write_text_files(output, records, version, cldr_version, annotated)
+    missing = [record["name"] for record in records if not record["keywords"]]
+    print(f"CLDR {cldr_version} keywords and tts names for {annotated} of {len(records)} emoji -> {metadata}")
+    print(f"not in CLDR {cldr_version}: {len(missing)} {missing[:6]}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, default=OUTPUT, help="folder to write (default: the package's)")
     parser.add_argument("--measure", action="store_true", help="also print the size of other storage formats")
+    parser.add_argument(
+        "--captions-only",
+        action="store_true",
+        help="only add the CLDR keywords and tts names to the existing metadata.jsonl (no rendering)",
+    )
     args = parser.parse_args(argv)
-    for needed, package in ((EMOJI_TEST, "unicode-data"), (FONT, "fonts-noto-color-emoji")):
+    needs = [(EMOJI_TEST, "unicode-data"), (CLDR_ANNOTATIONS[0], "unicode-cldr-core")]
+    if not args.captions_only:
+        needs.append((FONT, "fonts-noto-color-emoji"))
+    for needed, package in needs:
         if not needed.is_file():
             sys.exit(f"{needed} is missing: apt-get install {package}")
+    annotations, cldr_version = read_cldr_annotations()
+    if args.captions_only:
+        add_captions_to_existing(args.output, annotations, cldr_version)
+        return
 
     records, version = read_emoji_test(EMOJI_TEST)
     font = ImageFont.truetype(str(FONT), FONT_SIZE)
@@ -197,6 +298,7 @@ def main(argv: list[str] | None = None) -> None:
             fallbacks.append(record["name"])
         record["concept"] = concept_key(record["name"])
         record["split"] = split_of_concept(record["concept"])
+    annotated = add_cldr_captions(records, annotations)
 
     atlas = make_atlas(images)
     stored = quantize(images)
@@ -208,15 +310,11 @@ def main(argv: list[str] | None = None) -> None:
     largest_error = int(np.abs(round_trip.astype(np.int16) - images).max())
 
     args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / IMAGES_FILE).write_bytes(webp)
-    with open(args.output / METADATA_FILE, "w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    (args.output / "LICENSE-emoji.txt").write_text(LICENSE_TEXT.format(version=version), encoding="utf-8")
-    readme = README_TEXT.format(count=len(records), version=version, columns=ATLAS_COLUMNS)
-    (args.output / "README.md").write_text(readme, encoding="utf-8")
+    atomic_write(args.output / IMAGES_FILE, lambda handle: handle.write(webp))
+    write_text_files(args.output, records, version, cldr_version, annotated)
 
     print(f"{len(records)} emoji (Unicode Emoji {version}) -> {args.output}")
+    print(f"CLDR {cldr_version} keywords and tts names for {annotated} of {len(records)} emoji")
     print(f"{IMAGES_FILE}: {len(webp) / 1e6:.2f} MB, largest pixel error {largest_error}/255")
     print(f"drawn as several glyphs (font lacks the sequence): {len(fallbacks)} {fallbacks[:5]}")
     for split in ("train", "val", "test"):

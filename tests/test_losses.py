@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from torch.autograd.graph import saved_tensors_hooks
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from clipforge import losses
 from clipforge.config import LossConfig
-from clipforge.losses import ClipLoss, SigLipLoss, build_loss
+from clipforge.losses import LOSSES, ClipLoss, ContrastiveLoss, SigLipLoss, build_loss
 
 N, D = 10, 6  # N = 10 so that chunk sizes 3 and 7 do not divide it
 CHUNK_SIZES = [None, 1, 3, 7, 10, 64]
@@ -204,6 +205,37 @@ def test_build_loss_from_config():
     assert isinstance(siglip, SigLipLoss) and siglip.chunk_size is None
     with pytest.raises(ValueError, match="loss.kind"):
         build_loss(LossConfig(kind="triplet"))  # type: ignore[arg-type]
+
+
+def test_both_losses_share_one_base_and_one_table():
+    assert LOSSES == {"clip": ClipLoss, "siglip": SigLipLoss}
+    for kind, loss_class in LOSSES.items():
+        loss_fn = build_loss(LossConfig(kind=kind, chunk_size=4), distributed=True)
+        assert type(loss_fn) is loss_class and isinstance(loss_fn, ContrastiveLoss)
+        assert repr(loss_fn) == f"{loss_class.__name__}(chunk_size=4, distributed=True)"
+    with pytest.raises(ValueError, match=r"loss.kind='triplet' is not a loss; choose one of \['clip', 'siglip'\]"):
+        build_loss(LossConfig(kind="triplet"))  # type: ignore[arg-type]
+
+
+def test_the_bias_is_refused_or_required_with_a_clear_message():
+    images, texts, logit_scale, logit_bias = make_inputs()
+    with pytest.raises(ValueError, match="the CLIP softmax loss has no logit bias; .* loss.kind=siglip"):
+        ClipLoss()(images, texts, logit_scale, logit_bias)
+    with pytest.raises(ValueError, match="the SigLIP sigmoid loss needs logit_bias"):
+        SigLipLoss()(images, texts, logit_scale)
+
+
+@pytest.mark.parametrize("loss_class", [ClipLoss, SigLipLoss])
+def test_a_malformed_batch_fails_before_any_collective(loss_class, monkeypatch):
+    # a rank that entered the gather/ring with a malformed batch would leave its peers waiting forever
+    def no_collective(*args, **kwargs):
+        raise AssertionError("a collective ran before the features were checked")
+
+    monkeypatch.setattr(losses, "is_distributed", lambda: True)
+    monkeypatch.setattr(losses, "gather_ints", no_collective)
+    images, texts, logit_scale, logit_bias = make_inputs()
+    with pytest.raises(ValueError, match="same shape"):
+        loss_class(distributed=True)(images, texts[:-1], logit_scale, logit_bias if loss_class.needs_bias else None)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -38,7 +38,9 @@ def shell_commands() -> list[str]:
             if match and not line.startswith("#"):
                 commands.append("clipforge " + match.group(1).strip())
     # inline code: a command with arguments; a bare ``clipforge eval`` names a command (checked below)
-    commands += [c for c in re.findall(r"`(clipforge [^`]+)`", README) if len(c.split()) > 2 or c == "clipforge demo"]
+    commands += [
+        c for c in re.findall(r"`(clipforge [^`]+)`", README) if "--" in c or "=" in c or c == "clipforge demo"
+    ]
     return [command for command in dict.fromkeys(commands) if "..." not in command and "<" not in command]
 
 
@@ -92,7 +94,9 @@ def test_the_python_api_example_runs(tiny_checkpoint: tuple[Path, Path]) -> None
 
 def test_the_search_api_example_runs(tiny_checkpoint: tuple[Path, Path], tmp_path: Path) -> None:
     checkpoint, images = tiny_checkpoint
-    assert main(["embed", "--checkpoint", str(checkpoint), "--images", str(images), "--out", str(tmp_path / "emb")]) == 0
+    assert (
+        main(["embed", "--checkpoint", str(checkpoint), "--images", str(images), "--out", str(tmp_path / "emb")]) == 0
+    )
     (example,) = [block for block in code_blocks("python") if "Index.load(" in block]
     query = next(images.glob("*.png"))
     code = example.replace('"photos-emb"', repr(str(tmp_path / "emb"))).replace('"query.jpg"', repr(str(query)))

@@ -18,7 +18,7 @@ import torch
 
 from clipforge.checkpoint import build_model
 from clipforge.config import Config, config_from_dict, config_to_dict, load_config, recipe_names
-from clipforge.data.loader import build_train_loader
+from clipforge.data.loader import LoaderSpec, build_train_loader
 from clipforge.data.sources import build_source
 from clipforge.data.tokenize import Tokenizer, build_tokenizer
 from clipforge.data.transforms import build_image_transform
@@ -110,10 +110,10 @@ def test_recipe_builds_model_and_data_pipeline_offline(name: str, tmp_path: Path
     tokenizer = build_tokenizer(text_config.tokenizer, text_config.name, training_captions(source))
     model = recipe_model(config, tokenizer)
     transform = build_image_transform(resolve_image_preprocess(config.model.image), config.data.augment)
-    loader = build_train_loader(
-        source, transform, tokenizer, text_config.context_length, BATCH, seed=0,
-        caption_sampling=config.data.caption_sampling,
-    )  # fmt: skip
+    spec = LoaderSpec(
+        transform, tokenizer, text_config.context_length, BATCH, seed=0, caption_sampling=config.data.caption_sampling
+    )
+    loader = build_train_loader(source, spec)
     batch = next(iter(loader))
     size = config.model.image.image_size
     assert batch.images.shape == (BATCH, 3, size, size) and batch.images.dtype == torch.float32

@@ -51,8 +51,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         ) from error
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(
-            f"{path} is not a clipforge checkpoint (no '{FORMAT}' stamp). To use Hugging Face or open_clip "
-            "weights, set model.image.pretrained / model.text.pretrained in a config instead"
+            f"{path} is not a clipforge checkpoint (no '{FORMAT}' stamp). For Hugging Face or open_clip weights: "
+            "clipforge import hf:FOLDER (or open_clip:CONFIG.json:WEIGHTS) --out model.pt, or model.init in a config"
         )
     if state.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(
@@ -103,9 +103,7 @@ def hf_text_config(model: CLIPModel) -> str | None:
 
     With it a checkpoint rebuilds its text tower offline, even when ``model.text.name`` is a hub id.
     """
-    encoder = getattr(model.text_tower, "encoder", None)
-    config = getattr(encoder, "config", None)
-    return config.to_json_string() if config is not None and hasattr(config, "to_json_string") else None
+    return model.text_tower.hf_config_json()
 
 
 def build_model(

@@ -169,7 +169,8 @@ def train_demo(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the packaged towers are local folders: never ask the hub
     output_dir = Path(output_dir)
     config = load_config(RECIPES[from_scratch], [f"train.output_dir={output_dir / 'run'}", *overrides])
-    result = train(config)
+    # the demo's own run folder: a rerun of the demo redoes it (its checkpoints are the demo's, nothing else's)
+    result = train(config, overwrite=True)
     loaded = load_checkpoint(result.checkpoint)
     metrics, chance, retrieval = evaluate_emoji(loaded, eval_split)
     notes = []

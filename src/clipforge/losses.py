@@ -33,7 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from clipforge.config import LossConfig
 from clipforge.distributed import all_gather_with_grad, gather_ints, is_distributed, neighbour_exchange_with_grad
 
-__all__ = ["ClipLoss", "SigLipLoss", "build_loss"]
+__all__ = ["LOSSES", "ClipLoss", "ContrastiveLoss", "SigLipLoss", "build_loss"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -99,6 +99,78 @@ def _blockwise(
 
 
 # ----------------------------------------------------------------------------------------------
+# The shared base: one call shape, one place for chunking, the process-group switch and the checks
+# ----------------------------------------------------------------------------------------------
+class ContrastiveLoss(nn.Module):
+    """A contrastive loss over a batch of N matching image-text pairs (the module docstring's conventions).
+
+    ``loss(image_features, text_features, logit_scale, logit_bias=None)`` -> a 0-dim float32 tensor:
+
+    * ``image_features``, ``text_features``: ``(N, D)``, L2-normalized, row i of each a matching pair;
+    * ``logit_scale``: the raw log-temperature (a 0-dim tensor or a float), ``t = exp(logit_scale)``;
+    * ``logit_bias``: the additive logit bias ``b`` of losses that have one (``needs_bias``), else None.
+
+    ``chunk_size``: sum the loss over row blocks of this many rows (peak extra memory O(chunk_size * N)).
+    ``distributed``: with an initialized process group, return this rank's share of the loss of the
+    global batch (the shares sum to the single-process loss). Subclasses hold only their maths:
+    :meth:`local_loss` (one process) and :meth:`distributed_loss` (this rank's share).
+    """
+
+    #: whether the loss takes a logit bias: ``forward`` refuses a missing one, or one given to a loss without it
+    needs_bias: bool = False
+    #: what messages call the loss
+    name: str = "this loss"
+
+    def __init__(self, chunk_size: int | None = None, distributed: bool = False):
+        super().__init__()
+        self.chunk_size = _check_chunk_size(chunk_size)
+        self.distributed = distributed
+
+    def extra_repr(self) -> str:
+        return f"chunk_size={self.chunk_size}, distributed={self.distributed}"
+
+    def check_bias(self, logit_bias: Tensor | float | None) -> None:
+        """Raise a ValueError when ``logit_bias`` is given to a loss without one, or missing from one with one."""
+        if logit_bias is not None and not self.needs_bias:
+            raise ValueError(f"{self.name} has no logit bias; a model with one trains with loss.kind=siglip")
+        if logit_bias is None and self.needs_bias:
+            raise ValueError(
+                f"{self.name} needs logit_bias, the model's learned bias b (a model built with loss.kind=siglip "
+                "has one)"
+            )
+
+    def forward(
+        self,
+        image_features: Tensor,
+        text_features: Tensor,
+        logit_scale: Tensor | float,
+        logit_bias: Tensor | float | None = None,
+    ) -> Tensor:
+        """The loss (0-dim float32) of ``image_features``/``text_features`` ``(N, D)``, pairs on the diagonal.
+
+        Distributed: this rank's share of the global batch's loss (the subclass docstring says how).
+        """
+        self.check_bias(logit_bias)
+        # checked before any collective: a rank with a malformed batch must fail, not hang its peers
+        _check_features(image_features, text_features, "image_features", "text_features", same_shape=True)
+        if self.distributed and is_distributed():
+            return self.distributed_loss(image_features, text_features, logit_scale, logit_bias)
+        return self.local_loss(image_features, text_features, logit_scale, logit_bias)
+
+    def local_loss(
+        self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor | float, logit_bias: Tensor | None
+    ) -> Tensor:
+        """The loss of the batch held by this process."""
+        raise NotImplementedError
+
+    def distributed_loss(
+        self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor | float, logit_bias: Tensor | None
+    ) -> Tensor:
+        """This rank's share of the loss of the global batch (every rank calls it together)."""
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------------------------
 # CLIP: symmetric softmax cross-entropy
 # ----------------------------------------------------------------------------------------------
 def _row_logsumexp(rows: Tensor, columns: Tensor, scale: Tensor) -> Tensor:
@@ -106,7 +178,7 @@ def _row_logsumexp(rows: Tensor, columns: Tensor, scale: Tensor) -> Tensor:
     return torch.logsumexp(scale * (rows @ columns.T), dim=1)
 
 
-class ClipLoss(nn.Module):
+class ClipLoss(ContrastiveLoss):
     """Symmetric InfoNCE (CLIP) loss.
 
     With logits ``l_ij = t * <x_i, y_j>``, ``t = exp(logit_scale)``, and the matching pair on the diagonal:
@@ -127,13 +199,7 @@ class ClipLoss(nn.Module):
     logits per rank, never ``N x N``.
     """
 
-    def __init__(self, chunk_size: int | None = None, distributed: bool = False):
-        super().__init__()
-        self.chunk_size = _check_chunk_size(chunk_size)
-        self.distributed = distributed
-
-    def extra_repr(self) -> str:
-        return f"chunk_size={self.chunk_size}, distributed={self.distributed}"
+    name = "the CLIP softmax loss"
 
     def partial_sum(
         self,
@@ -177,24 +243,22 @@ class ClipLoss(nn.Module):
             # cancel when the model is good, which would cost float32 digits.
             return ((image_lse - positives) + (text_lse - positives)).sum()
 
-    def forward(
-        self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor, logit_bias: Tensor | None = None
+    def local_loss(
+        self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor | float, logit_bias: None = None
     ) -> Tensor:
-        """The loss (0-dim float32) of ``image_features``/``text_features`` ``(N, D)``, pairs on the diagonal.
-
-        The call shape of every contrastive loss; the softmax loss has no bias, so ``logit_bias`` must be None.
-        Distributed: this rank's share of the global batch's loss (class docstring).
-        """
-        if logit_bias is not None:
-            raise ValueError("the CLIP softmax loss has no logit bias; a model with one trains with loss.kind=siglip")
-        if self.distributed and is_distributed():
-            sizes = gather_ints(image_features.shape[0])
-            image_columns = all_gather_with_grad(image_features, sizes)
-            text_columns = all_gather_with_grad(text_features, sizes)
-            total = self.partial_sum(image_features, text_features, image_columns, text_columns, logit_scale)
-            return total / (2 * sum(sizes))
+        """``partial_sum(X, Y, X, Y) / (2 N)``; the softmax loss has no bias (``logit_bias`` is None)."""
         total = self.partial_sum(image_features, text_features, image_features, text_features, logit_scale)
         return total / (2 * image_features.shape[0])
+
+    def distributed_loss(
+        self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor | float, logit_bias: None = None
+    ) -> Tensor:
+        """This rank's rows against every rank's columns, gathered with gradient: ``partial_sum / (2 N)``."""
+        sizes = gather_ints(image_features.shape[0])
+        image_columns = all_gather_with_grad(image_features, sizes)
+        text_columns = all_gather_with_grad(text_features, sizes)
+        total = self.partial_sum(image_features, text_features, image_columns, text_columns, logit_scale)
+        return total / (2 * sum(sizes))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,7 +269,7 @@ def _row_softplus_sum(rows: Tensor, columns: Tensor, scale: Tensor, bias: Tensor
     return F.softplus(scale * (rows @ columns.T) + bias).sum(dim=1)
 
 
-class SigLipLoss(nn.Module):
+class SigLipLoss(ContrastiveLoss):
     """Sigmoid (SigLIP) loss over all N x N pairs, normalized by N as in the SigLIP paper.
 
         loss = -(1/N) sum_ij log sigmoid(z_ij * l_ij),   l_ij = t * <x_i, y_j> + b,   z_ij = 1 if i == j else -1
@@ -232,13 +296,8 @@ class SigLipLoss(nn.Module):
     with ``chunk_size`` only one ``chunk_size x n_s`` block is alive at a time.
     """
 
-    def __init__(self, chunk_size: int | None = None, distributed: bool = False):
-        super().__init__()
-        self.chunk_size = _check_chunk_size(chunk_size)
-        self.distributed = distributed
-
-    def extra_repr(self) -> str:
-        return f"chunk_size={self.chunk_size}, distributed={self.distributed}"
+    needs_bias = True
+    name = "the SigLIP sigmoid loss"
 
     def pair_sum(
         self,
@@ -266,14 +325,19 @@ class SigLipLoss(nn.Module):
                 row_sums = row_sums - (scale * (images * texts).sum(dim=1) + bias)
             return row_sums.sum()
 
-    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor, logit_bias: Tensor) -> Tensor:
-        """The loss (0-dim float32) of ``image_features``/``text_features`` ``(N, D)``, pairs on the diagonal.
-
-        Distributed: this rank's share of the global batch's loss, summed around the ring (class docstring).
-        """
+    def local_loss(
+        self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor | float, logit_bias: Tensor
+    ) -> Tensor:
+        """``pair_sum(X, Y, paired=True) / N``."""
         total = self.pair_sum(image_features, text_features, logit_scale, logit_bias, paired=True)
-        if not (self.distributed and is_distributed()):
-            return total / image_features.shape[0]
+        return total / image_features.shape[0]
+
+    def distributed_loss(
+        self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor | float, logit_bias: Tensor
+    ) -> Tensor:
+        """This rank's images against its own texts, then against each block passed around the ring (class
+        docstring): ``sum_s pair_sum(X_r, Y_s) / N``."""
+        total = self.pair_sum(image_features, text_features, logit_scale, logit_bias, paired=True)
         sizes = gather_ints(image_features.shape[0])
         rank, world_size = torch.distributed.get_rank(), len(sizes)
         texts = text_features
@@ -289,13 +353,15 @@ class SigLipLoss(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Factory
 # ----------------------------------------------------------------------------------------------
-def build_loss(config: LossConfig, distributed: bool = False) -> nn.Module:
-    """The loss module that ``config.kind`` names (``clip`` -> ClipLoss, ``siglip`` -> SigLipLoss).
+# every loss.kind, once
+LOSSES: dict[str, type[ContrastiveLoss]] = {"clip": ClipLoss, "siglip": SigLipLoss}
+
+
+def build_loss(config: LossConfig, distributed: bool = False) -> ContrastiveLoss:
+    """The loss module that ``config.kind`` names in :data:`LOSSES` (``clip`` -> ClipLoss, ``siglip`` -> SigLipLoss).
 
     ``distributed``: the process-group path (each rank returns its share of the global batch's loss).
     """
-    if config.kind == "clip":
-        return ClipLoss(chunk_size=config.chunk_size, distributed=distributed)
-    if config.kind == "siglip":
-        return SigLipLoss(chunk_size=config.chunk_size, distributed=distributed)
-    raise ValueError(f"loss.kind={config.kind!r} is not a loss; choose 'clip' or 'siglip'")
+    if config.kind not in LOSSES:
+        raise ValueError(f"loss.kind={config.kind!r} is not a loss; choose one of {sorted(LOSSES)}")
+    return LOSSES[config.kind](chunk_size=config.chunk_size, distributed=distributed)

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from clipforge.config import AugmentConfig
-from clipforge.data.loader import ImageTextDataset, build_train_loader
+from clipforge.data.loader import ImageTextDataset, LoaderSpec, build_train_loader
 from clipforge.data.manifest import ManifestSource
 from clipforge.data.sampler import ResumableSampler
 from clipforge.data.samples import Collator, SkippedSample
@@ -66,7 +66,7 @@ def test_loader_resumes_mid_epoch_with_workers(shapes_manifest: Path) -> None:
 
     def batches(start: int, workers: int, count: int):
         loader = build_train_loader(
-            source, transform, tokenizer, 16, 6, seed=7, start_sample=start, num_workers=workers
+            source, LoaderSpec(transform, tokenizer, 16, 6, seed=7, start_sample=start, num_workers=workers)
         )
         iterator = iter(loader)
         return [next(iterator) for _ in range(count)]

@@ -10,7 +10,7 @@ import torch
 
 from clipforge.config import ConfigError, DataConfig, config_from_dict
 from clipforge.data.emoji import EmojiSource
-from clipforge.data.loader import ImageTextDataset, build_train_loader
+from clipforge.data.loader import ImageTextDataset, LoaderSpec, build_train_loader
 from clipforge.data.manifest import ManifestSource
 from clipforge.data.mix import MixSource
 from clipforge.data.sampler import ResumableSampler
@@ -137,10 +137,9 @@ def test_mix_from_config_trains_through_the_loader_and_resumes(tmp_path: Path) -
     tokenizer = train_bpe_tokenizer(["a red circle", "grinning face"], vocab_size=270)
 
     def batches(start: int, count: int) -> list:
-        loader = build_train_loader(
-            source, lambda image: torch.from_numpy(np.asarray(image.resize((8, 8)), dtype=np.float32)),
-            tokenizer, 16, 8, seed=2, start_sample=start, caption_sampling="cycle",
-        )  # fmt: skip
+        transform = lambda image: torch.from_numpy(np.asarray(image.resize((8, 8)), dtype=np.float32))  # noqa: E731
+        spec = LoaderSpec(transform, tokenizer, 16, 8, seed=2, start_sample=start, caption_sampling="cycle")
+        loader = build_train_loader(source, spec)
         iterator = iter(loader)
         return [next(iterator) for _ in range(count)]
 

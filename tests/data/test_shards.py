@@ -13,7 +13,7 @@ import torch
 
 from clipforge.config import AugmentConfig, ConfigError, data_config_from_dict
 from clipforge.data.base import decode_image
-from clipforge.data.loader import build_train_loader
+from clipforge.data.loader import LoaderSpec, build_train_loader
 from clipforge.data.shards import ShardSource, expand_shards
 from clipforge.data.sources import build_source
 from clipforge.data.streaming import ShardStream, shuffle_buffer
@@ -37,9 +37,10 @@ def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
 
 def batches(source: ShardSource, start: int, count: int, workers: int = 0, streams: int | None = None, **kwargs):
     tokenizer = train_bpe_tokenizer(list(source.iter_captions()), vocab_size=300)
-    loader = build_train_loader(
-        source, TRANSFORM, tokenizer, 16, 4, seed=5, start_sample=start, num_workers=workers, streams=streams, **kwargs
+    spec = LoaderSpec(
+        TRANSFORM, tokenizer, 16, 4, seed=5, start_sample=start, num_workers=workers, streams=streams, **kwargs
     )
+    loader = build_train_loader(source, spec)
     return list(islice(iter(loader), count))
 
 

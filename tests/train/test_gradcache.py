@@ -11,7 +11,7 @@ import torch
 from clipforge.data.samples import Batch
 from clipforge.losses import build_loss
 from clipforge.model import create_model
-from clipforge.train.loop import backward_step
+from clipforge.train.gradcache import backward_step
 from clipforge.train.memory import TensorMemoryTracker
 from clipforge.train.optim import build_optimizer
 from tests.conftest import tiny_config

@@ -7,7 +7,7 @@ import torch
 
 from clipforge.losses import build_loss
 from clipforge.runtime import autocast_context
-from clipforge.train.loop import backward_step
+from clipforge.train.gradcache import backward_step
 from tests.train.test_gradcache import random_batch, tiny_model
 
 

@@ -14,6 +14,7 @@ from clipforge.commands import (
     evaluate,
     explain,
     export,
+    import_,
     index,
     search,
     serve,
@@ -21,6 +22,6 @@ from clipforge.commands import (
 )
 
 # the order of ``clipforge --help``: the run's path first, then using what it made
-MODULES = (train, demo, evaluate, data, embed, search, index, classify, explain, serve, export)
+MODULES = (train, demo, evaluate, data, embed, search, index, classify, explain, serve, import_, export)
 
 __all__ = ["MODULES"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from clipforge.commands.evaluate import parse_data_spec
-from clipforge.config import DataConfig, data_config_from_dict
+from clipforge.config import ConfigError, DataConfig, data_config_from_dict
 from clipforge.data.pack import inspect_source, pack_source
 
 SOURCE_HELP = (
@@ -38,11 +38,20 @@ def source_config(items: list[str]) -> DataConfig:
     return parse_data_spec(items)
 
 
+def _require_positive(flag: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise ConfigError(f"{flag}={value} must be a positive number")
+
+
 def run_pack(args: argparse.Namespace) -> None:
+    _require_positive("--shard-size", args.shard_size)
+    _require_positive("--max-side", args.max_side)
     result = pack_source(source_config(args.source), args.out_dir, args.shard_size, args.max_side)
     print(f"packed {result.written} images into {len(result.shards)} shards ({result.skipped} unreadable left out)")
     print(f"read them with: data.kind=webdataset data.path={result.spec}")
 
 
 def run_inspect(args: argparse.Namespace) -> None:
+    _require_positive("--grid-images", args.grid_images)
+    _require_positive("--limit", args.limit)
     print(inspect_source(source_config(args.source), args.grid, args.grid_images, args.limit).format())

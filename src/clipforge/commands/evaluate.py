@@ -107,7 +107,10 @@ def parse_data_spec(items: Sequence[str]) -> DataConfig:
                 f"--data {str(path)!r} is neither a YAML file nor key=value; pass a file holding a data section, "
                 "or pairs such as kind=manifest path=test.csv split=test"
             )
-        loaded = yaml.safe_load(path.read_text())
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as error:
+            raise ConfigError(f"--data {path} is not a readable YAML file ({error})") from None
         if isinstance(loaded, dict) and isinstance(loaded.get("data"), dict):
             loaded = loaded["data"]
         if not isinstance(loaded, dict):
@@ -150,23 +153,10 @@ def run_eval(
     except (ValueError, FileNotFoundError) as error:
         raise ConfigError(f"--data: {error}") from error
     dataset = dataset_label(data_config)
-    names = None
-    if task == "zeroshot":
-        try:
-            templates_list = get_templates(templates)
-        except (ValueError, FileNotFoundError) as error:
-            raise ConfigError(f"--templates: {error}") from error
-        try:
-            names = classnames_from_file(source, classnames, data_config.kind) if classnames else None
-        except (ValueError, FileNotFoundError) as error:
-            raise ConfigError(f"--classnames: {error}") from error
-        try:
-            classification_targets(source, names)
-        except ValueError as error:
-            raise ConfigError(f"--task zeroshot on {dataset}: {error}") from error
     autocast = inference_autocast(torch_device, loaded.config.train.precision)
     try:
         if task == "zeroshot":
+            names, templates_list = _zeroshot_inputs(source, data_config, templates, classnames, dataset)
             result = evaluate_zeroshot(
                 loaded.model,
                 loaded.tokenizer,
@@ -182,6 +172,8 @@ def run_eval(
             result = evaluate_retrieval(
                 loaded.model, loaded.tokenizer, loaded.config, source, batch_size, autocast, data_config.num_workers
             )
+    except ConfigError:
+        raise
     except ValueError as error:  # the data cannot be evaluated (e.g. no readable image): say so, plainly
         raise ConfigError(f"evaluating {checkpoint} on {dataset}: {error}") from error
     for bad in result.skipped[:5]:
@@ -192,6 +184,26 @@ def run_eval(
     if plot is not None:
         print(f"wrote {_plot(result, source, _plot_path(plot, out, task))}")
     return result
+
+
+def _zeroshot_inputs(
+    source: ImageTextSource, data_config: DataConfig, templates: str, classnames: str | None, dataset: str
+) -> tuple[list[str] | None, list[str]]:
+    """(class names or None = the source's own, prompt templates) for a zero-shot task; each flag's mistake
+    becomes a ConfigError naming that flag."""
+    try:
+        templates_list = get_templates(templates)
+    except (ValueError, FileNotFoundError) as error:
+        raise ConfigError(f"--templates: {error}") from error
+    try:
+        names = classnames_from_file(source, classnames, data_config.kind) if classnames else None
+    except (ValueError, FileNotFoundError) as error:
+        raise ConfigError(f"--classnames: {error}") from error
+    try:
+        classification_targets(source, names)
+    except ValueError as error:
+        raise ConfigError(f"--task zeroshot on {dataset}: {error}") from error
+    return names, templates_list
 
 
 def _plot_path(plot: str | Path, out: str | Path | None, task: str) -> Path:

@@ -1,21 +1,30 @@
-"""``clipforge export onnx``: a checkpoint's towers as ONNX graphs, checked against PyTorch."""
+"""``clipforge export onnx`` / ``clipforge export hf``: a checkpoint as ONNX graphs or as a Hugging Face folder,
+each checked against PyTorch."""
 
 from __future__ import annotations
 
 import argparse
 
 from clipforge.commands.common import CHECKPOINT_HELP, load_model, user_errors
+from clipforge.interop.hf_export import export_hf
 from clipforge.interop.onnx import export_onnx
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    export = commands.add_parser("export", help="write a checkpoint in another format (ONNX)")
+    export = commands.add_parser("export", help="write a checkpoint in another format (ONNX, Hugging Face)")
     formats = export.add_subparsers(dest="export_format", required=True)
     onnx = formats.add_parser("onnx", help="image_encoder.onnx + text_encoder.onnx (dynamic batch), checked")
     onnx.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     onnx.add_argument("--out", required=True, help="the folder to write (must not hold an export already)")
     onnx.add_argument("--atol", type=float, default=1e-4, help="largest onnxruntime-vs-PyTorch difference accepted")
     onnx.set_defaults(run=run_onnx)
+    hf = formats.add_parser(
+        "hf", help="a Hugging Face CLIPModel/SiglipModel folder (+ tokenizer, image processor), checked"
+    )
+    hf.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    hf.add_argument("--out", required=True, help="the folder to write (must be new or empty)")
+    hf.add_argument("--atol", type=float, default=1e-4, help="largest transformers-vs-clipforge difference accepted")
+    hf.set_defaults(run=run_hf)
 
 
 def run_onnx(args: argparse.Namespace) -> None:
@@ -25,4 +34,14 @@ def run_onnx(args: argparse.Namespace) -> None:
     print(
         f"wrote {result.image_encoder} and {result.text_encoder} (+ preprocess.json, tokenizer/); "
         f"onnxruntime matches PyTorch within {max(result.image_max_difference, result.text_max_difference):.1e}"
+    )
+
+
+def run_hf(args: argparse.Namespace) -> None:
+    loaded = load_model(args.checkpoint, "cpu")
+    result = export_hf(loaded, args.out, atol=args.atol)
+    model_class = "CLIPModel" if result.family == "clip" else "SiglipModel"
+    print(
+        f"wrote {result.folder} (config.json, model.safetensors, tokenizer, preprocessor_config.json): "
+        f"transformers' {model_class} matches clipforge within {result.max_difference:.1e}"
     )

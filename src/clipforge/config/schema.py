@@ -19,13 +19,18 @@ class TokenizerConfig:
     ``bpe``: a byte-level BPE trained on the *training* captions at the start of a run (held-out
     captions never shape the vocabulary) and saved inside every checkpoint.
     ``hf``: a Hugging Face tokenizer by hub id or local folder (``name``; empty means the text
-    tower's ``name``).
+    tower's ``name``). A text tower with pretrained Hugging Face weights needs ``hf``: its embeddings know
+    only their own tokenizer's ids (validation refuses ``bpe`` there).
+    ``padding``: ``longest`` pads a batch to its longest caption (never beyond ``context_length``);
+    ``max_length`` pads every caption to ``context_length`` (SigLIP, whose bidirectional text tower reads the
+    padding too and pools the last position).
     """
 
     kind: Literal["bpe", "hf"] = "bpe"
     name: str = ""
     vocab_size: int = 2048
     lowercase: bool = True
+    padding: Literal["longest", "max_length"] = "longest"
 
 
 @dataclass
@@ -46,6 +51,14 @@ class ImageTowerConfig:
     frozen, LiT) or ``"all-but-last-N"`` (only the last N blocks and what follows them train).
     ``lr_scale``: the tower's learning rate is ``lr_scale * optim.lr``; ``layer_decay`` < 1 scales it down
     by that factor per block towards the input (layer-wise lr decay for fine-tuning pretrained towers).
+    ``interpolation``: the resize filter (``bicubic``, ``bilinear``, ``nearest``); null = the tower's own.
+    ``head_bias``: a ``linear`` head with a bias (y = W x + b).
+
+    Built-in ViT (``vit``) only, defaults = CLIP's layout: ``act`` the MLP activation (``gelu``; ``quick_gelu``
+    = x sigmoid(1.702 x), OpenAI's CLIP; ``gelu_tanh``, SigLIP); ``norm_eps`` every LayerNorm's epsilon;
+    ``pre_norm`` the LayerNorm before the blocks (``ln_pre``, CLIP has it, SigLIP not); ``pool``: ``cls`` (a class
+    token, ``ln_post`` on it) or ``map`` (SigLIP: no class token, ``ln_post`` over all tokens, then multihead
+    attention pooling with a learned probe); ``patch_bias``: a bias in the patch convolution (SigLIP).
     """
 
     kind: Literal["vit", "torchvision", "timm"] = "vit"
@@ -59,14 +72,21 @@ class ImageTowerConfig:
     depth: int = 4
     heads: int = 3
     mlp_ratio: float = 4.0
+    act: Literal["gelu", "quick_gelu", "gelu_tanh"] = "gelu"
+    norm_eps: float = 1e-5
+    pre_norm: bool = True
+    pool: Literal["cls", "map"] = "cls"
+    patch_bias: bool = False
     # shared
     mean: list[float] = field(default_factory=list)
     std: list[float] = field(default_factory=list)
+    interpolation: Literal["bicubic", "bilinear", "nearest"] | None = None
     lock: bool | str = False
     lr_scale: float = 1.0
     layer_decay: float = 1.0
     head: Literal["linear", "mlp", "identity"] = "linear"
     head_init: Literal["normal", "identity"] = "normal"
+    head_bias: bool = False
     head_dropout: float = 0.1
 
 
@@ -75,45 +95,86 @@ class TextTowerConfig:
     """The text tower: a built-in CLIP-style causal transformer or a Hugging Face encoder.
 
     ``pooling``: ``eot`` (the last non-padding token: the built-in transformer's end-of-text),
-    ``cls`` (the first token) or ``mean`` (mean over non-padding tokens); ``auto`` = ``eot`` for the
-    built-in tower, ``cls`` for Hugging Face encoders.
-    ``pretrained`` (``hf`` only): ``None`` = random init from ``name``'s config; ``"default"`` =
-    the weights of ``name``; another string = a hub id or local folder to load weights from. ``name`` and
+    ``cls`` (the first token), ``mean`` (mean over non-padding tokens), ``eos`` (the first token whose id is
+    ``eos_token_id``: Hugging Face CLIP's rule), ``argmax`` (the token with the largest id: CLIP's end-of-text,
+    OpenAI's and open_clip's rule) or ``last`` (position ``L - 1``, padding or not: SigLIP); ``auto`` = ``eot``
+    for the built-in tower, ``cls`` for Hugging Face encoders. ``eos_token_id``: the id ``eos`` pooling finds.
+    ``pretrained`` (``hf``): ``true`` (the default) = the weights of ``name``; ``false`` = random init from
+    ``name``'s config (the architecture only); another string = a hub id or local folder to load the weights
+    from (``name`` still names the tokenizer when ``tokenizer.name`` is empty). ``"default"`` is the older spelling of ``true``, and
+    ``null`` of ``false`` (checkpoints load with it: their own weights replace the tower's). ``name`` and
     ``pretrained`` may also be ``"package:<name>"``, a model folder shipped inside a pip package
-    (``package:all-minilm-l6-v2``, see ``clipforge.packaged``).
+    (``package:all-minilm-l6-v2``, see ``clipforge.packaged``). The built-in ``transformer`` has no
+    pretrained weights: ``true``/``false``/``null`` all start it at random.
+    A pretrained ``hf`` tower needs its own tokenizer (``tokenizer.kind: hf``): a BPE trained here would give
+    ids its embeddings never saw, and validation refuses the pair.
     ``lock``, ``lr_scale``, ``layer_decay``: as for the image tower (blocks = the encoder's layers).
     ``head``: ``identity`` keeps the tower's own space (needs ``embed_dim`` = the tower's width);
     ``head_init: identity`` starts a ``linear`` head at the identity (near-identity: it keeps the pretrained space
-    to begin with and trains from there), else normal(0, in_dim^-1/2).
+    to begin with and trains from there), else normal(0, in_dim^-1/2). ``head_bias``: a ``linear`` head with a
+    bias (SigLIP's text head).
+
+    Built-in transformer only, defaults = CLIP's layout: ``act`` and ``norm_eps`` as for the ViT; ``causal``:
+    causal attention (CLIP) or, false, bidirectional attention over every position, padding included (SigLIP:
+    it needs ``tokenizer.padding: max_length``, so a caption always meets the same padding); ``vocab_size``: the
+    embedding rows, null = the tokenizer's vocabulary size (an imported model may have more rows than ids).
     """
 
     kind: Literal["transformer", "hf"] = "transformer"
     name: str = ""
-    pretrained: str | None = None
-    pooling: Literal["auto", "eot", "cls", "mean"] = "auto"
+    pretrained: bool | str | None = True
+    pooling: Literal["auto", "eot", "cls", "mean", "eos", "argmax", "last"] = "auto"
     context_length: int = 32
     # built-in transformer only
     width: int = 256
     depth: int = 4
     heads: int = 4
     mlp_ratio: float = 4.0
+    act: Literal["gelu", "quick_gelu", "gelu_tanh"] = "gelu"
+    norm_eps: float = 1e-5
+    causal: bool = True
+    vocab_size: int | None = None
     # shared
+    eos_token_id: int | None = None
     lock: bool | str = False
     lr_scale: float = 1.0
     layer_decay: float = 1.0
     head: Literal["linear", "mlp", "identity"] = "linear"
     head_init: Literal["normal", "identity"] = "normal"
+    head_bias: bool = False
     head_dropout: float = 0.1
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+    @staticmethod
+    def resolve_weights(name: str, pretrained: bool | str | None) -> str | None:
+        """Where a Hugging Face tower's weights come from: ``name`` (``pretrained`` true or ``"default"``),
+        the folder or hub id ``pretrained`` names, or None (false or null: random init from ``name``'s config)."""
+        if pretrained is True or pretrained == "default":
+            return name
+        if pretrained is False or pretrained is None:
+            return None
+        return pretrained
+
+    def weights_location(self) -> str | None:
+        """:meth:`resolve_weights` of this tower's ``name`` and ``pretrained``."""
+        return self.resolve_weights(self.name, self.pretrained)
 
 
 @dataclass
 class ModelConfig:
-    """The two-tower model; ``embed_dim`` is the shared space both heads project into."""
+    """The two-tower model; ``embed_dim`` is the shared space both heads project into.
+
+    ``init``: start training from released or earlier weights: ``hf:<folder or hub id>`` (a Hugging Face
+    ``CLIPModel`` / ``SiglipModel``), ``open_clip:CONFIG.json:WEIGHTS`` (an open_clip ViT model) or the path of a
+    clipforge checkpoint. The architecture, the tokenizer and the preprocessing then come from those weights (a
+    field this config sets must agree with them); the towers' ``lock``, ``lr_scale`` and ``layer_decay`` stay
+    this config's (``clipforge.interop.init_model``).
+    """
 
     embed_dim: int = 128
     image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
+    init: str = ""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,10 +191,11 @@ class AugmentConfig:
 @dataclass(frozen=True)
 class DataKindInfo:
     """What one ``data.kind`` needs: ``path`` says what ``data.path`` must name ("" = the kind takes no path);
-    ``splits``: whether the kind reads ``data.split``. The builders are in ``clipforge.data.sources``."""
+    ``splits``: whether the kind reads ``data.split``; ``name``: what ``data.name`` must name ("" = no name). The builders are in ``clipforge.data.sources``."""
 
     path: str = ""
     splits: bool = False
+    name: str = ""  # what data.name must name ("" = the kind takes no name)
 
 
 # every data kind, once: config validation, the source factory and evaluation read this table
@@ -147,6 +209,12 @@ DATA_KINDS: dict[str, DataKindInfo] = {
     "hf": DataKindInfo(path="a datasets folder (save_to_disk) or Parquet/Arrow files", splits=True),
     "idx": DataKindInfo(path="the *-images-idx3-ubyte[.gz] file"),
     "cifar": DataKindInfo(path="the cifar-10-batches-py or cifar-100-python folder", splits=True),
+    "torchvision": DataKindInfo(
+        path="the dataset's root folder, laid out as torchvision expects",
+        splits=True,
+        name="the torchvision.datasets class, e.g. STL10 or Food101",
+    ),
+    "corpus": DataKindInfo(splits=True, name="a built-in corpus source: clipart, flags or icons"),
     "mix": DataKindInfo(),
 }
 DataKind = Literal[tuple(DATA_KINDS)]  # type: ignore[valid-type]  # the choices of data.kind, from the table
@@ -173,7 +241,18 @@ class DataConfig:
     - ``hf``: a ``datasets`` folder saved with ``save_to_disk``, or Parquet/Arrow files.
     - ``idx``: MNIST-family ``*-images-idx3-ubyte[.gz]`` (labels file found beside it).
     - ``cifar``: the CIFAR-10/100 python pickle folder.
+    - ``torchvision``: a ``torchvision.datasets`` class named by ``name`` (``STL10``, ``Food101``, ``Flowers102``,
+      ``OxfordIIITPet``, ``ImageNet`` ...) read from its local root ``path`` with ``download=False``; ``split`` as
+      the class takes it; captions are the dataset's class names.
+    - ``corpus``: a built-in source named by ``name``: ``clipart`` (public-domain Openclipart drawings, titles
+      and keywords), ``flags`` (country and region flags with their names), ``icons`` (freedesktop icon themes,
+      names as phrases); ``split``: train | val | test | all, concept-disjoint. ``emoji`` with ``captions: all``
+      adds each emoji's CLDR keywords as a second caption.
     - ``mix``: the sources listed in ``mix``, sampled in proportion to their ``weight``.
+
+    ``image_column``, ``caption_column``, ``label_column``: the column names of ``manifest`` (CSV/TSV header
+    names, JSONL keys; in JSONL the caption key's plural, e.g. ``captions``, may hold a list) and ``hf``
+    (Arrow columns). ``num_workers``: loader worker processes (0 = load in the main process).
 
     Feature cache (``clipforge.data.feature_cache``): with ``cache_features`` the features of a fully locked
     tower are computed once per sample and read from disk in training instead of running the tower: always
@@ -185,6 +264,8 @@ class DataConfig:
     """
 
     kind: DataKind = "emoji"
+    name: str = ""  # torchvision: the dataset class (STL10, Food101, ...); corpus: the source (clipart, flags, icons)
+    captions: Literal["name", "all"] = "name"  # emoji: the Unicode name only, or also its CLDR keywords
     path: str = ""
     image_root: str = ""
     split: str = "train"
@@ -263,7 +344,10 @@ class TrainConfig:
     ``batch_size`` is the contrastive batch of one optimizer step, over all processes: each of ``W``
     processes loads ``batch_size / W`` pairs, and the loss still sees all ``batch_size``. With
     ``accumulation_steps`` > 1 each process's share is split into that many micro-batches and the step is
-    still exact over the whole batch (GradCache; see ``clipforge.train.loop``).
+    still exact over the whole batch (GradCache; see ``clipforge.train.gradcache``); it must not exceed the
+    data's size (a batch would hold an image twice).
+    ``output_dir``: the run's folder (checkpoints, ``metrics.jsonl``, ``config.yaml``); one that holds a run
+    already is refused unless ``--resume`` continues it or ``--overwrite`` replaces it.
     ``gradient_checkpointing``: recompute the towers' block activations in the backward pass instead of
     keeping them (built-in ViT and text transformer, timm and Hugging Face towers that support it).
     ``compile``: ``torch.compile`` the two towers.
@@ -273,12 +357,12 @@ class TrainConfig:
     batch_size: int = 128
     accumulation_steps: int = 1
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    grad_clip: float = 1.0  # max global grad norm (>= 0); 0 disables clipping (the norm is still logged)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     output_dir: str = "runs/clipforge"
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 0  # also keep this many step_<N>.pt files beside last.pt
+    checkpoint_every: int = 500  # write last.pt every this many steps (> 0) and after the last
+    keep_checkpoints: int = 0  # also keep this many step_<N>.pt files beside last.pt (>= 0)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     gradient_checkpointing: bool = False
     compile: bool = False
@@ -289,11 +373,17 @@ class LoggingConfig:
     """Where a run's metrics go besides ``metrics.jsonl`` (always written), every ``log_every`` steps.
 
     ``backends``: any of ``tensorboard`` (``<output_dir>/tensorboard``), ``wandb`` and ``mlflow`` (optional extras:
-    ``pip install 'clipforge[wandb]'`` / ``'clipforge[mlflow]'``). ``progress``: the tqdm progress line.
+    ``pip install 'clipforge[wandb]'`` / ``'clipforge[mlflow]'``); W&B and MLflow get the resolved config too, and
+    a resumed run continues the same W&B / MLflow run (its id is kept in the output folder).
+    ``project``: the W&B project and the MLflow experiment; empty = ``WANDB_PROJECT`` / ``MLFLOW_EXPERIMENT_NAME``
+    from the environment, else ``clipforge``. ``run_name``: the run's name there; empty = the output folder's name.
+    ``progress``: the tqdm progress line.
     """
 
     log_every: int = 10
     backends: list[Literal["tensorboard", "wandb", "mlflow"]] = field(default_factory=lambda: ["tensorboard"])
+    project: str = ""
+    run_name: str = ""
     progress: bool = True
 
 

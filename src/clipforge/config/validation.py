@@ -30,6 +30,29 @@ def validate(config: Config) -> None:
             f"train.batch_size={train.batch_size} must split evenly into "
             f"train.accumulation_steps={train.accumulation_steps} micro-batches"
         )
+    # not x > 0 / not x >= 0 also refuse NaN
+    if train.checkpoint_every <= 0:
+        raise ConfigError(
+            f"train.checkpoint_every={train.checkpoint_every} must be positive: last.pt is written every that many "
+            "steps (and after the last one)"
+        )
+    if config.logging.log_every <= 0:
+        raise ConfigError(
+            f"logging.log_every={config.logging.log_every} must be positive: a record is logged every that many steps"
+        )
+    if not config.optim.lr > 0:
+        raise ConfigError(f"optim.lr={config.optim.lr} must be positive, e.g. 5e-4")
+    if not config.optim.weight_decay >= 0:
+        raise ConfigError(f"optim.weight_decay={config.optim.weight_decay} must be >= 0 (0 = no weight decay)")
+    if not train.grad_clip >= 0:
+        raise ConfigError(
+            f"train.grad_clip={train.grad_clip} must be >= 0: the largest gradient norm (0 = no clipping)"
+        )
+    if train.keep_checkpoints < 0:
+        raise ConfigError(
+            f"train.keep_checkpoints={train.keep_checkpoints} must be >= 0: how many step_<N>.pt to keep beside "
+            "last.pt (0 = none)"
+        )
     validate_data(config.data, "data")
     image = config.model.image
     if image.kind in ("torchvision", "timm") and not image.name:
@@ -47,8 +70,7 @@ def validate(config: Config) -> None:
     if bool(image.mean) != bool(image.std) or len(image.mean) not in (0, 3) or len(image.std) not in (0, 3):
         raise ConfigError("model.image.mean and model.image.std must both be empty or both hold 3 numbers")
     text = config.model.text
-    if text.kind == "hf" and not text.name:
-        raise ConfigError("model.text.kind='hf' needs model.text.name: a Hugging Face model id or local folder")
+    _validate_text_weights(text)
     if text.kind == "transformer":
         if text.width % text.heads:
             raise ConfigError(f"model.text.width={text.width} must be divisible by model.text.heads={text.heads}")
@@ -56,13 +78,69 @@ def validate(config: Config) -> None:
             raise ConfigError(
                 "model.text.tokenizer.kind='hf' with the built-in text tower needs model.text.tokenizer.name"
             )
+    _validate_text_layout(text)
     for where, tower in (("model.image", image), ("model.text", text)):
         _validate_lock(tower, where)
-    if config.data.cached_views < 0:
-        raise ConfigError(f"data.cached_views={config.data.cached_views} must be >= 0 (0 = cache no random views)")
+        _validate_head(tower, where)
+    _validate_init(config.model.init)
     if config.loss.chunk_size is not None and config.loss.chunk_size <= 0:
         raise ConfigError(f"loss.chunk_size={config.loss.chunk_size} must be positive (or null for no chunking)")
     _validate_eval(config.eval)
+
+
+def _validate_text_weights(text: TextTowerConfig) -> None:
+    """The text tower's ``name``/``pretrained`` pair, and a tokenizer whose ids its weights understand."""
+    if text.kind == "hf" and not text.name:
+        raise ConfigError("model.text.kind='hf' needs model.text.name: a Hugging Face model id or local folder")
+    if text.kind == "transformer" and isinstance(text.pretrained, str):
+        raise ConfigError(
+            f"model.text.pretrained={text.pretrained!r}: the built-in text transformer has no pretrained weights; "
+            "leave it unset (load trained weights through a clipforge checkpoint) or use model.text.kind=hf"
+        )
+    if text.kind == "hf" and text.tokenizer.kind == "bpe" and text.weights_location() is not None:
+        raise ConfigError(
+            f"model.text.kind='hf' loads the pretrained weights of {text.weights_location()!r}, whose embeddings "
+            "know only their own tokenizer's ids, but model.text.tokenizer.kind='bpe' (the default) would train a "
+            "new vocabulary whose ids mean nothing to them: set model.text.tokenizer.kind=hf (the tower's own "
+            "tokenizer), or model.text.pretrained=false to train the tower from random weights"
+        )
+
+
+def _validate_text_layout(text: TextTowerConfig) -> None:
+    """The built-in text tower's pooling, attention and embedding settings, which depend on each other."""
+    if text.pooling == "eos" and text.eos_token_id is None:
+        raise ConfigError(
+            "model.text.pooling='eos' needs model.text.eos_token_id: the tokenizer's end-of-text id it pools at"
+        )
+    if text.kind == "transformer" and not text.causal and text.tokenizer.padding != "max_length":
+        raise ConfigError(
+            "model.text.causal=false attends over the padding too, so a caption must always get the same padding: "
+            "set model.text.tokenizer.padding=max_length (every caption padded to model.text.context_length)"
+        )
+    if text.vocab_size is not None and text.vocab_size < 1:
+        raise ConfigError(f"model.text.vocab_size={text.vocab_size} must be positive (or null: the tokenizer's size)")
+
+
+def _validate_head(tower: ImageTowerConfig | TextTowerConfig, where: str) -> None:
+    if tower.head_bias and tower.head != "linear":
+        raise ConfigError(f"{where}.head_bias=true needs {where}.head='linear' (it is {tower.head!r})")
+    if not tower.norm_eps > 0:
+        raise ConfigError(f"{where}.norm_eps={tower.norm_eps} must be positive, e.g. 1e-5")
+
+
+# what model.init may name (clipforge.interop.from_pretrained reads it)
+INIT_SPEC_HELP = "hf:<folder or hub id>, open_clip:CONFIG.json:WEIGHTS or the path of a clipforge checkpoint"
+
+
+def _validate_init(init: str) -> None:
+    """The form of ``model.init`` only: the files it names are read when training starts."""
+    if init in ("hf:", "open_clip:") or init != init.strip():
+        raise ConfigError(f"model.init={init!r} is not a weights spec; use {INIT_SPEC_HELP}")
+    if init.startswith("open_clip:") and ".json:" not in init:
+        raise ConfigError(
+            f"model.init={init!r}: an open_clip spec names the model config and the weights, "
+            "open_clip:CONFIG.json:WEIGHTS (e.g. open_clip:ViT-B-32-quickgelu.json:ViT-B-32.pt)"
+        )
 
 
 LOCK_PATTERN = re.compile(r"all-but-last-(\d+)")
@@ -80,9 +158,13 @@ def _validate_lock(tower: ImageTowerConfig | TextTowerConfig, where: str) -> Non
 
 
 def validate_data(data: DataConfig, prefix: str) -> None:
+    """The checks of one data section (``prefix`` names it in messages: ``data``, ``eval.tasks[0].data``)."""
     needs_path = DATA_KINDS[data.kind].path
     if needs_path and not data.path:
         raise ConfigError(f"{prefix}.kind={data.kind!r} needs {prefix}.path: {needs_path}")
+    needs_name = DATA_KINDS[data.kind].name
+    if needs_name and not data.name:
+        raise ConfigError(f"{prefix}.kind={data.kind!r} needs {prefix}.name: {needs_name}")
     if data.epoch_size is not None and data.epoch_size < 1:
         raise ConfigError(f"{prefix}.epoch_size={data.epoch_size} must be positive (or null)")
     if data.resample and data.epoch_size is None:
@@ -92,12 +174,21 @@ def validate_data(data: DataConfig, prefix: str) -> None:
         )
     if data.shuffle_buffer < 0:
         raise ConfigError(f"{prefix}.shuffle_buffer={data.shuffle_buffer} must be >= 0 (0 or 1: no shuffling)")
+    if data.num_workers < 0:
+        raise ConfigError(f"{prefix}.num_workers={data.num_workers} must be >= 0 (0 = load in the main process)")
+    if data.cached_views < 0:
+        raise ConfigError(f"{prefix}.cached_views={data.cached_views} must be >= 0 (0 = cache no random views)")
     if data.kind == "mix":
         if not data.mix:
             raise ConfigError(f"{prefix}.kind='mix' needs {prefix}.mix: a list of sources, each with a weight")
         for position, entry in enumerate(data.mix):
             if entry.kind == "mix":
                 raise ConfigError(f"{prefix}.mix[{position}]: a mix cannot contain another mix")
+            if entry.kind == "webdataset":
+                raise ConfigError(
+                    f"{prefix}.mix[{position}].kind='webdataset': a mix draws from map-style sources and shards "
+                    "stream; pack the other sources into the shards instead (clipforge data pack)"
+                )
             if entry.weight <= 0:
                 raise ConfigError(f"{prefix}.mix[{position}].weight={entry.weight} must be positive")
             validate_data(entry, f"{prefix}.mix[{position}]")

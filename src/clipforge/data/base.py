@@ -71,8 +71,13 @@ def decode_image(path_or_bytes: str | os.PathLike | bytes | bytearray | memoryvi
     16-bit greyscale (``I;16``, ``I``) is scaled to 8 bits (value / 257), not clipped. The pixels are
     decoded here (``load()``), so a truncated file fails here and not later inside a transform.
 
+    Size limit: an image of more than :data:`MAX_IMAGE_PIXELS` (40 million) pixels, ``width * height`` as
+    its header declares, raises :class:`ImageTooLargeError` before any pixel is decoded, so a decompression
+    bomb (a small file declaring a huge canvas) allocates nothing; Pillow's own bomb guard stays behind it
+    as a second line and raises the same error.
+
     Raises ``ImageLoadError`` naming the file and the reason: missing, unreadable, not an image,
-    truncated or corrupt, or too large for Pillow's decompression-bomb guard.
+    truncated or corrupt, or too large (``ImageTooLargeError``).
     """
     is_bytes = isinstance(path_or_bytes, (bytes, bytearray, memoryview))
     label = f"<{len(path_or_bytes)} bytes>" if is_bytes else str(path_or_bytes)
@@ -85,17 +90,28 @@ def decode_image(path_or_bytes: str | os.PathLike | bytes | bytearray | memoryvi
     with handle:
         try:
             with Image.open(handle) as image:
+                _check_size(image, label)  # from the header alone: before load() allocates the pixels
                 image.load()
                 upright = _exif_upright(image)
                 return _to_rgb(upright)
         except UnidentifiedImageError:
             raise ImageLoadError(f"{label}: not an image Pillow can identify (corrupt, or not an image)") from None
         except Image.DecompressionBombError as error:
-            raise ImageLoadError(f"{label}: too large to decode safely ({error})") from error
+            raise ImageTooLargeError(f"{label}: too large to decode safely ({error})") from error
         except (OSError, SyntaxError, ValueError, EOFError) as error:
             # Pillow reports truncation as OSError("image file is truncated ...") and broken streams as
             # SyntaxError/ValueError depending on the codec; all mean the pixels cannot be trusted.
             raise ImageLoadError(f"{label}: truncated or corrupt image data ({error})") from error
+
+
+def _check_size(image: Image.Image, label: str) -> None:
+    """Raise ``ImageTooLargeError`` when the declared ``width * height`` exceeds :data:`MAX_IMAGE_PIXELS`."""
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageTooLargeError(
+            f"{label}: {width}x{height} = {width * height:,} pixels is more than the {MAX_IMAGE_PIXELS:,} pixels "
+            "clipforge decodes (clipforge.data.base.MAX_IMAGE_PIXELS); shrink the image"
+        )
 
 
 def _exif_upright(image: Image.Image) -> Image.Image:

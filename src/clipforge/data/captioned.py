@@ -8,6 +8,7 @@ loader's ``caption_sampling``); evaluation reads all of them through ``captions(
 from __future__ import annotations
 
 import csv
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -15,9 +16,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from clipforge.data.base import check_index, decode_image
-from clipforge.data.files import check_images_present, read_json, require_file, resolve_image_root
+from clipforge.data.base import DataError, check_index, decode_image
+from clipforge.data.files import check_images_present, not_utf8, read_json, read_text, require_file, resolve_image_root
 from clipforge.data.tables import CaptionTable, StringTable
+
+logger = logging.getLogger("clipforge")
 
 
 class CaptionedImageSource:
@@ -42,9 +45,9 @@ class CaptionedImageSource:
         kind: str,
     ) -> None:
         if len(image_paths) != len(caption_groups):
-            raise ValueError(f"{len(image_paths)} image paths but {len(caption_groups)} caption groups")
+            raise DataError(f"{len(image_paths)} image paths but {len(caption_groups)} caption groups")
         if not image_paths:
-            raise ValueError(f"data.kind={kind!r}: {origin} lists no image with a caption")
+            raise DataError(f"data.kind={kind!r}: {origin} lists no image with a caption")
         self.root = Path(root)
         self.origin = Path(origin)
         self._images = StringTable(image_paths)
@@ -90,12 +93,14 @@ def read_coco(path: str | os.PathLike, image_root: str = "") -> CaptionedImageSo
     file_names: list[str] = []
     for entry in data["images"]:
         if not isinstance(entry, dict) or "id" not in entry or "file_name" not in entry:
-            raise ValueError(f"data.kind='coco': {path}: an 'images' entry lacks 'id' or 'file_name': {entry!r:.80}")
+            raise DataError(f"data.kind='coco': {path}: an 'images' entry lacks 'id' or 'file_name': {entry!r:.80}")
         position[entry["id"]] = len(file_names)
         file_names.append(str(entry["file_name"]))
     groups: list[list[str]] = [[] for _ in file_names]
     orphans = 0
     for annotation in data["annotations"]:
+        if not isinstance(annotation, dict):
+            raise DataError(f"data.kind='coco': {path}: an 'annotations' entry is not an object: {annotation!r:.80}")
         index = position.get(annotation.get("image_id"))
         caption = str(annotation.get("caption") or "").strip()
         if index is None:
@@ -110,27 +115,36 @@ def read_coco(path: str | os.PathLike, image_root: str = "") -> CaptionedImageSo
     source = CaptionedImageSource(root, [file_names[i] for i in kept], [groups[i] for i in kept], path, "coco")
     source.images_without_captions = len(file_names) - len(kept)
     source.orphan_captions = orphans
+    if source.images_without_captions or orphans:
+        logger.warning(
+            "coco %s: left out %d images without a caption and %d captions of image ids that 'images' does not list",
+            path,
+            source.images_without_captions,
+            orphans,
+        )
     return source
 
 
 def _check_coco_layout(data: object, path: Path) -> None:
+    """The top-level keys first (a Karpathy file is the usual mix-up), then the first annotation's keys."""
     if not isinstance(data, dict):
-        raise ValueError(f"data.kind='coco': {path} holds a JSON {type(data).__name__}; expected {COCO_EXPECTED}")
-    if _is_karpathy(data):
-        raise ValueError(
-            f"data.kind='coco': {path} is a Karpathy split file ('images' with 'sentences' and 'split'), not "
-            f"{COCO_EXPECTED}; use data.kind='flickr', which reads dataset_coco.json and dataset_flickr*.json"
+        raise DataError(f"data.kind='coco': {path} holds a JSON {type(data).__name__}; expected {COCO_EXPECTED}")
+    if "annotations" not in data and ("dataset" in data or _is_karpathy(data)):
+        raise DataError(
+            f"data.kind='coco': {path} is a Karpathy split file (top-level keys {sorted(data)}: 'images' with "
+            f"'sentences' and 'split'), not {COCO_EXPECTED}; use data.kind='flickr', which reads dataset_coco.json "
+            "and dataset_flickr*.json"
         )
     missing = [key for key in ("images", "annotations") if not isinstance(data.get(key), list)]
     if missing:
-        raise ValueError(
+        raise DataError(
             f"data.kind='coco': {path} has no list {missing} (found keys {sorted(data)}); expected {COCO_EXPECTED}"
         )
     first = next(iter(data["annotations"]), None)
     if isinstance(first, dict) and "caption" not in first:
         found = sorted(first)
         hint = " (an instances/keypoints file)" if {"bbox", "segmentation", "keypoints"} & set(found) else ""
-        raise ValueError(
+        raise DataError(
             f"data.kind='coco': {path} has annotations without 'caption'{hint}, with keys {found}; "
             f"expected {COCO_EXPECTED}, e.g. annotations/captions_train2017.json"
         )
@@ -194,14 +208,14 @@ def _wanted_splits(split: str, split_of: Sequence[str | None] | None, path: Path
         return None
     wanted = {part.strip() for part in split.split("+") if part.strip()}
     if split_of is None:
-        raise ValueError(
+        raise DataError(
             f"data.kind='flickr': {path} carries no split, so the only split present is ['all']; set "
             f"data.split=all, or put the Flickr8k split lists (Flickr_8k.trainImages.txt, ...devImages.txt, "
             f"...testImages.txt) beside it"
         )
     present = sorted({name for name in split_of if name is not None})
     if wanted - set(present):
-        raise ValueError(
+        raise DataError(
             f"data.kind='flickr': {path} has no image in split {sorted(wanted - set(present))}; the splits present are "
             f"{present + ['all']} (join several with '+', e.g. train+restval)"
         )
@@ -211,28 +225,32 @@ def _wanted_splits(split: str, split_of: Sequence[str | None] | None, path: Path
 def _read_karpathy(path: Path) -> tuple[list[str], list[list[str]], list[str | None]]:
     data = read_json(path, "flickr", FLICKR_EXPECTED)
     if isinstance(data, dict) and "annotations" in data and not _is_karpathy(data):
-        raise ValueError(
+        raise DataError(
             f"data.kind='flickr': {path} is an MS-COCO captions file ('images' + 'annotations'), not a Karpathy "
             f"split file; use data.kind='coco' for it"
         )
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not _is_karpathy(data):
         found = sorted(data) if isinstance(data, dict) else f"a JSON {type(data).__name__}"
-        raise ValueError(
+        raise DataError(
             f"data.kind='flickr': {path} is not a Karpathy split file (found {found}); expected an object whose "
             f"'images' entries have 'filename', 'split' and 'sentences' (dataset_flickr8k.json and its kin)"
         )
     names, groups, splits = [], [], []
+    without_sentence = 0
     for entry in data["images"]:
-        if "filename" not in entry:
-            raise ValueError(f"data.kind='flickr': {path}: an image entry has no 'filename': {entry!r:.80}")
+        if not isinstance(entry, dict) or "filename" not in entry:
+            raise DataError(f"data.kind='flickr': {path}: an image entry has no 'filename': {entry!r:.80}")
         captions = [_sentence_text(sentence) for sentence in entry.get("sentences", [])]
         captions = [text for text in captions if text]
         if not captions:
-            continue  # an image without a usable sentence cannot be a training or retrieval sample
+            without_sentence += 1  # an image without a usable sentence cannot be a training or retrieval sample
+            continue
         folder = entry.get("filepath")  # dataset_coco.json: train2014 / val2014
         names.append(f"{folder}/{entry['filename']}" if folder else str(entry["filename"]))
         groups.append(captions)
         splits.append(entry.get("split"))
+    if without_sentence:
+        logger.warning("flickr %s: left out %d images without a sentence", path, without_sentence)
     return names, groups, splits
 
 
@@ -245,6 +263,13 @@ def _sentence_text(sentence: object) -> str:
 
 def _read_caption_lines(path: Path) -> tuple[list[str], list[list[str]]]:
     """``image#n<TAB>caption`` lines or an ``image,caption`` CSV; captions grouped by image, first-seen order."""
+    try:
+        return _group_caption_lines(path)
+    except UnicodeDecodeError:
+        raise not_utf8(path, f"data.kind='flickr': {path}") from None
+
+
+def _group_caption_lines(path: Path) -> tuple[list[str], list[list[str]]]:
     with open(path, encoding="utf-8-sig", newline="") as handle:
         first = handle.readline()
         handle.seek(0)
@@ -255,21 +280,25 @@ def _read_caption_lines(path: Path) -> tuple[list[str], list[list[str]]]:
             next(reader)
             pairs = ((row[0], row[1]) for row in reader if len(row) >= 2)
         else:
-            raise ValueError(
+            raise DataError(
                 f"data.kind='flickr': {path} starts with {first.strip()[:60]!r}; expected {FLICKR_EXPECTED}"
             )
         position: dict[str, int] = {}
         groups: list[list[str]] = []
+        empty = 0
         for image, caption in pairs:
             image, caption = image.strip(), caption.strip()
             if not image or not caption:
+                empty += 1
                 continue
             if image not in position:
                 position[image] = len(groups)
                 groups.append([])
             groups[position[image]].append(caption)
     if not groups:
-        raise ValueError(f"data.kind='flickr': {path} holds no caption; expected {FLICKR_EXPECTED}")
+        raise DataError(f"data.kind='flickr': {path} holds no caption; expected {FLICKR_EXPECTED}")
+    if empty:
+        logger.warning("flickr %s: skipped %d lines with an empty caption or image name", path, empty)
     return list(position), groups
 
 
@@ -279,7 +308,7 @@ def _token_lines(lines: Iterable[str], path: Path) -> Iterable[tuple[str, str]]:
             continue
         key, tab, caption = line.rstrip("\r\n").partition("\t")
         if not tab:
-            raise ValueError(
+            raise DataError(
                 f"data.kind='flickr': {path}, line {number}: no tab; expected 'image.jpg#n<TAB>caption' lines"
             )
         yield key.rsplit("#", 1)[0] if "#" in key else key, caption
@@ -293,7 +322,7 @@ def _split_lists(path: Path, names: Sequence[str]) -> list[str | None] | None:
     for split, list_name in SPLIT_LIST_NAMES.items():
         for list_file in sorted(path.parent.glob(f"*.{list_name}Images.txt")):
             found = True
-            for line in list_file.read_text(encoding="utf-8-sig").splitlines():
+            for line in read_text(list_file, f"data.kind='flickr': split list {list_file}").splitlines():
                 index = position.get(line.strip())
                 if index is not None:
                     split_of[index] = split

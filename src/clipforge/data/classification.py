@@ -7,15 +7,18 @@ same set can train a model (name as caption) and measure zero-shot accuracy (lab
 
 from __future__ import annotations
 
+import builtins
+import codecs
 import gzip
 import os
 import pickle
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from clipforge.data.base import check_index, decode_image
+from clipforge.data.base import DataError, check_index, decode_image
 from clipforge.data.files import classnames_for, require_dir, require_file
 from clipforge.data.tables import StringTable
 
@@ -48,7 +51,7 @@ class ImageFolderSource:
                         labels.append(label)
         if not paths:
             found = f"sub-folders {folders[:5]}" if folders else "no sub-folders"
-            raise ValueError(
+            raise DataError(
                 f"data.kind='imagefolder': {self.root} has {found} and no images in them; expected {expected}, "
                 f"images ending in {list(IMAGE_EXTENSIONS)}"
             )
@@ -82,9 +85,9 @@ class ArrayImageSource:
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, classnames: list[str], origin: str) -> None:
         if len(images) != len(labels):
-            raise ValueError(f"{origin}: {len(images)} images but {len(labels)} labels")
+            raise DataError(f"{origin}: {len(images)} images but {len(labels)} labels")
         if len(labels) and (labels.min() < 0 or labels.max() >= len(classnames)):
-            raise ValueError(
+            raise DataError(
                 f"{origin}: labels span [{labels.min()}, {labels.max()}] but there are {len(classnames)} classes"
             )
         self.images = images
@@ -125,7 +128,7 @@ def _read_idx(path: Path, dims: int) -> np.ndarray:
         data = handle.read() if path.suffix == ".gz" else None
     magic = header[:4]
     if len(header) < 4 + 4 * dims or magic[:2] != b"\x00\x00" or magic[2] != _IDX_UBYTE or magic[3] != dims:
-        raise ValueError(
+        raise DataError(
             f"data.kind='idx': {path} does not start with the IDX header of a {dims}-d unsigned byte array "
             f"(magic 00 00 08 {dims:02x}, found {magic.hex(' ')}); expected {IDX_EXPECTED} and its labels file"
         )
@@ -134,10 +137,10 @@ def _read_idx(path: Path, dims: int) -> np.ndarray:
     if data is None:
         available = path.stat().st_size - len(header)
         if available < size:
-            raise ValueError(f"data.kind='idx': {path} is truncated: header says {shape}, file holds {available} bytes")
+            raise DataError(f"data.kind='idx': {path} is truncated: header says {shape}, file holds {available} bytes")
         return np.memmap(path, dtype=np.uint8, mode="r", offset=len(header), shape=shape)
     if len(data) < size:
-        raise ValueError(f"data.kind='idx': {path} is truncated: header says {shape}, file holds {len(data)} bytes")
+        raise DataError(f"data.kind='idx': {path} is truncated: header says {shape}, file holds {len(data)} bytes")
     return np.frombuffer(data, dtype=np.uint8, count=size).reshape(shape)
 
 
@@ -160,7 +163,7 @@ def read_idx(path: str | os.PathLike, classnames: str = "") -> ArrayImageSource:
     otherwise (a JSON/TXT file, or a shipped list such as ``fashion-mnist``)."""
     images_path = require_file(path, "idx", IDX_EXPECTED)
     if "idx1" in images_path.name:
-        raise ValueError(f"data.kind='idx': {images_path} is a labels file; data.path must be {IDX_EXPECTED}")
+        raise DataError(f"data.kind='idx': {images_path} is a labels file; data.path must be {IDX_EXPECTED}")
     images = _read_idx(images_path, 3)  # (N, rows, cols)
     labels = np.asarray(_read_idx(idx_labels_path(images_path), 1))
     num_classes = max(int(labels.max()) + 1, 10) if len(labels) else 10
@@ -178,12 +181,68 @@ CIFAR_EXPECTED = (
 CIFAR_FOLDERS = ("cifar-10-batches-py", "cifar-100-python")
 
 
+def _numpy_globals() -> dict[tuple[str, str], Any]:
+    """The NumPy callables an array pickle names, under the module names NumPy 1 and NumPy 2 write."""
+    reconstruct = np.zeros(1).__reduce__()[0]  # multiarray._reconstruct, wherever this NumPy keeps it
+    scalar = np.int64(0).__reduce__()[0]  # multiarray.scalar: how NumPy scalars pickle
+    allowed: dict[tuple[str, str], Any] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        allowed[module, "_reconstruct"] = reconstruct
+        allowed[module, "scalar"] = scalar
+    return allowed
+
+
+# What a CIFAR batch may name: NumPy array reconstruction and plain containers and scalars. Python 2 wrote
+# builtins as __builtin__; Python 3 writes bytes in protocol 2 as _codecs.encode(text, "latin1").
+_CIFAR_GLOBALS: dict[tuple[str, str], Any] = {
+    **_numpy_globals(),
+    **{
+        (module, name): getattr(builtins, name)
+        for module in ("builtins", "__builtin__")
+        for name in ("dict", "list", "tuple", "set", "frozenset", "bytes", "bytearray", "str", "int", "float", "bool")
+    },
+    ("_codecs", "encode"): codecs.encode,
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler that builds only what CIFAR batches hold (:data:`_CIFAR_GLOBALS`).
+
+    A pickle calls whatever global it names (``os.system`` as readily as ``numpy.ndarray``), so a plain
+    ``pickle.load`` of a file from the internet runs its author's code. Every global is looked up in a fixed
+    table instead of imported; anything else is refused before it is called.
+    """
+
+    def __init__(self, handle: Any, path: Path) -> None:
+        super().__init__(handle, encoding="bytes")  # Python 2 str -> bytes, as the CIFAR keys are
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = _CIFAR_GLOBALS.get((module, name))
+        if found is None:
+            raise DataError(
+                f"data.kind='cifar': {self.path}: the CIFAR reader refuses to load '{module}.{name}': CIFAR batches "
+                "hold only arrays, lists and strings, so this file is not one (or was tampered with)"
+            )
+        return found
+
+
 def _unpickle(path: Path) -> dict:
-    # The CIFAR files are plain pickles of dicts of bytes and arrays written by Python 2 (hence
-    # encoding="bytes"). Unpickling runs code from the file, which is acceptable here only because
-    # the user points clipforge at their own copy; clipforge never fetches one.
+    """A CIFAR batch or meta file: a pickled dict of bytes, lists and arrays written by Python 2."""
     with open(path, "rb") as handle:
-        return pickle.load(handle, encoding="bytes")
+        try:
+            value = _CifarUnpickler(handle, path).load()
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as error:
+            if isinstance(error, DataError):
+                raise
+            raise DataError(
+                f"data.kind='cifar': {path} is not a readable CIFAR python pickle ({error}); expected {CIFAR_EXPECTED}"
+            ) from None
+    if not isinstance(value, dict):
+        raise DataError(
+            f"data.kind='cifar': {path} holds a pickled {type(value).__name__}, not a dict; expected {CIFAR_EXPECTED}"
+        )
+    return value
 
 
 def read_cifar(path: str | os.PathLike, split: str = "train", classnames: str = "") -> ArrayImageSource:
@@ -198,7 +257,7 @@ def read_cifar(path: str | os.PathLike, split: str = "train", classnames: str = 
         if (folder / child).is_dir():
             folder = folder / child
     if split not in ("train", "test"):
-        raise ValueError(
+        raise DataError(
             f"data.kind='cifar': data.split={split!r} does not exist; the splits present are ['train', 'test']"
         )
     if (folder / "batches.meta").is_file():
@@ -222,7 +281,7 @@ def read_cifar(path: str | os.PathLike, split: str = "train", classnames: str = 
         labels = np.concatenate([np.asarray(batch[label_key], dtype=np.int64) for batch in batches])
         raw_names = [name.decode("utf-8") for name in _unpickle(meta)[names_key]]
     except (KeyError, TypeError) as error:
-        raise ValueError(
+        raise DataError(
             f"data.kind='cifar': {folder}: a pickle lacks the key {error}; expected {CIFAR_EXPECTED}"
         ) from None
     # rows are 3072 bytes: the 1024 red values of the 32x32 image, then green, then blue

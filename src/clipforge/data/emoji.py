@@ -9,6 +9,11 @@ the package is needed at run time.
 The split is by *concept*, not by emoji: the skin-tone, hair and gender variants of one emoji ("cook",
 "man cook", "woman cook: medium skin tone") share a concept key, and every concept goes whole to one split.
 A test emoji is then never a recoloured or regendered copy of a training one.
+
+Extra captions: the metadata also holds each emoji's CLDR English keywords and text-to-speech name
+(``keywords``, ``tts``; empty for the 31 Emoji 15.0 additions the CLDR 41 release lacks).
+``EmojiSource(split, captions="all")`` adds them to the Unicode name; the default ``captions="name"`` keeps
+the one-name captions.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from clipforge.data.base import check_index
+from clipforge.data.base import DataError, check_index
 
 GROUPS: tuple[str, ...] = (
     "Smileys & Emotion",
@@ -153,6 +158,8 @@ class EmojiSet:
     concepts: np.ndarray  # (N,) str, concept_key(name)
     splits: np.ndarray  # (N,) str, "train" | "val" | "test"
     group_index: np.ndarray  # (N,) int64 index into GROUPS
+    keywords: np.ndarray  # (N,) str, the CLDR keywords joined by KEYWORD_SEPARATOR ("face | grin | grinning face")
+    tts: np.ndarray  # (N,) str, the CLDR text-to-speech name ("" where CLDR lacks the emoji)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -212,10 +219,34 @@ def load_emoji_set() -> EmojiSet:
         concepts=column("concept"),
         splits=column("split"),
         group_index=_readonly(np.array([group_position[record["group"]] for record in records], dtype=np.int64)),
+        keywords=_readonly(
+            np.array([KEYWORD_SEPARATOR.join(record.get("keywords", [])) for record in records], dtype=np.str_)
+        ),
+        tts=_readonly(np.array([record.get("tts", "") for record in records], dtype=np.str_)),
     )
 
 
 EMOJI_SPLITS = ("train", "val", "test", "all")
+CAPTION_CHOICES = ("name", "all")
+KEYWORD_SEPARATOR = " | "  # as CLDR writes them; no keyword contains a "|"
+
+
+def emoji_captions(name: str, tts: str, keywords: str) -> list[str]:
+    """The ``captions="all"`` list: the Unicode name, the CLDR tts name and the CLDR keywords as one phrase.
+
+    Each is added only when it says something new: the tts name when it differs from the name (in CLDR 41 it
+    never does), the keywords without those equal to the name or tts, joined by ", " ("face, grin"), so one
+    caption names the picture's several aspects instead of many one-word captions ("face") that half the
+    faces in a batch would share.
+    """
+    captions = [name]
+    if tts and tts.casefold() != name.casefold():
+        captions.append(tts)
+    said = {caption.casefold() for caption in captions}
+    extra = [word for word in keywords.split(KEYWORD_SEPARATOR) if word and word.casefold() not in said]
+    if extra:
+        captions.append(", ".join(extra))
+    return captions
 
 
 class EmojiSource:
@@ -223,12 +254,20 @@ class EmojiSource:
 
     ``split``: ``train`` | ``val`` | ``test`` (concept-disjoint) or ``all``. ``labels`` is the emoji's
     group (index into ``classnames`` = the 9 groups), for zero-shot group classification.
+    ``captions``: ``"name"`` (the Unicode name alone) or ``"all"`` (also the CLDR keywords and tts name,
+    see :func:`emoji_captions`); the split and the images are the same either way.
     """
 
-    def __init__(self, split: str = "train") -> None:
+    def __init__(self, split: str = "train", captions: str = "name") -> None:
         if split not in EMOJI_SPLITS:
-            raise ValueError(f"emoji split {split!r} does not exist; choose one of {list(EMOJI_SPLITS)}")
+            raise DataError(f"emoji split {split!r} does not exist; choose one of {list(EMOJI_SPLITS)}")
+        if captions not in CAPTION_CHOICES:
+            raise DataError(
+                f"emoji captions={captions!r} is not a choice: 'name' (the Unicode name) or 'all' "
+                "(also the CLDR keywords and text-to-speech name)"
+            )
         self.split = split
+        self.caption_choice = captions
         self._emoji = load_emoji_set()
         selected = np.ones(len(self._emoji), dtype=bool) if split == "all" else self._emoji.splits == split
         self.indices = np.flatnonzero(selected)  # (num_images,) rows of the full set
@@ -247,7 +286,11 @@ class EmojiSource:
         return Image.fromarray(self._emoji.images[row], mode="RGB")
 
     def captions(self, index: int) -> list[str]:
-        return [str(self.names[check_index(index, len(self))])]
+        position = check_index(index, len(self))
+        if self.caption_choice == "name":
+            return [str(self.names[position])]
+        row = self.indices[position]
+        return emoji_captions(str(self._emoji.names[row]), str(self._emoji.tts[row]), str(self._emoji.keywords[row]))
 
     def describe(self, index: int) -> str:
         row = self.indices[check_index(index, len(self))]

@@ -14,6 +14,8 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+from clipforge.data.base import DataError
+
 SHIPPED_CLASSNAMES_PACKAGE = "clipforge.data.classnames"
 
 
@@ -37,17 +39,43 @@ def require_dir(path: str | os.PathLike, kind: str, expected: str) -> Path:
     return path
 
 
-def read_json(path: Path, kind: str, expected: str) -> Any:
-    """The parsed JSON of ``path``; a file that is not JSON raises ``ValueError`` saying what was expected."""
+def not_utf8(path: Path, where: str) -> DataError:
+    """The error for a text file that is not UTF-8, naming ``where`` (e.g. ``manifest <path>``), the line of
+    the first bad byte and the fix.
+
+    Only called once decoding has failed, so re-reading the file line by line (as bytes) costs nothing on
+    the good path.
+    """
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                byte = raw[error.start]
+                return DataError(
+                    f"{where}, line {number}: not UTF-8 text (byte 0x{byte:02x} at column {error.start + 1}); "
+                    "save the file as UTF-8, e.g. iconv -f latin1 -t utf-8 old.csv > new.csv"
+                )
+    return DataError(f"{where}: not UTF-8 text; save the file as UTF-8")
+
+
+def read_text(path: Path, where: str) -> str:
+    """The text of a UTF-8 file (a leading byte-order mark dropped); :func:`not_utf8` when it is not UTF-8."""
     try:
-        with open(path, encoding="utf-8-sig") as handle:
-            return json.load(handle)
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise not_utf8(path, where) from None
+
+
+def read_json(path: Path, kind: str, expected: str) -> Any:
+    """The parsed JSON of ``path``; a file that is not JSON raises ``DataError`` saying what was expected."""
+    text = read_text(path, f"data.kind={kind!r}: {path}")
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as error:
-        raise ValueError(
+        raise DataError(
             f"data.kind={kind!r}: {path} is not valid JSON ({error.msg} at line {error.lineno}); expected {expected}"
         ) from None
-    except UnicodeDecodeError:
-        raise ValueError(f"data.kind={kind!r}: {path} is not a UTF-8 text file; expected {expected}") from None
 
 
 def resolve_image_root(image_root: str, candidates: Sequence[Path], kind: str) -> Path:
@@ -114,11 +142,11 @@ def load_classnames(spec: str, kind: str) -> list[str] | dict[str, str]:
             return names
         if isinstance(names, dict) and all(isinstance(name, str) for name in names.values()):
             return names
-        raise ValueError(
+        raise DataError(
             f"data.kind={kind!r}: classnames file {path} holds {type(names).__name__} {str(names)[:60]!r}; expected "
             "a JSON list of strings (in label order) or an object mapping folder names to readable names"
         )
-    return _lines(path.read_text(encoding="utf-8-sig"))
+    return _lines(read_text(path, f"data.kind={kind!r}: classnames file {path}"))
 
 
 def _lines(text: str) -> list[str]:
@@ -137,10 +165,10 @@ def classnames_for(spec: str, kind: str, num_classes: int, default: Sequence[str
     if isinstance(names, dict):
         missing = [name for name in default if name not in names]
         if missing:
-            raise ValueError(f"data.kind={kind!r}: data.classnames={spec!r} has no readable name for {missing[:5]}")
+            raise DataError(f"data.kind={kind!r}: data.classnames={spec!r} has no readable name for {missing[:5]}")
         return [names[name] for name in default]
     if len(names) != num_classes:
-        raise ValueError(
+        raise DataError(
             f"data.kind={kind!r}: data.classnames={spec!r} lists {len(names)} names but the data has "
             f"{num_classes} classes; expected one name per class, in label order"
         )

@@ -8,6 +8,7 @@ loader workers share them. Needs ``pyarrow`` (and ``datasets`` for ``save_to_dis
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from clipforge.data.base import ImageLoadError, check_index, decode_image
+from clipforge.data.base import DataError, ImageLoadError, check_index, decode_image
 from clipforge.data.files import classnames_for
+
+logger = logging.getLogger("clipforge")
 
 HF_EXPECTED = "a datasets folder written by save_to_disk, a .parquet/.arrow file, a folder of them, or a glob"
 _SAVED_MARKERS = ("dataset_dict.json", "dataset_info.json", "state.json")
@@ -61,35 +64,29 @@ class HFSource:
         table, features, folder = _open_table(self.path, split)
         columns = table.column_names
         if image_column not in columns:
-            raise ValueError(
+            raise DataError(
                 f"data.kind='hf': {self.path} has no image column {image_column!r}; columns found: {columns}; "
                 "set data.image_column"
             )
         has_captions, has_labels = caption_column in columns, label_column in columns
         if not has_captions and not has_labels:
-            raise ValueError(
+            raise DataError(
                 f"data.kind='hf': {self.path} has neither the caption column {caption_column!r} nor the label "
                 f"column {label_column!r}; columns found: {columns}; set data.caption_column or data.label_column"
             )
         self.root = Path(image_root) if image_root else folder
         self._image_kind = _image_kind(table.schema.field(image_column).type, pa, self.path)
-        keep = np.ones(table.num_rows, dtype=bool)
-        if has_captions:
-            column = table.column(caption_column)
-            if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
-                valid = pc.greater(pc.list_value_length(column), 0)
-            elif pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-                valid = pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(column)), 0)
-            else:
-                raise ValueError(
-                    f"data.kind='hf': {self.path}: caption column {caption_column!r} holds {column.type}; "
-                    "expected strings or lists of strings"
-                )
-            keep = np.asarray(pc.fill_null(valid, False).to_numpy(zero_copy_only=False), dtype=bool)
+        keep = (
+            _rows_with_a_caption(table.column(caption_column), caption_column, self.path, pa, pc)
+            if has_captions
+            else np.ones(table.num_rows, dtype=bool)
+        )
         self.rows = np.flatnonzero(keep)  # (num_images,) table row of each image
         self.skipped_rows = int(table.num_rows - len(self.rows))
         if len(self.rows) == 0:
-            raise ValueError(f"data.kind='hf': {self.path}: none of its {table.num_rows} rows has a caption")
+            raise DataError(f"data.kind='hf': {self.path}: none of its {table.num_rows} rows has a caption")
+        if self.skipped_rows:
+            _report_skipped_rows(self.path, keep)
         self._table = table
         self._image_column = table.column(image_column)
         self._caption_column = table.column(caption_column) if has_captions else None
@@ -139,6 +136,32 @@ class HFSource:
         return f"{self.path} row {int(self.rows[check_index(index, len(self))])}"
 
 
+def _rows_with_a_caption(column: Any, name: str, path: Path, pa: Any, pc: Any) -> np.ndarray:
+    """(num_rows,) bool: the rows whose caption cell is a non-blank string or a non-empty list."""
+    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        valid = pc.greater(pc.list_value_length(column), 0)
+    elif pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        valid = pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(column)), 0)
+    else:
+        raise DataError(
+            f"data.kind='hf': {path}: caption column {name!r} holds {column.type}; expected strings or lists of strings"
+        )
+    return np.asarray(pc.fill_null(valid, False).to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def _report_skipped_rows(path: Path, keep: np.ndarray, shown: int = 5) -> None:
+    """One warning for the rows left out for an empty caption: how many, and the first few row numbers."""
+    dropped = np.flatnonzero(~keep)
+    logger.warning(
+        "data.kind='hf': %s: skipped %d of %d rows with an empty caption (rows %s%s)",
+        path,
+        len(dropped),
+        len(keep),
+        ", ".join(str(row) for row in dropped[:shown].tolist()),
+        ", ..." if len(dropped) > shown else "",
+    )
+
+
 def _image_kind(kind: Any, pa: Any, path: Path) -> str:
     if pa.types.is_struct(kind) and {"bytes", "path"} & {kind.field(i).name for i in range(kind.num_fields)}:
         return "struct"
@@ -146,7 +169,7 @@ def _image_kind(kind: Any, pa: Any, path: Path) -> str:
         return "bytes"
     if pa.types.is_string(kind) or pa.types.is_large_string(kind):
         return "path"
-    raise ValueError(
+    raise DataError(
         f"data.kind='hf': {path}: the image column holds {kind}; expected a datasets Image feature "
         "(struct of bytes and path), encoded image bytes, or image paths"
     )
@@ -165,7 +188,7 @@ def _open_table(path: Path, split: str) -> tuple[Any, dict[str, dict], Path]:
     try:
         table = pa.concat_tables(tables)
     except pa.ArrowInvalid as error:
-        raise ValueError(f"data.kind='hf': the files of {path} have different columns ({error})") from None
+        raise DataError(f"data.kind='hf': the files of {path} have different columns ({error})") from None
     metadata = (tables[0].schema.metadata or {}).get(b"huggingface")
     features = json.loads(metadata).get("info", {}).get("features", {}) if metadata else {}
     return table, features, files[0].parent
@@ -176,7 +199,7 @@ def _open_saved(path: Path, split: str) -> tuple[Any, dict[str, dict], Path]:
     loaded = datasets.load_from_disk(str(path))
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
-            raise ValueError(
+            raise DataError(
                 f"data.kind='hf': {path} has no split {split!r}; the splits present are {sorted(loaded)}; set data.split"
             )
         loaded = loaded[split]
@@ -223,7 +246,7 @@ def _files_of_split(files: list[Path], root: Path, split: str) -> list[Path]:
         return files  # one unsplit table: ``split`` does not apply
     chosen = [file for file in files if splits[file] == split]
     if not chosen:
-        raise ValueError(
+        raise DataError(
             f"data.kind='hf': {root} has no files of split {split!r}; the splits present are {present}; set data.split"
         )
     return chosen
@@ -235,7 +258,7 @@ def _read_file(file: Path, pa: Any) -> Any:
         try:
             return parquet.read_table(file, memory_map=True)
         except pa.ArrowInvalid as error:
-            raise ValueError(f"data.kind='hf': {file} is not a readable Parquet file ({error})") from None
+            raise DataError(f"data.kind='hf': {file} is not a readable Parquet file ({error})") from None
     source = pa.memory_map(str(file))
     # datasets writes Arrow *stream* files; the IPC *file* format (with a footer) is the other flavour
     for opener in (pa.ipc.open_stream, pa.ipc.open_file):
@@ -244,4 +267,4 @@ def _read_file(file: Path, pa: Any) -> Any:
             return opener(source).read_all()
         except pa.ArrowInvalid:
             continue
-    raise ValueError(f"data.kind='hf': {file} is neither an Arrow stream nor an Arrow file; expected {HF_EXPECTED}")
+    raise DataError(f"data.kind='hf': {file} is neither an Arrow stream nor an Arrow file; expected {HF_EXPECTED}")

@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from clipforge.data.base import ImageLoadError, ImageTextSource, decode_image
+from clipforge.data.base import DataError, ImageLoadError, ImageTextSource, decode_image
 from clipforge.data.classification import IMAGE_EXTENSIONS, ImageFolderSource
+from clipforge.data.files import read_text
 from clipforge.data.manifest import ManifestSource
 from clipforge.data.sources import build_source
 from clipforge.data.tables import StringTable
@@ -36,7 +37,7 @@ class ImageFilesSource:
 
     def __init__(self, paths: Sequence[str | os.PathLike]) -> None:
         if not paths:
-            raise ValueError("no image files given")
+            raise DataError("no image files given")
         # absolute and normalized: the path is the image's id in an embedding store, the same from any cwd
         self._paths = StringTable([os.path.abspath(path) for path in paths])
 
@@ -50,7 +51,7 @@ class ImageFilesSource:
             subfolders.sort()
             paths.extend(os.path.join(directory, name) for name in sorted(names) if _is_image_name(name))
         if not paths:
-            raise ValueError(f"{root} holds no image files (looked recursively for {list(IMAGE_EXTENSIONS)})")
+            raise DataError(f"{root} holds no image files (looked recursively for {list(IMAGE_EXTENSIONS)})")
         return cls(paths)
 
     def __len__(self) -> int:
@@ -87,7 +88,7 @@ class ShardImageSource:
             if any(extension in SHARD_IMAGE_EXTENSIONS for extension, _, _ in ref.members)
         ]
         if not self._refs:
-            raise ValueError(f"the shards {spec!r} hold no sample with an image")
+            raise DataError(f"the shards {spec!r} hold no sample with an image")
 
     def __len__(self) -> int:
         return len(self._refs)
@@ -165,8 +166,8 @@ def read_texts(path: str | os.PathLike) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--texts {str(path)!r} does not exist; expected a text file with one caption a line")
-    texts = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
+    texts = [line.strip() for line in read_text(path, f"--texts {path}").splitlines()]
     texts = [text for text in texts if text]
     if not texts:
-        raise ValueError(f"--texts {path} holds no caption (one caption a line)")
+        raise DataError(f"--texts {path} holds no caption (one caption a line)")
     return texts

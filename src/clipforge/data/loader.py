@@ -20,13 +20,15 @@ from collections.abc import Callable
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from clipforge.data.base import ImageLoadError, ImageTextSource
+from clipforge.data.base import DataError, ImageLoadError, ImageTextSource
 from clipforge.data.feature_cache import CachedCollator, CachedFeatureDataset, CachedFeatures
+from clipforge.data.loader_spec import LoaderSpec
 from clipforge.data.sampler import ResumableSampler
 from clipforge.data.samples import CAPTION_SAMPLING, Collator, SkippedSample, prepare_sample
 from clipforge.data.shards import ShardSource
 from clipforge.data.streaming import build_shard_loader
-from clipforge.data.tokenize import Tokenizer
+
+__all__ = ["ImageTextDataset", "LoaderSpec", "build_train_loader"]
 
 
 class ImageTextDataset(Dataset):
@@ -62,74 +64,49 @@ class ImageTextDataset(Dataset):
 
 
 def build_train_loader(
-    source: ImageTextSource,
-    transform: Callable,
-    tokenizer: Tokenizer,
-    context_length: int,
-    batch_size: int,
-    seed: int,
-    start_sample: int = 0,
-    num_workers: int = 0,
-    rank: int = 0,
-    world_size: int = 1,
-    pin_memory: bool = False,
-    caption_sampling: str = "random",
-    streams: int | None = None,
-    cached_features: CachedFeatures | None = None,
+    source: ImageTextSource | ShardSource, spec: LoaderSpec, cached_features: CachedFeatures | None = None
 ) -> DataLoader:
-    """An endless loader of :class:`Batch` for training, resuming after ``start_sample`` samples.
+    """An endless loader of :class:`Batch` for training, resuming after ``spec.start_sample`` samples.
 
-    ``batch_size`` is this rank's batch. A source with ``sample_weights`` (a mix) is drawn by them, else
-    every image once per epoch. ``caption_sampling``: ``random`` or ``cycle`` (see :class:`ImageTextDataset`).
-    The loader draws nothing from torch's global RNG (it has a generator of its own), so creating it does
-    not shift the training process's random stream.
+    ``spec.batch_size`` is this rank's batch. A source with ``sample_weights`` (a mix) is drawn by them, else
+    every image once per epoch. ``spec.caption_sampling``: ``random`` or ``cycle`` (see
+    :class:`ImageTextDataset`). The loader draws nothing from torch's global RNG (it has a generator of its
+    own), so creating it does not shift the training process's random stream.
 
     WebDataset shards (a :class:`~clipforge.data.shards.ShardSource`) are streamed instead, see
-    :func:`clipforge.data.streaming.build_shard_loader`; ``streams`` is their slot layout (ignored otherwise).
+    :func:`clipforge.data.streaming.build_shard_loader`; ``spec.streams`` is their slot layout.
 
     ``cached_features``: the feature cache of the run's locked towers (map-style sources only); the batches
     then carry those towers' features instead of their inputs (see :mod:`clipforge.data.feature_cache`), in
     the same sample order.
     """
-    if isinstance(source, ShardSource) and cached_features is not None:
-        raise ValueError("streamed shards have no random access for a feature cache; set data.cache_features=false")
     if isinstance(source, ShardSource):
-        return build_shard_loader(
-            source,
-            transform,
-            tokenizer,
-            context_length,
-            batch_size,
-            seed,
-            start_sample,
-            num_workers,
-            rank,
-            world_size,
-            pin_memory,
-            caption_sampling,
-            streams,
-        )
+        if cached_features is not None:
+            raise DataError("streamed shards have no random access for a feature cache; set data.cache_features=false")
+        return build_shard_loader(source, spec)
     weights = getattr(source, "sample_weights", None)
-    sampler = ResumableSampler(len(source), seed, start=start_sample, rank=rank, world_size=world_size, weights=weights)
-    if num_workers > 0:
+    sampler = ResumableSampler(
+        len(source), spec.seed, start=spec.start_sample, rank=spec.rank, world_size=spec.world_size, weights=weights
+    )
+    if spec.num_workers > 0:
         # tokenization runs in the forked workers; the tokenizers library's own thread pool would
         # otherwise warn on every fork and can deadlock after it
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    dataset: Dataset = ImageTextDataset(source, transform, caption_sampling)
-    collate: Callable = Collator(tokenizer, context_length)
+    dataset: Dataset = ImageTextDataset(source, spec.transform, spec.caption_sampling)
+    collate: Callable = Collator(spec.tokenizer, spec.context_length)
     if cached_features is not None:
-        dataset = CachedFeatureDataset(source, transform, cached_features, caption_sampling)
+        dataset = CachedFeatureDataset(source, spec.transform, cached_features, spec.caption_sampling)
         image_cached, text_cached = cached_features.image_views is not None, cached_features.text is not None
-        collate = CachedCollator(tokenizer, context_length, image_cached, text_cached)
+        collate = CachedCollator(spec.tokenizer, spec.context_length, image_cached, text_cached)
     return DataLoader(
         dataset,
-        batch_size=batch_size,
+        batch_size=spec.batch_size,
         sampler=sampler,
-        num_workers=num_workers,
+        num_workers=spec.num_workers,
         collate_fn=collate,
-        pin_memory=pin_memory,
-        persistent_workers=num_workers > 0,
-        prefetch_factor=4 if num_workers > 0 else None,
-        generator=torch.Generator().manual_seed(seed),
+        pin_memory=spec.pin_memory,
+        persistent_workers=spec.num_workers > 0,
+        prefetch_factor=4 if spec.num_workers > 0 else None,
+        generator=torch.Generator().manual_seed(spec.seed),
         drop_last=True,
     )

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from clipforge.data.base import ImageTextSource, check_index
+from clipforge.data.base import DataError, ImageTextSource, check_index
 
 
 class MixSource:
@@ -29,12 +29,12 @@ class MixSource:
 
     def __init__(self, sources: Sequence[ImageTextSource], weights: Sequence[float]) -> None:
         if not sources or len(sources) != len(weights):
-            raise ValueError(f"a mix needs one weight per source: {len(sources)} sources, {len(weights)} weights")
+            raise DataError(f"a mix needs one weight per source: {len(sources)} sources, {len(weights)} weights")
         if any(not weight > 0 for weight in weights):
-            raise ValueError(f"mix weights must be positive, got {list(weights)}")
+            raise DataError(f"mix weights must be positive, got {list(weights)}")
         for position, source in enumerate(sources):
             if len(source) == 0:
-                raise ValueError(f"data.mix[{position}] has no images")
+                raise DataError(f"data.mix[{position}] has no images")
         self.sources = list(sources)
         self.weights = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))  # (num_sources,)
         sizes = np.array([len(source) for source in sources], dtype=np.int64)

@@ -21,7 +21,7 @@ from pathlib import Path
 from PIL import Image
 
 from clipforge.config import DataConfig
-from clipforge.data.base import ImageLoadError, ImageTextSource, decode_image
+from clipforge.data.base import DataError, ImageLoadError, ImageTextSource, decode_image
 from clipforge.data.shards import ShardSource
 from clipforge.data.sources import build_source
 
@@ -100,6 +100,23 @@ def _encode_jpeg(image: Image.Image, quality: int) -> bytes:
     return buffer.getvalue()
 
 
+def _sample(record, image: Image.Image, key: str, max_side: int | None, jpeg_quality: int) -> dict[str, object]:
+    """One WebDataset sample: the image's bytes (its own file's when they can be kept) and its JSON metadata."""
+    if max_side is not None and max(image.size) > max_side:
+        image.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+        encoded, extension = _encode_jpeg(image, jpeg_quality), "jpg"
+    elif record.encoded is not None:
+        encoded, extension = record.encoded, record.extension
+    else:
+        encoded, extension = _encode_jpeg(image, jpeg_quality), "jpg"
+    meta = {"caption": record.captions[0], "captions": record.captions}
+    if record.label is not None:
+        meta["label"] = record.label
+    if record.classname is not None:
+        meta["classname"] = record.classname
+    return {"__key__": key, extension: encoded, "json": json.dumps(meta, ensure_ascii=False).encode()}
+
+
 def pack_source(
     config: DataConfig,
     out_dir: str | Path,
@@ -124,8 +141,8 @@ def pack_source(
     out_dir = Path(out_dir)
     if out_dir.is_dir() and any(out_dir.glob("*.tar")):
         raise FileExistsError(f"{out_dir} already holds .tar files; remove them or pack into another folder")
+    source = build_source(config)  # before the folder is made: a bad source leaves nothing behind
     out_dir.mkdir(parents=True, exist_ok=True)
-    source = build_source(config)
     shards: list[Path] = []
     writer = None
     written = skipped = 0
@@ -140,25 +157,12 @@ def pack_source(
                 if skipped <= _REPORTED_PROBLEMS:
                     logger.warning("not packed: %s: %s", record.where, error)
                 continue
-            if max_side is not None and max(image.size) > max_side:
-                image.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
-                encoded, extension = _encode_jpeg(image, jpeg_quality), "jpg"
-            elif record.encoded is not None:
-                encoded, extension = record.encoded, record.extension
-            else:
-                encoded, extension = _encode_jpeg(image, jpeg_quality), "jpg"
             if written % shard_size == 0:
                 if writer is not None:
                     writer.close()
                 shards.append(out_dir / f"{len(shards):05d}.tar")
                 writer = TarWriter(str(shards[-1]), mtime=0.0)  # a fixed time: packing twice gives equal files
-            meta = {"caption": record.captions[0], "captions": record.captions}
-            if record.label is not None:
-                meta["label"] = record.label
-            if record.classname is not None:
-                meta["classname"] = record.classname
-            key = f"{written:09d}"
-            writer.write({"__key__": key, extension: encoded, "json": json.dumps(meta, ensure_ascii=False).encode()})
+            writer.write(_sample(record, image, f"{written:09d}", max_side, jpeg_quality))
             written += 1
     finally:
         if writer is not None:
@@ -166,7 +170,7 @@ def pack_source(
     if skipped:
         logger.warning("%d unreadable images were left out", skipped)
     if not shards:
-        raise ValueError(f"data.kind={config.kind!r}: no readable image to pack ({skipped} unreadable)")
+        raise DataError(f"data.kind={config.kind!r}: no readable image to pack ({skipped} unreadable)")
     last = len(shards) - 1
     spec = str(out_dir / (f"{{00000..{last:05d}}}.tar" if last else "00000.tar"))
     return PackResult(out_dir, shards, spec, written, skipped)

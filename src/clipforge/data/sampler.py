@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from clipforge.data.base import DataError
 from clipforge.data.samples import MASK63, SampleKey, sample_seed
 
 
@@ -55,7 +56,9 @@ class ResumableSampler(Sampler):
             if not shuffle:
                 raise ValueError("weighted sampling draws at random; it cannot be combined with shuffle=False")
         if num_samples < world_size:
-            raise ValueError(f"cannot split {num_samples} samples over {world_size} ranks")
+            raise DataError(
+                f"cannot split {num_samples} samples over {world_size} ranks: the data has fewer images than processes"
+            )
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
         self.num_samples = num_samples

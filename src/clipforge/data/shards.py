@@ -27,11 +27,18 @@ from dataclasses import dataclass, field
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext
 
+from clipforge.data.base import DataError
+
 logger = logging.getLogger("clipforge")
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 _USED_EXTENSIONS = (*IMAGE_EXTENSIONS, "txt", "json", "cls")
 _OPEN_SHARDS = 8  # file descriptors one process keeps open: the shuffle buffer spans a few shards at most
+
+
+class NoReadableSampleError(DataError, RuntimeError):
+    """Shards that hold no readable sample at all: a ``DataError`` (the command line prints it and exits 2);
+    also a ``RuntimeError``, which the shard stream raised for it before."""
 
 
 def expand_shards(spec: str) -> list[str]:
@@ -106,18 +113,19 @@ class ShardSource:
         self.spec = spec
         self.shards = expand_shards(spec)
         if not self.shards:
-            raise ValueError(f"data.kind='webdataset': the shard spec {spec!r} names no file")
+            raise DataError(f"data.kind='webdataset': the shard spec {spec!r} names no file")
         if not any(os.path.isfile(path) for path in self.shards):
             raise FileNotFoundError(
                 f"data.kind='webdataset': none of the {len(self.shards)} shards of {spec!r} exists "
                 f"(the first is {self.shards[0]!r}); shards must be local .tar files"
             )
         if resample and not epoch_size:
-            raise ValueError("data.resample=true needs data.epoch_size: the samples in one epoch over all ranks")
+            raise DataError("data.resample=true needs data.epoch_size: the samples in one epoch over all ranks")
         self.shuffle_buffer = shuffle_buffer
         self.resample = resample
         self.epoch_size = epoch_size
         self._counts: dict[int, int] = {}
+        self._problems: dict[int, str] = {}  # what went wrong reading each shard, for the no-sample error
         self._warned: set[int] = set()
         self._files = _OpenFiles()
 
@@ -139,6 +147,7 @@ class ShardSource:
         """The samples of shard number ``shard`` in file order, from its headers alone; [] if unreadable."""
         refs, problem = _scan_headers(self.shards[shard], shard)
         if problem:
+            self._problems[shard] = problem
             self._warn(shard, problem)
         self._counts[shard] = len(refs)
         return refs
@@ -152,6 +161,18 @@ class ShardSource:
     def all_empty(self) -> bool:
         """True once every shard has been scanned in this process and none held a sample: nothing to stream."""
         return len(self._counts) == len(self.shards) and not any(self._counts.values())
+
+    def no_sample_error(self) -> NoReadableSampleError:
+        """The error for shards that hold no readable sample at all, with the first shard's problem."""
+        if self._problems:
+            first = self._problems[min(self._problems)]
+            return NoReadableSampleError(
+                f"no readable sample in {self.spec!r}: all {len(self.shards)} shards failed (first: {first})"
+            )
+        return NoReadableSampleError(
+            f"no readable sample in {self.spec!r}: all {len(self.shards)} shards are empty tar files; "
+            "write them again (clipforge data pack)"
+        )
 
     # -- reading samples -------------------------------------------------------------------------
     def read(self, ref: SampleRef, image: bool = True) -> ShardSample:
@@ -175,15 +196,37 @@ class ShardSource:
         return sample
 
     def iter_samples(self, image: bool = True) -> Iterator[ShardSample]:
-        """Every sample of every shard, in shard order and file order (unreadable shards skipped)."""
+        """Every sample of every shard, in shard order and file order (unreadable shards skipped).
+
+        Raises ``DataError`` (:meth:`no_sample_error`) at the end when no shard held a single sample.
+        """
+        found = False
         for shard in range(len(self.shards)):
             for ref in self.scan(shard):
+                found = True
                 yield self.read(ref, image=image)
+        if not found:
+            raise self.no_sample_error()
 
     def iter_captions(self) -> Iterator[str]:
-        """Every caption of every sample, reading no image bytes (for training a tokenizer)."""
+        """Every caption of every sample, reading no image bytes (for training a tokenizer).
+
+        Raises ``DataError`` when the shards hold no readable sample, or samples without any caption, rather
+        than handing the tokenizer nothing to learn from.
+        """
+        samples = captions = 0
+        first_problem = ""
         for sample in self.iter_samples(image=False):
+            samples += 1
+            captions += len(sample.captions)
+            if not first_problem and sample.problem:
+                first_problem = f"{sample.where}: {sample.problem}"
             yield from sample.captions
+        if not captions:
+            raise DataError(
+                f"none of the {samples} samples in {self.spec!r} has a caption (first: {first_problem}); a sample "
+                "needs a .txt member, or a .json member with 'caption' or 'captions'"
+            )
 
 
 def _scan_headers(path: str, shard: int) -> tuple[list[SampleRef], str]:

@@ -10,26 +10,30 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from clipforge.config import DATA_KINDS, DataConfig
-from clipforge.data.base import ImageTextSource
+from clipforge.data.base import DataError, ImageTextSource
 from clipforge.data.captioned import read_coco, read_flickr
 from clipforge.data.classification import ImageFolderSource, read_cifar, read_idx
+from clipforge.data.corpus import CorpusSource
 from clipforge.data.emoji import EmojiSource
+from clipforge.data.files import require_dir
 from clipforge.data.hf import HFSource
-from clipforge.data.manifest import ManifestSource
+from clipforge.data.manifest import ManifestColumns, ManifestSource
 from clipforge.data.mix import MixSource
 from clipforge.data.shards import ShardSource
+from clipforge.data.torchvision_datasets import TorchvisionSource
 
 
 def _build_mix(config: DataConfig) -> ImageTextSource:
     if any(entry.kind == "webdataset" for entry in config.mix):
-        raise ValueError("data.kind='mix' draws from map-style sources; webdataset shards stream and cannot be mixed")
+        raise DataError("data.kind='mix' draws from map-style sources; webdataset shards stream and cannot be mixed")
     sources = [build_source(entry) for entry in config.mix]
     return MixSource(sources, [entry.weight for entry in config.mix])
 
 
 SOURCE_BUILDERS: dict[str, Callable[[DataConfig], ImageTextSource]] = {
-    "emoji": lambda c: EmojiSource(c.split),
-    "manifest": lambda c: ManifestSource(c.path),
+    "emoji": lambda c: EmojiSource(c.split, captions=c.captions),
+    "corpus": lambda c: CorpusSource(c.name, c.split),
+    "manifest": lambda c: ManifestSource(c.path, ManifestColumns(c.image_column, c.caption_column, c.label_column)),
     "coco": lambda c: read_coco(c.path, c.image_root),
     "flickr": lambda c: read_flickr(c.path, c.image_root, c.split),
     "imagefolder": lambda c: ImageFolderSource(c.path, c.classnames),
@@ -38,6 +42,7 @@ SOURCE_BUILDERS: dict[str, Callable[[DataConfig], ImageTextSource]] = {
     "hf": lambda c: HFSource(
         c.path, c.split, c.image_column, c.caption_column, c.label_column, c.image_root, c.classnames
     ),
+    "torchvision": lambda c: TorchvisionSource(c.name, c.path, c.split, c.classnames),
     "mix": _build_mix,
     "webdataset": lambda c: ShardSource(c.path, c.shuffle_buffer, c.resample, c.epoch_size),
 }
@@ -50,11 +55,15 @@ def build_source(config: DataConfig) -> ImageTextSource:
 
     ``webdataset`` gives a :class:`~clipforge.data.shards.ShardSource` instead: tar shards have no index, so
     the loader streams them (``build_train_loader`` picks the path from the source's type).
-    Fails at once (``FileNotFoundError`` / ``ValueError``) when a path is missing or a file is not in the
-    format the kind reads; the message names the file, what was expected and, where it can tell, the kind
-    that would read it.
+    Fails at once (``FileNotFoundError`` / ``DataError``) when a path is missing or a file is not in the
+    format the kind reads, before reading anything else: the message names the file, what was expected and,
+    where it can tell, the kind that would read it.
     """
     builder = SOURCE_BUILDERS.get(config.kind)
     if builder is None:
-        raise ValueError(f"data.kind={config.kind!r} is unknown; choose one of {sorted(SOURCE_BUILDERS)}")
+        raise DataError(f"data.kind={config.kind!r} is unknown; choose one of {sorted(SOURCE_BUILDERS)}")
+    if config.image_root:
+        # each source reads its data.path first and would find a wrong image_root only after parsing it
+        # (minutes for a large annotation file): a missing folder is named before anything is read
+        require_dir(config.image_root, config.kind, "data.image_root: the folder holding the images")
     return builder(config)

@@ -31,10 +31,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from clipforge.data.base import ImageLoadError, decode_image
+from clipforge.data.base import DataError, ImageLoadError, decode_image
+from clipforge.data.loader_spec import LoaderSpec
 from clipforge.data.samples import Collator, SkippedSample, prepare_sample, sample_seed
 from clipforge.data.shards import SampleRef, ShardSource
-from clipforge.data.tokenize import Tokenizer
 
 logger = logging.getLogger("clipforge")
 
@@ -91,12 +91,12 @@ class ShardStream(IterableDataset):
         if source.resample:
             self.per_slot_epoch = source.epoch_size // slots
             if self.per_slot_epoch < 1:
-                raise ValueError(
+                raise DataError(
                     f"data.epoch_size={source.epoch_size} is less than one sample for each of the "
                     f"{slots} streams (world_size={world_size} x {streams} loader streams)"
                 )
         elif len(source.shards) < slots:
-            raise ValueError(
+            raise DataError(
                 f"{len(source.shards)} shards cannot be split over world_size={world_size} x {streams} loader "
                 "streams (each reads whole shards): write smaller shards (clipforge data pack --shard-size), "
                 "use fewer data.num_workers, or set data.resample=true with a data.epoch_size"
@@ -130,9 +130,7 @@ class ShardStream(IterableDataset):
 
     def _check_not_empty(self) -> None:
         if self.source.all_empty():
-            raise RuntimeError(
-                f"no readable sample in any of the {len(self.source.shards)} shards of {self.source.spec!r}"
-            )
+            raise self.source.no_sample_error()
 
     def slot_stream(self, slot: int, skip: int = 0) -> Iterator[tuple[int, int, SampleRef]]:
         """``(epoch, position in the epoch, sample)`` of global slot ``slot``, endless, after ``skip`` samples.
@@ -197,52 +195,47 @@ class ShardStream(IterableDataset):
             batch += workers
 
 
-def build_shard_loader(
-    source: ShardSource,
-    transform: Callable,
-    tokenizer: Tokenizer,
-    context_length: int,
-    batch_size: int,
-    seed: int,
-    start_sample: int = 0,
-    num_workers: int = 0,
-    rank: int = 0,
-    world_size: int = 1,
-    pin_memory: bool = False,
-    caption_sampling: str = "random",
-    streams: int | None = None,
-) -> DataLoader:
-    """An endless loader of :class:`~clipforge.data.loader.Batch` over shards, after ``start_sample`` samples.
+def build_shard_loader(source: ShardSource, spec: LoaderSpec) -> DataLoader:
+    """An endless loader of :class:`~clipforge.data.samples.Batch` over shards, after ``spec.start_sample`` samples.
 
-    ``streams`` (default: ``max(1, num_workers)``) fixes the slot layout; pass the value the run started with
-    when resuming. ``num_workers`` is lowered to the largest divisor of ``streams`` (with a warning) if needed.
+    ``spec.streams`` (default: ``max(1, spec.num_workers)``) fixes the slot layout; pass the value the run
+    started with when resuming. The worker count is lowered to the largest divisor of ``streams`` (with a
+    warning) if needed.
     """
-    streams = streams or max(1, num_workers)
-    if start_sample % batch_size:
-        raise ValueError(f"start_sample={start_sample} is not a whole number of batches of {batch_size}")
-    workers = num_workers
+    streams = spec.streams or max(1, spec.num_workers)
+    if spec.start_sample % spec.batch_size:
+        raise ValueError(f"start_sample={spec.start_sample} is not a whole number of batches of {spec.batch_size}")
+    workers = spec.num_workers
     while workers > 0 and streams % workers:
         workers -= 1
-    if workers != num_workers:
+    if workers != spec.num_workers:
         logger.warning(
             "data.num_workers=%d does not divide the %d shard streams this run started with; using %d workers "
             "so that the data order stays exactly that of the first run",
-            num_workers,
+            spec.num_workers,
             streams,
             workers,
         )
     if workers > 0:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # see build_train_loader
     stream = ShardStream(
-        source, transform, batch_size, seed, start_sample // batch_size, rank, world_size, streams, caption_sampling
+        source,
+        spec.transform,
+        spec.batch_size,
+        spec.seed,
+        spec.start_sample // spec.batch_size,
+        spec.rank,
+        spec.world_size,
+        streams,
+        spec.caption_sampling,
     )
     return DataLoader(
         stream,
         batch_size=None,  # the stream yields whole batches: it must choose which slot each one comes from
         num_workers=workers,
-        collate_fn=Collator(tokenizer, context_length),
-        pin_memory=pin_memory,
+        collate_fn=Collator(spec.tokenizer, spec.context_length),
+        pin_memory=spec.pin_memory,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
-        generator=torch.Generator().manual_seed(seed),  # the workers' base seed must not draw on the global RNG
+        generator=torch.Generator().manual_seed(spec.seed),  # the workers' base seed must not draw on the global RNG
     )

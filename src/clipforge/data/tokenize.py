@@ -9,7 +9,8 @@ neither the network nor the original files to tokenize exactly as in training:
 - ``hf``: any Hugging Face tokenizer (``transformers.AutoTokenizer``), e.g. the one that belongs to a
   pretrained text tower; sequences are whatever it builds (``[CLS] text [SEP]`` for BERT).
 
-A batch is padded on the right to its longest sequence (never beyond ``context_length``), with an
+A batch is padded on the right to its longest sequence (never beyond ``context_length``), or with
+``padding="max_length"`` every sequence to ``context_length`` (SigLIP's text tower reads its padding), with an
 attention mask that is 1 on real tokens; truncation always keeps the end-of-text token last, so
 end-of-text pooling finds it in every row.
 """
@@ -17,20 +18,38 @@ end-of-text pooling finds it in every row.
 from __future__ import annotations
 
 import base64
+import contextlib
+import json
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from clipforge.config import TokenizerConfig
+from clipforge.config import ConfigError, TokenizerConfig
+from clipforge.packaged import hf_load_kwargs, resolve_location
 
-__all__ = ["Tokenizer", "BpeTokenizer", "HFTokenizer", "train_bpe_tokenizer", "load_hf_tokenizer", "build_tokenizer"]
+__all__ = [
+    "Tokenizer",
+    "BpeTokenizer",
+    "HFTokenizer",
+    "train_bpe_tokenizer",
+    "load_hf_tokenizer",
+    "build_tokenizer",
+    "hf_from_pretrained",
+    "looks_like_path",
+    "quiet_transformers",
+]
+
+Loaded = TypeVar("Loaded")
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
+PADDINGS = ("longest", "max_length")
+# the state-dict key of the padding rule; absent = "longest" (so states written before it load unchanged)
+PADDING_KEY = "padding"
 BYTE_ALPHABET_SIZE = 256  # byte-level BPE starts from one token per byte value
 # A merge must be seen in at least two captions' worth of text: a pair that occurs once is a quirk of one
 # caption, and spending vocabulary on it only helps memorize that caption.
@@ -61,9 +80,13 @@ class Tokenizer:
     kind: str = ""
     vocab_size: int
     pad_token_id: int
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    padding: str = "longest"
 
     def __call__(self, texts: Sequence[str], context_length: int) -> tuple[Tensor, Tensor]:
-        """``(input_ids, attention_mask)``, each int64 ``(B, L)`` with ``L = min(longest in batch, context_length)``.
+        """``(input_ids, attention_mask)``, each int64 ``(B, L)`` with ``L = min(longest in batch, context_length)``
+        (``L = context_length`` when :attr:`padding` is ``max_length``).
 
         Padded on the right with ``pad_token_id``; the mask is 1 on real tokens (special tokens included)
         and 0 on padding. A caption longer than ``context_length`` loses its last text tokens, never its
@@ -77,6 +100,11 @@ class Tokenizer:
 
     def state_dict(self) -> dict[str, str]:
         """Plain ``str -> str`` (loads with ``torch.load(weights_only=True)``), enough to rebuild exactly."""
+        raise NotImplementedError
+
+    def save_pretrained(self, folder: str | Path, model_max_length: int | None = None) -> None:
+        """Write the tokenizer as transformers reads it back (``AutoTokenizer.from_pretrained(folder)``), giving
+        the same ids; ``model_max_length``: the longest input it declares (a BPE tokenizer's context length)."""
         raise NotImplementedError
 
     @classmethod
@@ -97,6 +125,15 @@ class Tokenizer:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(vocab_size={self.vocab_size}, pad_token_id={self.pad_token_id})"
 
+    def _padding_state(self) -> dict[str, str]:
+        return {} if self.padding == "longest" else {PADDING_KEY: self.padding}
+
+
+def _check_padding(padding: str) -> str:
+    if padding not in PADDINGS:
+        raise ValueError(f"tokenizer padding={padding!r} is unknown; choose one of {list(PADDINGS)}")
+    return padding
+
 
 # ----------------------------------------------------------------------------------------------
 # Byte-level BPE trained on the run's captions
@@ -106,7 +143,8 @@ class BpeTokenizer(Tokenizer):
 
     kind = "bpe"
 
-    def __init__(self, backend: Any):  # a tokenizers.Tokenizer
+    def __init__(self, backend: Any, padding: str = "longest"):  # a tokenizers.Tokenizer
+        self.padding = _check_padding(padding)
         for token in (PAD, BOS, EOS):
             if backend.token_to_id(token) is None:
                 raise ValueError(
@@ -125,7 +163,8 @@ class BpeTokenizer(Tokenizer):
         texts = _check_batch(texts, context_length, min_length=3)
         # The post-processor already wrapped each caption in <bos> ... <eos>.
         sequences = [encoding.ids for encoding in self._backend.encode_batch(texts)]
-        length = min(max(len(ids) for ids in sequences), context_length)
+        longest = context_length if self.padding == "max_length" else max(len(ids) for ids in sequences)
+        length = min(longest, context_length)
         input_ids = np.full((len(sequences), length), self.pad_token_id, dtype=np.int64)
         attention_mask = np.zeros((len(sequences), length), dtype=np.int64)
         for row, ids in enumerate(sequences):
@@ -139,16 +178,46 @@ class BpeTokenizer(Tokenizer):
         return self._backend.decode([int(i) for i in ids], skip_special_tokens=True)
 
     def state_dict(self) -> dict[str, str]:
-        return {"kind": self.kind, "tokenizer.json": self._backend.to_str()}
+        return {"kind": self.kind, "tokenizer.json": self._backend.to_str(), **self._padding_state()}
 
     @classmethod
     def _from_state(cls, state: dict[str, str]) -> BpeTokenizer:
         from tokenizers import Tokenizer as Backend
 
-        return cls(Backend.from_str(state["tokenizer.json"]))
+        return cls(Backend.from_str(state["tokenizer.json"]), state.get(PADDING_KEY, "longest"))
+
+    def save_pretrained(self, folder: str | Path, model_max_length: int | None = None) -> None:
+        # transformers applies the same normalizer, pre-tokenizer and <bos> ... <eos> template; it matches the
+        # special tokens inside a caption's text, which this tokenizer reads as text (captions rarely hold them)
+        from transformers import PreTrainedTokenizerFast
+
+        options = {} if model_max_length is None else {"model_max_length": model_max_length}
+        wrapper = PreTrainedTokenizerFast(
+            tokenizer_object=self._backend, bos_token=BOS, eos_token=EOS, pad_token=PAD, **options
+        )
+        wrapper.save_pretrained(str(folder))
+
+    def with_swapped_ids(self, first: int, second: int) -> BpeTokenizer:
+        """The same tokenizer with ids ``first`` and ``second`` exchanged everywhere (vocabulary, special tokens,
+        the ``<bos> text <eos>`` template): token t gets id ``first`` where it had ``second`` and back."""
+        from tokenizers import Tokenizer as Backend
+
+        def swap(token_id: int) -> int:
+            return {first: second, second: first}.get(token_id, token_id)
+
+        layout = json.loads(self._backend.to_str())
+        vocabulary = layout["model"]["vocab"]
+        layout["model"]["vocab"] = {token: swap(token_id) for token, token_id in vocabulary.items()}
+        for added in layout["added_tokens"]:
+            added["id"] = swap(added["id"])
+        for special in (layout.get("post_processor") or {}).get("special_tokens", {}).values():
+            special["ids"] = [swap(token_id) for token_id in special["ids"]]
+        return BpeTokenizer(Backend.from_str(json.dumps(layout)), self.padding)
 
 
-def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, lowercase: bool = True) -> BpeTokenizer:
+def train_bpe_tokenizer(
+    texts: Iterable[str], vocab_size: int, lowercase: bool = True, padding: str = "longest"
+) -> BpeTokenizer:
     """Train a byte-level BPE on ``texts``, which must be the *training* captions only.
 
     Held-out (validation/test) captions must never shape the vocabulary: merges learned from them would
@@ -157,7 +226,7 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, lowercase: bool =
     ``vocab_size`` tokens (fewer if the captions run out of pairs seen ``MIN_FREQUENCY`` times) -> ``<bos> text
     <eos>``. Ids 0, 1, 2 are ``<pad>``, ``<bos>``, ``<eos>``; the 256 byte tokens follow, so any string,
     even in an unseen script, encodes without an unknown token. Training twice on the same captions gives
-    the same vocabulary.
+    the same vocabulary. ``padding``: see :attr:`Tokenizer.padding`.
     """
     from tokenizers import Tokenizer as Backend
     from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -197,7 +266,7 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, lowercase: bool =
         single=f"{BOS} $A {EOS}",
         special_tokens=[(BOS, backend.token_to_id(BOS)), (EOS, backend.token_to_id(EOS))],
     )
-    return BpeTokenizer(backend)
+    return BpeTokenizer(backend, padding)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -211,7 +280,8 @@ class HFTokenizer(Tokenizer):
 
     kind = "hf"
 
-    def __init__(self, backend: Any):  # a transformers PreTrainedTokenizerBase
+    def __init__(self, backend: Any, padding: str = "longest"):  # a transformers PreTrainedTokenizerBase
+        self.padding = _check_padding(padding)
         if backend.pad_token is None:
             if backend.eos_token is None:
                 raise ValueError(f"{backend.name_or_path!r} has neither a pad nor an end-of-text token to pad with")
@@ -222,12 +292,14 @@ class HFTokenizer(Tokenizer):
         self._backend = backend
         self.vocab_size = len(backend)  # includes added tokens, unlike backend.vocab_size
         self.pad_token_id = backend.pad_token_id
+        self.bos_token_id = backend.bos_token_id
+        self.eos_token_id = backend.eos_token_id
 
     def __call__(self, texts: Sequence[str], context_length: int) -> tuple[Tensor, Tensor]:
         texts = _check_batch(texts, context_length, min_length=self._backend.num_special_tokens_to_add() + 1)
         encoded = self._backend(
             texts,
-            padding="longest",
+            padding=self.padding,
             truncation=True,  # counts the special tokens, so [SEP] survives
             max_length=context_length,
             return_tensors="pt",
@@ -239,7 +311,7 @@ class HFTokenizer(Tokenizer):
         return self._backend.decode([int(i) for i in ids], skip_special_tokens=True)
 
     def state_dict(self) -> dict[str, str]:
-        state = {"kind": self.kind}
+        state = {"kind": self.kind, **self._padding_state()}
         with tempfile.TemporaryDirectory() as folder:
             self._backend.save_pretrained(folder)
             for path in sorted(Path(folder).rglob("*")):
@@ -253,11 +325,14 @@ class HFTokenizer(Tokenizer):
                     state[_BINARY_PREFIX + name] = base64.b64encode(data).decode("ascii")
         return state
 
+    def save_pretrained(self, folder: str | Path, model_max_length: int | None = None) -> None:
+        self._backend.save_pretrained(str(folder))  # its own files: they already say how long an input may be
+
     @classmethod
     def _from_state(cls, state: dict[str, str]) -> HFTokenizer:
         with tempfile.TemporaryDirectory() as folder:
             for key, content in state.items():
-                if key == "kind":
+                if key in ("kind", PADDING_KEY):
                     continue
                 binary = key.startswith(_BINARY_PREFIX)
                 name = key[len(_BINARY_PREFIX) :] if binary else key
@@ -271,23 +346,96 @@ class HFTokenizer(Tokenizer):
                     target.write_bytes(base64.b64decode(content))
                 else:
                     target.write_text(content, encoding="utf-8")
-            return cls(_auto_tokenizer(folder))
+            return cls(_auto_tokenizer(folder), state.get(PADDING_KEY, "longest"))
 
 
 def _auto_tokenizer(name_or_path: str) -> Any:
     from transformers import AutoTokenizer
 
-    from clipforge.packaged import hf_load_kwargs
+    with quiet_transformers():
+        return AutoTokenizer.from_pretrained(name_or_path, **hf_load_kwargs(name_or_path))
 
-    return AutoTokenizer.from_pretrained(name_or_path, **hf_load_kwargs(name_or_path))
+
+# any of these makes a folder a saved tokenizer (AutoTokenizer builds an empty one from a bare config.json)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model")
 
 
-def load_hf_tokenizer(name_or_path: str) -> HFTokenizer:
+def load_hf_tokenizer(
+    name_or_path: str, field: str = "model.text.tokenizer.name", padding: str = "longest"
+) -> HFTokenizer:
     """A Hugging Face tokenizer by hub id, local folder or ``package:<name>`` (a model folder shipped in a pip
-    package, see :mod:`clipforge.packaged`), through ``AutoTokenizer.from_pretrained``."""
-    from clipforge.packaged import resolve_location
+    package, see :mod:`clipforge.packaged`), through ``AutoTokenizer.from_pretrained``.
 
-    return HFTokenizer(_auto_tokenizer(resolve_location(name_or_path)))
+    ``field``: the config field ``name_or_path`` came from, for the ConfigError a wrong name raises.
+    ``padding``: see :attr:`Tokenizer.padding`.
+    """
+    from transformers import AutoTokenizer
+
+    backend = hf_from_pretrained(AutoTokenizer.from_pretrained, name_or_path, field, TOKENIZER_FILES)
+    return HFTokenizer(backend, padding)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading from Hugging Face folders and hub ids, quietly and with errors that teach
+# ----------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Inside, transformers shows no progress bars and no info logs; its warnings still show.
+
+    Every command loads its towers and tokenizer, and a "Loading weights" bar each time buries what the
+    command itself says. Verbosity and bars are put back as they were.
+    """
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity(max(verbosity, hf_logging.WARNING))  # higher = quieter; never louder than asked
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def looks_like_path(location: str) -> bool:
+    """A string that can only be a file-system path: a hub id is ``name`` or ``namespace/name``."""
+    return location.startswith(("/", ".", "~", "\\")) or location.count("/") > 1 or "\\" in location
+
+
+def hf_from_pretrained(
+    load: Callable[..., Loaded], spec: str, field: str, needs: Sequence[str] = ("config.json",)
+) -> Loaded:
+    """``load(location, **kwargs)`` (a ``from_pretrained``) for a hub id, local folder or ``package:<name>``,
+    quietly (:func:`quiet_transformers`); a local folder never consults the hub.
+
+    A name that is neither a folder holding one of ``needs`` nor a hub id transformers can find (downloaded,
+    or cached when offline) raises ConfigError naming ``field`` (e.g. ``model.text.name``), instead of
+    transformers' "Repo id must be in the form..." or ``OSError`` traceback.
+    """
+    location = resolve_location(spec)
+    folder = Path(location).expanduser()
+    if folder.is_dir():
+        if not any((folder / name).is_file() for name in needs):
+            raise ConfigError(
+                f"{field}={spec!r} is a folder without {' or '.join(needs)}: point it at a folder written by "
+                "save_pretrained, or at a Hugging Face hub id"
+            )
+        location = str(folder)
+    elif looks_like_path(location):
+        raise ConfigError(f"{field}={spec!r}: no such folder (a path to a folder written by save_pretrained)")
+    try:
+        with quiet_transformers():
+            return load(location, **hf_load_kwargs(location))
+    except (OSError, ValueError) as error:
+        if folder.is_dir():  # a folder with a config but not the rest (weights, vocabulary), or a broken config
+            raise ConfigError(f"{field}={spec!r}: {str(error).strip().splitlines()[0]}") from error
+        if not isinstance(error, OSError):
+            raise
+        raise ConfigError(
+            f"{field}={spec!r} is neither a local folder with {needs[0]} nor a Hugging Face hub id that is "
+            "cached here or can be downloaded (offline, with HF_HUB_OFFLINE=1, only cached ids load)"
+        ) from error
 
 
 # ----------------------------------------------------------------------------------------------
@@ -302,12 +450,13 @@ def build_tokenizer(config: TokenizerConfig, text_tower_name: str, training_text
     if config.kind == "bpe":
         if training_texts is None:
             raise ValueError("tokenizer.kind='bpe' is trained on the training captions: pass training_texts")
-        return train_bpe_tokenizer(training_texts, config.vocab_size, lowercase=config.lowercase)
+        return train_bpe_tokenizer(training_texts, config.vocab_size, config.lowercase, config.padding)
     if config.kind == "hf":
         name = config.name or text_tower_name
         if not name:
             raise ValueError(
                 "tokenizer.kind='hf' needs model.text.tokenizer.name or model.text.name: a Hugging Face id or folder"
             )
-        return load_hf_tokenizer(name)
+        field = "model.text.tokenizer.name" if config.name else "model.text.name"
+        return load_hf_tokenizer(name, field, config.padding)
     raise ValueError(f"tokenizer.kind={config.kind!r} is not a tokenizer; choose 'bpe' or 'hf'")

@@ -2,9 +2,10 @@
 
 * ``ddp``: :class:`~torch.nn.parallel.DistributedDataParallel`, gradients averaged over ranks in buckets
   during the backward pass.
-* ``fsdp``: FSDP2 ``fully_shard`` on every transformer block, then on each tower (what is left of it: patch
-  and token embeddings, final norms; a timm/Hugging Face/torchvision tower is one unit), then on the model
-  (the heads). The logit scale and bias are 0-dim, which FSDP2 cannot shard: they stay replicated, out of
+* ``fsdp``: FSDP2 ``fully_shard`` on every block a tower names as a sharding unit (the built-in towers'
+  transformer blocks, :meth:`~clipforge.model.towers.Tower.sharding_units`), then on each tower (what is left
+  of it: patch and token embeddings, final norms; a timm/Hugging Face/torchvision tower is one unit), then on
+  the model (the heads). The logit scale and bias are 0-dim, which FSDP2 cannot shard: they stay replicated, out of
   FSDP's hands, and :func:`finish_gradients` averages their gradients as DDP would.
 
 Both average gradients over ranks; the trainer backpropagates ``world_size * loss`` to undo that (see
@@ -34,7 +35,6 @@ from clipforge.config import TrainConfig
 from clipforge.distributed.groups import DistributedContext
 from clipforge.model import CLIPModel
 from clipforge.model.grad_checkpointing import enable_grad_checkpointing
-from clipforge.model.transformer import ResidualAttentionBlock
 
 logger = logging.getLogger("clipforge")
 
@@ -76,9 +76,8 @@ def shard_model(model: CLIPModel) -> CLIPModel:
         if not any(True for _ in tower.parameters()):
             continue
         if any(parameter.requires_grad for parameter in tower.parameters()):  # a frozen tower is one unit
-            for block in tower.modules():
-                if isinstance(block, ResidualAttentionBlock):
-                    fully_shard(block)
+            for block in tower.sharding_units():
+                fully_shard(block)
         fully_shard(tower)
     fully_shard(model, ignored_params=set(_logit_parameters(model)))
     return model

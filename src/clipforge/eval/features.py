@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from clipforge.data.base import ImageTextSource
+from clipforge.data.base import DataError, ImageTextSource
 from clipforge.data.loader import ImageTextDataset
 from clipforge.data.samples import SkippedSample
 from clipforge.data.tokenize import Tokenizer
@@ -82,7 +82,9 @@ def encode_source_images(
             features.append(model.encode_image(images.to(device)).float())
         indices.extend(positions)
     if not features:
-        raise ValueError(f"none of the {len(source)} images could be read; first error: {skipped[0].reason}")
+        raise DataError(
+            f"none of the {len(source)} images could be read (first: {skipped[0].where}: {skipped[0].reason})"
+        )
     return ImageFeatures(torch.cat(features), np.asarray(indices, dtype=np.int64), skipped)
 
 
@@ -95,11 +97,23 @@ def encode_texts(
     batch_size: int = 512,
     autocast: contextlib.AbstractContextManager | None = None,
 ) -> torch.Tensor:
-    """Normalized text embeddings (len(texts), D), in the order given."""
+    """Normalized text embeddings (len(texts), D), in the order given.
+
+    Each distinct string is encoded once and its row copied to every position that holds it, so identical
+    texts get bit-identical embeddings whatever ``batch_size`` is. The reason: a batched forward pass may round
+    a row differently depending on the rows beside it and the batch's padded length, and when two images
+    share a caption, that noise, not the tie rule of the retrieval metrics, would decide which one ranks first.
+    """
+    distinct: dict[str, int] = {}
+    positions = [distinct.setdefault(text, len(distinct)) for text in texts]  # (len(texts),) row of each text
+    unique_texts = list(distinct)
     device = _model_device(model)
     parts = []
-    for start in range(0, len(texts), batch_size):
-        input_ids, attention_mask = tokenizer(list(texts[start : start + batch_size]), context_length)
+    for start in range(0, len(unique_texts), batch_size):
+        input_ids, attention_mask = tokenizer(unique_texts[start : start + batch_size], context_length)
         with autocast or contextlib.nullcontext():
             parts.append(model.encode_text(input_ids.to(device), attention_mask.to(device)).float())
-    return torch.cat(parts)
+    features = torch.cat(parts)  # (num distinct texts, D)
+    if len(unique_texts) == len(positions):
+        return features
+    return features[torch.as_tensor(positions, device=features.device)]

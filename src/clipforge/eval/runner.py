@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from clipforge.config import DATA_KINDS, Config, DataConfig
-from clipforge.data.base import ImageTextSource
+from clipforge.data.base import DataError, ImageTextSource
 from clipforge.data.files import classnames_for
 from clipforge.data.samples import SkippedSample
 from clipforge.data.sources import build_source
@@ -30,6 +30,7 @@ from clipforge.eval.features import encode_source_images, encode_texts
 from clipforge.eval.retrieval import retrieval_metrics
 from clipforge.eval.templates import get_templates
 from clipforge.eval.zeroshot import build_zeroshot_classifier, zeroshot_metrics
+from clipforge.io import atomic_write_text
 from clipforge.model import CLIPModel
 from clipforge.viz import plot_retrieval_grid
 
@@ -97,11 +98,11 @@ def open_eval_source(data: DataConfig) -> ImageTextSource:
     """``build_source(data)``, checked to be a finite source evaluation can index.
 
     Every image must be visited exactly once and its captions looked up by index, so a streamed source
-    (no ``len``/``load_image``) is refused with a ``ValueError`` that says so, rather than failing mid-run.
+    (no ``len``/``load_image``) is refused with a ``DataError`` that says so, rather than failing mid-run.
     """
     source = build_source(data)
     if not isinstance(source, ImageTextSource):
-        raise ValueError(
+        raise DataError(
             f"data.kind={data.kind!r} gives a streamed source ({type(source).__name__}) that evaluation cannot "
             "index; evaluate on a source with random access (manifest, coco, flickr, imagefolder, idx, cifar, hf)"
         )
@@ -116,23 +117,23 @@ def classification_targets(
 ) -> tuple[np.ndarray, list[str]]:
     """The source's labels (num_images,) and the class names to prompt with (``classnames`` if given).
 
-    Raises ``ValueError`` saying what is missing: labels (the source is not a classification set), names
+    Raises ``DataError`` saying what is missing: labels (the source is not a classification set), names
     (its labels are plain numbers), or names for the largest label.
     """
     if source.labels is None:
-        raise ValueError(
+        raise DataError(
             "zero-shot classification needs class labels, and this source has none; use a labelled source "
             "(a manifest with a 'label' column, imagefolder, idx, cifar) or task retrieval"
         )
     names = list(classnames) if classnames is not None else source.classnames
     if not names:
-        raise ValueError(
+        raise DataError(
             "zero-shot classification puts class names into its prompts, and this source's labels are plain "
             "numbers; give the class names in label order (a .txt file with one name per line, or .json)"
         )
     labels = np.asarray(source.labels, dtype=np.int64)
     if len(labels) and (labels.min() < 0 or labels.max() >= len(names)):
-        raise ValueError(
+        raise DataError(
             f"the labels run from {labels.min()} to {labels.max()} but there are {len(names)} class names; "
             "every label must index a name"
         )
@@ -232,6 +233,10 @@ def evaluate_retrieval(
     (see ``retrieval_metrics``, pessimistic tie rule): ``{image,text}_retrieval_recall@{k}`` for ``ks`` and
     the mean and median ranks. An unreadable image is dropped together with its captions, so no caption
     points at an image that is not among the candidates.
+
+    Captions shared by several images (``"a dog on the grass"`` under two photos) are embedded once
+    (``encode_texts`` encodes each distinct string once), so their scores are bit-identical: such ties are
+    resolved by the pessimistic rule, and the metrics do not depend on ``batch_size``.
     """
     images = encode_source_images(model, source, config.model.image, batch_size, num_workers, autocast)
     captions: list[str] = []
@@ -282,11 +287,9 @@ def benchmark_record(result: EvalResult, dataset: str, model: str) -> dict[str, 
 
 
 def write_results_json(path: str | Path, result: EvalResult, dataset: str, model: str) -> Path:
-    """Write :func:`benchmark_record` as indented JSON to ``path`` (its folder is created)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(benchmark_record(result, dataset, model), indent=2) + "\n")
-    return path
+    """Write :func:`benchmark_record` as indented JSON to ``path`` (its folder is created), atomically: an
+    interrupted write leaves the old file, never half a new one. Keys keep CLIP_benchmark's order."""
+    return atomic_write_text(path, json.dumps(benchmark_record(result, dataset, model), indent=2) + "\n")
 
 
 def format_results_table(result: EvalResult, dataset: str, model: str) -> str:

@@ -31,8 +31,12 @@ def build_zeroshot_classifier(
         w_c     = mean_t e_{c,t} / ||mean_t e_{c,t}||
 
     Templates hold one ``{}`` placeholder (CLIP_benchmark's ``{c}`` is accepted too and read as ``{}``); a
-    template without one raises ``ValueError``. The ``C * T`` prompts are sent to ``encode_text`` in batches of
-    at most ``batch_size`` strings, across class boundaries, under ``torch.no_grad()``.
+    template without one raises ``ValueError``. The distinct strings among the ``C * T`` prompts are sent to
+    ``encode_text`` once each (in first-appearance order), in batches of at most ``batch_size`` strings, across
+    class boundaries, under ``torch.no_grad()``. A prompt that repeats (two classes with the same name, a
+    template listed twice) therefore gets one embedding, bit-identical wherever it is used: two classes of the
+    same name get the same weights, and the tie rule of :func:`zeroshot_metrics`, not the rounding of a
+    batch, decides between them, whatever ``batch_size`` is.
 
     Args:
         encode_text: maps a list of n strings to an (n, D) tensor of (not necessarily normalized) embeddings.
@@ -52,12 +56,13 @@ def build_zeroshot_classifier(
     # Class-major order: prompt p belongs to class p // T, so a batch can span several classes and every call
     # to the (slow) text tower is full.
     prompts = [template.format(name) for name in classnames for template in templates]
+    unique_prompts, prompt_ids, order, sorted_ids = _distinct_prompts(prompts)
     # Running per-class sums instead of keeping all C*T embeddings: 1000 classes x 80 templates x 1024 floats
     # would otherwise be 320 MB for nothing.
     class_sums: Tensor | None = None
     with torch.no_grad():
-        for start in range(0, len(prompts), batch_size):
-            batch = prompts[start : start + batch_size]
+        for start in range(0, len(unique_prompts), batch_size):
+            batch = unique_prompts[start : start + batch_size]
             embeddings = encode_text(batch)
             if not isinstance(embeddings, Tensor) or embeddings.ndim != 2 or embeddings.shape[0] != len(batch):
                 shape = tuple(embeddings.shape) if isinstance(embeddings, Tensor) else type(embeddings).__name__
@@ -65,11 +70,23 @@ def build_zeroshot_classifier(
             embeddings = F.normalize(embeddings.float(), dim=-1)
             if class_sums is None:
                 class_sums = embeddings.new_zeros(len(classnames), embeddings.shape[1])
-            class_of_prompt = torch.arange(start, start + len(batch), device=embeddings.device) // num_templates
-            class_sums.index_add_(0, class_of_prompt, embeddings)
+            low, high = torch.searchsorted(sorted_ids, torch.tensor([start, start + len(batch)])).tolist()
+            uses = order[low:high]  # positions in `prompts` of every use of this batch's prompts
+            class_of_use = (uses // num_templates).to(embeddings.device)
+            class_sums.index_add_(0, class_of_use, embeddings[(prompt_ids[uses] - start).to(embeddings.device)])
     assert class_sums is not None  # at least one class and one template, checked above
     # Dividing by T would not change the direction; it is kept so the code reads as the mean in the docstring.
     return F.normalize(class_sums / num_templates, dim=-1)
+
+
+def _distinct_prompts(prompts: Sequence[str]) -> tuple[list[str], Tensor, Tensor, Tensor]:
+    """``(unique, ids, order, sorted_ids)``: the distinct prompts in first-appearance order, the (n,) index of
+    each prompt among them, and the prompt positions sorted by that index (stable) with the sorted indices, so
+    that the uses of distinct prompts ``[start, stop)`` are one contiguous slice of ``order``."""
+    distinct: dict[str, int] = {}
+    ids = torch.tensor([distinct.setdefault(prompt, len(distinct)) for prompt in prompts])  # (n,)
+    order = torch.argsort(ids, stable=True)
+    return list(distinct), ids, order, ids[order]
 
 
 def zeroshot_metrics(
@@ -102,6 +119,31 @@ def zeroshot_metrics(
         labels: (N,) integer true classes in [0, C).
         ks: the k for top-k accuracy.
     """
+    labels = _checked_labels(image_features, classifier, labels, ks)
+    num_classes = classifier.shape[0]
+    logits = image_features.float() @ classifier.to(image_features.device).float().T  # (N, C)
+    true_logit = logits.gather(1, labels[:, None])  # (N, 1)
+    at_or_above = logits >= true_logit  # (N, C), includes the true class itself
+    ranks = at_or_above.sum(dim=1)  # = 1 + #(wrong classes >= true)
+
+    metrics: dict[str, float | list[list[int]]] = {}
+    for k in ks:
+        if k <= num_classes:
+            metrics[f"acc{k}"] = (ranks <= k).double().mean().item()
+
+    predictions = _pessimistic_top1(logits, labels)
+    confusion = torch.bincount(labels * num_classes + predictions, minlength=num_classes * num_classes)
+    confusion = confusion.reshape(num_classes, num_classes).cpu()
+    support = confusion.sum(dim=1)
+    present = support > 0
+    per_class_recall = confusion.diagonal()[present].double() / support[present].double()
+    metrics["mean_per_class_recall"] = per_class_recall.mean().item()
+    metrics["confusion_matrix"] = confusion.tolist()
+    return metrics
+
+
+def _checked_labels(image_features: Tensor, classifier: Tensor, labels: Tensor, ks: Sequence[int]) -> Tensor:
+    """``labels`` as long indices on the features' device, after checking every input's shape and type."""
     if image_features.ndim != 2 or classifier.ndim != 2 or image_features.shape[1] != classifier.shape[1]:
         raise ValueError(
             "expected image_features (N, D) and classifier (C, D) with the same D, got "
@@ -120,32 +162,15 @@ def zeroshot_metrics(
     low, high = int(labels.min()), int(labels.max())
     if low < 0 or high >= num_classes:
         raise ValueError(f"labels must be class indices in [0, {num_classes - 1}], got values in [{low}, {high}]")
+    return labels
 
-    logits = image_features.float() @ classifier.to(image_features.device).float().T  # (N, C)
-    true_logit = logits.gather(1, labels[:, None])  # (N, 1)
-    at_or_above = logits >= true_logit  # (N, C), includes the true class itself
-    ranks = at_or_above.sum(dim=1)  # = 1 + #(wrong classes >= true)
 
-    metrics: dict[str, float | list[list[int]]] = {}
-    for k in ks:
-        if k <= num_classes:
-            metrics[f"acc{k}"] = (ranks <= k).double().mean().item()
-
-    # Top-1 prediction under the same pessimistic rule: any wrong class tied at the top wins over the true one.
+def _pessimistic_top1(logits: Tensor, labels: Tensor) -> Tensor:
+    """Top-1 predictions (N,) under the pessimistic tie rule: any wrong class tied at the top wins over the true
+    one (the lowest-index such class: argmax of a 0/1 row returns the first maximal index)."""
     is_top = logits >= logits.max(dim=1, keepdim=True).values
     wrong_top = is_top.scatter(1, labels[:, None], False)
-    has_wrong_top = wrong_top.any(dim=1)
-    # argmax of a 0/1 row returns the first maximal index, i.e. the lowest-index wrong class at the top.
-    predictions = torch.where(has_wrong_top, wrong_top.to(torch.uint8).argmax(dim=1), labels)
-
-    confusion = torch.bincount(labels * num_classes + predictions, minlength=num_classes * num_classes)
-    confusion = confusion.reshape(num_classes, num_classes).cpu()
-    support = confusion.sum(dim=1)
-    present = support > 0
-    per_class_recall = confusion.diagonal()[present].double() / support[present].double()
-    metrics["mean_per_class_recall"] = per_class_recall.mean().item()
-    metrics["confusion_matrix"] = confusion.tolist()
-    return metrics
+    return torch.where(wrong_top.any(dim=1), wrong_top.to(torch.uint8).argmax(dim=1), labels)
 
 
 def predict_proba(image_features: Tensor, classifier: Tensor, logit_scale: float) -> Tensor:

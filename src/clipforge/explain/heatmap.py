@@ -26,9 +26,8 @@ from clipforge.data.base import decode_image
 from clipforge.data.transforms import build_image_transform
 from clipforge.eval.features import encode_texts
 from clipforge.explain.gradcam import gradcam_maps
-from clipforge.explain.rollout import rollout_maps, text_conditioned_maps
+from clipforge.explain.rollout import has_patch_attention, rollout_maps, text_conditioned_maps
 from clipforge.model import resolve_image_preprocess
-from clipforge.model.vision import VisionTransformer
 
 METHODS = ("auto", "attention-gradient", "rollout", "gradcam")
 
@@ -48,11 +47,15 @@ def resolve_method(loaded: LoadedCheckpoint, method: str = "auto") -> str:
     """``auto`` -> the method the image tower allows; an explicit method is checked against the tower."""
     if method not in METHODS:
         raise ValueError(f"method={method!r}: choose one of {list(METHODS)}")
-    is_vit = isinstance(loaded.model.image_tower, VisionTransformer)
+    tower = loaded.model.image_tower
+    has_attention = has_patch_attention(tower)
     if method == "auto":
-        return "attention-gradient" if is_vit else "gradcam"
-    if method in ("attention-gradient", "rollout") and not is_vit:
-        raise ValueError(f"method={method!r} needs the built-in ViT image tower; use 'gradcam' for this model")
+        return "attention-gradient" if has_attention else "gradcam"
+    if method in ("attention-gradient", "rollout") and not has_attention:
+        raise ValueError(
+            f"method={method!r} needs an image tower with attention maps (the built-in ViT), not "
+            f"{tower.describe()}; use 'gradcam' for this model"
+        )
     return method
 
 

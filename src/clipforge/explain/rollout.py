@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from clipforge.model import CLIPModel
-from clipforge.model.vision import VisionTransformer
+from clipforge.model.towers import Tower
 
 
 def attention_rollout(attentions: Sequence[torch.Tensor], row_normalize: bool = True) -> torch.Tensor:
@@ -69,11 +69,18 @@ def gradient_weighted(attentions: Sequence[torch.Tensor], gradients: Sequence[to
     ]
 
 
-def vit_tower(model: CLIPModel) -> VisionTransformer:
+def has_patch_attention(tower: Tower) -> bool:
+    """Whether ``tower`` gives attention maps over a class token and a patch grid (the built-in ViT does)."""
+    return tower.supports_attention_maps and tower.grid_size is not None
+
+
+def vit_tower(model: CLIPModel) -> Tower:
+    """The image tower, which must give attention maps over a class token and a patch grid (the built-in ViT)."""
     tower = model.image_tower
-    if not isinstance(tower, VisionTransformer):
+    if not has_patch_attention(tower):
         raise TypeError(
-            f"attention rollout needs the built-in ViT image tower (model.image.kind='vit'), not {type(tower).__name__}"
+            f"attention rollout needs an image tower with attention maps over a patch grid (the built-in ViT, "
+            f"model.image.kind='vit'), not {tower.describe()}"
         )
     return tower
 
@@ -82,7 +89,7 @@ def rollout_maps(model: CLIPModel, images: torch.Tensor) -> torch.Tensor:
     """Plain rollout maps (B, grid, grid) of preprocessed images (B, 3, S, S); the text plays no part."""
     tower = vit_tower(model)
     with torch.no_grad():
-        _, attentions = tower(images, return_attention=True)
+        _, attentions = tower.forward_with_attention(images)
     return class_token_map(attention_rollout(attentions), tower.grid_size)
 
 
@@ -99,7 +106,7 @@ def text_conditioned_maps(model: CLIPModel, images: torch.Tensor, text_features:
     with torch.enable_grad():
         # a graph through the input: a frozen tower has no parameter that would otherwise start one
         images = images.detach().requires_grad_(True)
-        features, attentions = tower(images, return_attention=True)
+        features, attentions = tower.forward_with_attention(images)
         # encode_image's head + normalization, applied to the tower output we hold the attentions of
         image_features = F.normalize(model.image_head(features).float(), dim=-1)  # (B, D)
         for position in range(len(text_features)):

@@ -21,7 +21,7 @@ import json
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -111,18 +111,6 @@ def _max_difference(path: Path, feeds: dict[str, torch.Tensor], expected: torch.
     return float(np.abs(got - expected.numpy()).max())
 
 
-def _write_tokenizer(state: dict[str, str], folder: Path) -> None:
-    """The tokenizer's files (its checkpoint state: file name -> text) into ``folder``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, content in state.items():
-        relative = PurePosixPath(name)
-        if name == "kind" or relative.is_absolute() or ".." in relative.parts:
-            continue
-        target = folder.joinpath(*relative.parts)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(target, content)
-
-
 def _text_inputs(loaded: LoadedCheckpoint, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Real token ids of ``batch`` captions of different lengths, so padding is exercised."""
     captions = ["a photo", "a small red circle on a white page", "two dogs", "the letter a", "x"][:batch]
@@ -181,7 +169,7 @@ def export_onnx(loaded: LoadedCheckpoint, out_dir: str | Path, atol: float = 1e-
             )
         info = {**asdict(preprocess), "context_length": loaded.config.model.text.context_length, **metadata}
         atomic_write_text(Path(scratch, "preprocess.json"), json.dumps(info, indent=2) + "\n")
-        _write_tokenizer(loaded.tokenizer.state_dict(), Path(scratch, "tokenizer"))
+        loaded.tokenizer.save_pretrained(Path(scratch, "tokenizer"), loaded.config.model.text.context_length)
         for item in Path(scratch).iterdir():  # all checked: move the export into place
             item.replace(folder / item.name)
     return OnnxExport(

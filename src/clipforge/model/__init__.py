@@ -9,6 +9,7 @@ from clipforge.model.registry import (
     count_parameters,
     create_model,
 )
+from clipforge.model.towers import Tower
 from clipforge.model.vision import resolve_image_preprocess
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "MAX_LOGIT_SCALE",
     "SIGLIP_INIT_LOGIT_BIAS",
     "SIGLIP_INIT_LOGIT_SCALE",
+    "Tower",
     "count_parameters",
     "create_model",
     "resolve_image_preprocess",

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clipforge.model.towers import Tower
+
 
 class CLIPOutput(TypedDict):
     """What ``CLIPModel.forward`` returns (a plain dict at run time).
@@ -33,12 +35,15 @@ class CLIPModel(nn.Module):
     Locked parts of the towers (``clipforge.model.locking``) have ``requires_grad=False`` parameters, and the
     submodules named in ``locked_modules`` (the maximal all-locked ones) stay in eval mode through ``train()``,
     so BatchNorm statistics and dropout do not drift there; the heads still train.
+
+    The towers are :class:`~clipforge.model.towers.Tower` s: training, sharding and explanations ask them what
+    they support rather than testing their class.
     """
 
     def __init__(
         self,
-        image_tower: nn.Module,
-        text_tower: nn.Module,
+        image_tower: Tower,
+        text_tower: Tower,
         image_head: nn.Module,
         text_head: nn.Module,
         init_logit_scale: float,

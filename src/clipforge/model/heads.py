@@ -9,15 +9,18 @@ HEAD_KINDS = ("linear", "mlp", "identity")
 
 
 class LinearHead(nn.Module):
-    """y = W x, no bias: the CLIP paper's linear projection into the joint space.
+    """y = W x, no bias: the CLIP paper's linear projection into the joint space; y = W x + b with ``bias``
+    (SigLIP's text head), b starting at 0.
 
     ``init="normal"``: W ~ normal(0, in_dim^-1/2); ``"identity"``: W = I (in_dim == out_dim), a head that starts
     as the tower's own space (a pretrained text tower's) and moves only as far as training takes it.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, init: str = "normal") -> None:
+    def __init__(self, in_dim: int, out_dim: int, init: str = "normal", bias: bool = False) -> None:
         super().__init__()
-        self.proj = nn.Linear(in_dim, out_dim, bias=False)
+        self.proj = nn.Linear(in_dim, out_dim, bias=bias)
+        if bias:
+            nn.init.zeros_(self.proj.bias)
         if init == "identity":
             if in_dim != out_dim:
                 raise ValueError(f"an identity-initialised head needs in_dim == out_dim, got {in_dim} -> {out_dim}")
@@ -53,9 +56,15 @@ class MLPHead(nn.Module):
 
 
 def build_head(
-    kind: str, in_dim: int, out_dim: int, dropout: float = 0.1, where: str = "model", init: str = "normal"
+    kind: str,
+    in_dim: int,
+    out_dim: int,
+    dropout: float = 0.1,
+    where: str = "model",
+    init: str = "normal",
+    bias: bool = False,
 ) -> nn.Module:
-    """``linear`` -> :class:`LinearHead` (``init``: ``normal`` | ``identity``); ``mlp`` -> :class:`MLPHead`
+    """``linear`` -> :class:`LinearHead` (``init``: ``normal`` | ``identity``; ``bias``); ``mlp`` -> :class:`MLPHead`
     (``dropout`` applies to ``mlp`` only); ``identity`` -> y = x, which keeps a pretrained tower's own space (LiT's
     locked text tower: the other head learns to map into it); it needs ``in_dim == out_dim``.
     ``where`` names the config section in errors."""
@@ -64,8 +73,10 @@ def build_head(
             f"{where}.head_init='identity' needs head 'linear' and model.embed_dim equal to the tower's {in_dim}-d "
             f"features (it is {out_dim})"
         )
+    if bias and kind != "linear":
+        raise ValueError(f"{where}.head_bias=true needs {where}.head='linear' (it is {kind!r})")
     if kind == "linear":
-        return LinearHead(in_dim, out_dim, init)
+        return LinearHead(in_dim, out_dim, init, bias)
     if kind == "mlp":
         return MLPHead(in_dim, out_dim, dropout)
     if kind == "identity":

@@ -1,4 +1,5 @@
-"""Pretrained weights that work offline: weights shipped inside pip packages, and files in another naming.
+"""Pretrained weights that work offline: local state-dict files, weights shipped inside pip packages, and files
+in another naming.
 
 Packaged weights (``package:<name>``) are located by :mod:`clipforge.packaged`.
 
@@ -9,7 +10,16 @@ pairs the i-th tensor of the file with the i-th of the model and checks every sh
 
 from __future__ import annotations
 
+import pickle
+from pathlib import Path
+
 import torch
+from torch import nn
+
+from clipforge.config import ImageTowerConfig
+from clipforge.packaged import is_packaged, packaged_entry, packaged_path
+
+WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 
 
 def _is_counter(key: str) -> bool:
@@ -44,3 +54,101 @@ def map_state_dict_in_order(
             )
         mapped[target_key] = source[source_key]
     return mapped
+
+
+def local_weights_file(pretrained: str | None) -> Path | None:
+    """The local file ``pretrained`` names (``package:<name>``: the file inside that pip package), or None when
+    it names no file.
+
+    A string that looks like a path (a separator or a weights suffix) but does not exist is an error rather
+    than being passed on as a weights name, so a typo in a path does not turn into a download attempt.
+    """
+    if pretrained is None or pretrained == "default":
+        return None
+    if is_packaged(pretrained):
+        return packaged_path(pretrained)
+    path = Path(pretrained).expanduser()
+    if path.is_file():
+        return path
+    if "/" in pretrained or "\\" in pretrained or path.suffix in WEIGHT_FILE_SUFFIXES:
+        raise ValueError(f"pretrained={pretrained!r} looks like a weights file but no file exists there")
+    return None
+
+
+def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from ``.safetensors`` or a torch file (``torch.load(weights_only=True)``).
+
+    A torch file holding ``{"state_dict": {...}}`` (a common training-checkpoint layout) is unwrapped.
+    """
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ValueError(
+            f"{path}: not a plain state dict ({exc}). Save weights with torch.save(model.state_dict(), path)"
+        ) from exc
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: expected a dict of parameter name -> tensor, got {type(state).__name__}")
+    return state
+
+
+def _first(keys: list[str], limit: int = 5) -> str:
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return f"{keys[:limit]}{more}"
+
+
+def weights_key_order(cfg: ImageTowerConfig) -> str:
+    """How ``cfg.pretrained``'s tensors meet the tower's: packaged weights know their own; else ``pretrained_keys``."""
+    return packaged_entry(cfg.pretrained).key_order if is_packaged(cfg.pretrained) else cfg.pretrained_keys
+
+
+def load_weights_file(
+    module: nn.Module,
+    path: Path,
+    description: str,
+    drop_prefixes: tuple[str, ...] = (),
+    key_order: str = "by_name",
+) -> None:
+    """Load the state dict in ``path`` into ``module`` strictly, or raise a ValueError that says what differs.
+
+    ``key_order="by_name"``: keys under ``drop_prefixes`` (the classifier the headless tower no longer has) are
+    dropped first. ``"in_order"``: the file's tensors are renamed to ``module``'s by position with every shape
+    checked (:func:`~clipforge.model.pretrained.map_state_dict_in_order`), so ``module`` must still have the
+    classifier the file has. A missing BatchNorm ``num_batches_tracked`` counter is tolerated: it is a step
+    count, not a weight.
+    """
+    state = load_state_dict_file(path)
+    if key_order == "in_order":
+        state = map_state_dict_in_order(state, module.state_dict(), description)
+    state = {
+        key: value
+        for key, value in state.items()
+        if not any(key == prefix or key.startswith(prefix + ".") for prefix in drop_prefixes)
+    }
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in state
+        if k in expected and state[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        problems = []
+        if missing:
+            problems.append(f"missing keys {_first(missing)}")
+        if unexpected:
+            problems.append(f"unexpected keys {_first(unexpected)}")
+        if mismatched:
+            problems.append(f"shape mismatches {_first(mismatched, 3)}")
+        raise ValueError(
+            f"pretrained weights file {str(path)!r} does not fit {description}: {'; '.join(problems)}. "
+            f"Fix: point model.image.pretrained at a state dict saved from this same architecture "
+            f"(torch.save(model.state_dict(), path)), or change model.image.name/size settings to match the file"
+        )
+    module.load_state_dict(state, strict=False)  # strictness was checked above, with the counter exception

@@ -9,13 +9,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from torch import nn
-
 from clipforge.config import ImageTowerConfig, ModelConfig, TextTowerConfig
 from clipforge.model.clip import CLIPModel
 from clipforge.model.heads import build_head
 from clipforge.model.locking import lock_tower, locked_submodules
 from clipforge.model.text import build_hf_tower, build_transformer_tower
+from clipforge.model.towers import Tower
 from clipforge.model.vision import build_timm_tower, build_torchvision_tower, build_vit_tower
 
 # CLIP starts at temperature 0.07, i.e. logits = (1 / 0.07) * cosine
@@ -27,13 +26,13 @@ SIGLIP_INIT_LOGIT_BIAS = -10.0
 # the trainer clamps logit_scale to this after every step (CLIP caps exp(logit_scale) at 100)
 MAX_LOGIT_SCALE = math.log(100.0)
 
-IMAGE_TOWER_BUILDERS: dict[str, Callable[[ImageTowerConfig], nn.Module]] = {
+IMAGE_TOWER_BUILDERS: dict[str, Callable[[ImageTowerConfig], Tower]] = {
     "vit": build_vit_tower,
     "torchvision": build_torchvision_tower,
     "timm": build_timm_tower,
 }
 # builders take (cfg, vocab_size, pad_token_id)
-TEXT_TOWER_BUILDERS: dict[str, Callable[[TextTowerConfig, int | None, int], nn.Module]] = {
+TEXT_TOWER_BUILDERS: dict[str, Callable[[TextTowerConfig, int | None, int], Tower]] = {
     "transformer": build_transformer_tower,
     "hf": build_hf_tower,
 }
@@ -69,6 +68,7 @@ def create_model(
         config.image.head_dropout,
         "model.image",
         config.image.head_init,
+        config.image.head_bias,
     )
     text_head = build_head(
         config.text.head,
@@ -77,6 +77,7 @@ def create_model(
         config.text.head_dropout,
         "model.text",
         config.text.head_init,
+        config.text.head_bias,
     )
     return CLIPModel(
         image_tower,

@@ -3,37 +3,62 @@
 Padding is on the right: a row is ``n`` real tokens followed by ``L - n`` padding tokens, and
 ``attention_mask`` is 1 on the real ones.
 
-* ``transformer``: the built-in CLIP-style causal :class:`TextTransformer`.
+* ``transformer``: the built-in CLIP-style causal :class:`TextTransformer` (or bidirectional, SigLIP's).
 * ``hf``: a Hugging Face encoder through ``transformers.AutoModel`` (:class:`HFTextEncoder`).
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
-from clipforge.config import TextTowerConfig
-from clipforge.model.transformer import Transformer
-from clipforge.packaged import hf_load_kwargs, resolve_location
+from clipforge.config import ConfigError, TextTowerConfig
+from clipforge.data.tokenize import hf_from_pretrained, quiet_transformers
+from clipforge.model.towers import Tower
+from clipforge.model.transformer import DEFAULT_NORM_EPS, Transformer
 
-POOLINGS = ("eot", "cls", "mean")
+logger = logging.getLogger("clipforge")
+
+POOLINGS = ("eot", "cls", "mean", "eos", "argmax", "last")
 
 
-def pool_tokens(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+def pool_tokens(
+    hidden: torch.Tensor,
+    attention_mask: torch.Tensor,
+    pooling: str,
+    input_ids: torch.Tensor | None = None,
+    eos_token_id: int | None = None,
+) -> torch.Tensor:
     """Reduce token states (B, L, D) to one vector per row (B, D).
 
     ``eot``: the state at the last real token, index = attention_mask.sum(1) - 1 (right padding).
     ``cls``: the state at position 0.
     ``mean``: sum_t mask_t * h_t / sum_t mask_t, so padding contributes exactly nothing.
+    ``eos``: the state at the first position whose id is ``eos_token_id`` (position 0 in a row without one),
+    as Hugging Face's CLIP pools.
+    ``argmax``: the state at ``input_ids.argmax(-1)``, the first largest id: CLIP's end-of-text is its largest id
+    (OpenAI's CLIP and open_clip pool so; Hugging Face too when its config says ``eos_token_id == 2``).
+    ``last``: the state at position L - 1, padding or not (SigLIP, which pads every text to the full length).
     """
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
     if pooling == "eot":
         last = (attention_mask.sum(dim=1) - 1).clamp(min=0).long()  # (B,)
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return hidden[rows, last]
     if pooling == "cls":
         return hidden[:, 0]
     if pooling == "mean":
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
         return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+    if pooling == "last":
+        return hidden[:, -1]
+    if pooling == "argmax":
+        return hidden[rows, input_ids.argmax(dim=-1)]
+    if pooling == "eos":
+        if eos_token_id is None:
+            raise ValueError("text pooling='eos' needs the tokenizer's eos_token_id")
+        return hidden[rows, (input_ids == eos_token_id).int().argmax(dim=-1)]
     raise ValueError(f"text pooling={pooling!r} is unknown; choose one of {list(POOLINGS)}")
 
 
@@ -46,12 +71,17 @@ def _check_text_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor) ->
         )
 
 
-class TextTransformer(nn.Module):
+class TextTransformer(Tower):
     """CLIP-style text encoder: token + learned position embeddings, causal pre-LN blocks, final LayerNorm,
     then pooling (``eot`` by default: with causal attention only the last real token has read the whole text).
 
     Causal attention alone keeps padding out: with right padding every real position only attends to earlier
     real positions, so no key-padding mask is needed and the fused ``is_causal`` kernel applies.
+
+    ``causal=False`` (SigLIP's text encoder) attends both ways over every position, padding included, exactly as
+    SigLIP was trained: its tokenizer pads every text to the full length, so a caption always meets the same
+    padding (``tokenizer.padding: max_length``). ``act`` / ``norm_eps``: the blocks' MLP activation and every
+    LayerNorm's epsilon; ``eos_token_id``: the end-of-text id ``eos`` pooling looks for.
     """
 
     def __init__(
@@ -64,21 +94,30 @@ class TextTransformer(nn.Module):
         mlp_ratio: float = 4.0,
         pad_token_id: int = 0,
         pooling: str = "eot",
+        *,
+        act: str = "gelu",
+        norm_eps: float = DEFAULT_NORM_EPS,
+        causal: bool = True,
+        eos_token_id: int | None = None,
     ) -> None:
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"text pooling={pooling!r} is unknown; choose one of {list(POOLINGS)}")
+        if pooling == "eos" and eos_token_id is None:
+            raise ValueError("text pooling='eos' needs eos_token_id: the tokenizer's end-of-text id")
         self.vocab_size = vocab_size
         self.context_length = context_length
         self.pad_token_id = pad_token_id  # kept for export/interop; the forward never needs it (see class doc)
         self.pooling = pooling
+        self.causal = causal
+        self.eos_token_id = eos_token_id
         self.output_dim = width
         # No padding_idx: padding never reaches a real position, and CLIP's tokenizer pads with its
         # end-of-text id, whose embedding padding_idx would pin to zero.
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
-        self.transformer = Transformer(width, depth, heads, mlp_ratio)
-        self.ln_final = nn.LayerNorm(width)
+        self.transformer = Transformer(width, depth, heads, mlp_ratio, act, norm_eps)
+        self.ln_final = nn.LayerNorm(width, eps=norm_eps)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
 
@@ -96,36 +135,52 @@ class TextTransformer(nn.Module):
         hidden = self.token_embedding(input_ids) + self.positional_embedding[:length]  # (B, L, width)
         attentions = None
         if return_attention:
-            hidden, attentions = self.transformer(hidden, is_causal=True, return_attention=True)
+            hidden, attentions = self.transformer(hidden, is_causal=self.causal, return_attention=True)
         else:
-            hidden = self.transformer(hidden, is_causal=True)
-        features = pool_tokens(self.ln_final(hidden), attention_mask, self.pooling)
+            hidden = self.transformer(hidden, is_causal=self.causal)
+        features = pool_tokens(self.ln_final(hidden), attention_mask, self.pooling, input_ids, self.eos_token_id)
         return (features, attentions) if return_attention else features
 
+    def set_grad_checkpointing(self, enabled: bool = True) -> bool:
+        self.transformer.grad_checkpointing = enabled
+        return True
 
-class HFTextEncoder(nn.Module):
+    def sharding_units(self) -> list[nn.Module]:
+        return list(self.transformer.blocks)
+
+    @property
+    def supports_attention_maps(self) -> bool:
+        return True
+
+    def forward_with_attention(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``(features (B, width), per-layer attention (B, heads, L, L); causal unless ``causal=False``)``."""
+        return self(input_ids, attention_mask, return_attention=True)
+
+
+class HFTextEncoder(Tower):
     """A Hugging Face encoder (BERT, DistilBERT, RoBERTa, ...) pooled to one vector per text.
 
-    pretrained: None -> ``AutoConfig.from_pretrained(name)`` + ``AutoModel.from_config`` (random weights);
-    "default" -> ``AutoModel.from_pretrained(name)``; any other string -> ``AutoModel.from_pretrained(it)``
-    (a hub id or a local folder). ``name`` may itself be a local folder, and either may be ``package:<name>``
-    (a model folder inside a pip package, :mod:`clipforge.packaged`); local folders never consult the hub.
+    pretrained: True or "default" -> ``AutoModel.from_pretrained(name)`` (the weights of ``name``); False or
+    None -> ``AutoConfig.from_pretrained(name)`` + ``AutoModel.from_config`` (random weights); any other string
+    -> ``AutoModel.from_pretrained(it)`` (a hub id or a local folder). ``name`` may itself be a local folder,
+    and either may be ``package:<name>`` (a model folder inside a pip package, :mod:`clipforge.packaged`);
+    local folders never consult the hub. A name that does not load raises ConfigError naming the field.
+
+    Gradient checkpointing is the model's own (where it supports it); the encoder is one FSDP unit.
     """
 
-    def __init__(self, name: str, pretrained: str | None = None, pooling: str = "cls") -> None:
+    def __init__(
+        self, name: str, pretrained: bool | str | None = True, pooling: str = "cls", eos_token_id: int | None = None
+    ) -> None:
         super().__init__()
-        from transformers import AutoConfig, AutoModel
-
         if pooling not in POOLINGS:
             raise ValueError(f"text pooling={pooling!r} is unknown; choose one of {list(POOLINGS)}")
         self.name = name
         self.pooling = pooling
-        if pretrained is None:
-            location = resolve_location(name)
-            self.encoder = AutoModel.from_config(AutoConfig.from_pretrained(location, **hf_load_kwargs(location)))
-        else:
-            location = resolve_location(name if pretrained == "default" else pretrained)
-            self.encoder = AutoModel.from_pretrained(location, **hf_load_kwargs(location))
+        self.eos_token_id = eos_token_id
+        self.encoder = _load_encoder(name, pretrained)
         # BERT-like models carry a pooler (dense + tanh over [CLS]) trained for next-sentence prediction;
         # its parameters would get no gradient here (DDP then fails on unused parameters), so drop it.
         if getattr(self.encoder, "pooler", None) is not None:
@@ -141,7 +196,49 @@ class HFTextEncoder(nn.Module):
         """(B, L) ids and 0/1 mask -> pooled last hidden state (B, hidden_size)."""
         _check_text_inputs(input_ids, attention_mask)
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, D)
-        return pool_tokens(hidden, attention_mask, self.pooling)
+        return pool_tokens(hidden, attention_mask, self.pooling, input_ids, self.eos_token_id)
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> bool:
+        if not getattr(self.encoder, "supports_gradient_checkpointing", False):
+            return False
+        options = {"use_reentrant": False}
+        if hasattr(self.encoder, "activation_checkpointing_enable"):  # transformers >= 5.x's name for it
+            if enabled:
+                self.encoder.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+            else:
+                self.encoder.activation_checkpointing_disable()
+        elif enabled:
+            self.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+        else:
+            self.encoder.gradient_checkpointing_disable()
+        return True
+
+    def describe(self) -> str:
+        return type(self.encoder).__name__
+
+    def hf_config_json(self) -> str | None:
+        return self.encoder.config.to_json_string()
+
+
+def _load_encoder(name: str, pretrained: bool | str | None) -> nn.Module:
+    """The encoder ``name``/``pretrained`` describe (see :class:`HFTextEncoder`), and a log line that says
+    which weights it got. ``None`` is what checkpoints load with (their own weights follow), so it is said
+    only at debug level."""
+    from transformers import AutoConfig, AutoModel
+
+    weights = TextTowerConfig.resolve_weights(name, pretrained)
+    if weights is None:
+        config = hf_from_pretrained(AutoConfig.from_pretrained, name, "model.text.name")
+        with quiet_transformers():
+            encoder = AutoModel.from_config(config)
+        logger.log(
+            logging.DEBUG if pretrained is None else logging.INFO, "text tower: random init from %s's config", name
+        )
+        return encoder
+    field = "model.text.name" if weights == name else "model.text.pretrained"
+    encoder = hf_from_pretrained(AutoModel.from_pretrained, weights, field)
+    logger.info("text tower: weights of %s", weights)
+    return encoder
 
 
 def resolve_pooling(cfg: TextTowerConfig) -> str:
@@ -152,18 +249,25 @@ def resolve_pooling(cfg: TextTowerConfig) -> str:
 
 
 def build_transformer_tower(cfg: TextTowerConfig, vocab_size: int | None, pad_token_id: int = 0) -> TextTransformer:
-    """The built-in text transformer; it needs the tokenizer's ``vocab_size``."""
-    if vocab_size is None:
+    """The built-in text transformer with ``cfg.vocab_size`` embedding rows, or the tokenizer's ``vocab_size``
+    when that is null (one of the two is needed; the tokenizer may not have more ids than the rows)."""
+    rows = cfg.vocab_size or vocab_size
+    if rows is None:
         raise ValueError(
             "model.text.kind='transformer' needs vocab_size: pass the tokenizer's vocabulary size to create_model"
         )
-    if cfg.pretrained is not None:
-        raise ValueError(
-            f"model.text.pretrained={cfg.pretrained!r}: the built-in text transformer has no named weights; "
-            f"use null (load trained weights through a clipforge checkpoint)"
+    if vocab_size is not None and vocab_size > rows:
+        raise ConfigError(
+            f"the tokenizer has {vocab_size} tokens but model.text.vocab_size={rows} embeds only {rows}; "
+            "raise model.text.vocab_size or leave it null (the tokenizer's size)"
+        )
+    if isinstance(cfg.pretrained, str):
+        raise ConfigError(
+            f"model.text.pretrained={cfg.pretrained!r}: the built-in text transformer has no pretrained weights; "
+            "leave it unset (load trained weights through a clipforge checkpoint) or use model.text.kind=hf"
         )
     return TextTransformer(
-        vocab_size=vocab_size,
+        vocab_size=rows,
         context_length=cfg.context_length,
         width=cfg.width,
         depth=cfg.depth,
@@ -171,22 +275,26 @@ def build_transformer_tower(cfg: TextTowerConfig, vocab_size: int | None, pad_to
         mlp_ratio=cfg.mlp_ratio,
         pad_token_id=pad_token_id,
         pooling=resolve_pooling(cfg),
+        act=cfg.act,
+        norm_eps=cfg.norm_eps,
+        causal=cfg.causal,
+        eos_token_id=cfg.eos_token_id,
     )
 
 
 def build_hf_tower(cfg: TextTowerConfig, vocab_size: int | None = None, pad_token_id: int = 0) -> HFTextEncoder:
     """A Hugging Face encoder; its vocabulary comes with the model. ``vocab_size``, when given, is only
     checked against the model's embedding table (a larger tokenizer would index past it)."""
-    tower = HFTextEncoder(cfg.name, cfg.pretrained, resolve_pooling(cfg))
+    tower = HFTextEncoder(cfg.name, cfg.pretrained, resolve_pooling(cfg), cfg.eos_token_id)
     num_embeddings = tower.encoder.get_input_embeddings().num_embeddings
     if vocab_size is not None and vocab_size > num_embeddings:
-        raise ValueError(
+        raise ConfigError(
             f"the tokenizer has {vocab_size} tokens but Hugging Face model {cfg.name!r} embeds only "
             f"{num_embeddings}; use the model's own tokenizer (model.text.tokenizer.kind='hf')"
         )
     max_positions = getattr(tower.encoder.config, "max_position_embeddings", None)
     if max_positions is not None and cfg.context_length > max_positions:
-        raise ValueError(
+        raise ConfigError(
             f"model.text.context_length={cfg.context_length} exceeds the {max_positions} positions "
             f"Hugging Face model {cfg.name!r} supports; lower model.text.context_length"
         )

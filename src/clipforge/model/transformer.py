@@ -99,14 +99,39 @@ class MultiheadSelfAttention(nn.Module):
         return self.out_proj(out), weights
 
 
-class MLP(nn.Module):
-    """Linear(width, hidden) -> GELU -> Linear(hidden, width), hidden = round(width * mlp_ratio)."""
+# the activations the blocks offer, by config name: GELU (exact, erf), CLIP's sigmoid approximation of it, and
+# the tanh approximation SigLIP was trained with
+ACTIVATIONS = ("gelu", "quick_gelu", "gelu_tanh")
+DEFAULT_NORM_EPS = 1e-5  # torch's LayerNorm default, and CLIP's
 
-    def __init__(self, width: int, mlp_ratio: float = 4.0) -> None:
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the GELU approximation OpenAI trained CLIP with (its released weights expect it)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def build_activation(name: str) -> nn.Module:
+    """``gelu`` -> GELU(x) = x * Phi(x); ``quick_gelu`` -> :class:`QuickGELU`; ``gelu_tanh`` -> GELU's tanh
+    approximation 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))."""
+    if name == "gelu":
+        return nn.GELU()
+    if name == "quick_gelu":
+        return QuickGELU()
+    if name == "gelu_tanh":
+        return nn.GELU(approximate="tanh")
+    raise ValueError(f"activation {name!r} is unknown; choose one of {list(ACTIVATIONS)}")
+
+
+class MLP(nn.Module):
+    """Linear(width, hidden) -> activation -> Linear(hidden, width), hidden = round(width * mlp_ratio)."""
+
+    def __init__(self, width: int, mlp_ratio: float = 4.0, act: str = "gelu") -> None:
         super().__init__()
         hidden = int(round(width * mlp_ratio))
         self.fc1 = nn.Linear(width, hidden)
-        self.act = nn.GELU()
+        self.act = build_activation(act)
         self.fc2 = nn.Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -116,12 +141,14 @@ class MLP(nn.Module):
 class ResidualAttentionBlock(nn.Module):
     """Pre-LN block: x = x + attn(ln1(x)); x = x + mlp(ln2(x))."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0) -> None:
+    def __init__(
+        self, width: int, heads: int, mlp_ratio: float = 4.0, act: str = "gelu", norm_eps: float = DEFAULT_NORM_EPS
+    ) -> None:
         super().__init__()
-        self.ln1 = nn.LayerNorm(width)
+        self.ln1 = nn.LayerNorm(width, eps=norm_eps)
         self.attn = MultiheadSelfAttention(width, heads)
-        self.ln2 = nn.LayerNorm(width)
-        self.mlp = MLP(width, mlp_ratio)
+        self.ln2 = nn.LayerNorm(width, eps=norm_eps)
+        self.mlp = MLP(width, mlp_ratio, act)
 
     def forward(
         self,
@@ -142,15 +169,26 @@ class Transformer(nn.Module):
     ``grad_checkpointing = True``: while gradients are recorded, each block runs under non-reentrant
     activation checkpointing: only its input is kept, and its activations are recomputed in the backward
     pass (one extra block forward each; memory of one block's activations instead of ``depth``).
+    ``act`` names the MLP activation (:data:`ACTIVATIONS`), ``norm_eps`` the LayerNorms' epsilon.
     """
 
-    def __init__(self, width: int, depth: int, heads: int, mlp_ratio: float = 4.0) -> None:
+    def __init__(
+        self,
+        width: int,
+        depth: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        act: str = "gelu",
+        norm_eps: float = DEFAULT_NORM_EPS,
+    ) -> None:
         super().__init__()
         self.width = width
         self.depth = depth
         self.heads = heads
         self.grad_checkpointing = False
-        self.blocks = nn.ModuleList(ResidualAttentionBlock(width, heads, mlp_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(
+            ResidualAttentionBlock(width, heads, mlp_ratio, act, norm_eps) for _ in range(depth)
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -178,3 +216,43 @@ class Transformer(nn.Module):
             if return_attention:
                 attentions.append(weights)
         return (x, attentions) if return_attention else x
+
+
+class AttentionPool(nn.Module):
+    """Multihead attention pooling (SigLIP's "MAP" head): one learned probe query attends over all tokens.
+
+    tokens (B, T, width) -> pooled = out_proj(softmax(q k^T / sqrt(head_dim)) v), q from the probe and k, v from
+    the tokens -> features = pooled + mlp(norm(pooled)), (B, width). ``qkv`` holds the [q; k; v] projections
+    fused as ``nn.MultiheadAttention``'s ``in_proj`` does, so released heads load as they are.
+    """
+
+    def __init__(
+        self, width: int, heads: int, mlp_ratio: float = 4.0, act: str = "gelu", norm_eps: float = DEFAULT_NORM_EPS
+    ) -> None:
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"attention pooling width={width} must be divisible by heads={heads}")
+        self.heads = heads
+        self.probe = nn.Parameter(torch.empty(1, 1, width))
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out_proj = nn.Linear(width, width)
+        self.norm = nn.LayerNorm(width, eps=norm_eps)
+        self.mlp = MLP(width, mlp_ratio, act)
+        nn.init.normal_(self.probe, std=0.02)
+        for linear in (self.qkv, self.out_proj, self.mlp.fc1, self.mlp.fc2):
+            nn.init.trunc_normal_(linear.weight, std=0.02)
+            nn.init.zeros_(linear.bias)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T, width) -> features (B, width)."""
+        batch, length, width = tokens.shape
+        head_dim = width // self.heads
+        query_weight, key_value_weight = self.qkv.weight.split([width, 2 * width])
+        query_bias, key_value_bias = self.qkv.bias.split([width, 2 * width])
+        probe = self.probe.to(tokens.dtype).expand(batch, -1, -1)  # (B, 1, width)
+        query = F.linear(probe, query_weight, query_bias).view(batch, 1, self.heads, head_dim).transpose(1, 2)
+        key_value = F.linear(tokens, key_value_weight, key_value_bias).view(batch, length, 2, self.heads, head_dim)
+        key, value = key_value.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, T, head_dim)
+        pooled = F.scaled_dot_product_attention(query, key, value)  # (B, heads, 1, head_dim)
+        pooled = self.out_proj(pooled.transpose(1, 2).reshape(batch, 1, width))
+        return (pooled + self.mlp(self.norm(pooled)))[:, 0]

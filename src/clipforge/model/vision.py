@@ -2,7 +2,8 @@
 
 Three kinds, picked by ``ImageTowerConfig.kind``:
 
-* ``vit``: the built-in :class:`VisionTransformer` (CLIP-style ViT, class-token output).
+* ``vit``: the built-in :class:`VisionTransformer` (CLIP-style ViT, class-token output; or SigLIP's layout,
+  attention pooling without a class token).
 * ``torchvision``: any torchvision classification model with its final classifier Linear replaced by Identity.
 * ``timm``: any timm model created headless (``num_classes=0``).
 
@@ -12,24 +13,23 @@ for a tower; the data transforms read it instead of guessing.
 
 from __future__ import annotations
 
-import pickle
-from pathlib import Path
-
 import torch
 from torch import nn
 
 from clipforge.config import BUILTIN_VIT_IMAGE_SIZE, ImageTowerConfig
 from clipforge.data.transforms import ImagePreprocess
-from clipforge.model.pretrained import map_state_dict_in_order
-from clipforge.model.transformer import Transformer
-from clipforge.packaged import is_packaged, packaged_entry, packaged_path
+from clipforge.model.backbone_names import check_timm_name, check_torchvision_name
+from clipforge.model.pretrained import load_weights_file, local_weights_file, weights_key_order
+from clipforge.model.towers import Tower
+from clipforge.model.transformer import DEFAULT_NORM_EPS, AttentionPool, Transformer
+from clipforge.packaged import is_packaged
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 TORCHVISION_IMAGE_SIZE = 224  # every torchvision classification weight set was trained at 224 px
+VIT_POOLS = ("cls", "map")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -38,10 +38,10 @@ TORCHVISION_IMAGE_SIZE = 224  # every torchvision classification weight set was 
 def resolve_image_preprocess(cfg: ImageTowerConfig) -> ImagePreprocess:
     """Preprocessing for the tower ``cfg`` describes; never touches the network.
 
-    Each of size, mean/std and interpolation is ``cfg``'s when set (``image_size``, ``mean``/``std``), else the
-    tower's own: for timm the pretrained config of ``name`` (or ``name.tag``) from timm's local registry
-    (falling back to 224 px, ImageNet mean/std, bicubic for a name it does not know); for torchvision 224 px,
-    ImageNet mean/std, bilinear; for the built-in ViT 64 px, CLIP's mean/std, bicubic.
+    Each of size, mean/std and interpolation is ``cfg``'s when set (``image_size``, ``mean``/``std``,
+    ``interpolation``), else the tower's own: for timm the pretrained config of ``name`` (or ``name.tag``) from
+    timm's local registry (falling back to 224 px, ImageNet mean/std, bicubic for a name it does not know); for
+    torchvision 224 px, ImageNet mean/std, bilinear; for the built-in ViT 64 px, CLIP's mean/std, bicubic.
     """
     if cfg.kind == "vit":
         size, mean, std, interpolation = BUILTIN_VIT_IMAGE_SIZE, CLIP_MEAN, CLIP_STD, "bicubic"
@@ -54,6 +54,7 @@ def resolve_image_preprocess(cfg: ImageTowerConfig) -> ImagePreprocess:
     if cfg.mean:
         mean, std = tuple(float(v) for v in cfg.mean), tuple(float(v) for v in cfg.std)
     size = cfg.image_size or size
+    interpolation = cfg.interpolation or interpolation
     return ImagePreprocess(image_size=size, mean=mean, std=std, interpolation=interpolation)
 
 
@@ -82,8 +83,15 @@ def timm_model_name(cfg: ImageTowerConfig) -> str:
     return f"{cfg.name}.{cfg.pretrained}"
 
 
+def checked_timm_name(cfg: ImageTowerConfig) -> str:
+    """:func:`timm_model_name`, after checking that timm knows the architecture and the tag (ConfigError)."""
+    name = timm_model_name(cfg)
+    check_timm_name(name, tag_field="model.image.name" if name == cfg.name else "model.image.pretrained")
+    return name
+
+
 # ----------------------------------------------------------------------------------------------
-# Pretrained weights
+# Named weights: torchvision enums and timm tags
 # ----------------------------------------------------------------------------------------------
 def _is_named_weights(pretrained: str | None) -> bool:
     """A torchvision enum name or timm tag, i.e. not None, not "default", not packaged and not a local file."""
@@ -95,131 +103,61 @@ def _is_named_weights(pretrained: str | None) -> bool:
     )
 
 
-def local_weights_file(pretrained: str | None) -> Path | None:
-    """The local file ``pretrained`` names (``package:<name>``: the file inside that pip package), or None when
-    it names no file.
-
-    A string that looks like a path (a separator or a weights suffix) but does not exist is an error rather
-    than being passed on as a weights name, so a typo in a path does not turn into a download attempt.
-    """
-    if pretrained is None or pretrained == "default":
-        return None
-    if is_packaged(pretrained):
-        return packaged_path(pretrained)
-    path = Path(pretrained).expanduser()
-    if path.is_file():
-        return path
-    if "/" in pretrained or "\\" in pretrained or path.suffix in WEIGHT_FILE_SUFFIXES:
-        raise ValueError(f"pretrained={pretrained!r} looks like a weights file but no file exists there")
-    return None
-
-
-def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
-    """Read a state dict from ``.safetensors`` or a torch file (``torch.load(weights_only=True)``).
-
-    A torch file holding ``{"state_dict": {...}}`` (a common training-checkpoint layout) is unwrapped.
-    """
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise ValueError(
-            f"{path}: not a plain state dict ({exc}). Save weights with torch.save(model.state_dict(), path)"
-        ) from exc
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: expected a dict of parameter name -> tensor, got {type(state).__name__}")
-    return state
-
-
-def _first(keys: list[str], limit: int = 5) -> str:
-    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
-    return f"{keys[:limit]}{more}"
-
-
-def weights_key_order(cfg: ImageTowerConfig) -> str:
-    """How ``cfg.pretrained``'s tensors meet the tower's: packaged weights know their own; else ``pretrained_keys``."""
-    return packaged_entry(cfg.pretrained).key_order if is_packaged(cfg.pretrained) else cfg.pretrained_keys
-
-
-def load_weights_file(
-    module: nn.Module,
-    path: Path,
-    description: str,
-    drop_prefixes: tuple[str, ...] = (),
-    key_order: str = "by_name",
-) -> None:
-    """Load the state dict in ``path`` into ``module`` strictly, or raise a ValueError that says what differs.
-
-    ``key_order="by_name"``: keys under ``drop_prefixes`` (the classifier the headless tower no longer has) are
-    dropped first. ``"in_order"``: the file's tensors are renamed to ``module``'s by position with every shape
-    checked (:func:`~clipforge.model.pretrained.map_state_dict_in_order`), so ``module`` must still have the
-    classifier the file has. A missing BatchNorm ``num_batches_tracked`` counter is tolerated: it is a step
-    count, not a weight.
-    """
-    state = load_state_dict_file(path)
-    if key_order == "in_order":
-        state = map_state_dict_in_order(state, module.state_dict(), description)
-    state = {
-        key: value
-        for key, value in state.items()
-        if not any(key == prefix or key.startswith(prefix + ".") for prefix in drop_prefixes)
-    }
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in state
-        if k in expected and state[k].shape != expected[k].shape
-    ]
-    if missing or unexpected or mismatched:
-        problems = []
-        if missing:
-            problems.append(f"missing keys {_first(missing)}")
-        if unexpected:
-            problems.append(f"unexpected keys {_first(unexpected)}")
-        if mismatched:
-            problems.append(f"shape mismatches {_first(mismatched, 3)}")
-        raise ValueError(
-            f"pretrained weights file {str(path)!r} does not fit {description}: {'; '.join(problems)}. "
-            f"Fix: point model.image.pretrained at a state dict saved from this same architecture "
-            f"(torch.save(model.state_dict(), path)), or change model.image.name/size settings to match the file"
-        )
-    module.load_state_dict(state, strict=False)  # strictness was checked above, with the counter exception
-
-
 # ----------------------------------------------------------------------------------------------
 # Built-in ViT
 # ----------------------------------------------------------------------------------------------
-class VisionTransformer(nn.Module):
+class VisionTransformer(Tower):
     """CLIP-style ViT: conv patch embedding, class token, learned positions, pre-LN blocks.
 
-    images (B, 3, S, S) -> patches (B, (S/p)^2, width) -> [class; patches] + positions -> LayerNorm
-    -> blocks -> LayerNorm of the class token = features (B, width).
+    images (B, 3, S, S) -> patches (B, (S/p)^2, width) -> [class; patches] + positions -> ``ln_pre``
+    -> blocks -> ``ln_post`` of the class token = features (B, width).
     The LayerNorm before the blocks (``ln_pre``) follows CLIP, so its checkpoints map onto this layout.
+
+    ``pool="map"`` is SigLIP's layout instead: no class token (positions for the patches only), ``ln_post`` over
+    every token, then :class:`~clipforge.model.transformer.AttentionPool` (a learned probe attends over them).
+    ``pre_norm=False`` drops ``ln_pre`` (SigLIP has none); ``patch_bias`` gives the patch convolution a bias;
+    ``act`` / ``norm_eps``: the blocks' MLP activation and every LayerNorm's epsilon.
     """
 
-    def __init__(self, image_size: int, patch_size: int, width: int, depth: int, heads: int, mlp_ratio: float = 4.0):
+    def __init__(
+        self,
+        image_size: int,
+        patch_size: int,
+        width: int,
+        depth: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        *,
+        act: str = "gelu",
+        norm_eps: float = DEFAULT_NORM_EPS,
+        pre_norm: bool = True,
+        pool: str = "cls",
+        patch_bias: bool = False,
+    ):
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"ViT image_size={image_size} must be a multiple of patch_size={patch_size}")
+        if pool not in VIT_POOLS:
+            raise ValueError(f"ViT pool={pool!r} is unknown; choose one of {list(VIT_POOLS)}")
         self.image_size = image_size
         self.patch_size = patch_size
         self.grid_size = image_size // patch_size
         self.output_dim = width
-        # no bias: the learned positional embedding already adds a per-token offset
-        self.patch_embed = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
-        self.class_embedding = nn.Parameter(torch.empty(width))
-        self.positional_embedding = nn.Parameter(torch.empty(self.grid_size**2 + 1, width))
-        self.ln_pre = nn.LayerNorm(width)
-        self.transformer = Transformer(width, depth, heads, mlp_ratio)
-        self.ln_post = nn.LayerNorm(width)
-        nn.init.normal_(self.class_embedding, std=0.02)
+        self.pool = pool
+        # no bias by default: the learned positional embedding already adds a per-token offset
+        self.patch_embed = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=patch_bias)
+        if pool == "cls":
+            self.class_embedding = nn.Parameter(torch.empty(width))
+        else:
+            self.register_parameter("class_embedding", None)
+        prefix_tokens = 1 if pool == "cls" else 0
+        self.positional_embedding = nn.Parameter(torch.empty(self.grid_size**2 + prefix_tokens, width))
+        self.ln_pre = nn.LayerNorm(width, eps=norm_eps) if pre_norm else nn.Identity()
+        self.transformer = Transformer(width, depth, heads, mlp_ratio, act, norm_eps)
+        self.ln_post = nn.LayerNorm(width, eps=norm_eps)
+        self.attn_pool = AttentionPool(width, heads, mlp_ratio, act, norm_eps) if pool == "map" else None
+        if self.class_embedding is not None:
+            nn.init.normal_(self.class_embedding, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.02)
 
     def forward(
@@ -235,19 +173,58 @@ class VisionTransformer(nn.Module):
                 f"got {tuple(images.shape)}; resize with the tower's preprocessing (resolve_image_preprocess)"
             )
         tokens = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, grid^2, width)
-        class_token = self.class_embedding.to(tokens.dtype).expand(tokens.shape[0], 1, -1)
-        tokens = torch.cat([class_token, tokens], dim=1) + self.positional_embedding.to(tokens.dtype)
-        tokens = self.ln_pre(tokens)
+        if self.class_embedding is not None:
+            class_token = self.class_embedding.to(tokens.dtype).expand(tokens.shape[0], 1, -1)
+            tokens = torch.cat([class_token, tokens], dim=1)
+        tokens = self.ln_pre(tokens + self.positional_embedding.to(tokens.dtype))
         if return_attention:
             tokens, attentions = self.transformer(tokens, return_attention=True)
-            return self.ln_post(tokens[:, 0]), attentions
-        return self.ln_post(self.transformer(tokens)[:, 0])
+            return self._pool(tokens), attentions
+        return self._pool(self.transformer(tokens))
+
+    def _pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Block outputs (B, T, width) -> features (B, width): ``ln_post`` of the class token, or attention pooling
+        of every token after ``ln_post``."""
+        if self.attn_pool is None:
+            return self.ln_post(tokens[:, 0])
+        return self.attn_pool(self.ln_post(tokens))
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> bool:
+        self.transformer.grad_checkpointing = enabled
+        return True
+
+    def sharding_units(self) -> list[nn.Module]:
+        return list(self.transformer.blocks)
+
+    @property
+    def supports_attention_maps(self) -> bool:
+        # explanations read the class token's row; attention pooling has no class token
+        return self.attn_pool is None
+
+    def forward_with_attention(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``(features (B, width), per-layer attention (B, heads, T, T))``: token 0 is the class token, then the
+        ``grid_size x grid_size`` patches in row-major order."""
+        if not self.supports_attention_maps:
+            raise TypeError("a ViT with attention pooling (pool='map') has no class token to explain")
+        return self(images, return_attention=True)
 
 
 def build_vit_tower(cfg: ImageTowerConfig) -> VisionTransformer:
     """The built-in ViT; ``pretrained`` may only be None or a local state dict file."""
     size = cfg.image_size or BUILTIN_VIT_IMAGE_SIZE
-    tower = VisionTransformer(size, cfg.patch_size, cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio)
+    tower = VisionTransformer(
+        size,
+        cfg.patch_size,
+        cfg.width,
+        cfg.depth,
+        cfg.heads,
+        cfg.mlp_ratio,
+        act=cfg.act,
+        norm_eps=cfg.norm_eps,
+        pre_norm=cfg.pre_norm,
+        pool=cfg.pool,
+        patch_bias=cfg.patch_bias,
+    )
     if cfg.pretrained is None:
         return tower
     path = local_weights_file(cfg.pretrained)
@@ -265,9 +242,13 @@ def build_vit_tower(cfg: ImageTowerConfig) -> VisionTransformer:
 # ----------------------------------------------------------------------------------------------
 # torchvision and timm backbones
 # ----------------------------------------------------------------------------------------------
-class BackboneTower(nn.Module):
+class BackboneTower(Tower):
     """A headless library backbone with the ``output_dim`` the heads need; ``backbone`` keeps the library's
-    own parameter names, so its state dicts load unchanged."""
+    own parameter names, so its state dicts load unchanged.
+
+    Gradient checkpointing is the library's own switch where it has one (timm's ``set_grad_checkpointing``,
+    per block); torchvision models have none. The backbone is one FSDP unit and has no attention maps.
+    """
 
     def __init__(self, backbone: nn.Module, output_dim: int) -> None:
         super().__init__()
@@ -279,6 +260,19 @@ class BackboneTower(nn.Module):
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"image tower expects images of shape (batch, 3, H, W), got {tuple(images.shape)}")
         return self.backbone(images)
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> bool:
+        switch = getattr(self.backbone, "set_grad_checkpointing", None)  # timm models have it
+        if switch is None:
+            return False
+        try:
+            switch(enabled)
+        except (AssertionError, NotImplementedError):  # timm's way of saying "not for this architecture"
+            return False
+        return True
+
+    def describe(self) -> str:
+        return type(self.backbone).__name__
 
 
 # attribute names torchvision classification models give their final classifier
@@ -318,6 +312,7 @@ def build_torchvision_tower(cfg: ImageTowerConfig) -> BackboneTower:
     """
     from torchvision.models import get_model
 
+    check_torchvision_name(cfg.name)
     path = local_weights_file(cfg.pretrained)
     if cfg.pretrained is None or path is not None:
         weights = None
@@ -346,7 +341,7 @@ def build_timm_tower(cfg: ImageTowerConfig) -> BackboneTower:
     from timm.models import get_pretrained_cfg
 
     path = local_weights_file(cfg.pretrained)
-    name = timm_model_name(cfg)
+    name = checked_timm_name(cfg)
     kwargs = {}
     pretrained_cfg = get_pretrained_cfg(name)
     if pretrained_cfg is not None and pretrained_cfg.fixed_input_size and cfg.image_size is not None:

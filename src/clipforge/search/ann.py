@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from clipforge.io import atomic_write
+from clipforge.search.exact import exact_search
 from clipforge.search.store import EmbeddingStore
 
 logger = logging.getLogger("clipforge")
@@ -87,8 +89,6 @@ def build_faiss_index(
     ``ivf``: ``IVF{nlist},SQfp16`` with nlist = round(sqrt(N)) by default (cells of about sqrt(N) vectors),
     trained on up to 64 * nlist sampled rows. ``hnsw``: ``HNSW{hnsw_m},SQfp16`` (no training, slower build).
     """
-    from clipforge.search.exact import exact_search
-
     faiss = _faiss()
     if ann not in ANN_KINDS:
         raise ValueError(f"ann={ann!r}: choose one of {list(ANN_KINDS)}")
@@ -96,30 +96,62 @@ def build_faiss_index(
     count = sum(len(m) for m in matrices)
     if count == 0:
         raise ValueError(f"{store.root} holds no {kind} embeddings to index")
-    dim = matrices[0].shape[1]
     generator = np.random.default_rng(seed)
     started = time.perf_counter()
     if ann == "ivf":
         nlist = nlist or max(1, min(round(math.sqrt(count)), count // 39))  # FAISS wants >= 39 points per cell
-        factory = f"IVF{nlist},SQfp16"
-    else:
-        factory = f"HNSW{hnsw_m},SQfp16"
-    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    factory = f"IVF{nlist},SQfp16" if ann == "ivf" else f"HNSW{hnsw_m},SQfp16"
+    index = faiss.index_factory(matrices[0].shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    _fill(index, matrices, count, 64 * (nlist or 1), generator)
+    limit = nlist if ann == "ivf" else 4096
+    value, recall = _tune(faiss, index, _KNOB[ann], limit, matrices, target_recall, tune_queries, generator)
+    path = store.root / f"faiss-{kind}.index"
+    atomic_write(path, lambda handle: handle.write(faiss.serialize_index(index).tobytes()))
+    report = BuildReport(str(path), factory, _KNOB[ann], value, recall, time.perf_counter() - started)
+    store.meta.setdefault("faiss", {})[kind] = {
+        "file": path.name,
+        "factory": factory,
+        "count": count,
+        "knob": _KNOB[ann],
+        "value": value,
+        "recall_at_10": recall,
+    }
+    store.save_meta()
+    return report
+
+
+def _fill(index, matrices: list[np.ndarray], count: int, train_rows: int, generator: np.random.Generator) -> None:
+    """Train ``index`` on up to ``train_rows`` sampled rows (if it needs training), then add every row."""
     if not index.is_trained:
-        sample = np.sort(generator.choice(count, size=min(count, 64 * (nlist or 1)), replace=False))
+        sample = np.sort(generator.choice(count, size=min(count, train_rows), replace=False))
         index.train(_rows(matrices, sample))
     for matrix in matrices:
-        for start in range(0, len(matrix), 65536):
+        for start in range(0, len(matrix), 65536):  # float32 copies of 64k rows at a time, not of the whole set
             index.add(np.asarray(matrix[start : start + 65536], dtype=np.float32))
 
-    # tune the search knob on stored rows as queries, against exact search; each query's own row is left out
-    # of both lists (it is always found, in the cell it was added to, and would flatter the recall)
+
+def _tune(
+    faiss,
+    index,
+    knob: str,
+    limit: int,
+    matrices: list[np.ndarray],
+    target_recall: float,
+    tune_queries: int,
+    generator: np.random.Generator,
+) -> tuple[int, float]:
+    """The smallest power-of-two ``knob`` value (up to ``limit``) whose recall@10 against exact search reaches
+    ``target_recall`` with a margin; returns (value, measured recall).
+
+    Stored rows are the queries, and each query's own row is left out of both lists: it is always found, in the
+    cell it was added to, and would flatter the recall.
+    """
+    count = sum(len(m) for m in matrices)
     query_rows = np.sort(generator.choice(count, size=min(count, tune_queries), replace=False))
     queries = _rows(matrices, query_rows)
     neighbours = min(10, count - 1)
     _, truth = exact_search(matrices, torch.from_numpy(queries), neighbours + 1)
-    knob, value, recall = _KNOB[ann], 1, 1.0
-    limit = nlist if ann == "ivf" else 4096
+    value, recall = 1, 1.0
     while neighbours > 0:
         faiss.ParameterSpace().set_index_parameter(index, knob, value)
         _, found = index.search(queries, neighbours + 1)
@@ -135,19 +167,7 @@ def build_faiss_index(
         if lower_bound >= target_recall or value >= limit:
             break
         value = min(limit, value * 2)
-    path = store.root / f"faiss-{kind}.index"
-    faiss.write_index(index, str(path))
-    report = BuildReport(str(path), factory, knob, value, recall, time.perf_counter() - started)
-    store.meta.setdefault("faiss", {})[kind] = {
-        "file": path.name,
-        "factory": factory,
-        "count": count,
-        "knob": knob,
-        "value": value,
-        "recall_at_10": recall,
-    }
-    store.save_meta()
-    return report
+    return value, recall
 
 
 def _others(rows: np.ndarray, own: int, count: int) -> set[int]:

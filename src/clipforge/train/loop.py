@@ -1,28 +1,21 @@
 """The training run: one straight path from config to checkpoints.
 
-Gradient accumulation keeps the full contrastive batch (GradCache, Gao et al. 2021): with
-``train.accumulation_steps = K`` the batch of B pairs is split into K micro-batches, and
+:func:`train` checks what it can before building anything (the config against the processes, the output
+folder, the resumed checkpoint, the data), builds the run once (:class:`TrainingRun`: tokenizer, model,
+optimizer, schedule, evaluator, loader), then takes optimizer steps until ``train.steps``, logging, evaluating
+and checkpointing on the way. Everything that changes from step to step lives in one :class:`RunState`
+(``clipforge.train.state``); the functions below read the run and update the state.
 
-1. the embeddings of every micro-batch are computed without building autograd graphs;
-2. the loss over all B x B pairs is computed on those embeddings, and backpropagated to them
-   (and to the logit scale/bias): that gives dL/d(embedding) for every sample;
-3. each micro-batch is run again with the same random state (dropout), now with a graph, and its
-   embeddings are backpropagated with their slice of dL/d(embedding).
-
-The parameter gradients then equal those of one step on the whole batch, while only one
-micro-batch's activations are alive at a time. (Towers with BatchNorm normalize per micro-batch,
-which no accumulation scheme avoids; their running statistics are updated once, in step 3.)
+Gradient accumulation keeps the full contrastive batch (GradCache, see :mod:`clipforge.train.gradcache`).
 
 Several processes (torchrun; ``clipforge.distributed``, ``clipforge.distributed.wrap``): each loads
 ``batch_size / world_size`` pairs, the loss gathers (CLIP) or passes around (SigLIP) the other ranks'
-features, and the step is still exact over the global batch. With GradCache, step 2 runs the distributed
-loss on every rank's cached embeddings, and step 3 replays the micro-batches without gradient
-synchronisation except the last, so gradients cross the network once per optimizer step.
+features, and the step is still exact over the global batch. With GradCache, the loss on the cached
+embeddings is the distributed one, and gradients cross the network once per optimizer step.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Iterator
@@ -33,10 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from clipforge.checkpoint import build_model, hf_text_config, read_checkpoint, save_checkpoint
+from clipforge.checkpoint import build_model, hf_text_config, save_checkpoint
 from clipforge.config import Config, ConfigError, config_to_dict, save_config
 from clipforge.data.base import ImageTextSource
-from clipforge.data.loader import build_train_loader
+from clipforge.data.loader import LoaderSpec, build_train_loader
 from clipforge.data.samples import Batch
 from clipforge.data.shards import ShardSource
 from clipforge.data.sources import build_source
@@ -51,140 +44,78 @@ from clipforge.distributed import (
     init_distributed,
     wrap,
 )
+from clipforge.interop.load import InitialModel, init_model
 from clipforge.losses import build_loss
-from clipforge.model import resolve_image_preprocess
+from clipforge.model import CLIPModel, resolve_image_preprocess
 from clipforge.model.registry import MAX_LOGIT_SCALE
 from clipforge.runtime import autocast_context, resolve_device, rng_state, seed_everything, set_rng_state
+from clipforge.train import preflight, resume, run_dir
 from clipforge.train.cache_features import build_feature_cache
 from clipforge.train.evaluation import TrainingEvaluator
+from clipforge.train.gradcache import backward_step
+from clipforge.train.log_backends import import_backends
 from clipforge.train.optim import build_optimizer, build_scheduler
 from clipforge.train.run_log import NullRunLogger, RunLogger
+from clipforge.train.state import LogWindow, RunState
+
+__all__ = ["TrainResult", "TrainingRun", "backward_step", "train"]
 
 logger = logging.getLogger("clipforge")
+
+# unreadable images named one by one in the log; the rest are only counted
+WARNED_SKIPS = 5
+COMPILE_NOTE = "compiling the towers with torch.compile (inductor); the first steps take longer"
 
 
 @dataclass
 class TrainResult:
-    """Where the run went and what it logged."""
+    """Where the run went and what it logged; ``is_main``: this is the process that logs (rank 0)."""
 
     output_dir: Path
     step: int
     checkpoint: Path
     history: list[dict[str, Any]] = field(default_factory=list)
+    is_main: bool = True
 
 
-def _embed(model: nn.Module, batch: Batch, autocast) -> tuple[torch.Tensor, ...]:
-    """(image features, text features, logit scale, logit bias or None) through the model's forward, which a
-    DDP/FSDP wrapper needs to see to synchronise gradients."""
-    with autocast:
-        output = model(batch.images, batch.input_ids, batch.attention_mask, **batch.tower_features())
-    return (
-        output["image_features"].float(),
-        output["text_features"].float(),
-        output["logit_scale"],
-        output["logit_bias"],
-    )
+@dataclass
+class TrainingRun:
+    """What a run builds at its start and then only uses (what changes is in :class:`RunState`).
 
-
-def _batchnorm_buffers(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    buffers = []
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training and module.track_running_stats:
-            for buffer in (module.running_mean, module.running_var, module.num_batches_tracked):
-                if buffer is not None:
-                    buffers.append((buffer, buffer.clone()))
-    return buffers
-
-
-def backward_step(
-    model: nn.Module,
-    loss_fn: nn.Module,
-    batch: Batch,
-    accumulation_steps: int,
-    autocast: contextlib.AbstractContextManager,
-    scaler: torch.amp.GradScaler | None,
-    loss_multiplier: float = 1.0,
-) -> torch.Tensor:
-    """Accumulate the gradients of the contrastive loss over ``batch`` into ``.grad``; return the loss.
-
-    With ``accumulation_steps > 1`` this is the exact GradCache step described in the module docstring.
-    ``model`` is a :class:`CLIPModel` or its DDP/FSDP2 wrapper (see ``clipforge.distributed.wrap``);
-    ``loss_multiplier`` multiplies the loss before backward: ``world_size`` under DDP/FSDP, which average
-    gradients over ranks (``clipforge.distributed``). The returned loss is not multiplied.
+    ``model`` is the :class:`CLIPModel`; ``train_model`` what the step calls: the model, its DDP wrapper, or
+    the model sharded in place (FSDP2). ``batches`` and ``run_log`` are set once the state is restored.
     """
 
-    def scaled(loss: torch.Tensor) -> torch.Tensor:
-        loss = loss * loss_multiplier if loss_multiplier != 1 else loss
-        return scaler.scale(loss) if scaler is not None else loss
-
-    if accumulation_steps == 1:
-        loss = loss_fn(*_embed(model, batch, autocast))
-        scaled(loss).backward()
-        return loss.detach()
-
-    micro_batches = batch.split(accumulation_steps)
-    cuda = batch.device.type == "cuda"
-    rng_states, image_parts, text_parts = [], [], []
-    saved_buffers = _batchnorm_buffers(model)
-    with torch.no_grad():
-        for micro in micro_batches:
-            rng_states.append((torch.get_rng_state(), torch.cuda.get_rng_state() if cuda else None))
-            image_features, text_features, logit_scale, logit_bias = _embed(model, micro, autocast)
-            image_parts.append(image_features)
-            text_parts.append(text_features)
-        for buffer, value in saved_buffers:  # the replay below updates the statistics once
-            buffer.copy_(value)
-    all_image = torch.cat(image_parts).requires_grad_()
-    all_text = torch.cat(text_parts).requires_grad_()
-    # Stand-ins for the logit scale/bias: their gradients are handed to the real ones in the last replay,
-    # inside a forward that DDP/FSDP see, so that they are synchronised with the rest.
-    stand_ins = [
-        p.detach().requires_grad_(p.requires_grad) if p is not None else None for p in (logit_scale, logit_bias)
-    ]
-    loss = loss_fn(all_image, all_text, *stand_ins)
-    scaled(loss).backward()  # grads of the logit scale/bias stand-ins, and of every embedding
-    image_grads = all_image.grad.split([len(p) for p in image_parts])
-    text_grads = all_text.grad.split([len(p) for p in text_parts])
-    for index, (micro, (cpu_state, cuda_state), image_grad, text_grad) in enumerate(
-        zip(micro_batches, rng_states, image_grads, text_grads, strict=True)
-    ):
-        torch.set_rng_state(cpu_state)
-        if cuda_state is not None:
-            torch.cuda.set_rng_state(cuda_state)
-        last = index == len(micro_batches) - 1
-        with wrap.gradient_sync(model, enabled=last):
-            image_features, *outputs = _embed(model, micro, autocast)
-            roots, grads = [image_features, outputs[0]], [image_grad, text_grad]
-            if last:
-                for output, stand_in in zip(outputs[1:], stand_ins, strict=True):
-                    if stand_in is not None and stand_in.grad is not None:
-                        roots.append(output)
-                        grads.append(stand_in.grad)
-            torch.autograd.backward(roots, grads)
-    return loss.detach()
+    config: Config
+    context: DistributedContext
+    output_dir: Path
+    tokenizer: Tokenizer
+    model: CLIPModel
+    train_model: nn.Module
+    loss_fn: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    evaluator: TrainingEvaluator
+    autocast: Any
+    batches: Iterator[Batch] = field(default_factory=lambda: iter(()))
+    run_log: RunLogger | NullRunLogger = field(default_factory=NullRunLogger)
 
 
-def _training_captions(source: ImageTextSource | ShardSource) -> list[str]:
-    if isinstance(source, ShardSource):
-        return list(source.iter_captions())  # one pass over the shards' caption members, no image is read
-    return [caption for index in range(len(source)) for caption in source.captions(index)]
-
-
-def _endless(loader) -> Iterator[Batch]:
-    yield from loader  # the sampler never ends: one iterator serves the whole run
-
-
-def train(config: Config, resume: str | Path | None = None) -> TrainResult:
+def train(config: Config, resume: str | Path | None = None, overwrite: bool = False) -> TrainResult:
     """Train a model as ``config`` says; ``resume`` is a checkpoint path or ``"latest"``.
 
     A run resumed from the checkpoint of step k reaches the same weights at step n as a run that was
     never interrupted: model, optimizer, schedule, loss scaler, RNG (reseeded from the step) and the data
     position (samples consumed) all come back from the checkpoint. Under torchrun every process calls this;
     rank 0 logs and writes the checkpoints, which any number of processes can resume.
+
+    ``train.output_dir`` holding a run (``last.pt`` or ``metrics.jsonl``) is refused unless ``resume`` continues
+    it or ``overwrite`` is set: then that run's checkpoints and logs are removed first (``clipforge.train.run_dir``).
     """
     context = init_distributed(resolve_device(config.train.device))
     try:
-        result = _train(config, resume, context)
+        result = _train(config, resume, overwrite, context)
     except BaseException:
         close_distributed(context, wait=False)
         raise
@@ -192,222 +123,366 @@ def train(config: Config, resume: str | Path | None = None) -> TrainResult:
     return result
 
 
-def _train(config: Config, resume: str | Path | None, context: DistributedContext) -> TrainResult:
+def _train(config: Config, resume_from: str | Path | None, overwrite: bool, context: DistributedContext) -> TrainResult:
+    """Check (nothing built or written yet), build, restore, prepare the folder, run."""
     output_dir = Path(config.train.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    device, world_size = context.device, context.world_size
-    if config.train.precision == "fp16" and device.type != "cuda":
-        raise ConfigError("train.precision=fp16 needs a CUDA device; on the CPU use bf16 or fp32")
-    if config.train.batch_size % (world_size * config.train.accumulation_steps):
-        raise ConfigError(
-            f"train.batch_size={config.train.batch_size} must split evenly over {world_size} processes and then "
-            f"into train.accumulation_steps={config.train.accumulation_steps} micro-batches: use a multiple of "
-            f"{world_size * config.train.accumulation_steps}"
-        )
+    _check_processes(config, context)
     if not context.is_main:
         logger.setLevel(logging.WARNING)  # one process tells the story; the others speak up only when wrong
     seed_everything(config.train.seed)
+    # model.init: the imported model decides the architecture, so the run's config (and its checkpoints) carry it
+    initial = init_model(config) if config.model.init else None
+    config = initial.config if initial is not None else config
+    resume_path = resume.resolve_resume(resume_from, output_dir)
+    checkpoint = resume.read_resume_checkpoint(resume_path, config) if resume_path is not None else None
+    resume.check_same_checkpoint_everywhere(checkpoint, resume_from)
+    run_dir.check_output_dir(output_dir, resume_path, overwrite)
+    if context.is_main:  # a missing W&B/MLflow package is named before anything is built, written or removed
+        import_backends(config.logging.backends)
+    source = build_source(config.data)
+    preflight.check_batch_fits(source, config.data, config.train.batch_size, context.world_size)
+    preflight.check_images_decode(source, config.data)
 
-    state = None
-    if resume is not None:
-        resume_path = output_dir / "last.pt" if str(resume) == "latest" else Path(resume)
-        state = read_checkpoint(resume_path)
-        saved_model = state["config"]["model"]
-        if saved_model != config_to_dict(config)["model"]:
-            raise ConfigError(
-                f"--resume {resume_path}: the checkpoint was trained with another model config; "
-                "resume with the run's own config.yaml (saved next to the checkpoint)"
-            )
-    resumed_steps = gather_ints(int(state["step"]) if state is not None else -1)
-    if len(set(resumed_steps)) > 1:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    run, transform, cached_features = _build(config, context, output_dir, source, checkpoint, initial)
+    state = RunState(
+        data_streams=max(1, config.data.num_workers),
+        window=LogWindow.on(context.device),
+        last_checkpoint=output_dir / "last.pt",
+    )
+    if checkpoint is not None:
+        _restore(run, state, checkpoint, resume_from)
+    if context.is_main:
+        _prepare_output_dir(run, resume_path, checkpoint, overwrite)
+    run.batches = _batches(run, source, transform, cached_features, state)
+    run.run_log = _run_logger(run, state)
+    return _run(run, state)
+
+
+def _check_processes(config: Config, context: DistributedContext) -> None:
+    """What the config asks of the device and the number of processes, checked before anything runs."""
+    if config.train.precision == "fp16" and context.device.type != "cuda":
+        raise ConfigError("train.precision=fp16 needs a CUDA device; on the CPU use bf16 or fp32")
+    world_size, accumulation_steps = context.world_size, config.train.accumulation_steps
+    if config.train.batch_size % (world_size * accumulation_steps):
         raise ConfigError(
-            f"--resume {resume}: the processes read different checkpoints (steps {resumed_steps} by rank); "
-            "every node must see the same file (a shared filesystem)"
+            f"train.batch_size={config.train.batch_size} must split evenly over {world_size} processes and then "
+            f"into train.accumulation_steps={accumulation_steps} micro-batches: use a multiple of "
+            f"{world_size * accumulation_steps}"
         )
 
-    source = build_source(config.data)
+
+# ----------------------------------------------------------------------------------------------
+# Set-up
+# ----------------------------------------------------------------------------------------------
+def _training_captions(source: ImageTextSource | ShardSource) -> list[str]:
+    if isinstance(source, ShardSource):
+        return list(source.iter_captions())  # one pass over the shards' caption members, no image is read
+    return [caption for index in range(len(source)) for caption in source.captions(index)]
+
+
+def _build_tokenizer(
+    config: Config, context: DistributedContext, source: ImageTextSource | ShardSource, checkpoint: dict | None
+) -> Tokenizer:
+    """The checkpoint's tokenizer, or one trained on the data's captions (rank 0 trains it, every rank gets it)."""
+    if checkpoint is not None:
+        return Tokenizer.from_state_dict(checkpoint["tokenizer"])
     text_config = config.model.text
-    if state is not None:
-        tokenizer = Tokenizer.from_state_dict(state["tokenizer"])
+    tokenizer = None
+    if context.is_main:
+        tokenizer = build_tokenizer(text_config.tokenizer, text_config.name, _training_captions(source))
+    if context.enabled:  # rank 0 trains the vocabulary once; every rank then tokenizes alike
+        tokenizer = Tokenizer.from_state_dict(broadcast_object(tokenizer.state_dict() if tokenizer else None))
+    return tokenizer
+
+
+def _build(
+    config: Config,
+    context: DistributedContext,
+    output_dir: Path,
+    source: ImageTextSource | ShardSource,
+    checkpoint: dict | None,
+    initial: InitialModel | None = None,
+) -> tuple[TrainingRun, Any, Any]:
+    """The run's parts, in the order that keeps the random stream (and so resume) exact; also the image
+    transform and the locked towers' feature cache, which only the loader needs. ``initial``: the model and
+    tokenizer that ``model.init`` imported (a resumed run then loads the checkpoint's weights over them)."""
+    device = context.device
+    if initial is not None and checkpoint is None:
+        tokenizer = initial.tokenizer  # the imported model's own: its embedding rows follow these ids
     else:
-        tokenizer = None
-        if context.is_main:
-            tokenizer = build_tokenizer(text_config.tokenizer, text_config.name, _training_captions(source))
-        if context.enabled:  # rank 0 trains the vocabulary once; every rank then tokenizes alike
-            tokenizer = Tokenizer.from_state_dict(broadcast_object(tokenizer.state_dict() if tokenizer else None))
-    model = build_model(
-        config, tokenizer, pretrained=state is None, text_config_json=state.get("hf_text_config") if state else None
-    ).to(device)
-    if state is not None:
-        model.load_state_dict(state["model"])  # before sharding: FSDP2 shards the weights the model holds
+        tokenizer = _build_tokenizer(config, context, source, checkpoint)
+    if initial is not None:
+        model = initial.model.to(device)
+    else:
+        model = build_model(
+            config,
+            tokenizer,
+            pretrained=checkpoint is None,
+            text_config_json=checkpoint.get("hf_text_config") if checkpoint else None,
+        ).to(device)
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])  # before sharding: FSDP2 shards the weights the model holds
     transform = build_image_transform(resolve_image_preprocess(config.model.image), config.data.augment)
     # locked towers' features, computed once (or found) before the model is wrapped for distribution
     cached_features = build_feature_cache(config, model, source, tokenizer, transform, device)
     train_model = wrap.prepare_model(model, config.train, context)
     loss_fn = build_loss(config.loss, distributed=context.enabled)
     optimizer = build_optimizer(model, config.optim, device, config.model)
-    scheduler = build_scheduler(optimizer, config.schedule, config.train.steps)
-    scaler = torch.amp.GradScaler("cuda") if config.train.precision == "fp16" else None
-    # opens the eval sources now, so a wrong path fails before the first step rather than at the first eval
-    evaluator = TrainingEvaluator(config, tokenizer, autocast_context(device, config.train.precision))
+    run = TrainingRun(
+        config=config,
+        context=context,
+        output_dir=output_dir,
+        tokenizer=tokenizer,
+        model=model,
+        train_model=train_model,
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, config.schedule, config.train.steps),
+        scaler=torch.amp.GradScaler("cuda") if config.train.precision == "fp16" else None,
+        # opens the eval sources now, so a wrong path fails before the first step rather than at the first eval
+        evaluator=TrainingEvaluator(config, tokenizer, autocast_context(device, config.train.precision)),
+        autocast=autocast_context(device, config.train.precision),
+    )
+    return run, transform, cached_features
 
-    # streams: the slot layout of a shard stream (see clipforge.data.streaming), kept from the run's start
-    step, samples_seen, streams = 0, 0, max(1, config.data.num_workers)
-    if state is not None:
-        wrap.load_optimizer_state(train_model, optimizer, state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        step, samples_seen = int(state["step"]), int(state["samples_seen"])
-        streams = int(state.get("data_streams") or streams)
-        if not context.enabled:  # torch's generators are reseeded every step; this restores Python's and CUDA's
-            set_rng_state(state["rng"], device)
-        evaluator.load_state_dict(state.get("eval", {}))
-        logger.info("resumed from %s at step %d (%d samples seen)", resume, step, samples_seen)
-    if context.is_main:
-        save_config(config, output_dir / "config.yaml")
 
-    def checkpoint_state() -> dict[str, Any]:
-        """The checkpoint payload; a collective under FSDP2 (every rank calls it, rank 0 gets the weights)."""
-        return {
-            "config": config_to_dict(config),
-            "tokenizer": tokenizer.state_dict(),
-            "hf_text_config": hf_text_config(model),
-            "model": wrap.model_state(train_model),
-            "optimizer": wrap.optimizer_state(train_model, optimizer),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else {},
-            "step": step,
-            "samples_seen": samples_seen,
-            "data_streams": streams,
-            "rng": rng_state(device),
-            "eval": evaluator.state_dict(),
-            "world_size": world_size,
-        }
+def _restore(run: TrainingRun, state: RunState, checkpoint: dict[str, Any], resume_from: str | Path) -> None:
+    """Optimizer, schedule, scaler, RNG, evaluator and run state as the checkpoint has them."""
+    wrap.load_optimizer_state(run.train_model, run.optimizer, checkpoint["optimizer"])
+    run.scheduler.load_state_dict(checkpoint["scheduler"])
+    if run.scaler is not None and checkpoint.get("scaler"):
+        run.scaler.load_state_dict(checkpoint["scaler"])
+    state.load_state_dict(checkpoint)
+    if not run.context.enabled:  # torch's generators are reseeded every step; this restores Python's and CUDA's
+        set_rng_state(checkpoint["rng"], run.context.device)
+    run.evaluator.load_state_dict(checkpoint.get("eval", {}))
+    logger.info("resumed from %s at step %d (%d samples seen)", resume_from, state.step, state.samples_seen)
+    if run.context.is_main:
+        for message in resume.schedule_changes(checkpoint["config"], run.config, state.step):
+            logger.warning(message)
 
-    def write_checkpoints() -> Path:
-        payload = checkpoint_state()
-        if not context.is_main:
-            return output_dir / "last.pt"
-        last = save_checkpoint(output_dir / "last.pt", payload)
-        if config.train.keep_checkpoints > 0:
-            save_checkpoint(output_dir / f"step_{step}.pt", payload)
-            numbered = sorted(output_dir.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
-            for old in numbered[: -config.train.keep_checkpoints]:
-                old.unlink()
-        return last
 
+def _prepare_output_dir(run: TrainingRun, resume_path: Path | None, checkpoint: dict | None, overwrite: bool) -> None:
+    """Rank 0, once everything is built (a failed set-up loses nothing): clear the folder as asked, sweep stale
+    temporaries, carry ``best.pt`` over from another folder, and write the config beside the checkpoints."""
+    if overwrite:
+        run_dir.remove_run_files(run.output_dir)
+    run_dir.remove_stale_temporaries(run.output_dir)
+    if checkpoint is not None:
+        resume.carry_best_checkpoint(resume_path, run.output_dir, checkpoint.get("eval", {}))
+    save_config(run.config, run.output_dir / "config.yaml")
+
+
+def _batches(run: TrainingRun, source, transform, cached_features, state: RunState) -> Iterator[Batch]:
+    """The endless batches of this rank, from where the state says the data stands (the loader is built now, so
+    a mistake it finds surfaces before the first step)."""
+    config, context = run.config, run.context
     # samples_seen counts the whole run's samples; each rank loads and has consumed its 1/world_size of them
-    loader = build_train_loader(
-        source,
+    spec = LoaderSpec(
         transform,
-        tokenizer,
-        text_config.context_length,
-        config.train.batch_size // world_size,
+        run.tokenizer,
+        config.model.text.context_length,
+        config.train.batch_size // context.world_size,
         seed=config.train.seed,
-        start_sample=samples_seen // world_size,
+        start_sample=state.samples_seen // context.world_size,
         num_workers=config.data.num_workers,
         rank=context.rank,
-        world_size=world_size,
-        pin_memory=device.type == "cuda",
+        world_size=context.world_size,
+        pin_memory=context.device.type == "cuda",
         caption_sampling=config.data.caption_sampling,
-        streams=streams,
-        cached_features=cached_features,
+        streams=state.data_streams,
     )
-    batches = _endless(loader)
-    autocast = autocast_context(device, config.train.precision)
-    run_log = (
-        RunLogger(
-            output_dir,
-            config.train.steps,
-            step,
-            tensorboard="tensorboard" in config.logging.backends,
-            progress=config.logging.progress,
-        )
-        if context.is_main
-        else NullRunLogger()
-    )
-    history: list[dict[str, Any]] = []
-    loss_sum = torch.zeros((), device=device)  # summed on device: no host sync inside the step
-    losses_in_window, samples_in_window, skipped_total = 0, 0, 0
-    window_start = time.perf_counter()
-    last_checkpoint = output_dir / "last.pt"
-    model.train()
-    try:
-        while step < config.train.steps:
-            batch = next(batches)
-            samples_seen += config.train.batch_size
-            if batch.skipped:
-                skipped_total += len(batch.skipped)
-                for bad in batch.skipped[: max(0, 5 - (skipped_total - len(batch.skipped)))]:
-                    logger.warning("skipped unreadable image %s: %s", bad.where, bad.reason)
-            sizes = gather_ints(len(batch))  # every rank's pairs: all ranks take or skip the step together
-            if min(sizes) == 0 or sum(sizes) < 2:
-                continue  # nothing to contrast; the samples are consumed and counted
-            batch = batch.to(device)
-            wrap.seed_step(config.train.seed, context.rank, step)
-            optimizer.zero_grad(set_to_none=True)
-            loss = backward_step(
-                train_model, loss_fn, batch, config.train.accumulation_steps, autocast, scaler, world_size
-            )
-            wrap.finish_gradients(train_model)
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            if config.train.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            scheduler.step()
-            with torch.no_grad():  # the CLIP paper's cap on the temperature: scale <= 100
-                model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-            step += 1
-            loss_sum += loss
-            losses_in_window += 1
-            samples_in_window += sum(sizes)
-            run_log.advance()
+    loader = build_train_loader(source, spec, cached_features=cached_features)
+    return _endless(loader)
 
-            if step % config.logging.log_every == 0 or step == config.train.steps:
-                elapsed = time.perf_counter() - window_start
-                window_loss = all_reduce_sum(loss_sum.clone())  # the ranks' shares add up to the global loss
-                record = {
-                    "loss": window_loss.item() / losses_in_window,
-                    "lr": scheduler.get_last_lr()[0],
-                    "logit_scale": model.logit_scale.exp().item(),
-                    "samples_per_second": samples_in_window / max(elapsed, 1e-9),
-                    "skipped_images": sum(gather_ints(skipped_total)),
-                }
-                if model.logit_bias is not None:
-                    record["logit_bias"] = model.logit_bias.item()
-                run_log.log(step, record, show=("loss", "lr", "logit_scale", "samples_per_second"))
-                history.append({"step": step, **record})
-                loss_sum.zero_()
-                losses_in_window, samples_in_window = 0, 0
-                window_start = time.perf_counter()
-            # DDP: rank 0 evaluates alone; FSDP2: every rank takes part (the weights are gathered), rank 0 logs
-            if evaluator.due(step) and (context.is_main or wrap.is_sharded(train_model)):
-                eval_started = time.perf_counter()
-                with wrap.evaluation_view(train_model) as eval_model:
-                    eval_record, improved = evaluator.run(eval_model, step)
-                run_log.log(step, eval_record, show=evaluator.shown)
-                if improved:
-                    payload = checkpoint_state()
-                    if context.is_main:
-                        save_checkpoint(output_dir / "best.pt", payload)
-                window_start += time.perf_counter() - eval_started  # evaluation is not training throughput
-            if step % config.train.checkpoint_every == 0 or step == config.train.steps:
-                last_checkpoint = write_checkpoints()
+
+def _endless(loader) -> Iterator[Batch]:
+    yield from loader  # the sampler never ends: one iterator serves the whole run
+
+
+def _run_logger(run: TrainingRun, state: RunState) -> RunLogger | NullRunLogger:
+    """Rank 0's logger (``logging.*``: metrics.jsonl, the backends, the progress bar); the other ranks log nothing."""
+    if not run.context.is_main:
+        return NullRunLogger()
+    return RunLogger.for_run(run.config, run.output_dir, state.step)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+def _run(run: TrainingRun, state: RunState) -> TrainResult:
+    """Steps until ``train.steps``; on Ctrl-C the finished steps are saved first."""
+    run.model.train()
+    if run.config.train.compile:
+        logger.info(COMPILE_NOTE)
+    state.window.reset()
+    try:
+        while state.step < run.config.train.steps:
+            _advance(run, state)
     except KeyboardInterrupt:
-        # every finished step is worth keeping: save where we are, then stop as asked (not under FSDP2, whose
-        # weights would have to be gathered from ranks that may be gone already)
-        if not wrap.is_sharded(train_model):
-            last_checkpoint = write_checkpoints()
-        logger.warning("interrupted at step %d; resume with --resume %s", step, last_checkpoint)
+        _save_on_interrupt(run, state)
         raise
     finally:
-        run_log.close()
-    if skipped_total:
-        logger.warning("%d unreadable images were skipped in total", skipped_total)
-    return TrainResult(output_dir, step, last_checkpoint, history)
+        run.run_log.close()
+    if state.skipped_images:
+        logger.warning("%d unreadable images were skipped in total", state.skipped_images)
+    return TrainResult(run.output_dir, state.step, state.last_checkpoint, state.history, run.context.is_main)
+
+
+def _advance(run: TrainingRun, state: RunState) -> None:
+    """One batch: an optimizer step on it (then log, evaluate, checkpoint as due), or past it when it holds
+    fewer than 2 readable pairs on some rank (its samples are consumed and counted all the same)."""
+    config, context = run.config, run.context
+    batch = next(run.batches)
+    state.samples_seen += config.train.batch_size
+    sizes = gather_ints(len(batch))  # every rank's pairs: all ranks take or skip the step together
+    _count_skipped(batch, sizes, state, config.train.batch_size)
+    if min(sizes) == 0 or sum(sizes) < 2:
+        state.empty_batches += 1
+        if state.empty_batches >= preflight.MAX_EMPTY_BATCHES:
+            raise preflight.empty_batches_error(
+                config.data, state.empty_batches, config.train.batch_size, state.skipped_images
+            )
+        return
+    state.empty_batches = 0
+    loss, grad_norm, state.lr = _optimizer_step(run, batch.to(context.device), state.step)
+    state.step += 1
+    state.window.add(loss, grad_norm, sum(sizes))
+    run.run_log.advance()
+    if state.step % config.logging.log_every == 0 or state.step == config.train.steps:
+        _log_window(run, state)
+    # DDP: rank 0 evaluates alone; FSDP2: every rank takes part (the weights are gathered), rank 0 logs
+    if run.evaluator.due(state.step) and (context.is_main or wrap.is_sharded(run.train_model)):
+        _evaluate(run, state)
+    if state.step % config.train.checkpoint_every == 0 or state.step == config.train.steps:
+        state.last_checkpoint = _write_checkpoints(run, state)
+
+
+def _count_skipped(batch: Batch, sizes: list[int], state: RunState, batch_size: int) -> None:
+    """Name the first unreadable images in the log, and count every rank's: each rank's batch holds
+    ``batch_size / world_size`` samples, taken or skipped, so the skipped ones are what ``sizes`` lacks."""
+    for bad in batch.skipped[: max(0, WARNED_SKIPS - state.skipped_images)]:
+        logger.warning("skipped unreadable image %s: %s", bad.where, bad.reason)
+    state.skipped_images += batch_size - sum(sizes)
+
+
+def _optimizer_step(run: TrainingRun, batch: Batch, step: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Step ``step`` (0-based) on ``batch``: (loss, gradient norm before clipping, the learning rate used).
+
+    The loss and norm stay on the device; the learning rate is read before ``scheduler.step()`` moves it on.
+    """
+    config, optimizer, scaler = run.config, run.optimizer, run.scaler
+    wrap.seed_step(config.train.seed, run.context.rank, step)
+    optimizer.zero_grad(set_to_none=True)
+    loss = backward_step(
+        run.train_model,
+        run.loss_fn,
+        batch,
+        config.train.accumulation_steps,
+        run.autocast,
+        scaler,
+        run.context.world_size,
+    )
+    wrap.finish_gradients(run.train_model)
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    grad_norm = _clip_gradients(run.model, config.train.grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    lr = run.scheduler.get_last_lr()[0]
+    run.scheduler.step()
+    with torch.no_grad():  # the CLIP paper's cap on the temperature: scale <= 100
+        run.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+    return loss, grad_norm, lr
+
+
+def _clip_gradients(model: nn.Module, grad_clip: float) -> torch.Tensor:
+    """Clip the global L2 gradient norm to ``grad_clip`` (0: no clipping) and return the norm before clipping.
+
+    With ``grad_clip=0`` the norm is still computed (``max_norm=inf``: every gradient is multiplied by 1). Under
+    FSDP2 the norm is a DTensor; its full value is taken on the device, so no step waits for the host.
+    """
+    max_norm = grad_clip if grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    full_tensor = getattr(grad_norm, "full_tensor", None)
+    return (full_tensor() if full_tensor is not None else grad_norm).detach()
+
+
+def _log_window(run: TrainingRun, state: RunState) -> None:
+    """Write one training record (means over the window's steps) and start a new window."""
+    window, model = state.window, run.model
+    elapsed = time.perf_counter() - window.started
+    window_loss = all_reduce_sum(window.loss_sum.clone())  # the ranks' shares add up to the global loss
+    record = {
+        "loss": window_loss.item() / window.steps,
+        "lr": state.lr,
+        "grad_norm": window.grad_norm_sum.item() / window.steps,
+        "logit_scale": model.logit_scale.exp().item(),
+        "samples_per_second": window.samples / max(elapsed, 1e-9),
+        "skipped_images": state.skipped_images,
+    }
+    if model.logit_bias is not None:
+        record["logit_bias"] = model.logit_bias.item()
+    run.run_log.log(state.step, record, show=("loss", "lr", "logit_scale", "samples_per_second"))
+    state.history.append({"step": state.step, **record})
+    window.reset()
+
+
+def _evaluate(run: TrainingRun, state: RunState) -> None:
+    """Run the evaluation tasks, log them, and write ``best.pt`` when the best metric improved."""
+    started = time.perf_counter()
+    with wrap.evaluation_view(run.train_model) as eval_model:
+        record, improved = run.evaluator.run(eval_model, state.step)
+    run.run_log.log(state.step, record, show=run.evaluator.shown)
+    if improved:
+        payload = _checkpoint_payload(run, state)
+        if run.context.is_main:
+            save_checkpoint(run.output_dir / "best.pt", payload)
+    state.window.started += time.perf_counter() - started  # evaluation is not training throughput
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------
+def _checkpoint_payload(run: TrainingRun, state: RunState) -> dict[str, Any]:
+    """The checkpoint dict; a collective under FSDP2 (every rank calls it, rank 0 gets the weights)."""
+    return {
+        "config": config_to_dict(run.config),
+        "tokenizer": run.tokenizer.state_dict(),
+        "hf_text_config": hf_text_config(run.model),
+        "model": wrap.model_state(run.train_model),
+        "optimizer": wrap.optimizer_state(run.train_model, run.optimizer),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict() if run.scaler is not None else {},
+        **state.state_dict(),  # step, samples_seen, data_streams, skipped_images
+        "rng": rng_state(run.context.device),
+        "eval": run.evaluator.state_dict(),
+        "world_size": run.context.world_size,
+    }
+
+
+def _write_checkpoints(run: TrainingRun, state: RunState) -> Path:
+    """``last.pt`` and, with ``train.keep_checkpoints``, ``step_<N>.pt`` (the oldest beyond that many removed)."""
+    payload = _checkpoint_payload(run, state)
+    output_dir, keep = run.output_dir, run.config.train.keep_checkpoints
+    if not run.context.is_main:
+        return output_dir / "last.pt"
+    last = save_checkpoint(output_dir / "last.pt", payload)
+    if keep > 0:
+        save_checkpoint(output_dir / f"step_{state.step}.pt", payload)
+        numbered = sorted(output_dir.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+        for old in numbered[:-keep]:
+            old.unlink()
+    return last
+
+
+def _save_on_interrupt(run: TrainingRun, state: RunState) -> None:
+    """Ctrl-C: every finished step is worth keeping, so save where the run is, then let the interrupt go on
+    (not under FSDP2, whose weights would have to be gathered from ranks that may be gone already)."""
+    if not wrap.is_sharded(run.train_model):
+        state.last_checkpoint = _write_checkpoints(run, state)
+    logger.warning("interrupted at step %d; resume with --resume %s", state.step, state.last_checkpoint)

@@ -1,0 +1,246 @@
+"""Explicit key maps between clipforge's parameter names and Hugging Face's / open_clip's, both ways.
+
+A map is a list of :class:`Rule` s, one per clipforge tensor: its name, the tensor name(s) it comes from in the
+other layout, and how they join. The rules are written out from the clipforge model config (which tensors the
+model has), so a map covers exactly the model: :func:`convert` refuses a file with a tensor no rule reads, and a
+rule whose tensor the file lacks; :func:`load_converted` then refuses any shape that differs. Nothing is renamed
+by pattern, and no legacy name is ever copied onto the model.
+
+Joins (the maths of each, other layout -> clipforge):
+
+* ``copy``: the same tensor.
+* ``qkv``: separate q, k, v projections (Hugging Face) stacked on dim 0 into the fused ``qkv`` Linear, [q; k; v]
+  (``nn.MultiheadAttention``'s ``in_proj`` is already that layout, so open_clip's is a ``copy``).
+* ``transpose``: a projection used as ``x @ P`` (open_clip's ``proj`` / ``text_projection``, (in, out)) becomes a
+  Linear weight W = P^T (out, in), so ``W x`` = ``x @ P``.
+* ``scalar``: a 0-dim tensor (CLIP's logit scale); ``vector1``: a (1,) tensor read as 0-dim (SigLIP's scale and
+  bias; open_clip's ``nonscalar_logit_scale``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from clipforge.checkpoint import CheckpointError, build_model
+from clipforge.config import Config, ModelConfig
+from clipforge.data.tokenize import Tokenizer
+from clipforge.model import CLIPModel
+
+JOINS = ("copy", "qkv", "transpose", "scalar", "vector1")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One clipforge tensor ``target`` and the tensor(s) ``sources`` of the other layout it is made of."""
+
+    target: str
+    sources: tuple[str, ...]
+    join: str = "copy"
+
+    def forward(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """The other layout's tensors -> the clipforge tensor."""
+        if self.join == "qkv":
+            return torch.cat(tensors, dim=0)
+        (tensor,) = tensors
+        if self.join == "transpose":
+            return tensor.t().contiguous()
+        if self.join in ("scalar", "vector1"):
+            if tensor.numel() != 1:
+                raise CheckpointError(f"{self.sources[0]} has shape {tuple(tensor.shape)}; expected one number")
+            return tensor.reshape(())
+        return tensor
+
+    def backward(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """The clipforge tensor -> the other layout's tensors (the inverse of :meth:`forward`)."""
+        if self.join == "qkv":
+            return [part.contiguous() for part in tensor.chunk(3, dim=0)]
+        if self.join == "transpose":
+            return [tensor.t().contiguous()]
+        if self.join == "vector1":
+            return [tensor.reshape(1)]
+        return [tensor]
+
+
+def copy_rules(target: str, source: str, names: Iterable[str] = ("weight", "bias")) -> list[Rule]:
+    """``target.<name> <- source.<name>`` for each name (a Linear or LayerNorm: weight and bias)."""
+    return [Rule(f"{target}.{name}", (f"{source}.{name}",)) for name in names]
+
+
+# ----------------------------------------------------------------------------------------------
+# Transformer blocks
+# ----------------------------------------------------------------------------------------------
+def hf_block_rules(target: str, source: str) -> list[Rule]:
+    """One pre-LN block: Hugging Face CLIP / SigLIP encoder layer ``source`` -> clipforge block ``target``."""
+    rules = copy_rules(f"{target}.ln1", f"{source}.layer_norm1")
+    for name in ("weight", "bias"):
+        projections = tuple(f"{source}.self_attn.{part}_proj.{name}" for part in ("q", "k", "v"))
+        rules.append(Rule(f"{target}.attn.qkv.{name}", projections, "qkv"))
+    rules += copy_rules(f"{target}.attn.out_proj", f"{source}.self_attn.out_proj")
+    rules += copy_rules(f"{target}.ln2", f"{source}.layer_norm2")
+    rules += copy_rules(f"{target}.mlp.fc1", f"{source}.mlp.fc1")
+    rules += copy_rules(f"{target}.mlp.fc2", f"{source}.mlp.fc2")
+    return rules
+
+
+def open_clip_block_rules(target: str, source: str) -> list[Rule]:
+    """One block: open_clip / OpenAI ``resblocks.N`` ``source`` -> clipforge block ``target``."""
+    rules = copy_rules(f"{target}.ln1", f"{source}.ln_1")
+    rules.append(Rule(f"{target}.attn.qkv.weight", (f"{source}.attn.in_proj_weight",)))
+    rules.append(Rule(f"{target}.attn.qkv.bias", (f"{source}.attn.in_proj_bias",)))
+    rules += copy_rules(f"{target}.attn.out_proj", f"{source}.attn.out_proj")
+    rules += copy_rules(f"{target}.ln2", f"{source}.ln_2")
+    rules += copy_rules(f"{target}.mlp.fc1", f"{source}.mlp.c_fc")
+    rules += copy_rules(f"{target}.mlp.fc2", f"{source}.mlp.c_proj")
+    return rules
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole models
+# ----------------------------------------------------------------------------------------------
+def hf_rules(model: ModelConfig, family: str) -> list[Rule]:
+    """The map of a Hugging Face ``CLIPModel`` (``family="clip"``) or ``SiglipModel`` (``"siglip"``) onto the
+    clipforge model ``model`` describes (built-in ViT and text transformer, in the family's layout)."""
+    image, text = model.image, model.text
+    vision = "vision_model"
+    rules = [Rule("image_tower.patch_embed.weight", (f"{vision}.embeddings.patch_embedding.weight",))]
+    if image.patch_bias:
+        rules.append(Rule("image_tower.patch_embed.bias", (f"{vision}.embeddings.patch_embedding.bias",)))
+    if image.pool == "cls":
+        rules.append(Rule("image_tower.class_embedding", (f"{vision}.embeddings.class_embedding",)))
+    rules.append(Rule("image_tower.positional_embedding", (f"{vision}.embeddings.position_embedding.weight",)))
+    if image.pre_norm:
+        rules += copy_rules("image_tower.ln_pre", f"{vision}.pre_layrnorm")  # sic: Hugging Face's spelling
+    for layer in range(image.depth):
+        rules += hf_block_rules(f"image_tower.transformer.blocks.{layer}", f"{vision}.encoder.layers.{layer}")
+    rules += copy_rules("image_tower.ln_post", f"{vision}.post_layernorm")
+    if image.pool == "map":
+        pool, head = "image_tower.attn_pool", f"{vision}.head"
+        rules.append(Rule(f"{pool}.probe", (f"{head}.probe",)))
+        rules.append(Rule(f"{pool}.qkv.weight", (f"{head}.attention.in_proj_weight",)))
+        rules.append(Rule(f"{pool}.qkv.bias", (f"{head}.attention.in_proj_bias",)))
+        rules += copy_rules(f"{pool}.out_proj", f"{head}.attention.out_proj")
+        rules += copy_rules(f"{pool}.norm", f"{head}.layernorm")
+        rules += copy_rules(f"{pool}.mlp.fc1", f"{head}.mlp.fc1")
+        rules += copy_rules(f"{pool}.mlp.fc2", f"{head}.mlp.fc2")
+    if image.head == "linear":
+        rules.append(Rule("image_head.proj.weight", ("visual_projection.weight",)))
+    rules.append(Rule("text_tower.token_embedding.weight", ("text_model.embeddings.token_embedding.weight",)))
+    rules.append(Rule("text_tower.positional_embedding", ("text_model.embeddings.position_embedding.weight",)))
+    for layer in range(text.depth):
+        rules += hf_block_rules(f"text_tower.transformer.blocks.{layer}", f"text_model.encoder.layers.{layer}")
+    rules += copy_rules("text_tower.ln_final", "text_model.final_layer_norm")
+    if family == "siglip":
+        rules += copy_rules("text_head.proj", "text_model.head")
+        rules += [Rule("logit_scale", ("logit_scale",), "vector1"), Rule("logit_bias", ("logit_bias",), "vector1")]
+    else:
+        rules += [
+            Rule("text_head.proj.weight", ("text_projection.weight",)),
+            Rule("logit_scale", ("logit_scale",), "scalar"),
+        ]
+    return rules
+
+
+def open_clip_rules(model: ModelConfig, text_prefix: str, logit_bias: bool) -> list[Rule]:
+    """The map of an open_clip (or OpenAI) ViT ``CLIP`` state dict onto the clipforge model ``model`` describes.
+
+    ``text_prefix``: ``""`` for ``CLIP`` (the text tower's tensors at the top level, OpenAI's layout) or
+    ``"text."`` for ``CustomTextCLIP``.
+    """
+    image, text = model.image, model.text
+    rules = [
+        Rule("image_tower.patch_embed.weight", ("visual.conv1.weight",)),
+        Rule("image_tower.class_embedding", ("visual.class_embedding",)),
+        Rule("image_tower.positional_embedding", ("visual.positional_embedding",)),
+    ]
+    if image.pre_norm:
+        rules += copy_rules("image_tower.ln_pre", "visual.ln_pre")
+    for layer in range(image.depth):
+        rules += open_clip_block_rules(
+            f"image_tower.transformer.blocks.{layer}", f"visual.transformer.resblocks.{layer}"
+        )
+    rules += copy_rules("image_tower.ln_post", "visual.ln_post")
+    rules.append(Rule("image_head.proj.weight", ("visual.proj",), "transpose"))
+    rules.append(Rule("text_tower.token_embedding.weight", (f"{text_prefix}token_embedding.weight",)))
+    rules.append(Rule("text_tower.positional_embedding", (f"{text_prefix}positional_embedding",)))
+    for layer in range(text.depth):
+        rules += open_clip_block_rules(
+            f"text_tower.transformer.blocks.{layer}", f"{text_prefix}transformer.resblocks.{layer}"
+        )
+    rules += copy_rules("text_tower.ln_final", f"{text_prefix}ln_final")
+    if text.head == "linear" and text.head_bias:  # proj_bias: an nn.Linear
+        rules += copy_rules("text_head.proj", f"{text_prefix}text_projection")
+    elif text.head == "linear":  # a (width, embed_dim) matrix used as x @ P
+        rules.append(Rule("text_head.proj.weight", (f"{text_prefix}text_projection",), "transpose"))
+    rules.append(Rule("logit_scale", ("logit_scale",), "scalar"))
+    if logit_bias:
+        rules.append(Rule("logit_bias", ("logit_bias",), "scalar"))
+    return rules
+
+
+# ----------------------------------------------------------------------------------------------
+# Applying a map
+# ----------------------------------------------------------------------------------------------
+def _first(keys: list[str], limit: int = 5) -> str:
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return f"{keys[:limit]}{more}"
+
+
+def convert(
+    state: dict[str, torch.Tensor], rules: list[Rule], ignored: Iterable[str], where: str
+) -> dict[str, torch.Tensor]:
+    """The clipforge state dict the ``rules`` make of ``state``, strictly.
+
+    Every tensor of ``state`` must be read by a rule, except those named in ``ignored`` (buffers the other
+    layout saves that are no weights: position ids, a causal mask); every rule's sources must be there.
+    Raises CheckpointError naming the first unmatched keys; ``where`` names the file in it.
+    """
+    missing = [source for rule in rules for source in rule.sources if source not in state]
+    used = {source for rule in rules for source in rule.sources} | set(ignored)
+    unused = [key for key in state if key not in used]
+    if missing or unused:
+        problems = []
+        if missing:
+            problems.append(f"the weights lack {_first(missing)}, which the config's architecture needs")
+        if unused:
+            problems.append(f"the weights hold {_first(unused)}, which the config's architecture has no place for")
+        raise CheckpointError(f"{where}: the config and the weights do not match: {'; '.join(problems)}")
+    return {rule.target: rule.forward([state[source] for source in rule.sources]) for rule in rules}
+
+
+def invert(state: dict[str, torch.Tensor], rules: list[Rule]) -> dict[str, torch.Tensor]:
+    """The other layout's state dict of a clipforge ``state`` (every rule's target must be there)."""
+    converted: dict[str, torch.Tensor] = {}
+    for rule in rules:
+        for source, tensor in zip(rule.sources, rule.backward(state[rule.target]), strict=True):
+            converted[source] = tensor
+    return converted
+
+
+def load_converted(config: Config, tokenizer: Tokenizer, state: dict[str, torch.Tensor], where: str) -> CLIPModel:
+    """The model ``config`` describes, holding ``state`` (a :func:`convert` result), in eval mode.
+
+    Raises CheckpointError naming the first keys whose shapes differ (the config says one size, the weights
+    hold another) or that the model lacks or does not have.
+    """
+    try:
+        model = build_model(config, tokenizer, pretrained=False)
+    except ValueError as error:  # a layout the config describes but the towers cannot build
+        raise CheckpointError(f"{where}: {error}") from error
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    mismatched = [
+        f"{key}: weights {tuple(state[key].shape)} vs config {tuple(expected[key].shape)}"
+        for key in state
+        if key in expected and state[key].shape != expected[key].shape
+    ]
+    if missing or unexpected or mismatched:
+        problems = [f"missing {_first(missing)}"] if missing else []
+        problems += [f"unexpected {_first(unexpected)}"] if unexpected else []
+        problems += [f"shapes differ: {_first(mismatched, 3)}"] if mismatched else []
+        raise CheckpointError(f"{where}: the config and the weights do not match: {'; '.join(problems)}")
+    model.load_state_dict({key: value.to(expected[key].dtype) for key, value in state.items()})
+    return model.eval()

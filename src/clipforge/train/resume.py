@@ -1,0 +1,134 @@
+"""Resuming a run: find and check the checkpoint, say what a changed config does, carry ``best.pt`` along.
+
+A resumed run continues the checkpoint's optimizer and schedule: its ``base_lrs`` and every parameter group's
+``initial_lr`` come back from the file, while the schedule's shape (``train.steps``, ``schedule.*``) is the
+current config's. Changing either on resume is allowed but rarely what one means, so it is said out loud.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from clipforge.checkpoint import read_checkpoint
+from clipforge.config import Config, ConfigError, ScheduleConfig, config_from_dict, config_to_dict
+from clipforge.distributed import gather_ints
+from clipforge.io import atomic_write
+from clipforge.train.optim import lr_multiplier
+
+logger = logging.getLogger("clipforge")
+
+
+def resolve_resume(resume: str | Path | None, output_dir: Path) -> Path | None:
+    """The checkpoint ``resume`` names: ``"latest"`` is ``<output_dir>/last.pt``; None means a fresh run."""
+    if resume is None:
+        return None
+    return output_dir / "last.pt" if str(resume) == "latest" else Path(resume)
+
+
+def read_resume_checkpoint(resume_path: Path, config: Config) -> dict[str, Any]:
+    """The checkpoint dict, refused when it was trained with another model config than ``config``'s."""
+    checkpoint = read_checkpoint(resume_path)
+    # through the schema first, so a checkpoint saved before a model field was added compares by its values
+    try:
+        saved_model = config_to_dict(config_from_dict(checkpoint["config"]))["model"]
+    except ConfigError as error:
+        raise ConfigError(f"--resume {resume_path}: its saved config does not fit this clipforge: {error}") from None
+    if saved_model != config_to_dict(config)["model"]:
+        raise ConfigError(
+            f"--resume {resume_path}: the checkpoint was trained with another model config; "
+            "resume with the run's own config.yaml (saved next to the checkpoint)"
+        )
+    return checkpoint
+
+
+def check_same_checkpoint_everywhere(checkpoint: dict[str, Any] | None, resume: str | Path | None) -> None:
+    """Every process must resume from the same step (a collective: every rank calls it)."""
+    resumed_steps = gather_ints(int(checkpoint["step"]) if checkpoint is not None else -1)
+    if len(set(resumed_steps)) > 1:
+        raise ConfigError(
+            f"--resume {resume}: the processes read different checkpoints (steps {resumed_steps} by rank); "
+            "every node must see the same file (a shared filesystem)"
+        )
+
+
+def _schedule(values: dict[str, Any]) -> ScheduleConfig:
+    known = {f.name for f in dataclasses.fields(ScheduleConfig)}
+    return ScheduleConfig(**{key: value for key, value in values.items() if key in known})
+
+
+def schedule_changes(saved: dict[str, Any], config: Config, step: int) -> list[str]:
+    """One sentence per schedule setting that differs between the checkpoint's config ``saved`` and ``config``.
+
+    Each says what changed and what it does from ``step`` on: the learning rate there, before and after
+    (``base lr * lr_multiplier``; the base is the checkpoint's, see the module docstring).
+    """
+    old_steps, new_steps = int(saved["train"]["steps"]), config.train.steps
+    old_schedule, new_schedule = _schedule(saved["schedule"]), config.schedule
+    base_lr = float(saved["optim"]["lr"])
+    before = base_lr * lr_multiplier(step, old_steps, old_schedule)
+    after = base_lr * lr_multiplier(step, new_steps, new_schedule)
+    moves = f"the learning rate at step {step} moves from {before:.3g} to {after:.3g}"
+    messages = []
+    if new_steps != old_steps:
+        if step >= new_steps:
+            consequence = f"the checkpoint is at step {step} already, so nothing is left to train"
+        elif new_schedule.kind == "cosine":
+            shape = "stretched" if new_steps > old_steps else "squeezed"
+            consequence = f"the cosine schedule is {shape} from step {step} on ({moves})"
+        else:
+            consequence = f"the run now ends at step {new_steps}; the constant schedule is unchanged"
+        messages.append(f"train.steps {old_steps} -> {new_steps} on resume: {consequence}")
+    for key, new_value in dataclasses.asdict(new_schedule).items():
+        old_value = getattr(old_schedule, key)
+        if new_value != old_value:
+            messages.append(
+                f"schedule.{key} {old_value} -> {new_value} on resume: the learning rate follows the new "
+                f"schedule from step {step} on ({moves})"
+            )
+    if config.optim.lr != base_lr:
+        messages.append(
+            f"optim.lr {base_lr} -> {config.optim.lr} on resume has no effect: the optimizer and its schedule "
+            f"keep the checkpoint's base learning rate {base_lr}; start a new run to train at another rate"
+        )
+    return messages
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    """The ``step`` a checkpoint file holds, read without loading its tensors (None when it cannot be read)."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])
+    except Exception:  # noqa: BLE001 - an unreadable best.pt is simply not carried over
+        return None
+
+
+def carry_best_checkpoint(resume_path: Path, output_dir: Path, eval_state: dict[str, Any]) -> Path | None:
+    """Copy ``best.pt`` from the resumed checkpoint's folder into ``output_dir`` when the run moves folders.
+
+    Only when ``output_dir`` has no ``best.pt`` yet and the source's is the one the checkpoint's evaluator
+    state calls the best (same step): a ``best.pt`` written after the resumed step belongs to a continuation
+    that this run replaces. Returns the copy, or None.
+    """
+    source, target = resume_path.parent / "best.pt", output_dir / "best.pt"
+    if resume_path.parent.resolve() == output_dir.resolve() or target.exists() or not source.is_file():
+        return None
+    best_step = eval_state.get("best_step")
+    source_step = _checkpoint_step(source)
+    if best_step is None or source_step != best_step:
+        logger.warning(
+            "%s (step %s) is not the best of the resumed checkpoint (step %s); not copied to %s",
+            source,
+            source_step,
+            best_step,
+            output_dir,
+        )
+        return None
+    with source.open("rb") as handle:
+        atomic_write(target, lambda out: shutil.copyfileobj(handle, out))
+    logger.info("copied %s (the best so far, step %d) to %s", source, best_step, target)
+    return target

@@ -1,0 +1,122 @@
+"""Tiny released-format models written on the fly (2 layers, width 64, 8 px patches, 32 px images), offline.
+
+* :func:`write_hf_clip`: a random ``CLIPModel`` saved with ``save_pretrained``, CLIP's real BPE tokenizer (its
+  ``vocab.json`` / ``merges.txt`` built from the merges file open_clip ships) and a ``CLIPImageProcessor``;
+* :func:`write_hf_siglip`: a random ``SiglipModel`` with a SentencePiece tokenizer trained here on the shapes
+  vocabulary, and a ``SiglipImageProcessor``;
+* :func:`write_open_clip`: a random open_clip ViT model from ``open_clip.create_model`` with a custom config.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+TOWER = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}
+VISION = {**TOWER, "image_size": 32, "patch_size": 8}
+CONTEXT_LENGTH = 16
+CAPTIONS = ["a small red circle", "two large blue squares, side by side", "x", "a photo of a green triangle"]
+WORDS = "a an the of photo small large red green blue yellow circle square squares triangle two side by x".split()
+# a logit scale no clipforge run starts from (CLIP starts at log(1 / 0.07) = 2.66): a run that kept it was
+# initialized from the import
+IMPORTED_LOGIT_SCALE = math.log(30.0)
+
+
+def image_batch(size: int = 32, batch: int = 3) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+def pooled(output: Any) -> torch.Tensor:
+    """``get_*_features``' tensor (transformers 5 returns a ModelOutput with ``pooler_output``, 4.x the tensor)."""
+    return getattr(output, "pooler_output", output)
+
+
+def write_hf_clip(folder: Path, eos_token_id: int | None = None, seed: int = 0) -> Path:
+    """A tiny random CLIPModel folder; ``eos_token_id=2`` writes an old config (transformers pools at argmax)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    from clipforge.interop.clip_bpe import write_clip_bpe_files
+
+    folder.mkdir(parents=True, exist_ok=True)
+    text = {**TOWER, "max_position_embeddings": CONTEXT_LENGTH}
+    if eos_token_id is not None:
+        text["eos_token_id"] = eos_token_id
+    torch.manual_seed(seed)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=VISION, projection_dim=32))
+    with torch.no_grad():
+        model.logit_scale.fill_(IMPORTED_LOGIT_SCALE)
+    model.save_pretrained(folder)
+    write_clip_bpe_files(folder)
+    CLIPTokenizer.from_pretrained(folder).save_pretrained(folder)
+    CLIPImageProcessor(
+        size={"shortest_edge": 32},
+        crop_size={"height": 32, "width": 32},
+        image_mean=[0.5, 0.4, 0.3],
+        image_std=[0.2, 0.25, 0.3],
+        resample=2,  # bilinear: not the family's default, so the test sees it read
+    ).save_pretrained(folder)
+    return folder
+
+
+def write_sentencepiece(folder: Path) -> Path:
+    """A tiny unigram SentencePiece model over the shapes vocabulary (pad 0, ``</s>`` 1, ``<unk>`` 2)."""
+    sentencepiece = pytest.importorskip("sentencepiece", reason="SigLIP's tokenizer is SentencePiece")
+    sentences = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))] * 4
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences),
+        model_writer=model,
+        vocab_size=64,
+        hard_vocab_limit=False,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        minloglevel=2,
+    )
+    path = folder / "spiece.model"
+    path.write_bytes(model.getvalue())
+    return path
+
+
+def write_hf_siglip(folder: Path, seed: int = 0) -> Path:
+    """A tiny random SiglipModel folder with its SentencePiece tokenizer and image processor."""
+    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = SiglipTokenizer(vocab_file=str(write_sentencepiece(folder)), model_max_length=CONTEXT_LENGTH)
+    tokenizer.save_pretrained(folder)
+    text = {**TOWER, "max_position_embeddings": CONTEXT_LENGTH, "vocab_size": len(tokenizer)}
+    torch.manual_seed(seed)
+    SiglipModel(SiglipConfig(text_config=text, vision_config=VISION)).save_pretrained(folder)
+    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+OPEN_CLIP_CONFIG = {
+    "embed_dim": 32,
+    "quick_gelu": True,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": CONTEXT_LENGTH, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def write_open_clip(folder: Path, config: dict | None = None, name: str = "tiny-vit") -> tuple[Path, Path, Any]:
+    """``(config path, weights path, the open_clip model)`` of a tiny random open_clip ViT model."""
+    open_clip = pytest.importorskip("open_clip")
+    folder.mkdir(parents=True, exist_ok=True)
+    config_path = folder / f"{name}.json"
+    config_path.write_text(json.dumps(config or OPEN_CLIP_CONFIG))
+    open_clip.add_model_config(config_path)
+    torch.manual_seed(0)
+    model = open_clip.create_model(name).eval()
+    weights = folder / f"{name}.pt"
+    torch.save(model.state_dict(), weights)
+    return config_path, weights, model
