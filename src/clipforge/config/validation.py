@@ -19,7 +19,17 @@ from clipforge.config.schema import (
 
 
 def validate(config: Config) -> None:
-    """Cross-field checks that the type system cannot express."""
+    """Cross-field checks that the type system cannot express, section by section."""
+    _validate_run(config)
+    validate_data(config.data, "data")
+    _validate_model(config)
+    if config.loss.chunk_size is not None and config.loss.chunk_size <= 0:
+        raise ConfigError(f"loss.chunk_size={config.loss.chunk_size} must be positive (or null for no chunking)")
+    _validate_eval(config.eval)
+
+
+def _validate_run(config: Config) -> None:
+    """The train, optim and logging numbers: each one that would crash or mislead later is refused now."""
     train = config.train
     if train.steps <= 0:
         raise ConfigError(f"train.steps={train.steps} must be positive")
@@ -53,7 +63,10 @@ def validate(config: Config) -> None:
             f"train.keep_checkpoints={train.keep_checkpoints} must be >= 0: how many step_<N>.pt to keep beside "
             "last.pt (0 = none)"
         )
-    validate_data(config.data, "data")
+
+
+def _validate_model(config: Config) -> None:
+    """The towers' shapes, weights, layouts, locks and heads, and ``model.init``."""
     image = config.model.image
     if image.kind in ("torchvision", "timm") and not image.name:
         raise ConfigError(f"model.image.kind={image.kind!r} needs model.image.name, e.g. resnet18")
@@ -83,9 +96,6 @@ def validate(config: Config) -> None:
         _validate_lock(tower, where)
         _validate_head(tower, where)
     _validate_init(config.model.init)
-    if config.loss.chunk_size is not None and config.loss.chunk_size <= 0:
-        raise ConfigError(f"loss.chunk_size={config.loss.chunk_size} must be positive (or null for no chunking)")
-    _validate_eval(config.eval)
 
 
 def _validate_text_weights(text: TextTowerConfig) -> None:

@@ -16,7 +16,7 @@ from torch import nn
 
 from clipforge.config import ConfigError, TextTowerConfig
 from clipforge.data.tokenize import hf_from_pretrained, quiet_transformers
-from clipforge.model.towers import Tower
+from clipforge.model.towers import Tower, TransformerTower
 from clipforge.model.transformer import DEFAULT_NORM_EPS, Transformer
 
 logger = logging.getLogger("clipforge")
@@ -71,7 +71,7 @@ def _check_text_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor) ->
         )
 
 
-class TextTransformer(Tower):
+class TextTransformer(TransformerTower):
     """CLIP-style text encoder: token + learned position embeddings, causal pre-LN blocks, final LayerNorm,
     then pooling (``eot`` by default: with causal attention only the last real token has read the whole text).
 
@@ -140,13 +140,6 @@ class TextTransformer(Tower):
             hidden = self.transformer(hidden, is_causal=self.causal)
         features = pool_tokens(self.ln_final(hidden), attention_mask, self.pooling, input_ids, self.eos_token_id)
         return (features, attentions) if return_attention else features
-
-    def set_grad_checkpointing(self, enabled: bool = True) -> bool:
-        self.transformer.grad_checkpointing = enabled
-        return True
-
-    def sharding_units(self) -> list[nn.Module]:
-        return list(self.transformer.blocks)
 
     @property
     def supports_attention_maps(self) -> bool:

@@ -66,3 +66,17 @@ class Tower(nn.Module):
     def hf_config_json(self) -> str | None:
         """The JSON of the Hugging Face config that rebuilds this tower without the hub; None for other towers."""
         return None
+
+
+class TransformerTower(Tower):
+    """A tower whose blocks are a :class:`~clipforge.model.transformer.Transformer` at ``self.transformer`` (the
+    built-in ViT and text transformer): checkpointing switches it, and FSDP shards its blocks one by one."""
+
+    transformer: nn.Module
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> bool:
+        self.transformer.grad_checkpointing = enabled
+        return True
+
+    def sharding_units(self) -> list[nn.Module]:
+        return list(self.transformer.blocks)

@@ -20,7 +20,7 @@ from clipforge.config import BUILTIN_VIT_IMAGE_SIZE, ImageTowerConfig
 from clipforge.data.transforms import ImagePreprocess
 from clipforge.model.backbone_names import check_timm_name, check_torchvision_name
 from clipforge.model.pretrained import load_weights_file, local_weights_file, weights_key_order
-from clipforge.model.towers import Tower
+from clipforge.model.towers import Tower, TransformerTower
 from clipforge.model.transformer import DEFAULT_NORM_EPS, AttentionPool, Transformer
 from clipforge.packaged import is_packaged
 
@@ -106,7 +106,7 @@ def _is_named_weights(pretrained: str | None) -> bool:
 # ----------------------------------------------------------------------------------------------
 # Built-in ViT
 # ----------------------------------------------------------------------------------------------
-class VisionTransformer(Tower):
+class VisionTransformer(TransformerTower):
     """CLIP-style ViT: conv patch embedding, class token, learned positions, pre-LN blocks.
 
     images (B, 3, S, S) -> patches (B, (S/p)^2, width) -> [class; patches] + positions -> ``ln_pre``
@@ -188,13 +188,6 @@ class VisionTransformer(Tower):
         if self.attn_pool is None:
             return self.ln_post(tokens[:, 0])
         return self.attn_pool(self.ln_post(tokens))
-
-    def set_grad_checkpointing(self, enabled: bool = True) -> bool:
-        self.transformer.grad_checkpointing = enabled
-        return True
-
-    def sharding_units(self) -> list[nn.Module]:
-        return list(self.transformer.blocks)
 
     @property
     def supports_attention_maps(self) -> bool:
