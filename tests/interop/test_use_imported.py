@@ -26,8 +26,12 @@ def test_eval_embed_search_and_classify_run_on_an_imported_checkpoint(
     assert main(["eval", "--checkpoint", str(imported), "--task", "retrieval", "--data", *data]) == 0
     assert "image_retrieval_recall@1" in capsys.readouterr().out
     assert main(["embed", "--checkpoint", str(imported), "--images", str(images), "--out", str(tmp_path / "e")]) == 0
-    assert main(["search", "--index", str(tmp_path / "e"), "--checkpoint", str(imported), "--query", "a red circle"]) == 0
-    assert main(["classify", "--checkpoint", str(imported), "--labels", "red,blue", str(next(images.glob("*.png")))]) == 0
+    assert (
+        main(["search", "--index", str(tmp_path / "e"), "--checkpoint", str(imported), "--query", "a red circle"]) == 0
+    )
+    assert (
+        main(["classify", "--checkpoint", str(imported), "--labels", "red,blue", str(next(images.glob("*.png")))]) == 0
+    )
     assert "%" in capsys.readouterr().out
 
 
