@@ -55,3 +55,26 @@ def test_an_existing_export_is_not_overwritten(tiny_checkpoint: tuple[Path, Path
     assert main(["export", "onnx", "--checkpoint", str(checkpoint), "--out", str(out)]) == 2
     assert "already holds an ONNX export" in capsys.readouterr().err
     assert (out / "image_encoder.onnx").read_bytes() == b"keep me"
+
+
+def test_any_tower_kind_exports_a_torchvision_cnn_with_a_hugging_face_encoder(
+    shapes_manifest: Path, tmp_path: Path
+) -> None:
+    """No Hugging Face counterpart exists for this pair, but ONNX takes it: checked against PyTorch at export."""
+    from clipforge.interop.onnx import export_onnx
+    from clipforge.train.loop import train
+    from tests.conftest import tiny_config, write_tiny_bert
+
+    bert = write_tiny_bert(tmp_path / "bert")
+    model = {
+        "image": {"kind": "torchvision", "name": "resnet18", "image_size": 32},
+        "text": {"kind": "hf", "name": str(bert), "context_length": 16, "pooling": "mean", "tokenizer": {"kind": "hf"}},
+    }
+    result = train(
+        tiny_config(shapes_manifest, tmp_path / "run", model=model, train={"steps": 2, "checkpoint_every": 2})
+    )
+    export = export_onnx(load_checkpoint(result.checkpoint), tmp_path / "onnx")
+    assert max(export.image_max_difference, export.text_max_difference) < 1e-4
+    session = onnxruntime.InferenceSession(str(export.text_encoder), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]
+    assert (tmp_path / "onnx" / "tokenizer" / "tokenizer_config.json").is_file()

@@ -70,16 +70,19 @@ def _onnx_modules():
     try:
         import onnx
         import onnxruntime
+        import onnxscript  # noqa: F401 - torch.export's ONNX exporter needs it
     except ImportError as error:
-        raise ImportError("ONNX export needs onnx and onnxruntime: pip install 'clipforge[onnx]'") from error
+        raise ImportError(
+            "ONNX export needs onnx, onnxscript and onnxruntime: pip install 'clipforge[onnx]'"
+        ) from error
     return onnx, onnxruntime
 
 
 def _export(module: nn.Module, inputs: tuple, names: list[str], output: str, dynamic: dict, path: Path) -> None:
-    # the TorchScript exporter: one well-trodden graph for every tower kind, with named dynamic axes. Its tracer
-    # warns about every shape check in the towers' forward; they only guard the input's layout, so hush them.
+    # torch.export's exporter (dynamo): it traces through the data-dependent branches of the towers (Hugging Face
+    # attention masks, torchvision's reshapes) that the TorchScript tracer bakes in at the traced batch, which gave
+    # wrong embeddings at other batch sizes. The towers' input checks warn while traced; they only guard layout.
     with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", UserWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
@@ -90,7 +93,8 @@ def _export(module: nn.Module, inputs: tuple, names: list[str], output: str, dyn
             output_names=[output],
             dynamic_axes={**dynamic, output: {0: "batch"}},
             opset_version=OPSET,
-            dynamo=False,
+            dynamo=True,
+            verbose=False,
         )
 
 
