@@ -40,7 +40,7 @@ def two_process_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = tiny_config(manifest, folder / "run", train=RUN, logging={"log_every": 3}, eval=evaluation)
     save_config(config, folder / "tiny.yaml")
     output = launch(["train", "tiny.yaml"], processes=2, cwd=folder)
-    assert output.count("trained 6 steps") == 2  # both ranks finished the run
+    assert output.count("trained 6 steps") == 1  # rank 0 alone prints the summary
     return folder
 
 
