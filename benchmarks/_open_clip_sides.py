@@ -23,12 +23,8 @@ from clipforge.data.samples import Batch
 from clipforge.losses import build_loss
 from clipforge.model import MAX_LOGIT_SCALE, create_model
 from clipforge.runtime import autocast_context
+from clipforge.train.gradcache import backward_step
 from clipforge.train.optim import build_optimizer
-
-try:  # the trainer's step is moving to clipforge.train.gradcache; the fallback covers the older layout
-    from clipforge.train.gradcache import backward_step
-except ImportError:
-    from clipforge.train.loop import backward_step
 
 FRAMEWORKS = ("clipforge", "open_clip")
 # normalized embeddings of the two models with the same weights must agree to this (fp32; float noise is ~1e-6)

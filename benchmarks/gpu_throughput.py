@@ -41,7 +41,7 @@ from clipforge.losses import build_loss
 from clipforge.model import create_model
 from clipforge.model.registry import MAX_LOGIT_SCALE
 from clipforge.runtime import autocast_context
-from clipforge.train.loop import backward_step
+from clipforge.train.gradcache import backward_step
 from clipforge.train.optim import build_optimizer
 
 # dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from the vendors' data sheets

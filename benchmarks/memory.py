@@ -1,6 +1,6 @@
 """Peak tensor memory of one training step against the contrastive batch size, on the CPU with a tiny model.
 
-Methods (all through `clipforge.train.loop.backward_step`, the trainer's own step):
+Methods (all through `clipforge.train.gradcache.backward_step`, the trainer's own step):
 
 - `plain`: the whole batch through both towers in one graph, CLIP loss over the full N x N logits;
 - `gradcache`: `train.accumulation_steps = N / micro` (micro-batches of `--micro`), CLIP loss unchunked;
@@ -33,7 +33,7 @@ from clipforge.config import LossConfig, ModelConfig, config_from_dict
 from clipforge.data.samples import Batch
 from clipforge.losses import build_loss
 from clipforge.model import create_model
-from clipforge.train.loop import backward_step
+from clipforge.train.gradcache import backward_step
 from clipforge.train.memory import TensorMemoryTracker
 
 VOCAB = 300

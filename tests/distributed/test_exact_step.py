@@ -24,7 +24,7 @@ from clipforge.data.samples import Batch
 from clipforge.distributed import DistributedContext, all_reduce_sum, init_distributed, wrap
 from clipforge.losses import build_loss
 from clipforge.model import create_model
-from clipforge.train.loop import backward_step
+from clipforge.train.gradcache import backward_step
 from clipforge.train.optim import build_optimizer
 from tests.conftest import tiny_config
 from tests.distributed.helpers import COLLECTIVE_TIMEOUT_S, spawn
