@@ -28,6 +28,7 @@ from clipforge.checkpoint import CheckpointError, build_model
 from clipforge.config import Config, ModelConfig
 from clipforge.data.tokenize import Tokenizer
 from clipforge.model import CLIPModel
+from clipforge.model.pretrained import state_dict_problems
 
 JOINS = ("copy", "qkv", "transpose", "scalar", "vector1")
 
@@ -230,17 +231,8 @@ def load_converted(config: Config, tokenizer: Tokenizer, state: dict[str, torch.
     except ValueError as error:  # a layout the config describes but the towers cannot build
         raise CheckpointError(f"{where}: {error}") from error
     expected = model.state_dict()
-    missing = [key for key in expected if key not in state]
-    unexpected = [key for key in state if key not in expected]
-    mismatched = [
-        f"{key}: weights {tuple(state[key].shape)} vs config {tuple(expected[key].shape)}"
-        for key in state
-        if key in expected and state[key].shape != expected[key].shape
-    ]
-    if missing or unexpected or mismatched:
-        problems = [f"missing {_first(missing)}"] if missing else []
-        problems += [f"unexpected {_first(unexpected)}"] if unexpected else []
-        problems += [f"shapes differ: {_first(mismatched, 3)}"] if mismatched else []
+    problems = state_dict_problems(state, expected, names=("weights", "config"))
+    if problems:
         raise CheckpointError(f"{where}: the config and the weights do not match: {'; '.join(problems)}")
     model.load_state_dict({key: value.to(expected[key].dtype) for key, value in state.items()})
     return model.eval()

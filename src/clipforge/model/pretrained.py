@@ -11,6 +11,7 @@ pairs the i-th tensor of the file with the i-th of the model and checks every sh
 from __future__ import annotations
 
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -97,6 +98,28 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def state_dict_problems(
+    state: dict[str, torch.Tensor],
+    expected: dict[str, torch.Tensor],
+    ignore_missing: Callable[[str], bool] = lambda key: False,
+    names: tuple[str, str] = ("file", "model"),
+) -> list[str]:
+    """What keeps ``state`` from loading strictly where ``expected`` (a module's state dict) is: its missing keys
+    (but those ``ignore_missing`` accepts), its unexpected keys and its shape mismatches, the first few of each,
+    as phrases for an error message; empty when it fits. ``names``: how a mismatch names the two sides."""
+    missing = [key for key in expected if key not in state and not ignore_missing(key)]
+    unexpected = [key for key in state if key not in expected]
+    mismatched = [
+        f"{key}: {names[0]} {tuple(state[key].shape)} vs {names[1]} {tuple(expected[key].shape)}"
+        for key in state
+        if key in expected and state[key].shape != expected[key].shape
+    ]
+    problems = [f"missing keys {_first(missing)}"] if missing else []
+    problems += [f"unexpected keys {_first(unexpected)}"] if unexpected else []
+    problems += [f"shapes differ: {_first(mismatched, 3)}"] if mismatched else []
+    return problems
+
+
 def _first(keys: list[str], limit: int = 5) -> str:
     more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
     return f"{keys[:limit]}{more}"
@@ -130,22 +153,8 @@ def load_weights_file(
         for key, value in state.items()
         if not any(key == prefix or key.startswith(prefix + ".") for prefix in drop_prefixes)
     }
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in state
-        if k in expected and state[k].shape != expected[k].shape
-    ]
-    if missing or unexpected or mismatched:
-        problems = []
-        if missing:
-            problems.append(f"missing keys {_first(missing)}")
-        if unexpected:
-            problems.append(f"unexpected keys {_first(unexpected)}")
-        if mismatched:
-            problems.append(f"shape mismatches {_first(mismatched, 3)}")
+    problems = state_dict_problems(state, module.state_dict(), ignore_missing=_is_counter)
+    if problems:
         raise ValueError(
             f"pretrained weights file {str(path)!r} does not fit {description}: {'; '.join(problems)}. "
             f"Fix: point model.image.pretrained at a state dict saved from this same architecture "
