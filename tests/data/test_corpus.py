@@ -1,4 +1,4 @@
-"""The built-in corpus (clip art, flags, icons) and the emoji set's extra CLDR captions."""
+"""The built-in corpus (clip art, flags, icons, Twemoji) and the emoji set's extra CLDR captions."""
 
 from __future__ import annotations
 
@@ -25,10 +25,16 @@ COUNTS = {
     "clipart": {"train": 3265, "val": 439, "test": 383},
     "flags": {"train": 199, "val": 21, "test": 25},
     "icons": {"train": 578, "val": 117, "test": 108},
+    "twemoji": {"train": 3002, "val": 235, "test": 418},  # every emoji of the emoji set, in its split
 }
-TILE_SIZES = {"clipart": 96, "flags": 64, "icons": 64}
+TILE_SIZES = {"clipart": 96, "flags": 64, "icons": 64, "twemoji": 64}
 # What the describe() line starts with after "corpus <name> <id> (from ": the package the picture comes from
-ORIGINS = {"clipart": ("openclipart-png ",), "flags": ("iso-flags-png-320x240 ",), "icons": ("Adwaita ", "Tango ")}
+ORIGINS = {
+    "clipart": ("openclipart-png ",),
+    "flags": ("iso-flags-png-320x240 ",),
+    "icons": ("Adwaita ", "Tango "),
+    "twemoji": ("emoji-datasource-twitter 16.0.0 img/twitter/64/",),
+}
 # Collection names and credits that the clip-art caption rules must have removed (seen in openclipart-svg)
 JUNK_CAPTIONS = re.compile(
     r"gramastar|part of the flat icon collection|lemon svg theme|etiquette icons|aiga_symbol_signs|"
@@ -84,8 +90,8 @@ def test_splits_are_concept_disjoint_and_hashed(name: str) -> None:
         splits_of.setdefault(concept, set()).add(split)
     assert [c for c, s in splits_of.items() if len(s) > 1] == []
     assert set(data.splits.tolist()) == {"train", "val", "test"}
-    # every concept but the flags (which follow the emoji split) is split by the hash
-    hashed = [c for c in splits_of if not c.startswith("flag: ")]
+    # every concept but the flags and Twemoji (which follow the emoji split) is split by the hash
+    hashed = [] if name == "twemoji" else [c for c in splits_of if not c.startswith("flag: ")]
     assert [c for c in hashed if splits_of[c] != {split_of_concept(c)}] == []
 
 
@@ -106,6 +112,29 @@ def test_flags_follow_the_emoji_split() -> None:
                 assert split == emoji_split[code], (name, concept)
                 checked += 1
     assert checked > 300  # 230+ flags and 150+ clip-art flags
+
+
+def test_twemoji_follow_the_emoji_set_split_concept_and_captions() -> None:
+    """Every Twemoji picture is the emoji of the same codepoints in the emoji set: same split, same concept, same
+    group, and the captions EmojiSource(captions="all") gives it, so training on Twemoji never sees a test emoji."""
+    emoji = load_emoji_set()
+    captioned = EmojiSource("all", captions="all")  # index i = row i of the emoji set
+    row_of = {codepoints.replace(" ", "-"): row for row, codepoints in enumerate(emoji.codepoints.tolist())}
+    twemoji = CorpusSource("twemoji", "all")
+    data = twemoji._corpus
+    seen = set()
+    for index, corpus_row in enumerate(twemoji.indices.tolist()):
+        item_id = data.ids[corpus_row]
+        row = row_of[item_id]
+        seen.add(row)
+        assert data.concepts[corpus_row] == emoji.concepts[row], item_id
+        assert data.splits[corpus_row] == emoji.splits[row], item_id
+        assert twemoji.classnames[twemoji.labels[index]] == emoji.groups[row], item_id
+        assert twemoji.captions(index) == captioned.captions(row), item_id
+    assert len(seen) == len(twemoji) > 0.95 * len(emoji)  # each emoji once, nearly all of them
+    emoji_test = set(emoji.concepts[emoji.splits == "test"].tolist())
+    assert set(CorpusSource("twemoji", "test").concepts.tolist()) <= emoji_test
+    assert not emoji_test & set(CorpusSource("twemoji", "train").concepts.tolist())
 
 
 def test_images_are_rgb_squares_of_the_stored_size(name: str) -> None:
@@ -225,7 +254,7 @@ def test_data_kind_corpus_reads_a_built_in_source(tmp_path, capsys) -> None:
     assert len(source) > 0 and all(source.captions(i) for i in range(len(source)))
     assert main(["data", "inspect", "kind=corpus", "name=clip-art"]) == 2
     err = capsys.readouterr().err
-    assert "corpus source 'clip-art' does not exist; choose one of ['clipart', 'flags', 'icons']" in err
+    assert "corpus source 'clip-art' does not exist; choose one of ['clipart', 'flags', 'icons', 'twemoji']" in err
     assert "Traceback" not in err
 
 

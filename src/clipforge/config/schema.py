@@ -182,10 +182,18 @@ class ModelConfig:
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class AugmentConfig:
-    """Training-time augmentation; evaluation always uses resize + center crop."""
+    """Training-time augmentation; evaluation always uses resize + center crop.
+
+    After the crop (and flip): ``color_jitter`` = s jitters brightness, contrast and saturation by factors drawn
+    from [1 - s, 1 + s] (0 = off); ``grayscale`` is the probability of turning the image grey (kept as three
+    equal channels); ``invert`` the probability of inverting it (light drawings on dark, as in MNIST-like data).
+    """
 
     scale_min: float = 0.8  # RandomResizedCrop area range is (scale_min, 1.0)
     hflip: bool = False  # off by default: captions say "left" and "right"
+    color_jitter: float = 0.0
+    grayscale: float = 0.0
+    invert: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -214,7 +222,7 @@ DATA_KINDS: dict[str, DataKindInfo] = {
         splits=True,
         name="the torchvision.datasets class, e.g. STL10 or Food101",
     ),
-    "corpus": DataKindInfo(splits=True, name="a built-in corpus source: clipart, flags or icons"),
+    "corpus": DataKindInfo(splits=True, name="a built-in corpus source: clipart, flags, icons or twemoji"),
     "mix": DataKindInfo(),
 }
 DataKind = Literal[tuple(DATA_KINDS)]  # type: ignore[valid-type]  # the choices of data.kind, from the table
@@ -246,7 +254,8 @@ class DataConfig:
       the class takes it; captions are the dataset's class names.
     - ``corpus``: a built-in source named by ``name``: ``clipart`` (public-domain Openclipart drawings, titles
       and keywords), ``flags`` (country and region flags with their names), ``icons`` (freedesktop icon themes,
-      names as phrases); ``split``: train | val | test | all, concept-disjoint. ``emoji`` with ``captions: all``
+      names as phrases), ``twemoji`` (the emoji set's emoji in Twitter's art, with its captions and splits);
+      ``split``: train | val | test | all, concept-disjoint. ``emoji`` with ``captions: all``
       adds each emoji's CLDR keywords as a second caption.
     - ``mix``: the sources listed in ``mix``, sampled in proportion to their ``weight``.
 
@@ -264,7 +273,7 @@ class DataConfig:
     """
 
     kind: DataKind = "emoji"
-    name: str = ""  # torchvision: the dataset class (STL10, Food101, ...); corpus: the source (clipart, flags, icons)
+    name: str = ""  # torchvision: the dataset class (STL10, Food101 ...); corpus: a built-in source (clipart ...)
     captions: Literal["name", "all"] = "name"  # emoji: the Unicode name only, or also its CLDR keywords
     path: str = ""
     image_root: str = ""

@@ -1,8 +1,8 @@
-"""The built-in broad corpus: public-domain clip art, flags and desktop icons captioned from their metadata.
+"""The built-in broad corpus: public-domain clip art, flags, desktop icons and Twemoji, captioned from metadata.
 
-Three sources beside the emoji set (``clipforge.data.emoji``), each built once by its script in ``scripts/``
-from Debian packages and shipped as package data in ``clipforge/data/corpus/<name>/``, so nothing outside
-the package is needed at run time:
+Four sources beside the emoji set (``clipforge.data.emoji``), each built once by its script in ``scripts/``
+from Debian packages (Twemoji: an npm package) and shipped as package data in
+``clipforge/data/corpus/<name>/``, so nothing outside the package is needed at run time:
 
 - ``clipart``: Open Clip Art Library drawings (``openclipart-png``, captions from the RDF metadata of the
   ``openclipart-svg`` twins: English titles, descriptions, keywords and cleaned file names);
@@ -11,6 +11,9 @@ the package is needed at run time:
   ("flag of France", "French Republic flag", "France"); ``scripts/build_flag_set.py``.
 - ``icons``: freedesktop icon themes (Adwaita, Tango) captioned with their icon names as phrases
   ("audio-volume-high" -> "audio volume high"); ``scripts/build_icon_set.py``.
+- ``twemoji``: the emoji of the emoji set drawn in a second art style, Twitter's Twemoji (CC BY 4.0, npm
+  ``emoji-datasource-twitter``), with the emoji set's ``captions="all"`` captions, groups as categories, and
+  its concepts and splits; ``scripts/build_twemoji_set.py``.
 
 Each folder holds ``images.webp`` (one lossless WebP atlas of square RGB tiles on white, colour values
 rounded to multiples of 8 first, as the emoji atlas), ``metadata.jsonl`` (one JSON object per image, in atlas
@@ -20,7 +23,8 @@ atlas columns, category names, counts), ``LICENSE-<name>.txt`` and ``README.md``
 Splits are by *concept*: items that are near-duplicates (the same drawing in other colours, the volume icon
 at three levels, a flag two territories share) share a concept key and every concept goes whole to one
 split (:func:`split_of_concept`). A flag whose country has an emoji flag takes that emoji's split, so a test
-flag is never the picture of a training emoji flag.
+flag is never the picture of a training emoji flag. A Twemoji picture takes the concept and split of the
+same emoji in the emoji set (not this module's hash), so a test emoji is test in both art styles.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from PIL import Image
 from clipforge.data.base import DataError, check_index
 from clipforge.data.emoji import atlas_to_tiles
 
-CORPUS_NAMES: tuple[str, ...] = ("clipart", "flags", "icons")
+CORPUS_NAMES: tuple[str, ...] = ("clipart", "flags", "icons", "twemoji")
 """The shipped corpus sources, one folder each in ``clipforge/data/corpus/``."""
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -144,7 +148,7 @@ def _data_file(name: str, filename: str):
     return path
 
 
-_SCRIPT_STEM = {"clipart": "clipart", "flags": "flag", "icons": "icon"}
+_SCRIPT_STEM = {"clipart": "clipart", "flags": "flag", "icons": "icon", "twemoji": "twemoji"}
 
 
 def _readonly(array: np.ndarray) -> np.ndarray:
@@ -213,8 +217,8 @@ class CorpusSource:
 
     ``name``: one of :data:`CORPUS_NAMES`. ``split``: ``train`` | ``val`` | ``test`` (concept-disjoint) or
     ``all``. ``labels`` is the image's coarse category (index into ``classnames``: the clip-art folder, the
-    icon context, the kind of flag). The atlas is decoded on the first ``load_image`` and shared by every
-    source of that name in the process.
+    icon context, the kind of flag, the emoji group). The atlas is decoded on the first ``load_image`` and
+    shared by every source of that name in the process.
     """
 
     def __init__(self, name: str, split: str = "train") -> None:
