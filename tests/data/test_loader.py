@@ -2,6 +2,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from clipforge.config import AugmentConfig
 from clipforge.data.loader import ImageTextDataset, LoaderSpec, build_train_loader
@@ -9,7 +10,7 @@ from clipforge.data.manifest import ManifestSource
 from clipforge.data.sampler import ResumableSampler
 from clipforge.data.samples import Collator, SkippedSample
 from clipforge.data.tokenize import train_bpe_tokenizer
-from clipforge.data.transforms import ImagePreprocess, build_image_transform
+from clipforge.data.transforms import ImagePreprocess, build_image_transform, is_deterministic
 
 
 def take(iterator, count):
@@ -77,3 +78,19 @@ def test_loader_resumes_mid_epoch_with_workers(shapes_manifest: Path) -> None:
         assert torch.equal(expected.images, got.images)
         assert torch.equal(expected.input_ids, got.input_ids)
     assert not np.array_equal(full[0].images.numpy(), full[4].images.numpy())
+
+
+def test_colour_augmentations_grey_and_invert_and_count_as_random() -> None:
+    preprocess = ImagePreprocess(16, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "bilinear")
+    red = Image.new("RGB", (16, 16), (200, 10, 10))
+    grey = build_image_transform(preprocess, AugmentConfig(scale_min=1.0, grayscale=1.0))(red)
+    assert torch.allclose(grey[0], grey[1]) and torch.allclose(grey[1], grey[2])
+    assert 0.2 < float(grey.mean()) < 0.5  # luminance of (200, 10, 10): ~0.25, not the red channel's 0.78
+    inverted = build_image_transform(preprocess, AugmentConfig(scale_min=1.0, invert=1.0))(red)
+    assert torch.allclose(inverted[:, 0, 0], torch.tensor([55 / 255, 245 / 255, 245 / 255]), atol=1e-6)
+    torch.manual_seed(0)
+    jitter = build_image_transform(preprocess, AugmentConfig(scale_min=1.0, color_jitter=0.5))
+    assert len({round(float(jitter(red).mean()), 4) for _ in range(6)}) > 1
+    assert is_deterministic(AugmentConfig(scale_min=1.0))
+    for name in ("color_jitter", "grayscale", "invert"):
+        assert not is_deterministic(AugmentConfig(scale_min=1.0, **{name: 0.5}))

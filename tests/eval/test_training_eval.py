@@ -8,8 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from clipforge.checkpoint import load_checkpoint, read_checkpoint
+from clipforge.checkpoint import build_model, load_checkpoint, read_checkpoint
 from clipforge.config import EVAL_METRICS, ConfigError, config_from_dict, load_config, save_config
+from clipforge.data.manifest import ManifestSource
+from clipforge.data.tokenize import build_tokenizer
+from clipforge.eval.runner import evaluate_retrieval
 from clipforge.train.evaluation import TrainingEvaluator
 from clipforge.train.loop import train
 from clipforge.train.run_log import read_metrics
@@ -180,3 +183,33 @@ def test_eval_changes_nothing_in_training_and_resume_stays_exact(shapes_manifest
     for before, after in zip(uninterrupted, again, strict=True):
         assert after == pytest.approx(before, abs=1e-6)
     assert read_checkpoint(tmp_path / "run" / "best.pt")["step"] == best_before["step"]
+
+
+def test_locked_towers_run_once_across_rounds_and_give_the_full_pass_figures(
+    shapes_manifest: Path, tmp_path: Path
+) -> None:
+    # LiT: both towers locked, only the heads train. Each round must report what a fresh full pass reports,
+    # while the towers run over each source only in the first round.
+    section = {
+        "tasks": [{"name": "shapes", "task": "retrieval", "data": {"kind": "manifest", "path": str(shapes_manifest)}}]
+    }
+    config = tiny_config(shapes_manifest, tmp_path / "run", eval=section)
+    config.model.image.lock = True
+    config.model.text.lock = True
+    source = ManifestSource(shapes_manifest)
+    captions = [c for i in range(len(source)) for c in source.captions(i)]
+    tokenizer = build_tokenizer(config.model.text.tokenizer, "", captions)
+    torch.manual_seed(0)
+    model = build_model(config, tokenizer)
+    evaluator = TrainingEvaluator(config, tokenizer, contextlib.nullcontext())
+    source = evaluator.tasks[0].source
+    for step in (1, 2):
+        record, _ = evaluator.run(model, step)
+        model.eval()
+        fresh = evaluate_retrieval(model, tokenizer, config, source, batch_size=256)
+        assert {f"shapes/{k}": v for k, v in fresh.metrics.items()} == pytest.approx(record, abs=1e-6)
+        with torch.no_grad():  # a training step changes the heads, never the locked towers
+            for parameter in model.image_head.parameters():
+                parameter.add_(0.5 * torch.randn_like(parameter))
+    assert evaluator.memo.image_passes == 1
+    assert len(evaluator.memo.texts) == len(set(captions))

@@ -202,3 +202,13 @@ def test_loading_shows_no_progress_bars_and_keeps_warnings(bert: Path, capfd, ca
     finally:
         hf_logging.set_verbosity(verbosity)
     assert [record.getMessage() for record in caplog.records] == ["a real warning"]
+
+
+def test_an_identity_start_on_a_head_that_has_none_names_the_fix() -> None:
+    from clipforge.model.heads import build_head
+
+    with pytest.raises(ValueError, match="head='identity' has no such start: set model.text.head_init=normal"):
+        build_head("identity", 16, 16, where="model.text", init="identity")
+    with pytest.raises(ValueError, match="needs model.embed_dim equal to the tower's 16-d features \\(it is 8\\)"):
+        build_head("linear", 16, 8, where="model.text", init="identity")
+    assert torch.equal(build_head("linear", 4, 4, init="identity")(torch.eye(4)), torch.eye(4))

@@ -148,3 +148,19 @@ def test_random_augmentation_caches_k_views_read_by_visit(shapes_manifest: Path,
         view = np.load(paths[visit % 2])
         np.testing.assert_array_equal(image.numpy(), view[5])
         np.testing.assert_array_equal(text.numpy(), text_rows[10 + caption_choice(2, 123, "random", visit)])
+
+
+def test_a_mix_with_other_weights_reads_the_same_cache_entries(shapes_manifest: Path, tmp_path: Path) -> None:
+    shared = tmp_path / "shared-cache"
+
+    def mixed(folder: str, weights: tuple[float, float], sampling: str = "random") -> Config:
+        parts = [{"kind": "manifest", "path": str(shapes_manifest), "weight": w, "num_workers": 0} for w in weights]
+        parts[1]["caption_sampling"] = sampling
+        data = {"kind": "mix", "mix": parts, "feature_cache": str(shared)}
+        return locked_config(shapes_manifest, tmp_path / folder, data=data, train={"steps": 2})
+
+    train(mixed("a", (1.0, 1.0)))
+    image_entries, text_entries = entries(shared, "image"), entries(shared, "text")
+    assert len(image_entries) == 1 and len(text_entries) == 1
+    train(mixed("b", (3.0, 0.5), sampling="cycle"))  # how samples are drawn changes, not which exist
+    assert entries(shared, "image") == image_entries and entries(shared, "text") == text_entries

@@ -188,6 +188,7 @@ def validate_data(data: DataConfig, prefix: str) -> None:
         raise ConfigError(f"{prefix}.num_workers={data.num_workers} must be >= 0 (0 = load in the main process)")
     if data.cached_views < 0:
         raise ConfigError(f"{prefix}.cached_views={data.cached_views} must be >= 0 (0 = cache no random views)")
+    _validate_augment(data, prefix)
     if data.kind == "mix":
         if not data.mix:
             raise ConfigError(f"{prefix}.kind='mix' needs {prefix}.mix: a list of sources, each with a weight")
@@ -202,6 +203,19 @@ def validate_data(data: DataConfig, prefix: str) -> None:
             if entry.weight <= 0:
                 raise ConfigError(f"{prefix}.mix[{position}].weight={entry.weight} must be positive")
             validate_data(entry, f"{prefix}.mix[{position}]")
+
+
+def _validate_augment(data: DataConfig, prefix: str) -> None:
+    augment = data.augment
+    if not 0 < augment.scale_min <= 1:
+        raise ConfigError(
+            f"{prefix}.augment.scale_min={augment.scale_min} must lie in (0, 1]: the smallest crop area (1 = no crop)"
+        )
+    for name in ("color_jitter", "grayscale", "invert"):
+        value = getattr(augment, name)
+        if not 0 <= value <= 1:
+            what = "a jitter strength" if name == "color_jitter" else "a probability"
+            raise ConfigError(f"{prefix}.augment.{name}={value} must lie in [0, 1]: {what} (0 = off)")
 
 
 def _validate_eval(evaluation: EvalConfig) -> None:

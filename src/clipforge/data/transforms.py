@@ -36,11 +36,25 @@ class ImagePreprocess:
 def is_deterministic(augment: AugmentConfig) -> bool:
     """Whether the training transform of ``augment`` gives the same pixels for every seed.
 
-    True for ``scale_min >= 1`` without flip: a random resized crop over the whole area then only differs in
-    aspect ratio, and no ratio but the image's own fits the whole area, so it falls back to its fixed center
-    crop (the whole image for ratios within (3/4, 4/3)) every time.
+    True for ``scale_min >= 1`` without flip, colour jitter, grayscale or inversion: a random resized crop over
+    the whole area then only differs in aspect ratio, and no ratio but the image's own fits the whole area, so
+    it falls back to its fixed center crop (the whole image for ratios within (3/4, 4/3)) every time.
     """
-    return augment.scale_min >= 1.0 and not augment.hflip
+    photometric = augment.color_jitter > 0 or augment.grayscale > 0 or augment.invert > 0
+    return augment.scale_min >= 1.0 and not augment.hflip and not photometric
+
+
+def _photometric(augment: AugmentConfig) -> list:
+    """The colour steps of ``augment`` on uint8 images: jitter, then grayscale, then inversion."""
+    steps: list = []
+    if augment.color_jitter > 0:
+        strength = augment.color_jitter
+        steps.append(v2.ColorJitter(brightness=strength, contrast=strength, saturation=strength))
+    if augment.grayscale > 0:
+        steps.append(v2.RandomGrayscale(p=augment.grayscale))
+    if augment.invert > 0:
+        steps.append(v2.RandomInvert(p=augment.invert))
+    return steps
 
 
 def build_image_transform(
@@ -50,7 +64,8 @@ def build_image_transform(
 
     ``augment=None`` gives the evaluation transform: resize the short side to ``size``, center crop.
     With an :class:`AugmentConfig` it is the training transform: random resized crop over an area
-    fraction in ``(augment.scale_min, 1)``, then an optional horizontal flip.
+    fraction in ``(augment.scale_min, 1)``, then an optional horizontal flip and the colour steps
+    (``color_jitter``, ``grayscale``, ``invert``; see :class:`AugmentConfig`).
     """
     size = preprocess.image_size
     interpolation = _INTERPOLATION[preprocess.interpolation]
@@ -62,6 +77,7 @@ def build_image_transform(
         ]
         if augment.hflip:
             geometry.append(v2.RandomHorizontalFlip())
+        geometry.extend(_photometric(augment))
     return v2.Compose(
         [
             v2.ToImage(),

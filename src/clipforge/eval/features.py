@@ -1,7 +1,13 @@
 """Embeddings of a source's images and of any texts, for evaluation and search.
 
 Batched under ``torch.inference_mode`` with the evaluation transform (resize + center crop) that the
-model's config implies; images that fail to decode are skipped and reported, never fatal.
+model's config implies; images that fail to decode are skipped and reported, never fatal. On the CPU each
+loader batch goes through the image tower in micro-batches of ``cpu_images_per_forward`` images (large CPU
+forwards are slow, see ``clipforge.runtime.CPU_FORWARD_PIXELS``), so any ``batch_size`` runs at the pace of the
+feature-cache builder.
+
+A :class:`LockedTowerMemo` keeps the outputs of *locked* towers across calls (evaluation rounds during LiT
+training): a locked tower is a fixed function of its input, so only the trainable heads run again.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from clipforge.data.samples import SkippedSample
 from clipforge.data.tokenize import Tokenizer
 from clipforge.data.transforms import build_image_transform
 from clipforge.model import CLIPModel, resolve_image_preprocess
+from clipforge.runtime import cpu_images_per_forward
 
 
 @dataclass
@@ -55,6 +62,40 @@ class _Indexed(torch.utils.data.Dataset):
         return index, self.dataset[(index, 0)]
 
 
+class LockedTowerMemo:
+    """Tower outputs (before the heads) of locked towers, kept across evaluation rounds.
+
+    Valid only while the towers' weights do not change: the evaluator of one run holds one, and the functions
+    below use it only when ``model.image_locked`` / ``model.text_locked``. Images are keyed by the source
+    object (the evaluator opens each task's source once) and the tower's input size; texts by the string.
+    Memory: one float32 row per image and per distinct text (1280 + 384 floats for the demo's towers).
+    """
+
+    def __init__(self) -> None:
+        self.images: dict[tuple[int, int], ImageFeatures] = {}  # (id(source), image size) -> tower features
+        self.texts: dict[str, torch.Tensor] = {}  # text -> (F,) tower features
+        self.image_passes = 0  # how many times a tower actually ran over a source (tests read it)
+
+
+def _tower_images(
+    model: CLIPModel, loader: DataLoader, device: torch.device, tower, autocast, total: int
+) -> ImageFeatures:
+    """``tower(images)`` (B, F) for every readable image the loader yields, in micro-batches on the CPU."""
+    features, indices, skipped = [], [], []
+    for images, positions, bad in loader:
+        skipped.extend(bad)
+        if images is None:
+            continue
+        step = cpu_images_per_forward(images.shape[-1]) if device.type == "cpu" else len(images)
+        for start in range(0, len(images), step):
+            with autocast or contextlib.nullcontext():
+                features.append(tower(images[start : start + step].to(device)).float())
+        indices.extend(positions)
+    if not features:
+        raise DataError(f"none of the {total} images could be read (first: {skipped[0].where}: {skipped[0].reason})")
+    return ImageFeatures(torch.cat(features), np.asarray(indices, dtype=np.int64), skipped)
+
+
 @torch.inference_mode()
 def encode_source_images(
     model: CLIPModel,
@@ -63,9 +104,15 @@ def encode_source_images(
     batch_size: int = 256,
     num_workers: int = 0,
     autocast: contextlib.AbstractContextManager | None = None,
+    memo: LockedTowerMemo | None = None,
 ) -> ImageFeatures:
-    """Embed every image of ``source`` with the evaluation transform of ``image_config``."""
-    transform = build_image_transform(resolve_image_preprocess(image_config), augment=None)
+    """Embed every image of ``source`` with the evaluation transform of ``image_config``.
+
+    ``memo``: with a locked image tower, its outputs for this source are computed once and kept there; later
+    calls only run the head (the same embeddings as a full pass, up to float rounding).
+    """
+    preprocess = resolve_image_preprocess(image_config)
+    transform = build_image_transform(preprocess, augment=None)
     loader = DataLoader(
         _Indexed(ImageTextDataset(source, transform)),
         batch_size=batch_size,
@@ -73,19 +120,16 @@ def encode_source_images(
         collate_fn=_collate_eval,
     )
     device = _model_device(model)
-    features, indices, skipped = [], [], []
-    for images, positions, bad in loader:
-        skipped.extend(bad)
-        if images is None:
-            continue
-        with autocast or contextlib.nullcontext():
-            features.append(model.encode_image(images.to(device)).float())
-        indices.extend(positions)
-    if not features:
-        raise DataError(
-            f"none of the {len(source)} images could be read (first: {skipped[0].where}: {skipped[0].reason})"
-        )
-    return ImageFeatures(torch.cat(features), np.asarray(indices, dtype=np.int64), skipped)
+    if memo is None or not model.image_locked:
+        return _tower_images(model, loader, device, model.encode_image, autocast, len(source))
+    key = (id(source), preprocess.image_size)
+    if key not in memo.images:
+        memo.images[key] = _tower_images(model, loader, device, model.image_tower, autocast, len(source))
+        memo.image_passes += 1
+    kept = memo.images[key]
+    with autocast or contextlib.nullcontext():
+        projected = model.project_image(kept.features.to(device)).float()
+    return ImageFeatures(projected, kept.indices, kept.skipped)
 
 
 @torch.inference_mode()
@@ -96,8 +140,12 @@ def encode_texts(
     context_length: int,
     batch_size: int = 512,
     autocast: contextlib.AbstractContextManager | None = None,
+    memo: LockedTowerMemo | None = None,
 ) -> torch.Tensor:
     """Normalized text embeddings (len(texts), D), in the order given.
+
+    ``memo``: with a locked text tower, each distinct text goes through the tower once across calls and is
+    kept there; later calls only run the head.
 
     Each distinct string is encoded once and its row copied to every position that holds it, so identical
     texts get bit-identical embeddings whatever ``batch_size`` is. The reason: a batched forward pass may round
@@ -108,12 +156,26 @@ def encode_texts(
     positions = [distinct.setdefault(text, len(distinct)) for text in texts]  # (len(texts),) row of each text
     unique_texts = list(distinct)
     device = _model_device(model)
-    parts = []
-    for start in range(0, len(unique_texts), batch_size):
-        input_ids, attention_mask = tokenizer(unique_texts[start : start + batch_size], context_length)
+    if memo is not None and model.text_locked:
+        missing = [text for text in unique_texts if text not in memo.texts]
+        towered = _run_text(model.text_tower, tokenizer, missing, context_length, batch_size, device, autocast)
+        memo.texts.update(zip(missing, towered, strict=True))
         with autocast or contextlib.nullcontext():
-            parts.append(model.encode_text(input_ids.to(device), attention_mask.to(device)).float())
-    features = torch.cat(parts)  # (num distinct texts, D)
+            kept = torch.stack([memo.texts[text] for text in unique_texts]).to(device)
+            features = model.project_text(kept).float()
+    else:
+        features = _run_text(model.encode_text, tokenizer, unique_texts, context_length, batch_size, device, autocast)
+    # features: (num distinct texts, D)
     if len(unique_texts) == len(positions):
         return features
     return features[torch.as_tensor(positions, device=features.device)]
+
+
+def _run_text(encode, tokenizer: Tokenizer, texts: list[str], context_length: int, batch_size: int, device, autocast):
+    """``encode(input_ids, attention_mask)`` over ``texts`` in batches: (len(texts), F) float32 (or an empty list)."""
+    parts = []
+    for start in range(0, len(texts), batch_size):
+        input_ids, attention_mask = tokenizer(texts[start : start + batch_size], context_length)
+        with autocast or contextlib.nullcontext():
+            parts.append(encode(input_ids.to(device), attention_mask.to(device)).float())
+    return torch.cat(parts) if parts else []

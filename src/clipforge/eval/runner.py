@@ -26,7 +26,7 @@ from clipforge.data.files import classnames_for
 from clipforge.data.samples import SkippedSample
 from clipforge.data.sources import build_source
 from clipforge.data.tokenize import Tokenizer
-from clipforge.eval.features import encode_source_images, encode_texts
+from clipforge.eval.features import LockedTowerMemo, encode_source_images, encode_texts
 from clipforge.eval.retrieval import retrieval_metrics
 from clipforge.eval.templates import get_templates
 from clipforge.eval.zeroshot import build_zeroshot_classifier, zeroshot_metrics
@@ -158,13 +158,15 @@ def zeroshot_classifier(
     templates: str | Sequence[str] = "simple",
     batch_size: int = 256,
     autocast: Autocast = None,
+    memo: LockedTowerMemo | None = None,
 ) -> torch.Tensor:
     """(C, D) unit-norm class weights: the normalized mean of the normalized prompt embeddings of each class
-    (see ``build_zeroshot_classifier``); ``templates`` is any spec ``get_templates`` accepts."""
+    (see ``build_zeroshot_classifier``); ``templates`` is any spec ``get_templates`` accepts; ``memo`` keeps a
+    locked text tower's outputs across calls (``encode_texts``)."""
     context_length = config.model.text.context_length
 
     def encode(texts: list[str]) -> torch.Tensor:
-        return encode_texts(model, tokenizer, texts, context_length, batch_size, autocast)
+        return encode_texts(model, tokenizer, texts, context_length, batch_size, autocast, memo)
 
     return build_zeroshot_classifier(encode, list(classnames), get_templates(templates), batch_size)
 
@@ -181,6 +183,7 @@ def evaluate_zeroshot(
     autocast: Autocast = None,
     num_workers: int = 0,
     classifier: torch.Tensor | None = None,
+    memo: LockedTowerMemo | None = None,
 ) -> EvalResult:
     """Zero-shot classification of every readable image of ``source`` by its most similar class prompt.
 
@@ -194,11 +197,12 @@ def evaluate_zeroshot(
         templates: a named set, one template, a list, or a JSON file (``get_templates``).
         classifier: (C, D) weights already built for these classes and templates (the trainer's per-step
             cache); None builds them here.
+        memo: keeps locked towers' outputs across calls (evaluation rounds of one run, ``LockedTowerMemo``).
     """
     labels, names = classification_targets(source, classnames)
     if classifier is None:
-        classifier = zeroshot_classifier(model, tokenizer, config, names, templates, batch_size, autocast)
-    images = encode_source_images(model, source, config.model.image, batch_size, num_workers, autocast)
+        classifier = zeroshot_classifier(model, tokenizer, config, names, templates, batch_size, autocast, memo)
+    images = encode_source_images(model, source, config.model.image, batch_size, num_workers, autocast, memo)
     measured = zeroshot_metrics(images.features, classifier, torch.as_tensor(labels[images.indices]), ZEROSHOT_KS)
     confusion = measured.pop("confusion_matrix")
     return EvalResult(
@@ -225,6 +229,7 @@ def evaluate_retrieval(
     autocast: Autocast = None,
     num_workers: int = 0,
     ks: Sequence[int] = RETRIEVAL_KS,
+    memo: LockedTowerMemo | None = None,
 ) -> EvalResult:
     """Text -> image and image -> text retrieval over every caption of every readable image of ``source``.
 
@@ -236,9 +241,10 @@ def evaluate_retrieval(
 
     Captions shared by several images (``"a dog on the grass"`` under two photos) are embedded once
     (``encode_texts`` encodes each distinct string once), so their scores are bit-identical: such ties are
-    resolved by the pessimistic rule, and the metrics do not depend on ``batch_size``.
+    resolved by the pessimistic rule, and the metrics do not depend on ``batch_size``. ``memo``: see
+    ``evaluate_zeroshot``.
     """
-    images = encode_source_images(model, source, config.model.image, batch_size, num_workers, autocast)
+    images = encode_source_images(model, source, config.model.image, batch_size, num_workers, autocast, memo)
     captions: list[str] = []
     text_to_image: list[int] = []
     for row, index in enumerate(images.indices):
@@ -248,7 +254,7 @@ def evaluate_retrieval(
     unreadable = np.setdiff1d(np.arange(len(source)), images.indices)
     skipped_captions = sum(len(source.captions(int(index))) for index in unreadable)
     text_features = encode_texts(
-        model, tokenizer, captions, config.model.text.context_length, batch_size, autocast
+        model, tokenizer, captions, config.model.text.context_length, batch_size, autocast, memo
     )  # (N_txt, D)
     owners = torch.as_tensor(text_to_image, dtype=torch.long)
     metrics = retrieval_metrics(images.features, text_features, owners, ks=ks)

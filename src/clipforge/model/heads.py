@@ -68,10 +68,15 @@ def build_head(
     (``dropout`` applies to ``mlp`` only); ``identity`` -> y = x, which keeps a pretrained tower's own space (LiT's
     locked text tower: the other head learns to map into it); it needs ``in_dim == out_dim``.
     ``where`` names the config section in errors."""
-    if init == "identity" and (kind != "linear" or in_dim != out_dim):
+    if init == "identity" and kind != "linear":
         raise ValueError(
-            f"{where}.head_init='identity' needs head 'linear' and model.embed_dim equal to the tower's {in_dim}-d "
-            f"features (it is {out_dim})"
+            f"{where}.head_init='identity' starts a 'linear' head at the identity; {where}.head={kind!r} has no "
+            f"such start: set {where}.head_init=normal, or {where}.head=linear"
+        )
+    if init == "identity" and in_dim != out_dim:
+        raise ValueError(
+            f"{where}.head_init='identity' needs model.embed_dim equal to the tower's {in_dim}-d features "
+            f"(it is {out_dim})"
         )
     if bias and kind != "linear":
         raise ValueError(f"{where}.head_bias=true needs {where}.head='linear' (it is {kind!r})")

