@@ -11,7 +11,8 @@ the *validation* sources of the demo (``clipforge.demo.demo_sources('val')``):
 
 ``ood`` is the mean of the icons t2i and i2t R@5, Fashion-MNIST and MNIST top-1: the transfer score recipes
 are chosen by. Test splits are never read here. One JSON line per checkpoint goes to ``--out``; ``--table``
-prints the Markdown table of benchmarks/README.md from that file.
+prints the Markdown table of benchmarks/README.md from that file (the search's own output is
+``benchmarks/results/recipe_search.jsonl``).
 
     python benchmarks/recipe_search.py --out recipe_search.jsonl            # every trial (~30 min on 2 cores)
     python benchmarks/recipe_search.py --out r.jsonl --only baseline mix    # some trials
@@ -24,6 +25,8 @@ import argparse
 import copy
 import json
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -77,9 +80,6 @@ AUGMENTED: dict[str, dict[str, Any]] = {
     "mix-grey-invert": {
         "data": {**mix(), "cached_views": 1, "augment": {"scale_min": 1.0, "grayscale": 0.5, "invert": 0.5}}
     },
-    "mix-grey-invert-k2": {
-        "data": {**mix(), "cached_views": 2, "augment": {"scale_min": 1.0, "grayscale": 0.5, "invert": 0.5}}
-    },
     "mix-crop": {"data": {**mix(), "cached_views": 1, "augment": {"scale_min": 0.6}}},
 }
 TRIALS.update(AUGMENTED)
@@ -114,6 +114,23 @@ FOURTH: dict[str, dict[str, Any]] = {
     },
 }
 TRIALS.update(FOURTH)
+# fifth round: more samples per step and a faster rate, to keep the emoji figures with the clip art's transfer
+FIFTH: dict[str, dict[str, Any]] = {
+    "c2-invert-b1024": {"data": {**mix(clipart=2.0), **INVERT}, "train": {"batch_size": 1024}},
+    "c2-invert-b512-lr6e-4": {"data": {**mix(clipart=2.0), **INVERT}, "train": B512, "optim": {"lr": 6e-4}},
+    "c2-invert-b1024-lr6e-4": {
+        "data": {**mix(clipart=2.0), **INVERT},
+        "train": {"batch_size": 1024},
+        "optim": {"lr": 6e-4},
+    },
+    "e1.5-c2-invert-b1024": {"data": {**mix(emoji=1.5, clipart=2.0), **INVERT}, "train": {"batch_size": 1024}},
+    "e2-c2-invert-b1024": {"data": {**mix(emoji=2.0, clipart=2.0), **INVERT}, "train": {"batch_size": 1024}},
+    "e1.5-c2-invert-b1024-steps400": {
+        "data": {**mix(emoji=1.5, clipart=2.0), **INVERT},
+        "train": {"batch_size": 1024, "steps": 400},
+    },
+}
+TRIALS.update(FIFTH)
 
 
 def merged(base: dict, changes: dict) -> dict:
@@ -131,9 +148,12 @@ def merged(base: dict, changes: dict) -> dict:
     return result
 
 
-def trial_config(name: str, work: Path, every: int) -> Any:
+QUICK = {"model": {"image": {"image_size": 32}}, "train": {"steps": 4, "batch_size": 64}}  # --quick: runs, no figures
+
+
+def trial_config(name: str, work: Path, every: int, quick: bool = False) -> Any:
     base = read_yaml(resolve_config_path("demo-lit"))
-    values = merged(base, TRIALS[name])
+    values = merged(merged(base, TRIALS[name]), QUICK if quick else {})
     values["train"].update(output_dir=str(work / name), checkpoint_every=every, keep_checkpoints=10_000)
     values["data"]["feature_cache"] = str(work / "feature_cache")
     values["logging"].update(progress=False, backends=[])
@@ -141,8 +161,10 @@ def trial_config(name: str, work: Path, every: int) -> Any:
     return config_from_dict(values)
 
 
-def run_trial(name: str, work: Path, every: int, sources, memo: LockedTowerMemo, out: Path) -> None:
-    config = trial_config(name, work, every)
+def run_trial(
+    name: str, work: Path, every: int, sources, memo: LockedTowerMemo, out: Path, quick: bool = False
+) -> None:
+    config = trial_config(name, work, every, quick)
     started = time.perf_counter()
     result = train(config, overwrite=True)
     seconds = time.perf_counter() - started
@@ -173,9 +195,13 @@ COLUMNS = [
 ]
 
 
-def table(path: Path) -> str:
-    """The Markdown table of every trial and step in a results file, in file order."""
+def table(path: Path, final_only: bool = False) -> str:
+    """The Markdown table of every trial and step in a results file, in file order (``final_only``: the last
+    checkpoint of each trial)."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if final_only:
+        last = {row["trial"]: row for row in rows}
+        rows = list(last.values())
     lines = ["| trial | step | " + " | ".join(title for title, _ in COLUMNS) + " |"]
     lines.append("|---|---:|" + "---:|" * len(COLUMNS))
     for row in rows:
@@ -191,15 +217,24 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", choices=sorted(TRIALS), help="these trials (default: all)")
     parser.add_argument("--every", type=int, default=100, help="score a checkpoint every this many steps")
     parser.add_argument("--table", type=Path, help="print the Markdown table of a results file and exit")
+    parser.add_argument("--final", action="store_true", help="with --table: only each trial's last checkpoint")
+    parser.add_argument("--quick", action="store_true", help="the baseline at 32 px for 4 steps: checks the script")
     args = parser.parse_args()
     if args.table:
-        print(table(args.table))
+        print(table(args.table, args.final))
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sources = demo_sources("val")
     memo = LockedTowerMemo()  # every trial has the same locked towers: each runs once per validation image
+    if args.quick:  # in a temporary folder: no figures to keep
+        args.only, args.every = ["baseline"], 2
+        args.work = Path(tempfile.mkdtemp(prefix="clipforge-recipe-search-"))
+        args.out = args.work / "quick.jsonl"
     for name in args.only or list(TRIALS):
-        run_trial(name, args.work, args.every, sources, memo, args.out)
+        run_trial(name, args.work, args.every, sources, memo, args.out, args.quick)
+    if args.quick:
+        print(table(args.out))
+        shutil.rmtree(args.work)
 
 
 if __name__ == "__main__":

@@ -132,12 +132,14 @@ def _memory(rows: list) -> list[str]:
 
 def _search_speed(data: dict) -> list[str]:
     lines = [
-        f"{'exact search, single query kernel':<40} {'workers':>7} {'median ms':>9} {'CPU ms':>7} {'batched ms/q':>12}"
+        f"{'exact search, single query kernel':<40} {'workers':>7} {'median ms':>9} {'CPU ms':>7} {'batched ms/q':>12} "
+        f"{'floor ms':>8} {'vs floor':>8}"
     ]
     for row in data.get("exact", []):
         lines.append(
             f"{row['single_query_kernel']:<40} {row['workers']:>7} {row['single_query_median_ms']:>9.1f} "
-            f"{row['single_query_median_cpu_ms']:>7.1f} {row['batched_ms_per_query']:>12.1f}"
+            f"{row['single_query_median_cpu_ms']:>7.1f} {row['batched_ms_per_query']:>12.1f} "
+            f"{row.get('streaming_read_floor_ms', float('nan')):>8.1f} {row.get('vs_floor', float('nan')):>7.2f}x"
         )
     for name in ("faiss_random", "faiss_clustered"):
         if isinstance(data.get(name), dict):

@@ -86,7 +86,7 @@ def test_default_demo_trains_heads_on_locked_pretrained_towers_from_the_cache(
         "logging.progress=false",
         "logging.backends=[]",
     ]
-    report = run_demo(tmp_path / "out", overrides, eval_split="val", fashion_mnist=fashion, fashion_mnist_per_class=3)
+    report = run_demo(tmp_path / "out", overrides, eval_split="test", fashion_mnist=fashion, fashion_mnist_per_class=3)
     assert report.chance["fashion_mnist_zeroshot_top1"] == pytest.approx(0.1)
     assert 0 <= report.metrics["fashion_mnist_zeroshot_top1"] <= 1
     cache = tmp_path / "out" / "run" / "feature_cache"

@@ -48,3 +48,22 @@ def test_warmup_then_cosine() -> None:
     assert lr_multiplier(9, 14, config) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert lr_multiplier(14, 14, config) == pytest.approx(0.1)
     assert lr_multiplier(50, 10, ScheduleConfig(kind="constant", warmup_steps=2)) == 1.0
+
+
+def test_the_cpu_optimizer_is_the_fused_kernel_and_steps_like_the_reference_loop() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(8, 4)
+    reference = nn.Linear(8, 4)
+    reference.load_state_dict(model.state_dict())
+    fused = build_optimizer(model, OptimConfig(lr=1e-2, weight_decay=0.1), torch.device("cpu"))
+    assert fused.defaults["fused"] is True
+    loop = torch.optim.AdamW(
+        parameter_groups(reference, 0.1), lr=1e-2, betas=(0.9, 0.98), eps=1e-6, foreach=False
+    )  # torch's per-tensor AdamW: the independent reference
+    for _ in range(5):
+        for net, optimizer in ((model, fused), (reference, loop)):
+            optimizer.zero_grad()
+            net(torch.ones(3, 8)).square().sum().backward()
+            optimizer.step()
+    for ours, theirs in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.allclose(ours, theirs, atol=1e-6)

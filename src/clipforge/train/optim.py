@@ -57,7 +57,10 @@ def tower_lr_scales(model: nn.Module, config: ModelConfig) -> dict[int, float]:
 def build_optimizer(
     model: nn.Module, config: OptimConfig, device: torch.device, model_config: ModelConfig | None = None
 ) -> torch.optim.AdamW:
-    """AdamW over :func:`parameter_groups`; the fused kernel on CUDA, the foreach one elsewhere.
+    """AdamW over :func:`parameter_groups`; the fused kernel on CUDA and the CPU, the foreach one elsewhere.
+
+    On the CPU the fused kernel steps 27M float32 parameters 4.7x faster than foreach (16 vs 77 ms, 2 cores,
+    ``benchmarks/README.md``): one pass over each tensor instead of a dozen.
 
     With ``model_config`` the towers' parameters train at ``optim.lr`` times their :func:`tower_lr_scales`
     (group ``lr`` = ``optim.lr * lr_scale``; the schedule multiplies every group's lr by the same factor).
@@ -67,7 +70,7 @@ def build_optimizer(
     for group in groups:
         if "lr_scale" in group:
             group["lr"] = config.lr * group["lr_scale"]
-    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    fast = {"fused": True} if device.type in ("cuda", "cpu") else {"foreach": True}
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps, **fast)
 
 
