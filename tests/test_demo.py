@@ -126,3 +126,18 @@ def test_validation_and_test_sources_never_share_an_image(tmp_path: Path) -> Non
         assert np.bincount(digits_test.labels).tolist() == [100] * 10
         seen = {image.tobytes() for image in digits_val.images}
         assert not any(image.tobytes() in seen for image in digits_test.images)
+
+
+def test_the_corpus_note_says_what_the_run_trained_on() -> None:
+    from clipforge.config import load_config
+    from clipforge.demo import DemoSources, corpus_note
+
+    sources = DemoSources(
+        "test", None, {"clipart": None, "flags": None, "twemoji": None, "icons": None}, None, None, Path()
+    )
+    shipped = corpus_note(load_config("demo-lit").data, sources)
+    assert (
+        shipped == "(corpus: clipart, flags: trained on, their test splits held out; twemoji, icons: never trained on)"
+    )
+    emoji_only = corpus_note(load_config("demo").data, sources)
+    assert emoji_only == "(corpus: clipart, flags, twemoji, icons: never trained on)"

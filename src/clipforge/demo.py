@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from clipforge.checkpoint import LoadedCheckpoint, load_checkpoint
-from clipforge.config import load_config
+from clipforge.config import DataConfig, load_config
 from clipforge.data.base import ImageTextSource
 from clipforge.data.classification import ArrayImageSource, read_idx
 from clipforge.data.corpus import CorpusSource
@@ -205,6 +205,17 @@ def evaluate_classes(
     return {key: result.metrics["acc1"]}, {key: 1 / len(source.classnames)}
 
 
+def corpus_note(data: DataConfig, sources: DemoSources) -> str:
+    """Which corpus sources of the report the run trained on (read from its data section) and which it never saw."""
+    entries = data.mix if data.kind == "mix" else [data]
+    trained = [name for name in sources.corpus if any(e.kind == "corpus" and e.name == name for e in entries)]
+    unseen = [name for name in sources.corpus if name not in trained]
+    parts = [f"{', '.join(trained)}: trained on, their {sources.split} splits held out"] if trained else []
+    if unseen:
+        parts.append(f"{', '.join(unseen)}: never trained on")
+    return f"(corpus: {'; '.join(parts)})"
+
+
 def evaluate_demo(
     loaded: LoadedCheckpoint, sources: DemoSources, memo: LockedTowerMemo | None = None
 ) -> tuple[dict[str, float], dict[str, float], EvalResult, list[str]]:
@@ -214,10 +225,7 @@ def evaluate_demo(
         figures, levels = evaluate_corpus(loaded, name, source, memo)
         metrics.update(figures)
         chance.update(levels)
-    notes = [
-        f"(corpus: clipart and flags are trained on, their {sources.split} splits held out; twemoji: the held-out "
-        f"emoji concepts drawn by another artist; {OOD_SOURCE}: out of domain, never trained on)"
-    ]
+    notes = [corpus_note(loaded.config.data, sources)]
     labelled = {
         "fashion_mnist_zeroshot_top1": (sources.fashion_mnist, "fashion-mnist"),
         "mnist_zeroshot_top1": (sources.mnist, "mnist"),
