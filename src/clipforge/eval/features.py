@@ -26,7 +26,7 @@ from clipforge.data.samples import SkippedSample
 from clipforge.data.tokenize import Tokenizer
 from clipforge.data.transforms import build_image_transform
 from clipforge.model import CLIPModel, resolve_image_preprocess
-from clipforge.runtime import cpu_images_per_forward
+from clipforge.runtime import forward_in_cpu_chunks
 
 
 @dataclass
@@ -77,19 +77,15 @@ class LockedTowerMemo:
         self.image_passes = 0  # how many times a tower actually ran over a source (tests read it)
 
 
-def _tower_images(
-    model: CLIPModel, loader: DataLoader, device: torch.device, tower, autocast, total: int
-) -> ImageFeatures:
+def _tower_images(loader: DataLoader, device: torch.device, tower, autocast, total: int) -> ImageFeatures:
     """``tower(images)`` (B, F) for every readable image the loader yields, in micro-batches on the CPU."""
     features, indices, skipped = [], [], []
     for images, positions, bad in loader:
         skipped.extend(bad)
         if images is None:
             continue
-        step = cpu_images_per_forward(images.shape[-1]) if device.type == "cpu" else len(images)
-        for start in range(0, len(images), step):
-            with autocast or contextlib.nullcontext():
-                features.append(tower(images[start : start + step].to(device)).float())
+        with autocast or contextlib.nullcontext():
+            features.append(forward_in_cpu_chunks(tower, images, device))
         indices.extend(positions)
     if not features:
         raise DataError(f"none of the {total} images could be read (first: {skipped[0].where}: {skipped[0].reason})")
@@ -121,10 +117,10 @@ def encode_source_images(
     )
     device = _model_device(model)
     if memo is None or not model.image_locked:
-        return _tower_images(model, loader, device, model.encode_image, autocast, len(source))
+        return _tower_images(loader, device, model.encode_image, autocast, len(source))
     key = (id(source), preprocess.image_size)
     if key not in memo.images:
-        memo.images[key] = _tower_images(model, loader, device, model.image_tower, autocast, len(source))
+        memo.images[key] = _tower_images(loader, device, model.image_tower, autocast, len(source))
         memo.image_passes += 1
     kept = memo.images[key]
     with autocast or contextlib.nullcontext():

@@ -40,7 +40,7 @@ from clipforge.data.tokenize import Tokenizer
 from clipforge.data.transforms import is_deterministic
 from clipforge.io import weights_fingerprint
 from clipforge.model import CLIPModel, resolve_image_preprocess
-from clipforge.runtime import cpu_images_per_forward
+from clipforge.runtime import forward_in_cpu_chunks
 
 logger = logging.getLogger("clipforge")
 
@@ -134,11 +134,9 @@ def _image_rows(
             pixels.append(prepare_sample(image, ("",), sample_seed(VIEW_SEED, view, index), transform)[0])
             rows.append(index - start)
         features = np.full((stop - start, tower.output_dim), np.nan, dtype=np.float32)  # NaN = unreadable
-        step = cpu_images_per_forward(pixels[0].shape[-1]) if device.type == "cpu" and pixels else len(pixels)
-        with torch.inference_mode():
-            for first in range(0, len(pixels), step):
-                batch = torch.stack(pixels[first : first + step]).to(device)
-                features[rows[first : first + step]] = tower(batch).float().cpu().numpy()
+        if pixels:
+            with torch.inference_mode():
+                features[rows] = forward_in_cpu_chunks(tower, torch.stack(pixels), device).cpu().numpy()
         return features
 
     return compute
