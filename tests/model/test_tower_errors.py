@@ -212,3 +212,16 @@ def test_an_identity_start_on_a_head_that_has_none_names_the_fix() -> None:
     with pytest.raises(ValueError, match="needs model.embed_dim equal to the tower's 16-d features \\(it is 8\\)"):
         build_head("linear", 16, 8, where="model.text", init="identity")
     assert torch.equal(build_head("linear", 4, 4, init="identity")(torch.eye(4)), torch.eye(4))
+
+
+def test_a_head_setting_that_cannot_be_built_exits_2_through_the_cli(
+    shapes_manifest: Path, tmp_path: Path, capsys
+) -> None:
+    overrides = ("model.text.head=identity", "model.text.head_init=identity", "model.embed_dim=48")
+    code, err, output = run_cli(tmp_path, shapes_manifest, capsys, *overrides)
+    assert code == 2
+    assert err.strip() == (
+        "clipforge train: error: model.text.head_init='identity' starts a 'linear' head at the identity; "
+        "model.text.head='identity' has no such start: set model.text.head_init=normal, or model.text.head=linear"
+    )
+    assert not any(path.is_file() for path in written(output))

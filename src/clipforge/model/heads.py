@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from clipforge.config import ConfigError
+
 HEAD_KINDS = ("linear", "mlp", "identity")
 
 
@@ -67,28 +69,28 @@ def build_head(
     """``linear`` -> :class:`LinearHead` (``init``: ``normal`` | ``identity``; ``bias``); ``mlp`` -> :class:`MLPHead`
     (``dropout`` applies to ``mlp`` only); ``identity`` -> y = x, which keeps a pretrained tower's own space (LiT's
     locked text tower: the other head learns to map into it); it needs ``in_dim == out_dim``.
-    ``where`` names the config section in errors."""
+    ``where`` names the config section in errors, which are ``ConfigError``s: a user's setting, not a bug."""
     if init == "identity" and kind != "linear":
-        raise ValueError(
+        raise ConfigError(
             f"{where}.head_init='identity' starts a 'linear' head at the identity; {where}.head={kind!r} has no "
             f"such start: set {where}.head_init=normal, or {where}.head=linear"
         )
     if init == "identity" and in_dim != out_dim:
-        raise ValueError(
+        raise ConfigError(
             f"{where}.head_init='identity' needs model.embed_dim equal to the tower's {in_dim}-d features "
             f"(it is {out_dim})"
         )
     if bias and kind != "linear":
-        raise ValueError(f"{where}.head_bias=true needs {where}.head='linear' (it is {kind!r})")
+        raise ConfigError(f"{where}.head_bias=true needs {where}.head='linear' (it is {kind!r})")
     if kind == "linear":
         return LinearHead(in_dim, out_dim, init, bias)
     if kind == "mlp":
         return MLPHead(in_dim, out_dim, dropout)
     if kind == "identity":
         if in_dim != out_dim:
-            raise ValueError(
+            raise ConfigError(
                 f"{where}.head='identity' keeps the tower's {in_dim}-d features, so model.embed_dim must be "
                 f"{in_dim} (it is {out_dim}); or use head 'linear'"
             )
         return nn.Identity()
-    raise ValueError(f"projection head kind={kind!r} is unknown; choose one of {list(HEAD_KINDS)}")
+    raise ConfigError(f"projection head kind={kind!r} is unknown; choose one of {list(HEAD_KINDS)}")
