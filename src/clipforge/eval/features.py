@@ -73,6 +73,7 @@ class LockedTowerMemo:
 
     def __init__(self) -> None:
         self.images: dict[tuple[int, int], ImageFeatures] = {}  # (id(source), image size) -> tower features
+        self._sources: list[ImageTextSource] = []  # held, so that no other source can ever reuse a key's id()
         self.texts: dict[str, torch.Tensor] = {}  # text -> (F,) tower features
         self.image_passes = 0  # how many times a tower actually ran over a source (tests read it)
 
@@ -121,6 +122,7 @@ def encode_source_images(
     key = (id(source), preprocess.image_size)
     if key not in memo.images:
         memo.images[key] = _tower_images(loader, device, model.image_tower, autocast, len(source))
+        memo._sources.append(source)
         memo.image_passes += 1
     kept = memo.images[key]
     with autocast or contextlib.nullcontext():
