@@ -147,7 +147,11 @@ def _search_speed(data: dict) -> list[str]:
             lines.append(f"{name}: {row['factory']}, median {row['single_query_median_ms']:.1f} ms, "
                          f"recall@10 {row['recall_at_10']:.3f}")  # fmt: skip
     if "embedding" in data:
-        lines.append(f"embedding: {data['embedding']['images_per_s']:.1f} images/s ({data['embedding']['model']})")
+        embedding = data["embedding"]
+        line = f"embedding: {embedding['images_per_s']:.1f} images/s ({embedding['model']})"
+        if "channels_last_speedup" in embedding:
+            line += f", {embedding['channels_last_speedup']:.2f}x the NCHW input's {embedding['nchw_images_per_s']:.1f}"
+        lines.append(line)
     return lines
 
 

@@ -134,6 +134,28 @@ def test_timm_resnet_headless_shape():
     assert tower(images()).shape == (2, tower.output_dim)
 
 
+def test_convolutional_backbones_take_channels_last_input_and_give_the_same_features():
+    """A CNN's convolutions get NHWC input (faster on oneDNN/cuDNN); its features are those of the plain
+    NCHW forward, gradients included. A ViT's single patch convolution does not switch."""
+    torch.manual_seed(0)
+    tower = build_torchvision_tower(ImageTowerConfig(kind="torchvision", name="resnet18", image_size=32)).eval()
+    assert tower.channels_last
+    seen = []
+    hook = tower.backbone.conv1.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    batch = images().requires_grad_()
+    features = tower(batch)
+    hook.remove()
+    assert seen[0].is_contiguous(memory_format=torch.channels_last) and not batch.is_contiguous(
+        memory_format=torch.channels_last
+    )
+    reference = tower.backbone(images().requires_grad_())  # the library model on the NCHW batch
+    torch.testing.assert_close(features, reference, atol=1e-5, rtol=1e-4)
+    features.sum().backward()
+    assert batch.grad is not None and batch.grad.shape == batch.shape
+    vit = build_timm_tower(ImageTowerConfig(kind="timm", name="test_vit", image_size=32))
+    assert not vit.channels_last
+
+
 def test_timm_fixed_size_vit_is_built_for_the_config_size():
     # test_vit's pretrained config fixes 160 px input; the tower must accept cfg.image_size instead
     tower = build_timm_tower(ImageTowerConfig(kind="timm", name="test_vit", image_size=32)).eval()

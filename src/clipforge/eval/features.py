@@ -13,7 +13,7 @@ training): a locked tower is a fixed function of its input, so only the trainabl
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -156,24 +156,54 @@ def encode_texts(
     device = _model_device(model)
     if memo is not None and model.text_locked:
         missing = [text for text in unique_texts if text not in memo.texts]
-        towered = _run_text(model.text_tower, tokenizer, missing, context_length, batch_size, device, autocast)
+        towered = encode_text_batches(
+            model.text_tower, tokenizer, missing, context_length, batch_size, device, autocast
+        )
         memo.texts.update(zip(missing, towered, strict=True))
         with autocast or contextlib.nullcontext():
             kept = torch.stack([memo.texts[text] for text in unique_texts]).to(device)
             features = model.project_text(kept).float()
     else:
-        features = _run_text(model.encode_text, tokenizer, unique_texts, context_length, batch_size, device, autocast)
+        features = encode_text_batches(
+            model.encode_text, tokenizer, unique_texts, context_length, batch_size, device, autocast
+        )
     # features: (num distinct texts, D)
     if len(unique_texts) == len(positions):
         return features
     return features[torch.as_tensor(positions, device=features.device)]
 
 
-def _run_text(encode, tokenizer: Tokenizer, texts: list[str], context_length: int, batch_size: int, device, autocast):
-    """``encode(input_ids, attention_mask)`` over ``texts`` in batches: (len(texts), F) float32 (or an empty list)."""
+def encode_text_batches(
+    encode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    tokenizer: Tokenizer,
+    texts: Sequence[str],
+    context_length: int,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    autocast: contextlib.AbstractContextManager | None = None,
+) -> torch.Tensor:
+    """``encode(input_ids, attention_mask)`` over ``texts`` in batches of at most ``batch_size``, batched by
+    token count: (len(texts), F) float32 rows in the order given (an empty (0, 0) tensor for no texts).
+
+    The texts are ordered by their token count (stable, so ties keep their order) and cut into batches in that
+    order, so each batch pads to the length of its own longest text. With the tokenizer's ``longest`` padding a
+    batch of mixed captions otherwise pads every row to its longest one; on the demo's 12,798 training captions
+    (mean 7.6 tokens, longest 32) sorting cuts the padded tokens 2.9x and the text tower's time more (its
+    attention grows with the square of the length). A row's value does not depend on its neighbours beyond
+    float rounding: padding is masked out. The tokenizer's own padding rule still applies to every batch
+    (``max_length`` pads each to ``context_length``).
+    """
+    if not texts:
+        return torch.empty(0, 0)
+    _, attention_mask = tokenizer(list(texts), context_length)  # the token counts; tokenizing is cheap
+    order = torch.argsort(attention_mask.sum(dim=1), stable=True)
     parts = []
     for start in range(0, len(texts), batch_size):
-        input_ids, attention_mask = tokenizer(texts[start : start + batch_size], context_length)
+        chosen = order[start : start + batch_size].tolist()
+        input_ids, attention_mask = tokenizer([texts[i] for i in chosen], context_length)
         with autocast or contextlib.nullcontext():
             parts.append(encode(input_ids.to(device), attention_mask.to(device)).float())
-    return torch.cat(parts) if parts else []
+    features = torch.cat(parts)
+    restored = torch.empty_like(features)
+    restored[order.to(features.device)] = features
+    return restored

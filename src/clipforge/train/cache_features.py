@@ -38,6 +38,7 @@ from clipforge.data.feature_cache import CachedFeatures, FeatureStore, caption_o
 from clipforge.data.samples import prepare_sample, sample_seed
 from clipforge.data.tokenize import Tokenizer
 from clipforge.data.transforms import is_deterministic
+from clipforge.eval.features import encode_text_batches
 from clipforge.io import weights_fingerprint
 from clipforge.model import CLIPModel, resolve_image_preprocess
 from clipforge.runtime import forward_in_cpu_chunks
@@ -45,7 +46,8 @@ from clipforge.runtime import forward_in_cpu_chunks
 logger = logging.getLogger("clipforge")
 
 IMAGE_CHUNK = 64  # images between two progress records
-TEXT_CHUNK = 256
+TEXT_CHUNK = 4096  # captions between two progress records: each chunk is sorted by length, then batched
+TEXT_BATCH = 256
 VIEW_SEED = 0  # cached views do not depend on the run's seed, so runs with other seeds share them
 # settings that change how a tower trains, not what its locked features are
 _TRAINING_ONLY = ("lock", "lr_scale", "layer_decay", "head", "head_dropout", "tokenizer")
@@ -146,9 +148,10 @@ def _text_rows(
     tower: nn.Module, captions: list[str], tokenizer: Tokenizer, context_length: int, device: torch.device
 ) -> Callable[[int, int], np.ndarray]:
     def compute(start: int, stop: int) -> np.ndarray:
-        input_ids, attention_mask = tokenizer(captions[start:stop], context_length)
+        # batched by token count inside the chunk (encode_text_batches): far less padding than caption order
         with torch.inference_mode():
-            return tower(input_ids.to(device), attention_mask.to(device)).float().cpu().numpy()
+            rows = encode_text_batches(tower, tokenizer, captions[start:stop], context_length, TEXT_BATCH, device)
+        return rows.cpu().numpy()
 
     return compute
 
