@@ -138,6 +138,25 @@ FIFTH: dict[str, dict[str, Any]] = {
     },
 }
 TRIALS.update(FIFTH)
+# sixth round, from the shipped recipe (e1.5-c2-invert-b1024): low-resolution views (augment.low_res, the look of
+# 28-pixel data) and a second cached view per image
+SHIPPED = {"data": {**mix(emoji=1.5, clipart=2.0), **INVERT}, "train": {"batch_size": 1024}}
+
+
+def shipped_with(**augment: float) -> dict[str, Any]:
+    """The shipped recipe with these augment settings added to its inversion (``views``: cached views)."""
+    views = int(augment.pop("views", 1))
+    data = {**SHIPPED["data"], "cached_views": views, "augment": {**INVERT["augment"], **augment}}
+    return {**SHIPPED, "data": data}
+
+
+SIXTH: dict[str, dict[str, Any]] = {
+    "shipped-lowres0.3": shipped_with(low_res=0.3),
+    "shipped-lowres0.6": shipped_with(low_res=0.6),
+    "shipped-views2": shipped_with(views=2),
+    "shipped-lowres0.3-views2": shipped_with(low_res=0.3, views=2),
+}
+TRIALS.update(SIXTH)
 
 
 def merged(base: dict, changes: dict) -> dict:

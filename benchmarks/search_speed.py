@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clipforge.search.exact import exact_search
+from clipforge.search.exact import _shares, exact_search
 from clipforge.search.store import EmbeddingStore
 
 
@@ -67,46 +67,53 @@ def sample_points(
     return points / np.linalg.norm(points, axis=1, keepdims=True)
 
 
-def streaming_read_ms(matrices: list[np.ndarray], workers: int, repeats: int = 20) -> float:
-    """The floor of a single query: the median time to read every stored byte once, with ``workers`` threads
-    each summing its share of 65,536-row blocks as int64 words (one add per 8 bytes: memory-bound, not
-    compute-bound), torch single-threaded inside each, as ``exact_search`` splits its blocks."""
-    blocks = [matrix[start : start + 65536] for matrix in matrices for start in range(0, len(matrix), 65536)]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+class StreamingRead:
+    """The floor of a single query: one call reads every stored byte once, with ``workers`` threads each
+    summing an equal share of the rows, in 65,536-row blocks, as int64 words (one add per 8 bytes:
+    memory-bound, not compute-bound), torch single-threaded inside each, as ``exact_search`` splits its rows."""
 
-    def read(share: list[np.ndarray]) -> int:
+    def __init__(self, matrices: list[np.ndarray], workers: int) -> None:
+        # the very shares exact_search streams (its private splitter: the floor must read what the query reads)
+        self.shares = [
+            [matrix[start : start + rows] for matrix, start, _, rows in share]
+            for share in _shares(matrices, 65536, workers)
+        ]
+        self.pool = ThreadPoolExecutor(len(self.shares))
+
+    @staticmethod
+    def _read(share: list[np.ndarray]) -> int:
+        torch.set_num_threads(1)
         return sum(int(torch.from_numpy(np.ascontiguousarray(b)).view(torch.int64).sum()) for b in share)
 
-    times = []
-    with ThreadPoolExecutor(workers) as pool:
-        for _ in range(repeats + 1):  # the first pass pages the file in, as exact search's warm-up does
-            started = time.perf_counter()
-            list(pool.map(read, [blocks[w::workers] for w in range(workers)]))
-            times.append(time.perf_counter() - started)
-    torch.set_num_threads(threads)
-    return 1000 * statistics.median(times[1:])
+    def __call__(self) -> None:
+        list(self.pool.map(self._read, self.shares))
 
 
 def time_exact(matrices: list[np.ndarray], queries: torch.Tensor, k: int, workers: int, unit_rows: bool) -> dict:
-    """``unit_rows=True`` is what ``Index`` does: single queries take the float16-candidates kernel. Also the
-    streaming-read floor of the same bytes with the same threads, and the median's ratio to it."""
+    """``unit_rows=True`` is what ``Index`` does: single queries take the float16-candidates kernel. The
+    streaming-read floor of the same bytes with the same threads is timed side by side: one floor pass after
+    each query (a machine whose memory speed drifts moves both), and the ratio of the medians."""
     exact_search(matrices, queries[:1], k, workers=workers)  # page the file in once, as a warm server has it
-    single, cpu = [], []
+    floor_read = StreamingRead(matrices, workers)
+    floor_read()
+    single, cpu, floor = [], [], []
     for query in queries:
         started, cpu_started = time.perf_counter(), time.process_time()
         exact_search(matrices, query[None], k, workers=workers, unit_rows=unit_rows)
         single.append(time.perf_counter() - started)
         cpu.append(time.process_time() - cpu_started)
+        started = time.perf_counter()
+        floor_read()
+        floor.append(time.perf_counter() - started)
+    floor_read.pool.shutdown()
     started = time.perf_counter()
     exact_search(matrices, queries, k, workers=workers)
     batched = time.perf_counter() - started
-    floor = streaming_read_ms(matrices, workers)
     return {
         "single_query_kernel": "float16 candidates + float32 re-score" if unit_rows else "float32 blocks",
         "workers": workers,
-        "streaming_read_floor_ms": floor,
-        "vs_floor": 1000 * statistics.median(single) / floor,
+        "streaming_read_floor_ms": 1000 * statistics.median(floor),
+        "vs_floor": statistics.median(single) / statistics.median(floor),
         "single_query_median_ms": 1000 * statistics.median(single),
         "single_query_p90_ms": 1000 * sorted(single)[int(0.9 * len(single))],
         # CPU time of all threads: on a machine shared with other jobs, wall time / CPU time shows the share

@@ -252,6 +252,7 @@ def test_train_on_shards_that_are_all_unreadable_names_the_first_reason(
         ("data.cached_views=-2", "data.cached_views=-2 must be >= 0"),
         ("data.shuffle_buffer=-1", "data.shuffle_buffer=-1 must be >= 0"),
         ("data.augment.grayscale=1.5", "data.augment.grayscale=1.5 must lie in [0, 1]: a probability"),
+        ("data.augment.low_res=-0.1", "data.augment.low_res=-0.1 must lie in [0, 1]: a probability"),
         ("data.augment.color_jitter=-0.1", "data.augment.color_jitter=-0.1 must lie in [0, 1]: a jitter strength"),
         ("data.augment.scale_min=0", "data.augment.scale_min=0.0 must lie in (0, 1]"),
     ],

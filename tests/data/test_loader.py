@@ -92,5 +92,27 @@ def test_colour_augmentations_grey_and_invert_and_count_as_random() -> None:
     jitter = build_image_transform(preprocess, AugmentConfig(scale_min=1.0, color_jitter=0.5))
     assert len({round(float(jitter(red).mean()), 4) for _ in range(6)}) > 1
     assert is_deterministic(AugmentConfig(scale_min=1.0))
-    for name in ("color_jitter", "grayscale", "invert"):
+    for name in ("color_jitter", "grayscale", "invert", "low_res"):
         assert not is_deterministic(AugmentConfig(scale_min=1.0, **{name: 0.5}))
+
+
+def test_low_resolution_views_keep_the_size_and_lose_the_detail() -> None:
+    """A one-pixel checkerboard at 64 px: a low-resolution view (20-40 px inside) keeps the shape and the mean
+    grey but flattens the alternation, which the plain transform keeps exactly."""
+    preprocess = ImagePreprocess(64, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "bilinear")
+    board = (np.indices((64, 64)).sum(0) % 2 * 255).astype(np.uint8)
+    image = Image.fromarray(np.stack([board] * 3, axis=-1))
+    plain = build_image_transform(preprocess, AugmentConfig(scale_min=1.0))(image)
+    assert float((plain[:, 1:, :] - plain[:, :-1, :]).abs().mean()) == 1.0  # every neighbour differs fully
+    torch.manual_seed(0)
+    low = build_image_transform(preprocess, AugmentConfig(scale_min=1.0, low_res=1.0))
+    for _ in range(3):
+        view = low(image)
+        assert view.shape == (3, 64, 64)
+        assert abs(float(view.mean()) - 0.5) < 0.05
+        assert float((view[:, 1:, :] - view[:, :-1, :]).abs().mean()) < 0.2
+    # a view is a function of the sample's seed alone (prepare_sample seeds torch's generator)
+    torch.manual_seed(1)
+    first = low(image)
+    torch.manual_seed(1)
+    assert torch.equal(first, low(image))

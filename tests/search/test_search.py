@@ -139,6 +139,20 @@ def test_exact_search_matches_a_plain_reference(block_rows: int, workers: int) -
     assert small_rows.shape == (4, 64) and sorted(small_rows[0]) == list(range(64))
 
 
+@pytest.mark.parametrize(("sizes", "block_rows", "workers"), [((23, 1, 40), 5, 2), ((64,), 64, 3), ((10, 7), 4, 3)])
+def test_workers_stream_equal_row_counts_that_cover_every_row_once(sizes, block_rows: int, workers: int) -> None:
+    parts = [np.zeros((n, 4), np.float16) for n in sizes]
+    shares = exact_module._shares(parts, block_rows, workers)
+    assert len(shares) == min(workers, -(-sum(sizes) // block_rows))
+    covered = [first + i for share in shares for _, _, first, rows in share for i in range(rows)]
+    assert covered == list(range(sum(sizes)))  # each worker's rows in order, the workers one after another
+    counts = [sum(rows for *_, rows in share) for share in shares]
+    assert max(counts) - min(counts) <= 1
+    for share in shares:
+        for matrix, start, _, rows in share:
+            assert 0 < rows <= block_rows and start + rows <= len(matrix)
+
+
 @pytest.mark.parametrize(("block_rows", "workers", "k"), [(50, 1, 10), (37, 2, 5), (4096, 1, 1), (9, 3, 200)])
 def test_single_query_float16_kernel_is_exact(
     block_rows: int, workers: int, k: int, monkeypatch: pytest.MonkeyPatch

@@ -186,7 +186,10 @@ class AugmentConfig:
 
     After the crop (and flip): ``color_jitter`` = s jitters brightness, contrast and saturation by factors drawn
     from [1 - s, 1 + s] (0 = off); ``grayscale`` is the probability of turning the image grey (kept as three
-    equal channels); ``invert`` the probability of inverting it (light drawings on dark, as in MNIST-like data).
+    equal channels); ``invert`` the probability of inverting it (light drawings on dark, as in MNIST-like data);
+    ``low_res`` the probability of a low-resolution view: the crop is shrunk to a side drawn uniformly from
+    ``LOW_RES_SIDES`` pixels and enlarged back, so the picture keeps only that much detail (the look of small
+    thumbnails and 28-pixel datasets such as MNIST).
     """
 
     scale_min: float = 0.8  # RandomResizedCrop area range is (scale_min, 1.0)
@@ -194,6 +197,10 @@ class AugmentConfig:
     color_jitter: float = 0.0
     grayscale: float = 0.0
     invert: float = 0.0
+    low_res: float = 0.0
+
+
+LOW_RES_SIDES = (20, 40)  # AugmentConfig.low_res: the smallest and largest side of a low-resolution view
 
 
 @dataclass(frozen=True)

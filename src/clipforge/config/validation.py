@@ -211,7 +211,7 @@ def _validate_augment(data: DataConfig, prefix: str) -> None:
         raise ConfigError(
             f"{prefix}.augment.scale_min={augment.scale_min} must lie in (0, 1]: the smallest crop area (1 = no crop)"
         )
-    for name in ("color_jitter", "grayscale", "invert"):
+    for name in ("color_jitter", "grayscale", "invert", "low_res"):
         value = getattr(augment, name)
         if not 0 <= value <= 1:
             what = "a jitter strength" if name == "color_jitter" else "a probability"

@@ -70,24 +70,33 @@ def exact_search(
     if unit_rows and on_cpu and float16 and len(queries) == 1 and _fp16_gemv_is_accurate():
         scores, rows = _float16_candidates(matrices, queries[0], k, workers)
     else:
-        spans = _spans(matrices, block_rows)
-        results = _run(lambda share: _scan_float32(share, queries, k, block_rows), spans, workers if on_cpu else 1)
+        shares = _shares(matrices, block_rows, workers if on_cpu else 1)
+        results = _run(lambda share: _scan_float32(share, queries, k, block_rows), shares)
         scores = torch.cat([r[0] for r in results], dim=1).cpu().numpy()
         rows = torch.cat([r[1] for r in results], dim=1).cpu().numpy()
     order = np.lexsort((rows, -scores), axis=1)[:, :k]  # score descending, then row ascending
     return np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1)
 
 
-def _spans(matrices: Sequence[Matrix], block_rows: int) -> list[tuple[Matrix, int, int, int]]:
-    """(matrix, first row of the block in it, first row of the block in the store, rows) for every block."""
-    spans, offset = [], 0
+def _shares(matrices: Sequence[Matrix], block_rows: int, workers: int) -> list[list[tuple[Matrix, int, int, int]]]:
+    """The blocks of each worker: worker ``w`` streams store rows ``[w N / W, (w + 1) N / W)`` in order, cut at
+    part boundaries and into blocks of at most ``block_rows``; each block is (matrix, first row of the block in
+    it, first row of the block in the store, rows). Equal row counts, not equal block counts: with whole blocks
+    dealt out, 1M rows in 64k blocks left one thread 8 blocks and the other 7.3, and the query waits for the
+    slower one."""
+    total = sum(len(matrix) for matrix in matrices)
+    workers = max(1, min(workers, -(-total // block_rows)))
+    bounds = [total * w // workers for w in range(workers + 1)]
+    shares: list[list[tuple[Matrix, int, int, int]]] = [[] for _ in range(workers)]
+    offset = 0
     for matrix in matrices:
-        spans.extend(
-            (matrix, start, offset + start, min(block_rows, len(matrix) - start))
-            for start in range(0, len(matrix), block_rows)
-        )
+        for worker in range(workers):
+            first, last = max(bounds[worker], offset), min(bounds[worker + 1], offset + len(matrix))
+            for start in range(first, last, block_rows):
+                rows = min(block_rows, last - start)
+                shares[worker].append((matrix, start - offset, start, rows))
         offset += len(matrix)
-    return spans
+    return [share for share in shares if share]
 
 
 def _tensor(matrix: Matrix, start: int, rows: int) -> torch.Tensor:
@@ -95,15 +104,14 @@ def _tensor(matrix: Matrix, start: int, rows: int) -> torch.Tensor:
     return torch.from_numpy(block) if isinstance(block, np.ndarray) else block
 
 
-def _run(scan, spans: list, workers: int) -> list:
-    """``scan`` over contiguous shares of ``spans`` (each thread streams through memory in order)."""
-    workers = max(1, min(workers, len(spans)))
-    share = -(-len(spans) // workers)
+def _run(scan, shares: list[list]) -> list:
+    """``scan`` over each worker's share of the blocks, one thread per share (each streams through memory in
+    order), with torch single-threaded inside."""
     with _single_threaded_torch():
-        if workers == 1:
-            return [scan(spans)]
-        with ThreadPoolExecutor(workers) as pool:
-            return list(pool.map(scan, [spans[i : i + share] for i in range(0, len(spans), share)]))
+        if len(shares) == 1:
+            return [scan(shares[0])]
+        with ThreadPoolExecutor(len(shares)) as pool:
+            return list(pool.map(scan, shares))
 
 
 @contextlib.contextmanager
@@ -171,7 +179,8 @@ def _float16_candidates(
     matrices: Sequence[Matrix], query: torch.Tensor, k: int, workers: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """The single-query kernel: float16 candidates, float32 re-scoring. Returns (1, n) scores and rows."""
-    results = _run(lambda share: _scan_float16(share, query.half(), k), _spans(matrices, _FP16_BLOCK_ROWS), workers)
+    shares = _shares(matrices, _FP16_BLOCK_ROWS, workers)
+    results = _run(lambda share: _scan_float16(share, query.half(), k), shares)
     # each share kept the rows within 2B of its own k-th best, which is at most the global one: a superset
     rows = torch.cat([c for _, candidates in results for c in candidates]).numpy()
     # re-score exactly, in float32: the candidates' stored rows, gathered part by part
