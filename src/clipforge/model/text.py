@@ -42,23 +42,35 @@ def pool_tokens(
     (OpenAI's CLIP and open_clip pool so; Hugging Face too when its config says ``eos_token_id == 2``).
     ``last``: the state at position L - 1, padding or not (SigLIP, which pads every text to the full length).
     """
-    rows = torch.arange(hidden.shape[0], device=hidden.device)
-    if pooling == "eot":
-        last = (attention_mask.sum(dim=1) - 1).clamp(min=0).long()  # (B,)
-        return hidden[rows, last]
-    if pooling == "cls":
-        return hidden[:, 0]
     if pooling == "mean":
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
         return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+    positions = pooled_positions(attention_mask, pooling, input_ids, eos_token_id, hidden.shape[1])
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), positions]
+
+
+def pooled_positions(
+    attention_mask: torch.Tensor,
+    pooling: str,
+    input_ids: torch.Tensor | None = None,
+    eos_token_id: int | None = None,
+    length: int | None = None,
+) -> torch.Tensor:
+    """(B,) the position each row's features are read from, for every pooling of :func:`pool_tokens` but
+    ``mean`` (which reads them all); ``length``: the number of positions (default: the mask's)."""
+    length = attention_mask.shape[1] if length is None else length
+    if pooling == "eot":
+        return (attention_mask.sum(dim=1) - 1).clamp(min=0).long()
+    if pooling == "cls":
+        return torch.zeros(attention_mask.shape[0], dtype=torch.long, device=attention_mask.device)
     if pooling == "last":
-        return hidden[:, -1]
+        return torch.full((attention_mask.shape[0],), length - 1, dtype=torch.long, device=attention_mask.device)
     if pooling == "argmax":
-        return hidden[rows, input_ids.argmax(dim=-1)]
+        return input_ids.argmax(dim=-1)
     if pooling == "eos":
         if eos_token_id is None:
             raise ValueError("text pooling='eos' needs the tokenizer's eos_token_id")
-        return hidden[rows, (input_ids == eos_token_id).int().argmax(dim=-1)]
+        return (input_ids == eos_token_id).int().argmax(dim=-1)
     raise ValueError(f"text pooling={pooling!r} is unknown; choose one of {list(POOLINGS)}")
 
 
@@ -133,13 +145,16 @@ class TextTransformer(TransformerTower):
                 f"truncate in the tokenizer or raise model.text.context_length"
             )
         hidden = self.token_embedding(input_ids) + self.positional_embedding[:length]  # (B, L, width)
-        attentions = None
         if return_attention:
             hidden, attentions = self.transformer(hidden, is_causal=self.causal, return_attention=True)
-        else:
+            features = pool_tokens(self.ln_final(hidden), attention_mask, self.pooling, input_ids, self.eos_token_id)
+            return features, attentions
+        if self.pooling == "mean":
             hidden = self.transformer(hidden, is_causal=self.causal)
-        features = pool_tokens(self.ln_final(hidden), attention_mask, self.pooling, input_ids, self.eos_token_id)
-        return (features, attentions) if return_attention else features
+            return pool_tokens(self.ln_final(hidden), attention_mask, self.pooling, input_ids, self.eos_token_id)
+        # one pooled position per row: the last block runs for it alone (Transformer.forward_one_token)
+        positions = pooled_positions(attention_mask, self.pooling, input_ids, self.eos_token_id, length)
+        return self.ln_final(self.transformer.forward_one_token(hidden, positions, is_causal=self.causal))
 
     @property
     def supports_attention_maps(self) -> bool:

@@ -180,6 +180,9 @@ class VisionTransformer(TransformerTower):
         if return_attention:
             tokens, attentions = self.transformer(tokens, return_attention=True)
             return self._pool(tokens), attentions
+        if self.attn_pool is None:  # the class token alone is read: the last block runs for it only
+            class_rows = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
+            return self.ln_post(self.transformer.forward_one_token(tokens, class_rows))
         return self._pool(self.transformer(tokens))
 
     def _pool(self, tokens: torch.Tensor) -> torch.Tensor:

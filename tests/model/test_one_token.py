@@ -1,0 +1,63 @@
+"""The last block of a tower that pools one token runs for that token alone, with the full pass's result."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clipforge.model.text import TextTransformer, pool_tokens
+from clipforge.model.transformer import Transformer
+from clipforge.model.vision import VisionTransformer
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_one_token_of_the_last_block_equals_that_row_of_the_full_pass(is_causal: bool) -> None:
+    torch.manual_seed(0)
+    transformer = Transformer(width=32, depth=3, heads=4).double()
+    x = torch.randn(5, 9, 32, dtype=torch.double, requires_grad=True)
+    rows = torch.tensor([0, 8, 3, 3, 5])
+    full = transformer(x, is_causal=is_causal)[torch.arange(5), rows]
+    one = transformer.forward_one_token(x, rows, is_causal=is_causal)
+    torch.testing.assert_close(one, full, atol=1e-12, rtol=1e-10)
+    # the gradients too, of the input and of every parameter (the last block's query, MLP and output included)
+    weights = torch.randn_like(full)
+    full_grads = torch.autograd.grad((full * weights).sum(), [x, *transformer.parameters()])
+    one_grads = torch.autograd.grad((one * weights).sum(), [x, *transformer.parameters()])
+    for expected, got in zip(full_grads, one_grads, strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-10)
+
+
+def full_text_features(tower: TextTransformer, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The reference: every position through every block, then pool_tokens."""
+    hidden = tower.token_embedding(ids) + tower.positional_embedding[: ids.shape[1]]
+    hidden = tower.ln_final(tower.transformer(hidden, is_causal=tower.causal))
+    return pool_tokens(hidden, mask, tower.pooling, ids, tower.eos_token_id)
+
+
+@pytest.mark.parametrize(
+    ("pooling", "causal"), [("eot", True), ("argmax", True), ("eos", True), ("cls", False), ("last", False)]
+)
+def test_text_tower_pooling_one_token_matches_the_full_pass(pooling: str, causal: bool) -> None:
+    torch.manual_seed(0)
+    tower = TextTransformer(50, 12, 32, 2, 4, pooling=pooling, causal=causal, eos_token_id=49).double().eval()
+    lengths = torch.tensor([12, 3, 7, 1])
+    mask = (torch.arange(12) < lengths[:, None]).long()
+    ids = torch.randint(1, 49, (4, 12)) * mask
+    ids[torch.arange(4), lengths - 1] = 49  # an end-of-text id (the largest) at each text's end
+    torch.testing.assert_close(tower(ids, mask), full_text_features(tower, ids, mask), atol=1e-12, rtol=1e-10)
+    features, attentions = tower(ids, mask, return_attention=True)  # explanations keep the full pass
+    assert len(attentions) == 2 and attentions[0].shape == (4, 4, 12, 12)
+    # that pass takes its softmax in float32 (explicit_attention), hence the float32 tolerance
+    torch.testing.assert_close(features, tower(ids, mask), atol=1e-6, rtol=1e-5)
+
+
+def test_vit_class_token_one_token_matches_the_full_pass() -> None:
+    torch.manual_seed(0)
+    vit = VisionTransformer(image_size=32, patch_size=8, width=32, depth=2, heads=4).double().eval()
+    images = torch.randn(3, 3, 32, 32, dtype=torch.double)
+    features, _ = vit(images, return_attention=True)  # the full pass (explanations need every position)
+    torch.testing.assert_close(vit(images), features, atol=1e-6, rtol=1e-5)  # float32 softmax in that pass
+    tokens = vit.patch_embed(images).flatten(2).transpose(1, 2)
+    tokens = torch.cat([vit.class_embedding.expand(3, 1, -1), tokens], dim=1) + vit.positional_embedding
+    reference = vit.ln_post(vit.transformer(vit.ln_pre(tokens))[:, 0])  # every position through every block
+    torch.testing.assert_close(vit(images), reference, atol=1e-12, rtol=1e-10)
