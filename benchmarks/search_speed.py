@@ -152,7 +152,9 @@ def embedding_throughput(batch_size: int, images: int, recipe: str = "demo-lit",
     from clipforge.data.emoji import EmojiSource
     from clipforge.eval.features import encode_source_images
     from clipforge.model import create_model
+    from clipforge.runtime import keep_freed_memory_in_the_heap
 
+    keep_freed_memory_in_the_heap()  # as `clipforge embed` runs
     config = load_config(recipe)
     model = create_model(config.model, config.loss.kind, vocab_size=config.model.text.tokenizer.vocab_size).eval()
     source = EmojiSource("all")

@@ -20,6 +20,9 @@ the same embeddings on a test batch, so the frameworks run the same function on 
   ``torch.cuda.max_memory_allocated`` (weights, gradients, optimizer state and activations); on the CPU the
   growth of peak RSS (``getrusage(RUSAGE_SELF).ru_maxrss``) from after building the model, optimizer and
   batch to after the steps: gradients, optimizer state, activations and allocator caching.
+- Allocator: both frameworks run in a process with glibc's heap set as every clipforge command sets it
+  (``clipforge.runtime.keep_freed_memory_in_the_heap``: freed blocks are reused, not page-faulted in again);
+  ``--glibc-malloc`` leaves glibc's defaults, to measure what the setting gives each framework.
 - Utilization: model FLOPs per training sample (forward + backward, counted once by ``FlopCounterMode`` on a
   micro-batch) x samples/s, against the measured peak of a square matmul of the same dtype on this device,
   and on a GPU also against the data sheet's dense bf16 peak (``--peak-tflops`` or a lookup by name).
@@ -45,6 +48,7 @@ from pathlib import Path
 
 import torch
 
+from clipforge.runtime import keep_freed_memory_in_the_heap
 from clipforge.version import __version__ as clipforge_version
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -70,7 +74,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 FLOP_MICRO_BATCH = 8
 
 
-def environment(argv: list[str], device: torch.device) -> dict:
+def environment(argv: list[str], device: torch.device, heap_kept: bool | None = None) -> dict:
     import open_clip
 
     return {
@@ -84,6 +88,7 @@ def environment(argv: list[str], device: torch.device) -> dict:
         "torch_threads": torch.get_num_threads(),
         "tf32_matmul": torch.backends.cuda.matmul.allow_tf32 if device.type == "cuda" else None,
         "load_average_before": list(os.getloadavg()),
+        "freed_memory_kept_in_heap": heap_kept,
         "command": " ".join(["python", "benchmarks/vs_open_clip.py", *argv]),
     }
 
@@ -148,6 +153,7 @@ def measure_memory(args: argparse.Namespace, size: str, loss: str, precision: st
         sys.executable, __file__, "--memory-worker", framework, "--size", size, "--loss", loss,
         "--precision", precision, "--batch", str(args.batch), "--threads", str(args.threads),
         "--device", args.device, "--memory-steps", str(args.memory_steps),
+        *(["--glibc-malloc"] if args.glibc_malloc else []),
     ]  # fmt: skip
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=args.memory_timeout)
@@ -187,11 +193,18 @@ def run_configuration(
     row["flops_per_sample"] = {side.name: flops_per_sample(side, micro) for side in sides}
     row["first_step_loss"] = warm_up(sides, args.warmup)
     row["train"] = alternate(sides, "train_step", args.rounds, args.steps, args.batch, sync)
-    model_flops = row["flops_per_sample"]["clipforge"]  # the model's FLOPs; both counts are printed
+    # the model's FLOPs: the full computation (the larger count; clipforge skips the last block's unread
+    # positions, so its own count is lower): utilization in the MFU sense, the same numerator for both sides
+    model_flops = max(row["flops_per_sample"].values())
     rates = row["train"]["median_samples_per_second"]
     row["train"]["model_gflop_per_second"] = {name: model_flops * rate / 1e9 for name, rate in rates.items()}
     row["train"]["utilization_vs_measured_matmul"] = {
         name: model_flops * rate / (peaks["measured_gflops"][precision] * 1e9) for name, rate in rates.items()
+    }
+    # what each side actually ran: its own FLOP count x its rate
+    row["train"]["executed_utilization_vs_measured_matmul"] = {
+        name: row["flops_per_sample"][name] * rate / (peaks["measured_gflops"][precision] * 1e9)
+        for name, rate in rates.items()
     }
     if peaks.get("datasheet_bf16_tflops") and precision == "bf16":
         row["train"]["utilization_vs_datasheet"] = {
@@ -321,7 +334,10 @@ def summary_lines(rows: list[dict], device: torch.device) -> list[str]:
         else ("the measured matmul peak of the same dtype")
     )
     memory = "peak max_memory_allocated" if device.type == "cuda" else "peak-RSS growth over the steps"
-    lines.append(f"util: model FLOPs x samples/s / {basis}; MiB: {memory}, each framework alone in a fresh process")
+    lines.append(
+        f"util: model FLOPs (the full model's count, the same for both) x samples/s / {basis}; MiB: {memory}, "
+        "each framework alone in a fresh process"
+    )
     return lines
 
 
@@ -350,6 +366,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="micro model, one round: checks the script (seconds)")
     parser.add_argument("--json", type=Path, default=None, help="also write every result here")
     parser.add_argument("--force", action="store_true", help="replace an existing --json file")
+    parser.add_argument("--glibc-malloc", action="store_true",
+                        help="leave glibc's allocator at its defaults (by default both frameworks run with the "
+                        "heap setting clipforge's commands use: clipforge.runtime.keep_freed_memory_in_the_heap)")  # fmt: skip
     parser.add_argument("--memory-worker", choices=["clipforge", "open_clip"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.json is not None and args.json.exists() and not args.force:
@@ -393,13 +412,15 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit("vs_open_clip.py needs open_clip: pip install open_clip_torch (the dev extra has it)")
     device = resolve_defaults(args)
     torch.set_num_threads(args.threads)
+    # the process-wide allocator setting `clipforge train` and every clipforge command make, for both sides
+    args.heap_kept = False if args.glibc_malloc else keep_freed_memory_in_the_heap()
     if device.type == "cuda":  # as open_clip_train's main.py sets it, for both frameworks
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if args.memory_worker:
         memory_worker(args, device)
         return
-    env = environment(argv, device)
+    env = environment(argv, device, args.heap_kept)
     bf16_note = None
     if device.type == "cpu" and "bf16" in args.precision:
         bf16_ok, bf16_note = cpu_bf16_report()

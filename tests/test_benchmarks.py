@@ -94,7 +94,9 @@ def test_vs_open_clip_measures_memory_in_a_fresh_process():
 
     import vs_open_clip
 
-    options = argparse.Namespace(batch=8, threads=1, device="cpu", memory_steps=1, memory_timeout=300.0)
+    options = argparse.Namespace(
+        batch=8, threads=1, device="cpu", memory_steps=1, memory_timeout=300.0, glibc_malloc=False
+    )
     memory = vs_open_clip.measure_memory(options, "smoke", "clip", "fp32", "clipforge")
     assert "error" not in memory, memory
     assert memory["framework"] == "clipforge" and memory["method"].startswith("peak RSS")

@@ -15,6 +15,7 @@ import sys
 
 from clipforge.commands import MODULES
 from clipforge.commands.common import USER_ERRORS
+from clipforge.runtime import keep_freed_memory_in_the_heap
 from clipforge.version import __version__
 
 
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run one command; a user's mistake prints one line and returns 2, success returns 0."""
     args = build_parser().parse_args(argv)
+    keep_freed_memory_in_the_heap()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         args.run(args)

@@ -61,3 +61,36 @@ def test_vit_class_token_one_token_matches_the_full_pass() -> None:
     tokens = torch.cat([vit.class_embedding.expand(3, 1, -1), tokens], dim=1) + vit.positional_embedding
     reference = vit.ln_post(vit.transformer(vit.ln_pre(tokens))[:, 0])  # every position through every block
     torch.testing.assert_close(vit(images), reference, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("activation", [None, "gelu", "gelu_tanh"])
+def test_fused_linear_equals_linear_then_activation_and_only_runs_in_cpu_float32_inference(activation) -> None:
+    from clipforge.model.transformer import build_activation, fused_linear
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(48, 96)
+    x = torch.randn(3, 7, 48)
+    reference = layer(x) if activation is None else build_activation(activation)(layer(x))
+    with torch.inference_mode():
+        fused = fused_linear(x, layer.weight, layer.bias, activation)
+    if fused is None:
+        pytest.skip("this torch build has no oneDNN linear: the plain path runs")
+    torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
+    assert fused_linear(x, layer.weight, layer.bias, activation) is None  # autograd on: the plain path
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fused_linear(x, layer.weight, layer.bias, activation) is None  # autocast decides the dtype
+    with torch.inference_mode():
+        assert fused_linear(x.double(), layer.weight.double(), layer.bias.double(), activation) is None
+        assert fused_linear(x, layer.weight, layer.bias, "quick_gelu") is None  # no oneDNN form
+
+
+def test_built_in_blocks_give_the_same_embeddings_in_inference_as_with_autograd() -> None:
+    """Inference goes through oneDNN's fused linears, training through torch's: the same function."""
+    torch.manual_seed(0)
+    for act in ("gelu", "gelu_tanh", "quick_gelu"):
+        transformer = Transformer(width=32, depth=2, heads=4, act=act)
+        x = torch.randn(4, 9, 32)
+        with torch.no_grad():
+            plain = transformer(x.requires_grad_())  # no_grad: fused path; compare with autograd below
+        trained = transformer(x.detach().requires_grad_())
+        torch.testing.assert_close(plain, trained.detach(), atol=1e-5, rtol=1e-5)

@@ -48,7 +48,14 @@ from clipforge.interop.load import InitialModel, init_model
 from clipforge.losses import build_loss
 from clipforge.model import CLIPModel, resolve_image_preprocess
 from clipforge.model.registry import MAX_LOGIT_SCALE
-from clipforge.runtime import autocast_context, resolve_device, rng_state, seed_everything, set_rng_state
+from clipforge.runtime import (
+    autocast_context,
+    keep_freed_memory_in_the_heap,
+    resolve_device,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 from clipforge.train import preflight, resume, run_dir
 from clipforge.train.cache_features import build_feature_cache
 from clipforge.train.evaluation import TrainingEvaluator
@@ -112,7 +119,9 @@ def train(config: Config, resume: str | Path | None = None, overwrite: bool = Fa
 
     ``train.output_dir`` holding a run (``last.pt`` or ``metrics.jsonl``) is refused unless ``resume`` continues
     it or ``overwrite`` is set: then that run's checkpoints and logs are removed first (``clipforge.train.run_dir``).
+    On Linux it also sets the process's allocator to keep freed blocks (``keep_freed_memory_in_the_heap``).
     """
+    keep_freed_memory_in_the_heap()
     context = init_distributed(resolve_device(config.train.device))
     try:
         result = _train(config, resume, overwrite, context)
