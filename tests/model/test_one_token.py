@@ -65,7 +65,8 @@ def test_vit_class_token_one_token_matches_the_full_pass() -> None:
 
 @pytest.mark.parametrize("activation", [None, "gelu", "gelu_tanh"])
 def test_fused_linear_equals_linear_then_activation_and_only_runs_in_cpu_float32_inference(activation) -> None:
-    from clipforge.model.transformer import build_activation, fused_linear
+    from clipforge.model.cpu_kernels import fused_linear
+    from clipforge.model.transformer import build_activation
 
     torch.manual_seed(0)
     layer = torch.nn.Linear(48, 96)
@@ -94,3 +95,24 @@ def test_built_in_blocks_give_the_same_embeddings_in_inference_as_with_autograd(
             plain = transformer(x.requires_grad_())  # no_grad: fused path; compare with autograd below
         trained = transformer(x.detach().requires_grad_())
         torch.testing.assert_close(plain, trained.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_onednn_linear_gradients_equal_torch_linear() -> None:
+    """cpu_kernels.linear in training: the same output and gradients (input, weight, bias) as F.linear."""
+    from clipforge.model.cpu_kernels import linear
+
+    torch.manual_seed(0)
+    weight = torch.randn(24, 16, requires_grad=True)
+    bias = torch.randn(24, requires_grad=True)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    upstream = torch.randn(3, 5, 24)
+    results = []
+    for function in (linear, torch.nn.functional.linear):
+        out = function(x, weight, bias)
+        grads = torch.autograd.grad((out * upstream).sum(), [x, weight, bias])
+        results.append((out, *grads))
+    for got, expected in zip(*results, strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    frozen = linear(x, weight.detach(), None)  # a locked layer: only the input's gradient
+    (input_grad,) = torch.autograd.grad((frozen * upstream).sum(), [x])
+    torch.testing.assert_close(input_grad, upstream @ weight.detach(), atol=1e-5, rtol=1e-5)

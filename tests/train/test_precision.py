@@ -15,7 +15,7 @@ from tests.train.test_gradcache import random_batch, tiny_model
 def test_bf16_autocast_step_keeps_float32_master_weights_and_loss(loss_kind: str, accumulation_steps: int) -> None:
     config, model = tiny_model(loss_kind)
     tower_outputs = []
-    hook = model.image_tower.transformer.blocks[0].mlp.fc1.register_forward_hook(
+    hook = model.image_tower.transformer.blocks[0].mlp.register_forward_hook(
         lambda module, args, output: tower_outputs.append(output.dtype)
     )
     autocast = autocast_context(torch.device("cpu"), "bf16")

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipforge.model import CLIPModel
+from clipforge.model.towers import TransformerTower
 
 
 def _contains_conv(module: nn.Module) -> bool:
@@ -69,7 +70,8 @@ def last_conv_block(tower: nn.Module, images: torch.Tensor) -> tuple[nn.Module, 
         )
     block, activation = recorder.blocks[-1]
     after = recorder.leaves[max(i for i, m in enumerate(recorder.leaves) if m is block) + 1 :]
-    if any(isinstance(module, nn.Linear) for module in after):
+    # the built-in transformers run their linears through clipforge.model.cpu_kernels, not the modules' hooks
+    if isinstance(tower, TransformerTower) or any(isinstance(module, nn.Linear) for module in after):
         raise ValueError(
             f"{type(tower).__name__} runs Linear layers after its last convolution ({type(block).__name__}): it is "
             "not a CNN, so Grad-CAM would explain its patch embedding only; use a CNN tower, or the built-in ViT"

@@ -14,13 +14,14 @@ mask is added to the scores (0 = keep, -inf = block). Masks broadcast to (batch,
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from clipforge.model.cpu_kernels import ONEDNN_ACTIVATIONS, apply_linear, fused_linear, linear
 
 
 def causal_mask(length: int, device: torch.device | None = None) -> torch.Tensor:
@@ -57,64 +58,6 @@ def explicit_attention(
     # softmax in float32: half-precision exp over long rows loses the small weights rollout multiplies
     weights = scores.float().softmax(dim=-1).to(query.dtype)
     return weights @ value, weights
-
-
-# oneDNN's name for each fusable activation: (attr, algorithm) of torch.ops.mkldnn._linear_pointwise
-_ONEDNN_ACTIVATIONS = {None: ("none", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh")}
-
-
-@functools.cache
-def _onednn_linear_available() -> bool:
-    try:
-        op = torch.ops.mkldnn._linear_pointwise
-        with torch.inference_mode():
-            op(torch.ones(1, 2), torch.ones(3, 2), torch.zeros(3), "none", [], "")
-    except (AttributeError, RuntimeError):  # a build without oneDNN, or without the op
-        return False
-    return torch.backends.mkldnn.is_available()
-
-
-def _tracing() -> bool:
-    """Inside torch.compile, torch.export (ONNX) or TorchScript tracing: graphs keep the portable ops."""
-    exporting = getattr(torch.compiler, "is_exporting", lambda: False)
-    return torch.compiler.is_compiling() or exporting() or torch.jit.is_tracing()
-
-
-def fused_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None
-) -> torch.Tensor | None:
-    """``activation(F.linear(x, weight, bias))`` through oneDNN's linear with the bias and activation fused
-    (``activation``: None, ``gelu`` or ``gelu_tanh``), or None when that kernel does not apply here.
-
-    It applies on the CPU to float32 inputs without autograd, autocast or graph capture (inference: embedding,
-    evaluation, the feature cache; exported and compiled graphs keep ``F.linear``). Why: torch's float32 CPU matmul goes through MKL, which on this AMD CPU runs
-    a (4160 x 256) @ (256 x 1024) linear at ~170 GFLOP/s and then copies the bias and runs GELU as separate
-    passes over the output; oneDNN's kernel ran the same linear 1.9x faster and linear + GELU 4.2x faster
-    (benchmarks/README.md), with the same values up to float32 rounding (2.6e-6 here).
-    """
-    if (
-        x.device.type != "cpu"
-        or x.dtype != torch.float32
-        or weight.dtype != torch.float32
-        or torch.is_grad_enabled()
-        or torch.is_autocast_enabled("cpu")
-        or _tracing()
-        or activation not in _ONEDNN_ACTIVATIONS
-        or not _onednn_linear_available()
-    ):
-        return None
-    attr, algorithm = _ONEDNN_ACTIVATIONS[activation]
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [], algorithm)
-
-
-def apply_linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
-    """``layer(x)``, through :func:`fused_linear` where it applies."""
-    return _linear(x, layer.weight, layer.bias)
-
-
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    fused = fused_linear(x, weight, bias)
-    return F.linear(x, weight, bias) if fused is None else fused
 
 
 class MultiheadSelfAttention(nn.Module):
@@ -169,8 +112,8 @@ class MultiheadSelfAttention(nn.Module):
         query_weight, key_value_weight = self.qkv.weight.split([width, 2 * width])
         query_bias, key_value_bias = self.qkv.bias.split([width, 2 * width])
         picked = x[torch.arange(batch, device=x.device), rows]  # (B, width)
-        query = _linear(picked, query_weight, query_bias).view(batch, self.heads, 1, self.head_dim)
-        key_value = _linear(x, key_value_weight, key_value_bias).view(batch, length, 2, self.heads, self.head_dim)
+        query = linear(picked, query_weight, query_bias).view(batch, self.heads, 1, self.head_dim)
+        key_value = linear(x, key_value_weight, key_value_bias).view(batch, length, 2, self.heads, self.head_dim)
         key, value = key_value.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, T, head_dim)
         mask = None
         if is_causal:  # (B, 1, 1, T): True where the key's position is at most the query's
@@ -217,11 +160,11 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # in inference on the CPU, fc1's bias and GELU fuse into one oneDNN kernel (fused_linear); QuickGELU
-        # has no oneDNN form and runs after it
-        fusable = self.act_name in _ONEDNN_ACTIVATIONS
+        # has no oneDNN form and runs after it; in training the products are oneDNN's (cpu_kernels.linear)
+        fusable = self.act_name in ONEDNN_ACTIVATIONS
         hidden = fused_linear(x, self.fc1.weight, self.fc1.bias, self.act_name if fusable else None)
         if hidden is None:
-            hidden = self.act(self.fc1(x))
+            hidden = self.act(apply_linear(x, self.fc1))
         elif not fusable:
             hidden = self.act(hidden)
         return apply_linear(hidden, self.fc2)
@@ -358,9 +301,9 @@ class AttentionPool(nn.Module):
         self.norm = nn.LayerNorm(width, eps=norm_eps)
         self.mlp = MLP(width, mlp_ratio, act)
         nn.init.normal_(self.probe, std=0.02)
-        for linear in (self.qkv, self.out_proj, self.mlp.fc1, self.mlp.fc2):
-            nn.init.trunc_normal_(linear.weight, std=0.02)
-            nn.init.zeros_(linear.bias)
+        for layer in (self.qkv, self.out_proj, self.mlp.fc1, self.mlp.fc2):
+            nn.init.trunc_normal_(layer.weight, std=0.02)
+            nn.init.zeros_(layer.bias)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, T, width) -> features (B, width)."""
