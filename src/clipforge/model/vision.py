@@ -246,8 +246,9 @@ class BackboneTower(Tower):
     per block); torchvision models have none. The backbone is one FSDP unit and has no attention maps.
 
     A convolutional backbone (more than one ``Conv2d``; a ViT's patch embedding is one) gets its images in
-    channels-last layout: oneDNN and cuDNN then run every convolution in NHWC, which on the CPU made
-    EfficientNet-Lite0 forwards ~1.25x faster (benchmarks/README.md). Only the input is converted; the weights
+    channels-last layout: oneDNN and cuDNN then run every convolution in NHWC. On the CPU, EfficientNet-Lite0
+    embedding ran 1.01-1.14x faster with it (1.4-2.2x with glibc's default heap, whose page faults hit the NCHW
+    path harder; benchmarks/README.md). Only the input is converted; the weights
     keep their layout, so state dicts, FSDP's flattening and checkpoints are as before, and the values are the
     same up to float rounding.
     """
