@@ -141,3 +141,16 @@ def test_the_corpus_note_says_what_the_run_trained_on() -> None:
     )
     emoji_only = corpus_note(load_config("demo").data, sources)
     assert emoji_only == "(corpus: clipart, flags, twemoji, icons: never trained on)"
+
+
+def test_the_demo_asks_only_for_the_packages_of_its_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Weights outside the demo extra (tried, not adopted) are never a reason to refuse the demo."""
+    import clipforge.demo as demo_module
+    from clipforge.packaged import PackagedWeights
+
+    inside = PackagedWeights("in-extra", "in-extra-pkg", "no_such_module_a", lambda m: m, "in_order", "-")
+    outside = PackagedWeights("outside", "outside-pkg", "no_such_module_b", lambda m: m, "in_order", "-", False)
+    monkeypatch.setitem(demo_module.PACKAGED_WEIGHTS, "in-extra", inside)
+    monkeypatch.setitem(demo_module.PACKAGED_WEIGHTS, "outside", outside)
+    missing = demo_module.missing_demo_packages()
+    assert "in-extra-pkg" in missing and "outside-pkg" not in missing

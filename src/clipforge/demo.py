@@ -266,7 +266,8 @@ def format_report(
 
 def missing_demo_packages() -> list[str]:
     """The pip packages of the ``demo`` extra (the pretrained towers of the default recipe) not installed here."""
-    return [entry.pip_name for entry in PACKAGED_WEIGHTS.values() if not packaged_available(entry.name)]
+    extra = [entry for entry in PACKAGED_WEIGHTS.values() if entry.in_extra]
+    return [entry.pip_name for entry in extra if not packaged_available(entry.name)]
 
 
 def train_demo(
