@@ -35,6 +35,7 @@ class ColourTokenizer:
     """Words -> ids: a colour word gets its own id, any other word 0. Same call signature as ``Tokenizer``."""
 
     pad_token_id = 0
+    padding = "longest"  # right-padded to the longest text of the call, as ``Tokenizer.padding`` says
     vocab_size = len(WORD_IDS) + 1
 
     def __call__(self, texts: Sequence[str], context_length: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -72,3 +72,17 @@ def test_a_real_text_tower_gives_each_text_its_own_embedding(tmp_path: Path) -> 
 
 def test_no_texts() -> None:
     assert encode_text_batches(RecordingSum(), train_bpe_tokenizer(TEXTS, 300), [], 32, 4).numel() == 0
+
+
+def test_windows_of_texts_are_sorted_apart_and_come_back_in_order(monkeypatch) -> None:
+    """Texts beyond one window (SORT_WINDOW) are tokenized and sorted window by window; the rows still
+    follow the input order, each equal to the text encoded alone."""
+    import clipforge.eval.features as features_module
+
+    monkeypatch.setattr(features_module, "SORT_WINDOW", 3)
+    tokenizer = train_bpe_tokenizer(TEXTS * 4, vocab_size=300)
+    encode = RecordingSum()
+    rows = encode_text_batches(encode, tokenizer, TEXTS, context_length=32, batch_size=2)
+    alone = torch.cat([RecordingSum()(*tokenizer([text], 32)) for text in TEXTS])
+    assert torch.equal(rows, alone)
+    assert [batch_rows for batch_rows, _ in encode.shapes] == [2, 1, 2, 1, 1]  # windows of 3, 3, 1
