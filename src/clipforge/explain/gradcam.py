@@ -8,8 +8,10 @@ place of a class score. With ``A`` the (C, h, w) output of the tower's last conv
 
 The block is found by module type, not by name: among the modules that contain an ``nn.Conv2d``, the last
 one to finish in the forward pass whose output is a (B, C, h, w) map with h * w > 1 (for a ResNet that is
-``layer4``, for ConvNeXt/EfficientNet their last stage). A tower that still runs ``nn.Linear`` layers after
-it (a ViT, whose only convolution is the patch embedding) is not a CNN, and is refused.
+``layer4``, for ConvNeXt/EfficientNet their last stage). A tower that still runs modules holding ``nn.Linear``
+layers after it (a ViT, whose only convolution is the patch embedding) is not a CNN, and is refused; modules,
+not only ``nn.Linear`` calls, since a block may apply its linears' weights functionally (clipforge's own
+transformer blocks do, through ``clipforge.model.cpu_kernels``).
 """
 
 from __future__ import annotations
@@ -19,33 +21,36 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipforge.model import CLIPModel
-from clipforge.model.towers import TransformerTower
 
 
 def _contains_conv(module: nn.Module) -> bool:
     return any(isinstance(child, nn.Conv2d) for child in module.modules())
 
 
+def _runs_linear_layers_beside(module: nn.Module, block: nn.Module) -> bool:
+    """``module`` holds an ``nn.Linear`` and is not ``block`` or one of the modules that contain it."""
+    inner = list(module.modules())
+    return any(isinstance(child, nn.Linear) for child in inner) and not any(child is block for child in inner)
+
+
 class _Recorder:
-    """Forward hooks that note, in order of completion, conv-block outputs and leaf modules."""
+    """Forward hooks that note, in order of completion, conv-block outputs and every module that ran."""
 
     def __init__(self, tower: nn.Module) -> None:
         self.blocks: list[tuple[nn.Module, torch.Tensor]] = []  # (module, its 4-D output)
-        self.leaves: list[nn.Module] = []  # every leaf module, in the order it ran
+        self.finished: list[nn.Module] = []  # every module, in the order it finished
         self.handles = []
         for module in tower.modules():
             if _contains_conv(module):
                 self.handles.append(module.register_forward_hook(self._block_hook))
-            if not any(True for _ in module.children()):
-                self.handles.append(module.register_forward_hook(self._leaf_hook))
+            self.handles.append(module.register_forward_hook(self._finished_hook))
 
     def _block_hook(self, module: nn.Module, inputs, output) -> None:
         if isinstance(output, torch.Tensor) and output.ndim == 4 and output.shape[-1] * output.shape[-2] > 1:
             self.blocks.append((module, output))
-            self.leaves.append(module)  # marks the position of this block in the leaf order
 
-    def _leaf_hook(self, module: nn.Module, inputs, output) -> None:
-        self.leaves.append(module)
+    def _finished_hook(self, module: nn.Module, inputs, output) -> None:
+        self.finished.append(module)
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -55,8 +60,8 @@ class _Recorder:
 def last_conv_block(tower: nn.Module, images: torch.Tensor) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """Run ``tower`` on ``images`` and return (its last conv block, that block's output, the tower's output).
 
-    Raises ``ValueError`` when the tower has no convolutional block with a spatial map, or runs ``nn.Linear``
-    layers after its last one (not a CNN).
+    Raises ``ValueError`` when the tower has no convolutional block with a spatial map, or runs modules holding
+    ``nn.Linear`` layers after its last one (not a CNN).
     """
     recorder = _Recorder(tower)
     try:
@@ -69,9 +74,8 @@ def last_conv_block(tower: nn.Module, images: torch.Tensor) -> tuple[nn.Module, 
             f"(input {tuple(images.shape)}; a larger image may help)"
         )
     block, activation = recorder.blocks[-1]
-    after = recorder.leaves[max(i for i, m in enumerate(recorder.leaves) if m is block) + 1 :]
-    # the built-in transformers run their linears through clipforge.model.cpu_kernels, not the modules' hooks
-    if isinstance(tower, TransformerTower) or any(isinstance(module, nn.Linear) for module in after):
+    after = recorder.finished[max(i for i, m in enumerate(recorder.finished) if m is block) + 1 :]
+    if any(_runs_linear_layers_beside(module, block) for module in after):
         raise ValueError(
             f"{type(tower).__name__} runs Linear layers after its last convolution ({type(block).__name__}): it is "
             "not a CNN, so Grad-CAM would explain its patch embedding only; use a CNN tower, or the built-in ViT"
