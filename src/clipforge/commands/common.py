@@ -9,13 +9,15 @@ from collections.abc import Iterator
 from clipforge.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
 from clipforge.config import ConfigError
 from clipforge.data.base import DataError, ImageLoadError
+from clipforge.packaged import MissingPackageError
 from clipforge.runtime import resolve_device
 
 DEVICE_HELP = "auto | cpu | cuda | cuda:N"
 CHECKPOINT_HELP = "a run's last.pt, best.pt or step_<N>.pt (or a checkpoint written by clipforge import)"
 
 # what a user's mistake raises anywhere below the command line; each is printed as one line, exit code 2
-USER_ERRORS = (ConfigError, CheckpointError, DataError, FileNotFoundError, FileExistsError)
+# (MissingPackageError: weights named package:<name> whose pip package is not installed; it names the install)
+USER_ERRORS = (ConfigError, CheckpointError, DataError, FileNotFoundError, FileExistsError, MissingPackageError)
 
 
 @contextlib.contextmanager
