@@ -162,6 +162,29 @@ TRIALS.update(SIXTH)
 LITE2 = {"image": {"name": "tf_efficientnet_lite2", "pretrained": "package:efficientnet-lite2"}}
 SEVENTH: dict[str, dict[str, Any]] = {"shipped-lite2": {**SHIPPED, "model": LITE2}}
 TRIALS.update(SEVENTH)
+# eighth round: caption templates (data.caption_templates) on the emoji and clip art captions, so that prompted
+# queries ("a photo of a {}.") meet captions of their own form; generic wordings only, none of an evaluation's
+
+
+def shipped_with_templates(*templates: str) -> dict[str, Any]:
+    """The shipped recipe with ``templates`` on its emoji and clip art entries (flags keep their names)."""
+    entries = [
+        {**entry, "caption_templates": list(templates)}
+        if entry["kind"] != "corpus" or entry["name"] == "clipart"
+        else entry
+        for entry in SHIPPED["data"]["mix"]
+    ]
+    return {**SHIPPED, "data": {**SHIPPED["data"], "mix": entries}}
+
+
+EIGHTH: dict[str, dict[str, Any]] = {
+    "shipped-tpl1": shipped_with_templates("a picture of {}."),
+    "shipped-tpl2": shipped_with_templates("a picture of {}.", "a drawing of {}."),
+    "shipped-tpl4": shipped_with_templates(
+        "a picture of {}.", "a drawing of {}.", "an illustration of {}.", "an image of {}."
+    ),
+}
+TRIALS.update(EIGHTH)
 
 
 def merged(base: dict, changes: dict) -> dict:

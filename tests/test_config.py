@@ -107,3 +107,15 @@ def test_an_empty_config_file_is_refused_not_trained_with_defaults(tmp_path: Pat
     empty.write_text("# nothing here yet\n")
     with pytest.raises(ConfigError, match="empty.yaml is empty: a config needs its sections"):
         load_config(empty)
+
+
+def test_caption_templates_are_checked_before_anything_runs() -> None:
+    assert load_config(None, ['data.caption_templates=["a drawing of {}."]']).data.caption_templates == [
+        "a drawing of {}."
+    ]
+    with pytest.raises(ConfigError, match=r"data.caption_templates: template 0 'a drawing' has no '\{\}'"):
+        load_config(None, ['data.caption_templates=["a drawing"]'])
+    with pytest.raises(ConfigError, match=r"data.mix\[0\].caption_templates.*one class name"):
+        config_from_dict({"data": {"kind": "mix", "mix": [{"kind": "emoji", "caption_templates": ["{} and {}"]}]}})
+    with pytest.raises(ConfigError, match="shards stream their captions"):
+        load_config(None, ["data.kind=webdataset", "data.path=x.tar", 'data.caption_templates=["a {}"]'])

@@ -164,3 +164,23 @@ def test_a_mix_with_other_weights_reads_the_same_cache_entries(shapes_manifest: 
     assert len(image_entries) == 1 and len(text_entries) == 1
     train(mixed("b", (3.0, 0.5), sampling="cycle"))  # how samples are drawn changes, not which exist
     assert entries(shared, "image") == image_entries and entries(shared, "text") == text_entries
+
+
+def test_caption_templates_add_captions_and_keep_the_image_entry(shapes_manifest: Path, tmp_path: Path) -> None:
+    shared = tmp_path / "shared-cache"
+    train(locked_config(shapes_manifest, tmp_path / "a", data={"feature_cache": str(shared)}, train={"steps": 2}))
+    image_entries, text_entries = entries(shared, "image"), entries(shared, "text")
+    templates = ["a drawing of {}.", "{} on a plain background"]
+    data = {"feature_cache": str(shared), "caption_templates": templates}
+    config = locked_config(shapes_manifest, tmp_path / "b", data=data, train={"steps": 2})
+    train(config)
+    # the captions changed, the images did not: the image features are read again, the captions' are new
+    assert entries(shared, "image") == image_entries
+    assert len(entries(shared, "text")) == 2 and text_entries[0] in entries(shared, "text")
+    bare, templated = build_source(locked_config(shapes_manifest, tmp_path / "c").data), build_source(config.data)
+    for index in range(len(bare)):
+        originals = bare.captions(index)
+        expected = originals + [t.format(c) for t in templates for c in originals]
+        assert templated.captions(index) == expected
+        assert templated.describe(index) == bare.describe(index)
+    assert templated.classnames == bare.classnames  # everything but the captions is the source's own

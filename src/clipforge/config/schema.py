@@ -266,6 +266,11 @@ class DataConfig:
       adds each emoji's CLDR keywords as a second caption.
     - ``mix``: the sources listed in ``mix``, sampled in proportion to their ``weight``.
 
+    ``caption_templates``: ``str.format`` templates with one ``{}`` (e.g. ``"a drawing of {}."``); each caption
+    ``c`` of the source is then also offered as ``t.format(c)`` for every template ``t``, so a sampled caption
+    is the bare one with probability ``1 / (1 + len(caption_templates))``. Prompted queries ("a photo of a
+    dress.") then meet captions of their own form in training, not bare names only.
+
     ``image_column``, ``caption_column``, ``label_column``: the column names of ``manifest`` (CSV/TSV header
     names, JSONL keys; in JSONL the caption key's plural, e.g. ``captions``, may hold a list) and ``hf``
     (Arrow columns). ``num_workers``: loader worker processes (0 = load in the main process).
@@ -290,6 +295,7 @@ class DataConfig:
     caption_column: str = "caption"
     label_column: str = "label"
     caption_sampling: Literal["random", "cycle"] = "random"
+    caption_templates: list[str] = field(default_factory=list)
     # webdataset only
     epoch_size: int | None = None
     shuffle_buffer: int = 1000

@@ -16,6 +16,7 @@ from clipforge.config.schema import (
     ImageTowerConfig,
     TextTowerConfig,
 )
+from clipforge.config.templates import validate_templates
 
 
 def validate(config: Config) -> None:
@@ -189,6 +190,16 @@ def validate_data(data: DataConfig, prefix: str) -> None:
     if data.cached_views < 0:
         raise ConfigError(f"{prefix}.cached_views={data.cached_views} must be >= 0 (0 = cache no random views)")
     _validate_augment(data, prefix)
+    if data.caption_templates:
+        if data.kind == "webdataset":
+            raise ConfigError(
+                f"{prefix}.caption_templates: shards stream their captions as stored; write the templated captions "
+                "into the shards (clipforge data pack) or use a map-style source"
+            )
+        try:
+            validate_templates(data.caption_templates)
+        except ValueError as error:
+            raise ConfigError(f"{prefix}.caption_templates: {error}") from None
     if data.kind == "mix":
         if not data.mix:
             raise ConfigError(f"{prefix}.kind='mix' needs {prefix}.mix: a list of sources, each with a weight")

@@ -7,9 +7,13 @@ is built, and the import-time check below keeps the two tables to the same kinds
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from PIL import Image
 
 from clipforge.config import DATA_KINDS, DataConfig
+from clipforge.config.templates import validate_templates
 from clipforge.data.base import DataError, ImageTextSource
 from clipforge.data.captioned import read_coco, read_flickr
 from clipforge.data.classification import ImageFolderSource, read_cifar, read_idx
@@ -21,6 +25,34 @@ from clipforge.data.manifest import ManifestColumns, ManifestSource
 from clipforge.data.mix import MixSource
 from clipforge.data.shards import ShardSource
 from clipforge.data.torchvision_datasets import TorchvisionSource
+
+
+class TemplatedCaptions:
+    """``source`` with each caption ``c`` also offered as ``t.format(c)`` for each of ``templates``
+    (``data.caption_templates``): image ``i`` has the captions ``originals + [t.format(c) for t in templates
+    for c in originals]``. Everything else (images, labels, a mix's sample weights) is the source's own."""
+
+    def __init__(self, source: ImageTextSource, templates: Sequence[str]) -> None:
+        self.source = source
+        self.templates = validate_templates(templates)
+
+    def __getattr__(self, name: str) -> Any:  # labels, classnames, sample_weights ...: the wrapped source's
+        if name == "source":  # not set yet (unpickling): no recursion through __getattr__
+            raise AttributeError(name)
+        return getattr(self.source, name)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def load_image(self, index: int) -> Image.Image:
+        return self.source.load_image(index)
+
+    def captions(self, index: int) -> list[str]:
+        originals = self.source.captions(index)
+        return originals + [template.format(caption) for template in self.templates for caption in originals]
+
+    def describe(self, index: int) -> str:
+        return self.source.describe(index)
 
 
 def _build_mix(config: DataConfig) -> ImageTextSource:
@@ -66,4 +98,7 @@ def build_source(config: DataConfig) -> ImageTextSource:
         # each source reads its data.path first and would find a wrong image_root only after parsing it
         # (minutes for a large annotation file): a missing folder is named before anything is read
         require_dir(config.image_root, config.kind, "data.image_root: the folder holding the images")
-    return builder(config)
+    source = builder(config)
+    if config.caption_templates and not isinstance(source, ShardSource):  # validation refuses shards
+        return TemplatedCaptions(source, config.caption_templates)
+    return source

@@ -12,6 +12,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from clipforge.config.templates import validate_templates
+
 __all__ = ["TEMPLATE_SETS", "get_templates", "load_classnames", "validate_templates"]
 
 # The 80 ImageNet prompt templates. Source: Radford et al. 2021, "Learning Transferable Visual Models From
@@ -156,39 +158,6 @@ TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
     "stl10": tuple(_STL10),
 }
 """Named template sets for :func:`get_templates`. Tuples, so a caller cannot edit the shared set in place."""
-
-
-def validate_templates(templates: Sequence[str]) -> list[str]:
-    """Check a list of templates and return it with CLIP_benchmark's ``{c}`` rewritten to ``{}``.
-
-    Each template must be a string that formats with exactly one class name: one ``{}`` (or ``{c}``), other
-    literal braces doubled (``{{``). Raises ``ValueError`` naming the first bad template otherwise.
-    """
-    if isinstance(templates, str):
-        raise ValueError(f"expected a list of templates, got the single string {templates!r}; wrap it in a list")
-    templates = list(templates)
-    if not templates:
-        raise ValueError("need at least one template, got an empty list")
-    checked = []
-    for position, template in enumerate(templates):
-        if not isinstance(template, str):
-            raise ValueError(f"template {position} must be a string, got {type(template).__name__}: {template!r}")
-        if "{c}" in template and "{}" not in template:
-            template = template.replace("{c}", "{}")
-        if "{}" not in template:
-            raise ValueError(
-                f"template {position} {template!r} has no '{{}}' placeholder for the class name, "
-                "e.g. 'a photo of a {}.'"
-            )
-        try:
-            template.format("x")
-        except (IndexError, KeyError, ValueError) as error:
-            raise ValueError(
-                f"template {position} {template!r} must format with one class name (one '{{}}'; write literal "
-                f"braces as '{{{{' and '}}}}'): {error!r}"
-            ) from None
-        checked.append(template)
-    return checked
 
 
 def get_templates(spec: str | Sequence[str]) -> list[str]:

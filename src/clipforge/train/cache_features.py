@@ -12,7 +12,8 @@ Each entry's identity (what its folder name hashes, see :mod:`clipforge.data.fea
 * the preprocessing: the image transform's size, mean/std, interpolation and augmentation, or the tokenizer
   (its saved state) and context length;
 * the data: the source's settings (kind, path, split, columns ...), its size, a hash of all its captions and
-  the size and modification time of its files; and the view index.
+  the size and modification time of its files; and the view index. Image entries leave out the captions and
+  the caption-only settings (``captions``, ``caption_templates``, ``caption_column``).
 
 Features are computed in float32 with the towers in eval mode, whatever ``train.precision`` is.
 """
@@ -64,6 +65,8 @@ _LOADING_ONLY = (
     "shuffle_buffer",
     "resample",
 )
+# data settings that change the captions only: image entries leave them out
+_CAPTIONS_ONLY = ("captions", "caption_templates", "caption_column")
 
 
 @dataclass(frozen=True)
@@ -96,25 +99,29 @@ def _file_stamp(spec: str) -> list[Any] | None:
     return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
 
 
-def source_identity(data: DataConfig, source: ImageTextSource) -> dict[str, Any]:
-    """What names a source's samples: its settings, size, captions (hashed) and files' sizes and times."""
-    settings = _sample_settings(dataclasses.asdict(data))
-    captions = hashlib.sha256()
-    for index in range(len(source)):
-        captions.update(json.dumps(list(source.captions(index))).encode())
-    return {
+def source_identity(data: DataConfig, source: ImageTextSource, captions: bool = True) -> dict[str, Any]:
+    """What names a source's samples: its settings, size, captions (hashed) and files' sizes and times.
+    ``captions=False``: what names its images only (for image entries), without the caption settings and the
+    captions, so runs that differ in their captions alone share the image features."""
+    settings = _sample_settings(dataclasses.asdict(data), () if captions else _CAPTIONS_ONLY)
+    identity = {
         "settings": settings,
         "num_images": len(source),
-        "captions_sha256": captions.hexdigest(),
         "files": [_file_stamp(data.path), _file_stamp(data.image_root)],
     }
+    if captions:
+        digest = hashlib.sha256()
+        for index in range(len(source)):
+            digest.update(json.dumps(list(source.captions(index))).encode())
+        identity["captions_sha256"] = digest.hexdigest()
+    return identity
 
 
-def _sample_settings(settings: dict[str, Any]) -> dict[str, Any]:
-    """A data section's settings without the loading-only ones, in its mix entries too: a mix whose weights or
-    per-entry loader settings change still names the same samples, and so the same cache entries."""
-    kept = {key: value for key, value in settings.items() if key not in _LOADING_ONLY}
-    kept["mix"] = [_sample_settings(entry) for entry in settings.get("mix", [])]
+def _sample_settings(settings: dict[str, Any], dropped: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A data section's settings without the loading-only ones (and ``dropped``), in its mix entries too: a mix
+    whose weights or per-entry loader settings change still names the same samples, and so the same entries."""
+    kept = {key: value for key, value in settings.items() if key not in _LOADING_ONLY + dropped}
+    kept["mix"] = [_sample_settings(entry, dropped) for entry in settings.get("mix", [])]
     return kept
 
 
@@ -194,7 +201,6 @@ def build_feature_cache(
     if not plan.any:
         return None
     root = Path(config.data.feature_cache or Path(config.train.output_dir) / "feature_cache")
-    data_identity = source_identity(config.data, source)
     was_training = model.training
     model.eval()
     try:
@@ -207,7 +213,7 @@ def build_feature_cache(
                 "augment": "deterministic"
                 if is_deterministic(config.data.augment)
                 else dataclasses.asdict(config.data.augment),
-                "data": data_identity,
+                "data": source_identity(config.data, source, captions=False),
             }
             cached.image_views = []
             for view in range(plan.image_views):
@@ -226,7 +232,7 @@ def build_feature_cache(
                     json.dumps(tokenizer.state_dict(), sort_keys=True).encode()
                 ).hexdigest(),
                 "context_length": config.model.text.context_length,
-                "data": data_identity,
+                "data": source_identity(config.data, source),
             }
             store = FeatureStore(root, "text", text_identity, len(captions), model.text_tower.output_dim)
             compute = _text_rows(model.text_tower, captions, tokenizer, config.model.text.context_length, device)
