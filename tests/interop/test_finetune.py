@@ -3,6 +3,7 @@ architecture, tokenizer and preprocessing they bring, and the run's own locking 
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -97,8 +98,10 @@ def test_fine_tuning_an_imported_model_lowers_the_loss_and_resumes_exactly(
     from clipforge.train.loop import train
     from clipforge.train.run_log import read_metrics
 
+    imported = tmp_path / "imported"  # a copy, removed before the resume: the checkpoint alone must do
+    shutil.copytree(hf_clip, imported)
     config = finetune_config(
-        f"hf:{hf_clip}",
+        f"hf:{imported}",
         shapes_manifest,
         tmp_path / "run",
         {"image": {"layer_decay": 0.9}},
@@ -111,13 +114,27 @@ def test_fine_tuning_an_imported_model_lowers_the_loss_and_resumes_exactly(
         final = read_checkpoint(full.checkpoint)
         # the imported logit scale survives 20 small steps; a run from scratch starts at log(1 / 0.07) = 2.66
         assert abs(float(final["model"]["logit_scale"]) - IMPORTED_LOGIT_SCALE) < 0.1
-        assert final["config"]["model"]["image"]["width"] == 64 and final["config"]["model"]["init"] == f"hf:{hf_clip}"
+        assert final["config"]["model"]["image"]["width"] == 64 and final["config"]["model"]["init"] == f"hf:{imported}"
         losses = [record["loss"] for record in read_metrics(full.output_dir / "metrics.jsonl")]
         assert sum(losses[-2:]) / 2 < 0.75 * losses[0], losses
 
+        shutil.rmtree(imported)  # resuming rebuilds the model from the checkpoint: nothing is imported again
         resumed = train(config, resume=tmp_path / "run" / "step_10.pt")
     finally:
         torch.set_num_threads(threads)
     continued = read_checkpoint(resumed.checkpoint)["model"]
     for key, value in final["model"].items():
         assert torch.allclose(value, continued[key], atol=1e-6), key
+
+
+def test_resuming_with_another_init_or_loss_is_refused(hf_clip: Path, shapes_manifest: Path, tmp_path: Path) -> None:
+    from clipforge.train.loop import train
+
+    run = tmp_path / "run"
+    train(finetune_config(f"hf:{hf_clip}", shapes_manifest, run, train={"steps": 2, "checkpoint_every": 2}))
+    other_init = finetune_config(f"hf:{tmp_path / 'elsewhere'}", shapes_manifest, run, train={"steps": 4})
+    with pytest.raises(ConfigError, match=r"the checkpoint's run started from model.init='hf:.*clip'"):
+        train(other_init, resume="latest")
+    siglip = finetune_config(f"hf:{hf_clip}", shapes_manifest, run, train={"steps": 4}, loss={"kind": "siglip"})
+    with pytest.raises(ConfigError, match="trained with loss.kind='clip'.*set loss.kind=clip"):
+        train(siglip, resume="latest")

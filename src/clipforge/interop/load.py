@@ -139,11 +139,35 @@ def init_model(config: Config) -> InitialModel:
             f"model.init={spec!r} is a {imported_loss} model ({has}) but loss.kind={config.loss.kind!r}: "
             f"set loss.kind={imported_loss}"
         )
-    run_config = copy.deepcopy(config)
-    run_config.model = merged_model_config(config.model, loaded.config.model)
-    # the weights come from model.init: nothing may fetch a tower's own (hub) weights for this run
-    run_config.model.image.pretrained = run_config.model.text.pretrained = None
-    run_config = config_from_dict(config_to_dict(run_config))  # the merged whole, validated again
+    run_config = _run_config(config, loaded.config.model)
     model = build_model(run_config, loaded.tokenizer, pretrained=False, text_config_json=hf_text_config(loaded.model))
     model.load_state_dict(loaded.model.state_dict())
     return InitialModel(run_config, loaded.tokenizer, model.train())
+
+
+def resumed_init_config(config: Config, saved: dict[str, Any]) -> Config:
+    """The run config :func:`init_model` gave the run whose checkpoint holds the config dict ``saved``, rebuilt
+    from that dict alone: a resumed ``model.init`` run takes its weights and tokenizer from the checkpoint, so
+    nothing is imported again (and the weights ``model.init`` names need not be there any more). The same
+    merge and checks as :func:`init_model`, with the checkpoint's model section as the imported one."""
+    saved_config = config_from_dict(saved)
+    if saved_config.model.init != config.model.init:
+        raise ConfigError(
+            f"model.init={config.model.init!r}, but the checkpoint's run started from "
+            f"model.init={saved_config.model.init!r}: resume with the run's own config.yaml (saved next to it)"
+        )
+    if saved_config.loss.kind != config.loss.kind:
+        raise ConfigError(
+            f"loss.kind={config.loss.kind!r}, but the checkpoint's run trained with loss.kind="
+            f"{saved_config.loss.kind!r} (its model has {'a' if saved_config.loss.kind == 'siglip' else 'no'} "
+            f"logit bias): set loss.kind={saved_config.loss.kind}"
+        )
+    return _run_config(config, saved_config.model)
+
+
+def _run_config(config: Config, imported: ModelConfig) -> Config:
+    run_config = copy.deepcopy(config)
+    run_config.model = merged_model_config(config.model, imported)
+    # the weights come from model.init: nothing may fetch a tower's own (hub) weights for this run
+    run_config.model.image.pretrained = run_config.model.text.pretrained = None
+    return config_from_dict(config_to_dict(run_config))  # the merged whole, validated again

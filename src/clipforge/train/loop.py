@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from clipforge.checkpoint import build_model, hf_text_config, save_checkpoint
+from clipforge.checkpoint import build_model, hf_text_config, read_checkpoint, save_checkpoint
 from clipforge.config import Config, ConfigError, config_to_dict, save_config
 from clipforge.data.base import ImageTextSource
 from clipforge.data.loader import LoaderSpec, build_train_loader
@@ -44,7 +44,7 @@ from clipforge.distributed import (
     init_distributed,
     wrap,
 )
-from clipforge.interop.load import InitialModel, init_model
+from clipforge.interop.load import InitialModel, init_model, resumed_init_config
 from clipforge.losses import build_loss
 from clipforge.model import CLIPModel, resolve_image_preprocess
 from clipforge.model.registry import MAX_LOGIT_SCALE
@@ -139,11 +139,18 @@ def _train(config: Config, resume_from: str | Path | None, overwrite: bool, cont
     if not context.is_main:
         logger.setLevel(logging.WARNING)  # one process tells the story; the others speak up only when wrong
     seed_everything(config.train.seed)
-    # model.init: the imported model decides the architecture, so the run's config (and its checkpoints) carry it
-    initial = init_model(config) if config.model.init else None
-    config = initial.config if initial is not None else config
     resume_path = resume.resolve_resume(resume_from, output_dir)
-    checkpoint = resume.read_resume_checkpoint(resume_path, config) if resume_path is not None else None
+    checkpoint = read_checkpoint(resume_path) if resume_path is not None else None
+    # model.init: the imported model decides the architecture, so the run's config (and its checkpoints) carry
+    # it; a resumed run rebuilds that config from its checkpoint, which also holds the weights: no new import
+    initial = None
+    if config.model.init and checkpoint is not None:
+        config = resumed_init_config(config, checkpoint["config"])
+    elif config.model.init:
+        initial = init_model(config)
+        config = initial.config
+    if checkpoint is not None:
+        resume.check_resume_checkpoint(checkpoint, resume_path, config)
     resume.check_same_checkpoint_everywhere(checkpoint, resume_from)
     run_dir.check_output_dir(output_dir, resume_path, overwrite)
     if context.is_main:  # a missing W&B/MLflow package is named before anything is built, written or removed

@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from clipforge.checkpoint import read_checkpoint
 from clipforge.config import Config, ConfigError, ScheduleConfig, config_from_dict, config_to_dict
 from clipforge.distributed import gather_ints
 from clipforge.io import atomic_write
@@ -31,9 +30,9 @@ def resolve_resume(resume: str | Path | None, output_dir: Path) -> Path | None:
     return output_dir / "last.pt" if str(resume) == "latest" else Path(resume)
 
 
-def read_resume_checkpoint(resume_path: Path, config: Config) -> dict[str, Any]:
-    """The checkpoint dict, refused when it was trained with another model config than ``config``'s."""
-    checkpoint = read_checkpoint(resume_path)
+def check_resume_checkpoint(checkpoint: dict[str, Any], resume_path: Path, config: Config) -> None:
+    """Refuse the checkpoint dict read from ``resume_path`` when it was trained with another model config than
+    ``config``'s."""
     # through the schema first, so a checkpoint saved before a model field was added compares by its values
     try:
         saved_model = config_to_dict(config_from_dict(checkpoint["config"]))["model"]
@@ -44,7 +43,6 @@ def read_resume_checkpoint(resume_path: Path, config: Config) -> dict[str, Any]:
             f"--resume {resume_path}: the checkpoint was trained with another model config; "
             "resume with the run's own config.yaml (saved next to the checkpoint)"
         )
-    return checkpoint
 
 
 def check_same_checkpoint_everywhere(checkpoint: dict[str, Any] | None, resume: str | Path | None) -> None:
