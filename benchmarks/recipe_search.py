@@ -185,6 +185,13 @@ EIGHTH: dict[str, dict[str, Any]] = {
     ),
 }
 TRIALS.update(EIGHTH)
+# ninth round (the Fluent Emoji trials, see benchmarks/README.md) had no settings of this script; tenth round:
+# colour jitter of the cached view (brightness, contrast and saturation), so that the heads rely less on colour
+TENTH: dict[str, dict[str, Any]] = {
+    "shipped-jitter0.4": shipped_with(color_jitter=0.4),
+    "shipped-jitter0.8": shipped_with(color_jitter=0.8),
+}
+TRIALS.update(TENTH)
 
 
 def merged(base: dict, changes: dict) -> dict:
