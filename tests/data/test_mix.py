@@ -15,7 +15,7 @@ from clipforge.data.manifest import ManifestSource
 from clipforge.data.mix import MixSource
 from clipforge.data.sampler import ResumableSampler
 from clipforge.data.samples import SampleKey
-from clipforge.data.sources import build_source
+from clipforge.data.sources import TemplatedCaptions, build_source
 from clipforge.data.tokenize import train_bpe_tokenizer
 from tests.conftest import write_shapes_manifest
 
@@ -157,3 +157,13 @@ def test_mix_config_errors() -> None:
         build_source(
             DataConfig(kind="mix", mix=[DataConfig(kind="emoji"), DataConfig(kind="manifest", path="nowhere.csv")])
         )
+
+
+def test_caption_templates_on_a_whole_mix_keep_its_sampling_weights() -> None:
+    mix = MixSource([ListSource("a", 3), ListSource("b", 5, captions=2)], [1.0, 3.0])
+    templated = TemplatedCaptions(mix, ["a drawing of {}."])
+    np.testing.assert_array_equal(templated.sample_weights, mix.sample_weights)
+    assert len(templated) == 8
+    for index in range(len(mix)):
+        originals = mix.captions(index)
+        assert templated.captions(index) == originals + [f"a drawing of {c}." for c in originals]

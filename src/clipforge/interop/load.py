@@ -150,7 +150,12 @@ def resumed_init_config(config: Config, saved: dict[str, Any]) -> Config:
     from that dict alone: a resumed ``model.init`` run takes its weights and tokenizer from the checkpoint, so
     nothing is imported again (and the weights ``model.init`` names need not be there any more). The same
     merge and checks as :func:`init_model`, with the checkpoint's model section as the imported one."""
-    saved_config = config_from_dict(saved)
+    try:
+        saved_config = config_from_dict(saved)
+    except ConfigError as error:
+        raise ConfigError(
+            f"the checkpoint to resume holds a config that does not fit this clipforge: {error}"
+        ) from None
     if saved_config.model.init != config.model.init:
         raise ConfigError(
             f"model.init={config.model.init!r}, but the checkpoint's run started from "
