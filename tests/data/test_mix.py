@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -167,3 +168,6 @@ def test_caption_templates_on_a_whole_mix_keep_its_sampling_weights() -> None:
     for index in range(len(mix)):
         originals = mix.captions(index)
         assert templated.captions(index) == originals + [f"a drawing of {c}." for c in originals]
+    # spawned loader workers get the source pickled: __getattr__ must not recurse while it is rebuilt
+    restored = pickle.loads(pickle.dumps(templated))
+    assert [restored.captions(i) for i in range(8)] == [templated.captions(i) for i in range(8)]
