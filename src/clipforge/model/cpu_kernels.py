@@ -54,9 +54,12 @@ def _applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
-def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T (+ bias) in oneDNN; x (..., in), weight (out, in)."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+def _product(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = None
+) -> torch.Tensor:
+    """activation(x @ weight.T (+ bias)) in one oneDNN kernel; x (..., in), weight (out, in)."""
+    attr, algorithm = ONEDNN_ACTIVATIONS[activation]
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [], algorithm)
 
 
 def fused_linear(
@@ -67,8 +70,7 @@ def fused_linear(
     capture, or an activation oneDNN has no form for."""
     if torch.is_grad_enabled() or activation not in ONEDNN_ACTIVATIONS or not _applies(x, weight):
         return None
-    attr, algorithm = ONEDNN_ACTIVATIONS[activation]
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [], algorithm)
+    return _product(x, weight, bias, activation)
 
 
 class _OneDNNLinear(torch.autograd.Function):

@@ -145,16 +145,17 @@ class TextTransformer(TransformerTower):
                 f"truncate in the tokenizer or raise model.text.context_length"
             )
         hidden = self.token_embedding(input_ids) + self.positional_embedding[:length]  # (B, L, width)
+        if not return_attention and self.pooling != "mean":
+            # one pooled position per row: the last block runs for it alone (Transformer.forward_one_token)
+            positions = pooled_positions(attention_mask, self.pooling, input_ids, self.eos_token_id, length)
+            return self.ln_final(self.transformer.forward_one_token(hidden, positions, is_causal=self.causal))
+        attentions = None
         if return_attention:
             hidden, attentions = self.transformer(hidden, is_causal=self.causal, return_attention=True)
-            features = pool_tokens(self.ln_final(hidden), attention_mask, self.pooling, input_ids, self.eos_token_id)
-            return features, attentions
-        if self.pooling == "mean":
+        else:
             hidden = self.transformer(hidden, is_causal=self.causal)
-            return pool_tokens(self.ln_final(hidden), attention_mask, self.pooling, input_ids, self.eos_token_id)
-        # one pooled position per row: the last block runs for it alone (Transformer.forward_one_token)
-        positions = pooled_positions(attention_mask, self.pooling, input_ids, self.eos_token_id, length)
-        return self.ln_final(self.transformer.forward_one_token(hidden, positions, is_causal=self.causal))
+        features = pool_tokens(self.ln_final(hidden), attention_mask, self.pooling, input_ids, self.eos_token_id)
+        return (features, attentions) if return_attention else features
 
     @property
     def supports_attention_maps(self) -> bool:

@@ -15,6 +15,7 @@ mask is added to the scores (0 = keep, -inf = block). Masks broadcast to (batch,
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -248,16 +249,28 @@ class Transformer(nn.Module):
         return_attention: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """x: (batch, T, width) -> (batch, T, width), plus the per-layer weights (batch, heads, T, T) if asked."""
+        x, attentions = self._run_blocks(self.blocks, x, attn_mask, is_causal, return_attention)
+        return (x, attentions) if return_attention else x
+
+    def _run_blocks(
+        self,
+        blocks: Iterable[ResidualAttentionBlock],
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        is_causal: bool,
+        return_attention: bool,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``blocks`` in turn over x, under checkpointing when it is on (and no weights are asked for)."""
         attentions: list[torch.Tensor] = []
         recompute = self.grad_checkpointing and torch.is_grad_enabled() and not return_attention
-        for block in self.blocks:
+        for block in blocks:
             if recompute:
                 x, weights = checkpoint(block, x, attn_mask, is_causal, False, use_reentrant=False)
                 continue
             x, weights = block(x, attn_mask=attn_mask, is_causal=is_causal, need_weights=return_attention)
             if return_attention:
                 attentions.append(weights)
-        return (x, attentions) if return_attention else x
+        return x, attentions
 
     def forward_one_token(self, x: torch.Tensor, rows: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
         """The last block's output at position ``rows[b]`` of each row only: x (B, T, width) -> (B, width).
@@ -268,12 +281,7 @@ class Transformer(nn.Module):
         ``forward(x, is_causal=is_causal)[arange(B), rows]`` up to float rounding; on the tiny benchmark model
         it saves ~80% of one block per tower, forward and backward.
         """
-        recompute = self.grad_checkpointing and torch.is_grad_enabled()
-        for block in self.blocks[:-1]:
-            if recompute:
-                x, _ = checkpoint(block, x, None, is_causal, False, use_reentrant=False)
-            else:
-                x, _ = block(x, is_causal=is_causal)
+        x, _ = self._run_blocks(self.blocks[:-1], x, None, is_causal, False)
         return self.blocks[-1](x, is_causal=is_causal, rows=rows)[0]  # through __call__: FSDP2's hooks
 
 

@@ -179,8 +179,8 @@ def _float16_candidates(
     matrices: Sequence[Matrix], query: torch.Tensor, k: int, workers: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """The single-query kernel: float16 candidates, float32 re-scoring. Returns (1, n) scores and rows."""
-    shares = _shares(matrices, _FP16_BLOCK_ROWS, workers)
-    results = _run(lambda share: _scan_float16(share, query.half(), k), shares)
+    shares, query16 = _shares(matrices, _FP16_BLOCK_ROWS, workers), query.half()
+    results = _run(lambda share: _scan_float16(share, query16, k), shares)
     # each share kept the rows within 2B of its own k-th best, which is at most the global one: a superset
     rows = torch.cat([c for _, candidates in results for c in candidates]).numpy()
     # re-score exactly, in float32: the candidates' stored rows, gathered part by part
