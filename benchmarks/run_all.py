@@ -133,13 +133,13 @@ def _memory(rows: list) -> list[str]:
 def _search_speed(data: dict) -> list[str]:
     lines = [
         f"{'exact search, single query kernel':<40} {'workers':>7} {'median ms':>9} {'CPU ms':>7} {'batched ms/q':>12} "
-        f"{'floor ms':>8} {'vs floor':>8}"
+        f"{'floor ms':>8} {'vs floor':>8} {'torch mv vs floor':>17}"
     ]
     for row in data.get("exact", []):
         lines.append(
             f"{row['single_query_kernel']:<40} {row['workers']:>7} {row['single_query_median_ms']:>9.1f} "
             f"{row['single_query_median_cpu_ms']:>7.1f} {row['batched_ms_per_query']:>12.1f} "
-            f"{row.get('streaming_read_floor_ms', float('nan')):>8.1f} {row.get('vs_floor', float('nan')):>7.2f}x"
+            f"{row['streaming_read_floor_ms']:>8.1f} {row['vs_floor']:>7.2f}x {row['torch_float16_mv_vs_floor']:>16.2f}x"
         )
     for name in ("faiss_random", "faiss_clustered"):
         if isinstance(data.get(name), dict):

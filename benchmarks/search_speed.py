@@ -2,10 +2,11 @@
 
 1. Exact search (``clipforge.search.exact.exact_search``): N random unit vectors (D=512, float16) are written
    as an embedding folder in a temporary directory (1M x 512 x 2 bytes = 1 GB) and memory-mapped. Reported:
-   the median wall and CPU time of ``--queries`` single queries (top-10), with both kernels (float16
-   candidates + float32 re-scoring, as ``Index`` uses; float32 blocks), and the per-query time when the same
-   queries go in one batch. Runs for each ``--workers`` value, with ``torch.set_num_threads(--threads)``.
-2. FAISS (when ``faiss`` imports): ``clipforge index build`` (IVF, SQfp16, nprobe tuned to recall@10 >= 0.95
+   the median wall and CPU time of ``--queries`` single queries (top-10; the float16 scanner), against the
+   streaming-read floor of the same bytes and torch's float16 ``mv`` timed in the same rounds, and the
+   per-query time when the same queries go in one batch (float32 blocks). Runs for each ``--workers`` value,
+   with ``torch.set_num_threads(--threads)``.
+2. FAISS: ``clipforge index build`` (IVF, SQfp16, nprobe tuned to recall@10 >= 0.95
    on stored rows), then the median single-query latency and recall@10 against exact search on fresh queries.
    Random unit vectors in 512-d have no neighbourhood structure (every point is almost equally far from every
    other), which is the worst case for any index, so FAISS is also measured on ``--clusters`` Gaussian clusters (``--spread``),
@@ -88,29 +89,43 @@ class StreamingRead:
     def __call__(self) -> None:
         list(self.pool.map(self._read, self.shares))
 
+    def product(self, query16: torch.Tensor) -> None:
+        """torch's float16 ``mv`` of every block with ``query16``, the same threads and shares (a reference)."""
 
-def time_exact(matrices: list[np.ndarray], queries: torch.Tensor, k: int, workers: int, unit_rows: bool) -> dict:
-    """``unit_rows=True`` is what ``Index`` does: single queries take the float16-candidates kernel. The
-    streaming-read floor of the same bytes with the same threads is timed side by side: one floor pass after
-    each query (a machine whose memory speed drifts moves both), and the ratio of the medians."""
+        def multiply(share: list[np.ndarray]) -> None:
+            torch.set_num_threads(1)
+            for block in share:
+                torch.mv(torch.from_numpy(np.ascontiguousarray(block)), query16)
+
+        list(self.pool.map(multiply, self.shares))
+
+
+def time_exact(matrices: list[np.ndarray], queries: torch.Tensor, k: int, workers: int) -> dict:
+    """Single queries (the float16 scanner ``Index`` runs), with the streaming-read floor of the same bytes and
+    the same threads timed side by side: one floor pass after each query (a machine whose memory speed drifts
+    moves both), and the ratio of the medians. For reference, torch's float16 matrix-vector product over the
+    same shares (the product alone, no top-k) is timed in the same rounds. Then all queries in one batch."""
     exact_search(matrices, queries[:1], k, workers=workers)  # page the file in once, as a warm server has it
     floor_read = StreamingRead(matrices, workers)
     floor_read()
-    single, cpu, floor = [], [], []
+    single, cpu, floor, torch_mv = [], [], [], []
     for query in queries:
         started, cpu_started = time.perf_counter(), time.process_time()
-        exact_search(matrices, query[None], k, workers=workers, unit_rows=unit_rows)
+        exact_search(matrices, query[None], k, workers=workers)
         single.append(time.perf_counter() - started)
         cpu.append(time.process_time() - cpu_started)
         started = time.perf_counter()
         floor_read()
         floor.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        floor_read.product(query.half())
+        torch_mv.append(time.perf_counter() - started)
     floor_read.pool.shutdown()
     started = time.perf_counter()
     exact_search(matrices, queries, k, workers=workers)
     batched = time.perf_counter() - started
     return {
-        "single_query_kernel": "float16 candidates + float32 re-score" if unit_rows else "float32 blocks",
+        "single_query_kernel": "float16 scanner (FAISS)",
         "workers": workers,
         "streaming_read_floor_ms": 1000 * statistics.median(floor),
         "vs_floor": statistics.median(single) / statistics.median(floor),
@@ -119,6 +134,8 @@ def time_exact(matrices: list[np.ndarray], queries: torch.Tensor, k: int, worker
         # CPU time of all threads: on a machine shared with other jobs, wall time / CPU time shows the share
         # of the cores this process got; CPU time / workers is the latency on otherwise idle cores
         "single_query_median_cpu_ms": 1000 * statistics.median(cpu),
+        "torch_float16_mv_ms": 1000 * statistics.median(torch_mv),
+        "torch_float16_mv_vs_floor": statistics.median(torch_mv) / statistics.median(floor),
         "batched_ms_per_query": 1000 * batched / len(queries),
     }
 
@@ -226,19 +243,9 @@ def main() -> None:
         queries = torch.from_numpy(sample_points(generator, args.queries, args.dim, None))
         matrices = store.matrices("images")
         if not args.no_exact:
-            results["exact"] = [
-                time_exact(matrices, queries, args.k, workers, unit_rows)
-                for unit_rows in (True, False)
-                for workers in args.workers
-            ]
+            results["exact"] = [time_exact(matrices, queries, args.k, workers) for workers in args.workers]
             print(json.dumps(results["exact"]), flush=True)
-        faiss_available = True
-        try:
-            import faiss  # noqa: F401
-        except ImportError:
-            faiss_available = False
-            results["faiss"] = "not installed"
-        if faiss_available and not args.no_faiss:
+        if not args.no_faiss:
             if not args.clustered_only:
                 results["faiss_random"] = time_faiss(store, queries, args.k)
                 print(json.dumps(results["faiss_random"]), flush=True)

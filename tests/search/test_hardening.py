@@ -19,9 +19,9 @@ from clipforge.checkpoint import load_checkpoint
 from clipforge.cli import build_parser, main
 from clipforge.data import base as data_base
 from clipforge.data.base import ImageTooLargeError
-from clipforge.search import ann as ann_module
 from clipforge.search import embed as embed_module
 from clipforge.search.embed import embed_images
+from clipforge.search.faiss_loader import import_faiss
 from clipforge.search.index import Index
 from clipforge.search.store import EmbeddingStore, writer_lock
 
@@ -309,7 +309,7 @@ def test_faiss_loader_misses_are_silenced_but_its_warnings_kept(
         del sys.modules[name]
     try:
         with caplog.at_level(logging.INFO):
-            module = ann_module._faiss()
+            module = import_faiss()
     finally:
         for name in [name for name in sys.modules if name.split(".")[0] == "faiss"]:
             del sys.modules[name]

@@ -154,31 +154,34 @@ def test_workers_stream_equal_row_counts_that_cover_every_row_once(sizes, block_
 
 
 @pytest.mark.parametrize(("block_rows", "workers", "k"), [(50, 1, 10), (37, 2, 5), (4096, 1, 1), (9, 3, 200)])
+@pytest.mark.parametrize("as_tensors", [False, True])
 def test_single_query_float16_kernel_is_exact(
-    block_rows: int, workers: int, k: int, monkeypatch: pytest.MonkeyPatch
+    block_rows: int, workers: int, k: int, as_tensors: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if not exact_module._fp16_gemv_is_accurate():
-        pytest.skip("torch's float16 product on this machine is outside the bound: the kernel is not used here")
     monkeypatch.setattr(exact_module, "_FP16_BLOCK_ROWS", block_rows)  # several blocks and shares
     calls = []
-    monkeypatch.setattr(exact_module, "_float16_candidates", _spy(exact_module._float16_candidates, calls))
+    monkeypatch.setattr(exact_module, "_scan_float16", _spy(exact_module._scan_float16, calls))
     generator = np.random.default_rng(1)
-    unit = generator.standard_normal((600, 64)).astype(np.float32)
-    # near-duplicates of the queries make scores close to 1, where float16 rounding is coarsest
-    unit[100:140] = unit[7] + 0.02 * generator.standard_normal((40, 64))
-    unit[450] = unit[100]  # an exact tie across parts: the lower row first
-    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
-    parts = [unit[:333].astype(np.float16), unit[333:].astype(np.float16)]
-    stored = np.concatenate(parts).astype(np.float64)
-    for query in (torch.from_numpy(unit[7]), torch.nn.functional.normalize(torch.randn(64), dim=0)):
-        scores, rows = exact_search(parts, query[None], k=k, workers=workers, unit_rows=True)
+    rows_ = generator.standard_normal((600, 64)).astype(np.float32)
+    # near-duplicates of a query: close scores at the top; rows of any norm (the kernel needs no unit rows)
+    rows_[100:140] = rows_[7] + 0.02 * generator.standard_normal((40, 64))
+    rows_ *= generator.uniform(0.5, 2.0, (600, 1)).astype(np.float32)
+    rows_[450] = rows_[100]  # an exact tie across parts: the lower row first
+    parts = [rows_[:333].astype(np.float16), rows_[333:].astype(np.float16)]
+    if as_tensors:
+        parts = [torch.from_numpy(part) for part in parts]
+    stored = np.concatenate([np.asarray(part) for part in parts]).astype(np.float64)
+    for query in (torch.from_numpy(rows_[100]), torch.randn(64)):
+        scores, rows = exact_search(parts, query[None], k=k, workers=workers)
         reference = stored @ query.double().numpy()
         expected = sorted(range(len(reference)), key=lambda r: (-reference[r], r))[:k]
         assert list(rows[0]) == expected
         np.testing.assert_allclose(scores[0], reference[expected], rtol=1e-5, atol=1e-5)
-        _, float32_rows = exact_search(parts, query[None], k=k, block_rows=block_rows, workers=workers)
+        # the float32 blocks kernel (two queries) ranks the same rows
+        _, float32_rows = exact_search(parts, torch.stack([query, query]), k=k, block_rows=block_rows, workers=workers)
         assert list(float32_rows[0]) == expected
-    assert len(calls) == 2
+    assert calls and all(len(share) >= 1 for share, *_ in calls)
+    assert len(calls) == 2 * min(workers, -(-600 // block_rows))  # the float16 kernel ran, once per share
 
 
 def _spy(function, calls: list):

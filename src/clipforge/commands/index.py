@@ -10,7 +10,7 @@ from clipforge.search.store import EmbeddingStore
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    index = commands.add_parser("index", help="build a FAISS index over an embedding folder (the faiss extra)")
+    index = commands.add_parser("index", help="build an approximate (FAISS) index over an embedding folder")
     index_commands = index.add_subparsers(dest="index_command", required=True)
     build = index_commands.add_parser("build", help="build and tune an IVF or HNSW index")
     build.add_argument("--index", required=True, help="the embedding folder")

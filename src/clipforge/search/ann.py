@@ -1,4 +1,4 @@
-"""Approximate search with FAISS (the optional ``faiss`` extra: ``pip install 'clipforge[faiss]'``).
+"""Approximate search with FAISS.
 
 ``clipforge index build`` makes an IVF (inverted lists over k-means cells) or HNSW (graph) index over an
 embedding folder, by inner product, with the vectors kept as float16 (``SQfp16``), and stores it as
@@ -11,11 +11,9 @@ a margin of two standard errors of that estimate. The value and the recall it re
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,35 +21,13 @@ import torch
 
 from clipforge.io import atomic_write
 from clipforge.search.exact import exact_search
+from clipforge.search.faiss_loader import import_faiss
 from clipforge.search.store import EmbeddingStore
 
 logger = logging.getLogger("clipforge")
 
 ANN_KINDS = ("ivf", "hnsw")
 _KNOB = {"ivf": "nprobe", "hnsw": "efSearch"}
-
-
-def _faiss():
-    try:
-        with _quiet_faiss_loader():
-            import faiss
-    except ImportError:
-        raise ImportError("FAISS is not installed: pip install 'clipforge[faiss]' (the faiss-cpu package)") from None
-    return faiss
-
-
-@contextlib.contextmanager
-def _quiet_faiss_loader() -> Iterator[None]:
-    """faiss's loader tries its AVX2/AVX512 builds first and logs each miss at INFO, traceback text and all
-    (``ModuleNotFoundError(... swigfaiss_avx2)``), although it then loads the generic build: under the CLI's
-    INFO logging that printed on every search. Only its INFO is dropped; its warnings and errors still show."""
-    loader = logging.getLogger("faiss.loader")
-    previous = loader.level
-    loader.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        loader.setLevel(previous)
 
 
 @dataclass
@@ -89,7 +65,7 @@ def build_faiss_index(
     ``ivf``: ``IVF{nlist},SQfp16`` with nlist = round(sqrt(N)) by default (cells of about sqrt(N) vectors),
     trained on up to 64 * nlist sampled rows. ``hnsw``: ``HNSW{hnsw_m},SQfp16`` (no training, slower build).
     """
-    faiss = _faiss()
+    faiss = import_faiss()
     if ann not in ANN_KINDS:
         raise ValueError(f"ann={ann!r}: choose one of {list(ANN_KINDS)}")
     matrices = store.matrices(kind)
@@ -181,7 +157,7 @@ def load_faiss_index(store: EmbeddingStore, kind: str = "images"):
     entry = store.meta.get("faiss", {}).get(kind)
     if entry is None or not (store.root / entry["file"]).is_file():
         raise FileNotFoundError(f"{store.root} has no FAISS index for {kind}; build one with `clipforge index build`")
-    faiss = _faiss()
+    faiss = import_faiss()
     count = store.count(kind)
     if entry["count"] != count:
         raise ValueError(

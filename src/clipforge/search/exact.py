@@ -5,15 +5,13 @@ Two kernels give the same answer:
 * **Blocks in float32** (any queries, any dtype, any device): each block of rows is upcast to float32 and
   multiplied with the queries; each block's top-k is kept and the kept candidates are cut back to the top k
   every ``_MERGE_EVERY`` blocks. Memory is O(block_rows * D + 64 * Q * k) whatever the number of rows.
-* **One query over float16 unit rows** (the search latency case, CPU): a float16 matrix-vector product reads
-  the stored rows once without an upcast pass, which costs about 40% less CPU time than upcast + product
-  (measured in benchmarks/search_speed.py). Its scores are only float16-accurate, so they select candidates,
-  and the candidates are re-scored in float32. For unit vectors the float16 score ``s16`` of a row differs
-  from its float32 score ``s`` by at most ``B = 2^-10`` (the query rounded to float16: <= 2^-11; the result
-  rounded to float16: <= 2^-11 near 1; float32 accumulation: ~D 2^-24), a bound this module checks on the
-  running machine before first use (else it keeps to the first kernel). Then every true top-k row r has
-  ``s16_r >= s_r - B >= s_(k) - B >= s16_(k) - 2B``, where ``_(k)`` is the k-th largest: keeping every row
-  with ``s16 >= s16_(k) - 2B`` keeps the true top k, and re-scoring them exactly gives the exact top k.
+* **One query over float16 rows** (the search latency case, CPU): FAISS's float16 scanner (the one its
+  ``SQfp16`` indexes run, here over the stored rows in place, no copy) decodes each row to float32 in SIMD
+  registers and keeps a heap of the k best float32 scores, so the rows are read once and nothing else
+  touches memory: 1.10-1.21x the time of a plain streaming read of the same bytes on 2 cores, where torch's
+  float16 matrix-vector product (compute-bound on one core) with a re-score of its candidates took 1.5-1.75x
+  (benchmarks/search_speed.py). Its scores are float32 inner products of the stored values, as the blocks
+  kernel's are (up to the order of summation).
 
 On the CPU, ``workers`` threads split the blocks between them and torch's own intra-op pool is set to one
 thread for the duration: on a busy machine OpenMP's barriers inside every block cost more than the work
@@ -23,17 +21,17 @@ thread for the duration: on a busy machine OpenMP's barriers inside every block 
 from __future__ import annotations
 
 import contextlib
-import functools
+import queue
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from clipforge.search.faiss_loader import import_faiss
 
 _MERGE_EVERY = 64
-_FP16_SCORE_BOUND = 2.0**-10
-_FP16_BLOCK_ROWS = 65536  # no float32 buffer on this path: larger blocks, fewer Python steps
+_FP16_BLOCK_ROWS = 65536  # rows per FAISS call: a row's offset in its block is the low 32 bits of its label
 
 Matrix = np.ndarray | torch.Tensor
 
@@ -44,13 +42,9 @@ def exact_search(
     k: int,
     block_rows: int = 4096,
     workers: int = 1,
-    unit_rows: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k rows by inner product ``queries @ M.T``, ``M`` = the row-wise concatenation of ``matrices``
     (the parts of a store: NumPy memory maps or tensors, float16 or float32).
-
-    ``unit_rows``: the rows and the queries are unit vectors (as in an embedding folder), which allows the
-    float16 candidate kernel for a single query on the CPU (see the module docstring).
 
     Returns (scores (Q, k'), rows (Q, k')) as NumPy arrays, k' = min(k, N), each row sorted by float32 score
     descending, equal scores by row ascending.
@@ -67,8 +61,12 @@ def exact_search(
         return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
     on_cpu = queries.device.type == "cpu"
     float16 = all(matrix.dtype in (np.float16, torch.float16) for matrix in matrices)
-    if unit_rows and on_cpu and float16 and len(queries) == 1 and _fp16_gemv_is_accurate():
-        scores, rows = _float16_candidates(matrices, queries[0], k, workers)
+    if on_cpu and float16 and len(queries) == 1:
+        results = _run(
+            lambda share: _scan_float16(share, queries[0].numpy(), k), _shares(matrices, _FP16_BLOCK_ROWS, workers)
+        )
+        scores = np.concatenate([r[0] for r in results])[None]
+        rows = np.concatenate([r[1] for r in results])[None]
     else:
         shares = _shares(matrices, block_rows, workers if on_cpu else 1)
         results = _run(lambda share: _scan_float32(share, queries, k, block_rows), shares)
@@ -148,49 +146,50 @@ def _scan_float32(spans: list, queries: torch.Tensor, k: int, block_rows: int) -
     return _top(scores, rows_of, k)
 
 
-@functools.cache
-def _fp16_gemv_is_accurate() -> bool:
-    """Whether torch's float16 matrix-vector product here stays within ``_FP16_SCORE_BOUND`` of the exact
-    product, for unit vectors, including scores near 1 (where float16 rounding is coarsest)."""
-    generator = torch.Generator().manual_seed(0)
-    query = F.normalize(torch.randn(512, generator=generator), dim=0)
-    rows = F.normalize(torch.randn(4096, 512, generator=generator), dim=-1)
-    rows[:64] = F.normalize(query + 0.05 * torch.randn(64, 512, generator=generator), dim=-1)
-    rows = rows.half()
-    fast = torch.mv(rows, query.half()).double()
-    return bool((fast - rows.double() @ query.double()).abs().max() <= _FP16_SCORE_BOUND)
+def _scan_float16(spans: list, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, rows) of this share's k best rows by float32 inner product with ``query`` (D,) float32, in no
+    order. One FAISS scanner and one heap for the whole share: block ``b`` is scanned as inverted list ``b``,
+    so a kept row's label is ``b << 32 | its offset in the block`` (FAISS's store_pairs labels)."""
+    faiss = import_faiss()
+    query = np.ascontiguousarray(query, dtype=np.float32)  # the scanner keeps this pointer: alive to the end
+    # a min-heap on the scores (its root the k-th best so far), empty slots at -inf with label -1
+    scores, labels = np.full(k, -np.inf, np.float32), np.full(k, -1, np.int64)
+    firsts = []
+    with _float16_scanner(len(query)) as scanner:
+        scanner.set_query(faiss.swig_ptr(query))
+        for block, (matrix, start, first_row, rows) in enumerate(spans):
+            codes = _array(matrix, start, rows).view(np.uint8).reshape(-1)
+            scanner.set_list(block, 0.0)
+            scanner.scan_codes(rows, faiss.swig_ptr(codes), None, faiss.swig_ptr(scores), faiss.swig_ptr(labels), k)
+            firsts.append(first_row)
+    kept = labels >= 0
+    labels = labels[kept]
+    return scores[kept], np.asarray(firsts, np.int64)[labels >> 32] + (labels & 0xFFFFFFFF)
 
 
-def _scan_float16(spans: list, query16: torch.Tensor, k: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """(this share's k best float16 scores, candidate rows: every row within 2B of the k-th best so far)."""
-    best = torch.empty(0)
-    candidates = []
-    for matrix, start, first_row, rows in spans:
-        scores = torch.mv(_tensor(matrix, start, rows), query16).float()  # (rows,)
-        merged = torch.cat([best, scores.topk(min(k, rows)).values])
-        best = merged.topk(min(k, len(merged))).values
-        # the running k-th best only rises, so this never drops a row the final threshold would keep
-        threshold = best[-1] - 2 * _FP16_SCORE_BOUND if len(best) == k else float("-inf")
-        candidates.append(torch.nonzero(scores >= threshold).flatten() + first_row)
-    return best, candidates
+_SCANNERS: dict[int, queue.SimpleQueue] = {}
 
 
-def _float16_candidates(
-    matrices: Sequence[Matrix], query: torch.Tensor, k: int, workers: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """The single-query kernel: float16 candidates, float32 re-scoring. Returns (1, n) scores and rows."""
-    shares, query16 = _shares(matrices, _FP16_BLOCK_ROWS, workers), query.half()
-    results = _run(lambda share: _scan_float16(share, query16, k), shares)
-    # each share kept the rows within 2B of its own k-th best, which is at most the global one: a superset
-    rows = torch.cat([c for _, candidates in results for c in candidates]).numpy()
-    # re-score exactly, in float32: the candidates' stored rows, gathered part by part
-    exact, offset, kept = [], 0, []
-    for matrix in matrices:
-        mine = rows[(rows >= offset) & (rows < offset + len(matrix))]
-        if len(mine):
-            block = matrix[mine - offset]
-            block = torch.from_numpy(np.asarray(block)) if isinstance(block, np.ndarray) else block
-            exact.append(block.float() @ query)
-            kept.append(mine)
-        offset += len(matrix)
-    return torch.cat(exact).numpy()[None], np.concatenate(kept)[None].astype(np.int64)
+@contextlib.contextmanager
+def _float16_scanner(dim: int) -> Iterator:
+    """A FAISS float16 inner-product scanner of ``dim``-wide rows, borrowed from a pool and given back. They
+    are kept, not freed: deleting one through faiss's Python wrapper breaks the wrapper's type table (the
+    next scanner comes back as a bare SwigPyObject, seen with faiss-cpu 1.15). So a process holds as many
+    as it ever ran scans at once, each a few hundred bytes plus its ScalarQuantizer."""
+    free = _SCANNERS.setdefault(dim, queue.SimpleQueue())
+    try:
+        held = free.get_nowait()
+    except queue.Empty:
+        faiss = import_faiss()
+        quantizer = faiss.ScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16)
+        held = (quantizer, quantizer.select_InvertedListScanner(faiss.METRIC_INNER_PRODUCT, None, True, None, False))
+    try:
+        yield held[1]
+    finally:
+        free.put(held)
+
+
+def _array(matrix: Matrix, start: int, rows: int) -> np.ndarray:
+    """Rows ``[start, start + rows)`` as a C-contiguous NumPy array: a view of a memory map or a CPU tensor."""
+    block = matrix[start : start + rows]
+    return np.ascontiguousarray(block.numpy() if isinstance(block, torch.Tensor) else block)

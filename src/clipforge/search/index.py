@@ -46,8 +46,8 @@ class Index:
     """An embedding folder opened for search; encodes queries with ``checkpoint`` when one is given.
 
     ``kind``: search the ``images`` (default) or the ``texts`` of the folder. ``backend``: ``exact``
-    (blockwise matrix product), ``faiss`` (the index ``clipforge index build`` wrote; needs the ``faiss``
-    extra) or ``auto`` (FAISS when its index exists, is current and faiss imports; else exact).
+    (every stored row scored: see ``clipforge.search.exact``), ``faiss`` (the approximate index
+    ``clipforge index build`` wrote) or ``auto`` (FAISS when its index exists and is current; else exact).
     """
 
     def __init__(
@@ -149,7 +149,7 @@ class Index:
             from clipforge.search.ann import faiss_search
 
             return faiss_search(self.faiss, queries, k)
-        return exact_search(self.matrices, queries.to(self.device), k, workers=self.workers, unit_rows=True)
+        return exact_search(self.matrices, queries.to(self.device), k, workers=self.workers)
 
     def search(
         self,
