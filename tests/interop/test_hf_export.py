@@ -16,7 +16,15 @@ from clipforge.checkpoint import build_model, save_checkpoint
 from clipforge.cli import main
 from clipforge.config import config_from_dict, config_to_dict
 from clipforge.data.tokenize import train_bpe_tokenizer
-from tests.interop.tiny_models import CAPTIONS, CONTEXT_LENGTH, WORDS, image_batch, write_hf_clip, write_hf_siglip
+from tests.interop.tiny_models import (
+    CAPTIONS,
+    CONTEXT_LENGTH,
+    WORDS,
+    image_batch,
+    write_hf_clip,
+    write_hf_siglip,
+    write_trained_style_checkpoint,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -59,26 +67,6 @@ def test_import_then_export_is_lossless(family: str, tmp_path: Path, capsys) -> 
         assert torch.equal(again.model.encode_text(ids, mask), original.model.encode_text(ids, mask))
     processor = json.loads((out / "preprocessor_config.json").read_text())
     assert processor["image_mean"] == pytest.approx(original.config.model.image.mean)
-
-
-def write_trained_style_checkpoint(folder: Path, siglip: bool = False, **model_changes) -> tuple[Path, object]:
-    """A clipforge model as ``clipforge train`` builds it (built-in towers, a BPE whose ``<eos>`` is id 2)."""
-    values = {
-        "embed_dim": 32,
-        "image": {"image_size": 32, "patch_size": 8, "width": 48, "depth": 2, "heads": 2},
-        "text": {"width": 48, "depth": 2, "heads": 2, "context_length": CONTEXT_LENGTH},
-    }
-    for section, changes in model_changes.items():
-        values[section].update(changes)
-    loss = "siglip" if siglip else "clip"
-    config = config_from_dict({"model": values, "loss": {"kind": loss}})
-    tokenizer = train_bpe_tokenizer([" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))] * 2, 300)
-    torch.manual_seed(0)
-    model = build_model(config, tokenizer)
-    path = folder / "model.pt"
-    payload = {"config": config_to_dict(config), "tokenizer": tokenizer.state_dict(), "model": model.state_dict()}
-    save_checkpoint(path, {**payload, "step": 0})
-    return path, tokenizer
 
 
 def test_a_bpe_model_exports_with_eos_renumbered_and_transformers_agrees(tmp_path: Path, capsys) -> None:

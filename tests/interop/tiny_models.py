@@ -4,11 +4,17 @@
   ``vocab.json`` / ``merges.txt`` built from the merges file open_clip ships) and a ``CLIPImageProcessor``;
 * :func:`write_hf_siglip`: a random ``SiglipModel`` with a SentencePiece tokenizer trained here on the shapes
   vocabulary, and a ``SiglipImageProcessor``;
-* :func:`write_open_clip`: a random open_clip ViT model from ``open_clip.create_model`` with a custom config.
+* :func:`write_open_clip`: a random open_clip ViT model from ``open_clip.create_model`` with a custom config;
+  :func:`write_open_clip_folder`: the same as a hub-style folder (``open_clip_config.json`` with its
+  ``preprocess_cfg``, ``open_clip_model.safetensors``) that ``open_clip.create_model_and_transforms("local-dir:...")``
+  loads;
+* :func:`write_trained_style_checkpoint`: a clipforge checkpoint as ``clipforge train`` builds it;
+* :func:`photos`: two real photographs, 640 x 427 and 427 x 640 (scikit-learn's sample images, shipped offline).
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -26,6 +32,21 @@ WORDS = "a an the of photo small large red green blue yellow circle square squar
 # a logit scale no clipforge run starts from (CLIP starts at log(1 / 0.07) = 2.66): a run that kept it was
 # initialized from the import
 IMPORTED_LOGIT_SCALE = math.log(30.0)
+
+
+@functools.cache
+def _sample_images() -> tuple:
+    datasets = pytest.importorskip("sklearn.datasets", reason="the sample photographs ship with scikit-learn")
+    return tuple(datasets.load_sample_images().images)  # china.jpg, flower.jpg: (427, 640, 3) uint8
+
+
+def photos() -> list:
+    """Two photographs, landscape 640 x 427 and portrait 427 x 640 (PIL RGB): resized to a tiny model's 32 px, the
+    long side is 47 px and the crop offset 7.5, where torchvision's rounding (8) and transformers' (7) part."""
+    from PIL import Image
+
+    china, flower = _sample_images()
+    return [Image.fromarray(china), Image.fromarray(flower).transpose(Image.Transpose.TRANSPOSE)]
 
 
 def image_batch(size: int = 32, batch: int = 3) -> torch.Tensor:
@@ -120,3 +141,43 @@ def write_open_clip(folder: Path, config: dict | None = None, name: str = "tiny-
     weights = folder / f"{name}.pt"
     torch.save(model.state_dict(), weights)
     return config_path, weights, model
+
+
+def write_open_clip_folder(
+    folder: Path, preprocess_cfg: dict, config: dict | None = None, name: str = "tiny-folder"
+) -> tuple[Path, Path]:
+    """``(open_clip_config.json, open_clip_model.safetensors)``: a tiny open_clip model as a hub repository holds it,
+    with its ``preprocess_cfg``; ``open_clip.create_model_and_transforms(f"local-dir:{folder}")`` loads both."""
+    from safetensors.torch import save_file
+
+    _, weights, model = write_open_clip(folder / "source", config, name=name)
+    folder.mkdir(parents=True, exist_ok=True)
+    config_path = folder / "open_clip_config.json"
+    config_path.write_text(json.dumps({"model_cfg": config or OPEN_CLIP_CONFIG, "preprocess_cfg": preprocess_cfg}))
+    weights = folder / "open_clip_model.safetensors"
+    save_file({key: value.contiguous() for key, value in model.state_dict().items()}, str(weights))
+    return config_path, weights
+
+
+def write_trained_style_checkpoint(folder: Path, siglip: bool = False, **model_changes) -> tuple[Path, object]:
+    """A clipforge model as ``clipforge train`` builds it (built-in towers, a BPE whose ``<eos>`` is id 2)."""
+    from clipforge.checkpoint import build_model, save_checkpoint
+    from clipforge.config import config_from_dict, config_to_dict
+    from clipforge.data.tokenize import train_bpe_tokenizer
+
+    values = {
+        "embed_dim": 32,
+        "image": {"image_size": 32, "patch_size": 8, "width": 48, "depth": 2, "heads": 2},
+        "text": {"width": 48, "depth": 2, "heads": 2, "context_length": CONTEXT_LENGTH},
+    }
+    for section, changes in model_changes.items():
+        values[section].update(changes)
+    loss = "siglip" if siglip else "clip"
+    config = config_from_dict({"model": values, "loss": {"kind": loss}})
+    tokenizer = train_bpe_tokenizer([" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))] * 2, 300)
+    torch.manual_seed(0)
+    model = build_model(config, tokenizer)
+    path = folder / "model.pt"
+    payload = {"config": config_to_dict(config), "tokenizer": tokenizer.state_dict(), "model": model.state_dict()}
+    save_checkpoint(path, {**payload, "step": 0})
+    return path, tokenizer

@@ -26,7 +26,7 @@ from clipforge.data.samples import SkippedSample
 from clipforge.data.tokenize import Tokenizer
 from clipforge.data.transforms import build_image_transform
 from clipforge.model import CLIPModel, resolve_image_preprocess
-from clipforge.runtime import forward_in_cpu_chunks
+from clipforge.runtime import forward_in_cpu_chunks, usable_workers
 
 
 @dataclass
@@ -113,13 +113,13 @@ def encode_source_images(
     loader = DataLoader(
         _Indexed(ImageTextDataset(source, transform)),
         batch_size=batch_size,
-        num_workers=num_workers,
+        num_workers=usable_workers(num_workers),
         collate_fn=_collate_eval,
     )
     device = _model_device(model)
     if memo is None or not model.image_locked:
         return _tower_images(loader, device, model.encode_image, autocast, len(source))
-    key = (id(source), preprocess.image_size)
+    key = (id(source), preprocess)  # the whole rule: two resize rules of one size never share features
     if key not in memo.images:
         memo.images[key] = _tower_images(loader, device, model.image_tower, autocast, len(source))
         memo._sources.append(source)

@@ -23,7 +23,7 @@ from PIL import Image
 
 from clipforge.checkpoint import LoadedCheckpoint
 from clipforge.data.base import decode_image
-from clipforge.data.transforms import build_image_transform
+from clipforge.data.transforms import ImagePreprocess, build_image_transform, eval_view_box
 from clipforge.eval.features import encode_texts
 from clipforge.explain.gradcam import gradcam_maps
 from clipforge.explain.rollout import has_patch_attention, rollout_maps, text_conditioned_maps
@@ -59,11 +59,12 @@ def resolve_method(loaded: LoadedCheckpoint, method: str = "auto") -> str:
     return method
 
 
-def center_square(image: Image.Image) -> Image.Image:
-    """The centered square crop of ``image``: what resize-short-side + center-crop keeps, at full resolution."""
-    side = min(image.size)
-    left, top = (image.width - side) // 2, (image.height - side) // 2
-    return image.crop((left, top, left + side, top + side))
+def model_view(image: Image.Image, preprocess: ImagePreprocess) -> Image.Image:
+    """The part of ``image`` the model sees through ``preprocess``, at full resolution: the whole image for a
+    squash resize, the region of the center crop for a shortest-edge resize (``eval_view_box``). A heat map is
+    drawn over exactly this."""
+    left, top, right, bottom = eval_view_box(preprocess, image.width, image.height)
+    return image.crop((round(left), round(top), round(right), round(bottom)))
 
 
 def _scale(maps: torch.Tensor) -> torch.Tensor:
@@ -85,7 +86,8 @@ def explain(
         raise ValueError("explain needs at least one image and one text")
     method = resolve_method(loaded, method)
     model = loaded.model
-    transform = build_image_transform(resolve_image_preprocess(loaded.config.model.image))
+    preprocess = resolve_image_preprocess(loaded.config.model.image)
+    transform = build_image_transform(preprocess)
     originals = [image if isinstance(image, Image.Image) else decode_image(image) for image in images]
     device = next(model.parameters()).device
     pixels = torch.stack([transform(image) for image in originals]).to(device)
@@ -102,7 +104,7 @@ def explain(
         similarities = (model.encode_image(pixels).float() @ text_features.T).cpu()  # (B, N_text) cosine
     return [
         [
-            Explanation(center_square(original), text, maps[i, t].numpy(), method, float(similarities[i, t]))
+            Explanation(model_view(original, preprocess), text, maps[i, t].numpy(), method, float(similarities[i, t]))
             for t, text in enumerate(texts)
         ]
         for i, original in enumerate(originals)

@@ -8,7 +8,8 @@
   ``eos_token_id == 2``, as transformers does for old CLIP configs); SigLIP = no class token, attention pooling
   (``pool: map``), patch bias, bidirectional text pooled at the last position, a text head with a bias and no
   image projection, ``loss.kind: siglip`` (it has a logit bias);
-* ``preprocessor_config.json`` -> ``model.image.image_size`` / ``mean`` / ``std`` / ``interpolation``;
+* ``preprocessor_config.json`` -> ``model.image.mean`` / ``std`` / ``interpolation`` and the resize rule
+  (:func:`read_preprocess`): what ``AutoImageProcessor.from_pretrained(folder)`` does by default, exactly;
 * the tokenizer files -> the checkpoint's tokenizer (CLIP's BPE, SigLIP's SentencePiece, through transformers);
   SigLIP pads every text to the full length (``tokenizer.padding: max_length``);
 * the weights (``model.safetensors``, sharded or not, or ``pytorch_model.bin`` read with ``weights_only``) ->
@@ -130,43 +131,84 @@ def _tower_fields(tower_config: Any, where: str, tower: str) -> dict[str, Any]:
     }
 
 
-def read_preprocess(folder: Path, model_type: str, image_size: int, where: str) -> dict[str, Any]:
-    """``mean`` / ``std`` / ``interpolation`` of ``preprocessor_config.json`` (the family's own without one).
+def _size_dict(value: Any, square: bool) -> dict[str, Any]:
+    """An image processor's ``size`` / ``crop_size`` as a dict; older configs store an int (``size`` = the short
+    side, as transformers reads it for CLIP and SigLIP; ``crop_size`` = a square)."""
+    if isinstance(value, dict):
+        return {key: entry for key, entry in value.items() if entry is not None}
+    if isinstance(value, int):
+        return {"height": value, "width": value} if square else {"shortest_edge": value}
+    return {}
 
-    clipforge resizes the short side to ``image_size`` and center-crops; a processor that does otherwise (a
-    larger resize before the crop; SigLIP's resize of the whole image to a square) is logged: for square images
-    the two agree.
+
+def _processor_family(raw: dict[str, Any], model_type: str) -> str:
+    """Whose defaults fill what ``raw`` leaves out: its ``image_processor_type``'s, else the model's family."""
+    processor = str(raw.get("image_processor_type") or "")
+    return "clip" if processor.startswith("CLIP") else "siglip" if processor.startswith("Siglip") else model_type
+
+
+def _resize_rule(raw: dict[str, Any], family: str, image_size: int, where: str) -> dict[str, Any]:
+    """The resize fields of a processor config ``raw`` (see :class:`clipforge.data.transforms.ImagePreprocess`).
+
+    ``size: {height, width}`` without a crop -> ``squash`` (SigLIP's processor); ``size: {shortest_edge}`` with a
+    center crop of ``image_size`` -> ``shortest`` with ``resize_size`` = the edge (CLIP's). Both with transformers'
+    crop rounding (down) and its default backend, torchvision's tensor resize. What has no exact counterpart
+    (``longest_edge``, a non-square or missing crop, a resize that is off) is logged and read as the family's
+    own rule at the model's image size.
     """
-    mean, std = (CLIP_MEAN, CLIP_STD) if model_type == "clip" else (SIGLIP_MEAN, SIGLIP_STD)
+    family_size = {"height": image_size, "width": image_size} if family == "siglip" else {}
+    size = _size_dict(raw.get("size"), square=False) or family_size or {"shortest_edge": image_size}
+    do_crop = raw.get("do_center_crop", family == "clip")
+    crop = _size_dict(raw.get("crop_size"), square=True) or {"height": image_size, "width": image_size}
+    # what transformers does whatever the sizes: crop offsets rounded down, its default backend's tensor resize
+    rule = {"crop_rounding": "floor", "resize_backend": "torchvision"}
+    square = {"height": image_size, "width": image_size}
+    if raw.get("do_resize", True) and set(size) == {"height", "width"}:
+        if size == square and (not do_crop or crop == square):
+            return {**rule, "resize_mode": "squash"}
+    elif raw.get("do_resize", True) and set(size) == {"shortest_edge"}:
+        edge = int(size["shortest_edge"])
+        if do_crop and crop == square and edge >= image_size:
+            return {**rule, "resize_mode": "shortest", "resize_size": edge if edge != image_size else None}
+    fallback = "squash" if family == "siglip" else "shortest"
+    logger.warning(
+        "%s: the image processor's resize (do_resize=%s, size=%s, do_center_crop=%s, crop_size=%s) has no exact "
+        "clipforge counterpart for this %s px model; images are resized as %r at %s px, which differs from "
+        "transformers' preprocessing on some images",
+        where,
+        raw.get("do_resize", True),
+        size,
+        do_crop,
+        crop,
+        image_size,
+        fallback,
+        image_size,
+    )
+    return {**rule, "resize_mode": fallback}
+
+
+def read_preprocess(folder: Path, model_type: str, image_size: int, where: str) -> dict[str, Any]:
+    """``mean`` / ``std`` / ``interpolation`` and the resize rule of ``preprocessor_config.json`` (the family's
+    own without one): what ``AutoImageProcessor.from_pretrained(folder)`` does to an image.
+
+    transformers 5 gives the torchvision backend by default (``CLIPImageProcessor`` / ``SiglipImageProcessor``;
+    the PIL ones, ``backend="pil"``, differ by one level in a few pixels), which center-crops at
+    (resized - crop) // 2: the import reads ``resize_backend: torchvision``, ``crop_rounding: floor``.
+    """
     path = folder / "preprocessor_config.json"
     raw = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    family = _processor_family(raw, model_type)
+    mean, std = (CLIP_MEAN, CLIP_STD) if family == "clip" else (SIGLIP_MEAN, SIGLIP_STD)
     resample = raw.get("resample", 3)
     interpolation = PIL_RESAMPLE.get(resample)
     if interpolation is None:
         logger.warning("%s: resample=%s has no clipforge counterpart; images are resized bicubic", where, resample)
         interpolation = "bicubic"
-    size = raw.get("size") or {}
-    if isinstance(size, dict) and ("height" in size or "width" in size) and model_type == "siglip":
-        logger.warning(
-            "%s: SigLIP's processor resizes the whole image to %s x %s; clipforge resizes the short side and "
-            "center-crops (the same for square images)",
-            where,
-            size.get("height"),
-            size.get("width"),
-        )
-    shortest = size.get("shortest_edge") if isinstance(size, dict) else size
-    if shortest is not None and shortest != image_size:
-        logger.warning(
-            "%s: the processor resizes the short side to %s before its %s px crop; clipforge resizes it to %s",
-            where,
-            shortest,
-            image_size,
-            image_size,
-        )
     return {
         "mean": [float(v) for v in raw.get("image_mean", mean)],
         "std": [float(v) for v in raw.get("image_std", std)],
         "interpolation": interpolation,
+        **_resize_rule(raw, family, image_size, where),
     }
 
 

@@ -12,6 +12,14 @@ or ``last``, with a linear text projection (``proj_bias`` or not) or none; ``qui
 ``norm_kwargs.eps`` and ``init_logit_bias`` (a SigLIP-loss model) are kept. timm towers (ConvNeXt, open_clip's
 SigLIP ViTs), ModifiedResNets, Hugging Face text towers, CoCa and layer scale are refused, naming the field.
 The tokenizer is CLIP's BPE (:mod:`clipforge.interop.clip_bpe`), or ``text_cfg.hf_tokenizer_name``'s.
+
+Preprocessing is open_clip's ``image_transform`` exactly: ``preprocess_cfg`` (else the ``vision_cfg`` keys older
+configs carry) gives mean/std, interpolation and ``resize_mode`` (``shortest``: short side to the image size, then
+torchvision's CenterCrop, offsets rounded half to even; ``squash``: the whole image to a square), all resized by
+PIL as open_clip's torchvision transforms do on PIL images. ``resize_mode: longest`` (a letterbox padded with
+``fill_color``) has no counterpart: it is logged and read as ``shortest``. A model config without a
+``preprocess_cfg`` says nothing of the pretrained tag's own (open_clip keeps those in its code: DFN5B's ``squash``,
+for one): use the hub repository's ``open_clip_config.json``, which holds it.
 """
 
 from __future__ import annotations
@@ -150,8 +158,15 @@ def _image_fields(vision: dict[str, Any], act: str, preprocess: dict[str, Any], 
             "%s: interpolation=%r has no clipforge counterpart; images are resized bicubic", where, interpolation
         )
         interpolation = "bicubic"
-    if preprocess.get("resize_mode", vision.get("resize_mode", "shortest")) != "shortest":
-        logger.warning("%s: open_clip's resize_mode is not 'shortest'; clipforge resizes the short side", where)
+    resize_mode = preprocess.get("resize_mode", vision.get("resize_mode")) or "shortest"
+    if resize_mode not in ("shortest", "squash"):
+        logger.warning(
+            "%s: open_clip's resize_mode=%r (the long side to the image size, padded to a square) has no clipforge "
+            "counterpart; images are resized as 'shortest' (short side, then a center crop), which differs",
+            where,
+            resize_mode,
+        )
+        resize_mode = "shortest"
     return {
         "kind": "vit",
         "image_size": _square(vision.get("image_size", 224), where, "vision_cfg.image_size"),
@@ -166,6 +181,10 @@ def _image_fields(vision: dict[str, Any], act: str, preprocess: dict[str, Any], 
         "mean": list(preprocess.get("mean", vision.get("image_mean", CLIP_MEAN))),
         "std": list(preprocess.get("std", vision.get("image_std", CLIP_STD))),
         "interpolation": interpolation,
+        # open_clip's transforms: torchvision's Resize / CenterCrop on PIL images
+        "resize_mode": resize_mode,
+        "crop_rounding": "round",
+        "resize_backend": "pil",
     }
 
 

@@ -42,6 +42,9 @@ def resolve_image_preprocess(cfg: ImageTowerConfig) -> ImagePreprocess:
     ``interpolation``), else the tower's own: for timm the pretrained config of ``name`` (or ``name.tag``) from
     timm's local registry (falling back to 224 px, ImageNet mean/std, bicubic for a name it does not know); for
     torchvision 224 px, ImageNet mean/std, bilinear; for the built-in ViT 64 px, CLIP's mean/std, bicubic.
+    The resize rule is ``cfg``'s as it stands (``resize_mode``, ``resize_size``, ``crop_rounding``,
+    ``resize_backend``; by default the short side to the size, torchvision's crop rounding, PIL's resize, as
+    open_clip and timm evaluate): imports set it to their source's.
     """
     if cfg.kind == "vit":
         size, mean, std, interpolation = BUILTIN_VIT_IMAGE_SIZE, CLIP_MEAN, CLIP_STD, "bicubic"
@@ -55,7 +58,16 @@ def resolve_image_preprocess(cfg: ImageTowerConfig) -> ImagePreprocess:
         mean, std = tuple(float(v) for v in cfg.mean), tuple(float(v) for v in cfg.std)
     size = cfg.image_size or size
     interpolation = cfg.interpolation or interpolation
-    return ImagePreprocess(image_size=size, mean=mean, std=std, interpolation=interpolation)
+    return ImagePreprocess(
+        image_size=size,
+        mean=mean,
+        std=std,
+        interpolation=interpolation,
+        resize_mode=cfg.resize_mode,
+        resize_size=cfg.resize_size,
+        crop_rounding=cfg.crop_rounding,
+        resize_backend=cfg.resize_backend,
+    )
 
 
 def _timm_preprocess(cfg: ImageTowerConfig) -> tuple[int, tuple, tuple, str]:
