@@ -6,8 +6,10 @@ import contextlib
 import ctypes
 import ctypes.util
 import functools
+import logging
 import os
 import random
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -16,15 +18,24 @@ import numpy as np
 import torch
 
 from clipforge.config import ConfigError
+from clipforge.config.validation import check_device_name
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> the first CUDA device when there is one, else the CPU."""
+def resolve_device(name: str, field: str = "train.device") -> torch.device:
+    """``auto`` -> the first CUDA device when there is one, else the CPU; ``cpu``, ``cuda``, ``cuda:N`` as named
+    (ConfigError naming ``field`` for anything else, or for a CUDA device this machine lacks)."""
+    check_device_name(name, field)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name!r} but CUDA is not available here; use train.device=cpu or auto")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{field}={name!r} but CUDA is not available here; use {field}=cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"{field}={name!r} but this machine has {torch.cuda.device_count()} CUDA devices (cuda:0 to "
+                f"cuda:{torch.cuda.device_count() - 1})"
+            )
     return device
 
 
@@ -34,6 +45,38 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# loader processes per CPU core worth starting: decoding is CPU-bound, so more only queue up and take memory
+# (PyTorch's DataLoader warns beyond one per core, too)
+WORKERS_PER_CORE = 1
+
+
+def usable_workers(requested: int, what: str = "data.num_workers") -> int:
+    """``requested`` loader processes, or :data:`WORKERS_PER_CORE` per core of this machine when that is fewer
+    (logged once): every loader's batches are the same whatever its number of workers, and a thousand forked
+    processes would only exhaust the memory."""
+    limit = WORKERS_PER_CORE * (os.cpu_count() or 1)
+    if requested <= limit:
+        return requested
+    _warn_once(f"{what}={requested} on a machine with {os.cpu_count()} cores: starting {limit} loader processes")
+    return limit
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    logging.getLogger("clipforge").warning(message)
+
+
+def ignore_interrupt_signals(_worker_id: int = 0) -> None:
+    """A loader worker's ``worker_init_fn``: ignore SIGINT and SIGTERM.
+
+    Ctrl-C signals the terminal's whole process group, and a job scheduler's SIGTERM often does too; the main
+    process then finishes its step, saves and stops, which needs its workers alive until it shuts them down
+    (they exit with it: PyTorch's workers watch their parent).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def seed_everything(seed: int) -> None:
@@ -73,19 +116,12 @@ HEAP_MMAP_THRESHOLD = 32 * 2**20  # glibc's largest mmap threshold on 64-bit sys
 HEAP_TRIM_THRESHOLD = 2**30
 
 
-@functools.cache
-def keep_freed_memory_in_the_heap() -> bool:
-    """On glibc, let the heap keep and reuse freed blocks up to 32 MiB instead of returning them to the
-    system: ``mallopt(M_MMAP_THRESHOLD, 32 MiB)`` and ``mallopt(M_TRIM_THRESHOLD, 1 GiB)``. Returns whether it
-    was set (False elsewhere, or when ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` are set: the
-    user chose). Called by the ``clipforge`` command and by ``train``; once per process.
-
-    Why: a CPU forward allocates each activation afresh (a ViT MLP's GELU input at batch 64: 17 MB). Above
-    glibc's mmap threshold every such block is mapped from the system and page-faulted in, one zeroed page at
-    a time, on every op of every step, and unmapped again when freed; on 2 cores that page-faulting cost the
-    tiny benchmark ViT a third of its embedding time (benchmarks/README.md). Kept in the heap, a block is
-    reused warm. The cost: up to 1 GiB of freed memory stays mapped to the process (its peak is unchanged).
-    """
+def set_heap_thresholds(mmap_threshold: int, trim_threshold: int) -> bool:
+    """On glibc, serve blocks up to ``mmap_threshold`` bytes from the heap (larger ones are mapped from the system
+    and unmapped when freed) and give the heap's free top back to the system beyond ``trim_threshold``:
+    ``mallopt(M_MMAP_THRESHOLD)`` and ``mallopt(M_TRIM_THRESHOLD)``. Fixing them also stops glibc's own rule of
+    raising the mmap threshold to the largest block freed. Returns whether it was set (False elsewhere, or when
+    ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` are set: the user chose)."""
     if not sys.platform.startswith("linux") or {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"} & set(os.environ):
         return False
     try:
@@ -94,9 +130,22 @@ def keep_freed_memory_in_the_heap() -> bool:
     except (OSError, AttributeError):  # not glibc (musl has no mallopt)
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD)) and bool(
-        mallopt(_M_TRIM_THRESHOLD, HEAP_TRIM_THRESHOLD)
-    )
+    return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+
+
+@functools.cache
+def keep_freed_memory_in_the_heap() -> bool:
+    """:func:`set_heap_thresholds` for computing: freed blocks up to 32 MiB stay in the heap for reuse, 1 GiB of
+    free heap is kept. Called by the ``clipforge`` command and by ``train``; once per process (a long-running
+    server sets its own, ``clipforge.search.server``).
+
+    Why: a CPU forward allocates each activation afresh (a ViT MLP's GELU input at batch 64: 17 MB). Above
+    glibc's mmap threshold every such block is mapped from the system and page-faulted in, one zeroed page at
+    a time, on every op of every step, and unmapped again when freed; on 2 cores that page-faulting cost the
+    tiny benchmark ViT a third of its embedding time (benchmarks/README.md). Kept in the heap, a block is
+    reused warm. The cost: up to 1 GiB of freed memory stays mapped to the process (its peak is unchanged).
+    """
+    return set_heap_thresholds(HEAP_MMAP_THRESHOLD, HEAP_TRIM_THRESHOLD)
 
 
 # Pixels per image-tower forward on the CPU. Large CPU batches were slow with glibc's default allocator:

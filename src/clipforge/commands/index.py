@@ -16,13 +16,18 @@ def register(commands: argparse._SubParsersAction) -> None:
     build.add_argument("--index", required=True, help="the embedding folder")
     build.add_argument("--kind", default="images", choices=["images", "texts"])
     build.add_argument("--ann", default="ivf", choices=["ivf", "hnsw"], help="inverted lists or a graph")
-    build.add_argument("--nlist", type=int, default=None, help="IVF cells; default sqrt(N)")
-    build.add_argument("--hnsw-m", type=int, default=32, help="HNSW neighbours per node")
-    build.add_argument("--target-recall", type=float, default=0.95, help="recall@10 the search knob is tuned to")
+    # the ranges are build_faiss_index's (it checks them, for the Python API too): FAISS aborts outside them
+    build.add_argument("--nlist", type=int, default=None, help="IVF cells, 1 to the rows indexed; default sqrt(N)")
+    build.add_argument("--hnsw-m", type=int, default=32, help="HNSW neighbours per node, 2 to 512")
+    build.add_argument(
+        "--target-recall", type=float, default=0.95, help="recall@10 the search knob is tuned to, in (0, 1]"
+    )
     build.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> None:
+    """Build the index; a bad parameter, a damaged folder or a folder another process writes (FolderBusyError)
+    is one line and exit code 2."""
     with user_errors("index build"):
         report = build_faiss_index(
             EmbeddingStore(args.index), args.kind, args.ann, args.nlist, args.hnsw_m, args.target_recall

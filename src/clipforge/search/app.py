@@ -16,11 +16,16 @@ Parameters are parsed once each (``parse_row``, ``parse_k``, ``parse_query``): a
 below the index size, ``k`` a whole number from 1 to ``MAX_K``, a query 1 to ``MAX_QUERY_CHARS`` characters.
 
 Memory and load stay bounded whatever the requests (``ServerLimits``): an image over ``MAX_IMAGE_PIXELS`` is
-refused with 413; explain works on the center square the model sees, downscaled to ``THUMBNAIL`` px before
-the heat map is coloured; at most ``heavy_requests`` explains and ``image_requests`` thumbnails decode at
-once, and one model call runs at a time; a request that waits longer than its limit for a slot gets 503
-(``Retry-After``), and uvicorn answers 503 beyond ``connections`` open connections. The page accepts no
-uploads (it only reads), so there is no request body to bound.
+a 413; a JPEG file decodes at 1/2, 1/4 or 1/8 scale when that still gives ``THUMBNAIL`` px a side
+(``decode_reduced``); other images decode whole (36 megapixels: ~108 MB, twice that while turned upright), at
+most ``full_decodes`` at once, and only their ``THUMBNAIL`` px copy outlives the decode; explain colours the
+center square the model sees at ``THUMBNAIL`` px. At most ``heavy_requests`` explains and ``image_requests``
+thumbnails run at once, one model call at a time; a request that waits longer than its limit gets a 503
+(``Retry-After``); a failed allocation while decoding is a 503 too. The HTTP side (``clipforge.search.server``)
+bounds the clients: headers complete within ``header_timeout_s`` (trickled bytes do not extend it), idle
+connections close after ``keep_alive_s``, a client that stops reading is dropped after ``send_timeout_s``, at
+most ``connections`` are open (a stalled one makes room for a newcomer, else the newcomer gets a JSON 503); the
+heap gives freed pixel memory back. There are no uploads, so no request body to bound.
 
 Paths: the API shows an image's id and path relative to the folder of the source it was embedded from
 (``photos/cat.jpg`` for ``/data/photos/cat.jpg`` embedded from ``/data``; the file name when it lies
@@ -37,16 +42,25 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
 from PIL import Image
 
-from clipforge.data.base import MAX_IMAGE_PIXELS, DataError, ImageLoadError, ImageTooLargeError
-from clipforge.explain.heatmap import center_square, resolve_method
+from clipforge.data.base import (
+    MAX_IMAGE_PIXELS,
+    DataError,
+    ImageLoadError,
+    ImageTooLargeError,
+    decode_image,
+    open_regular_file,
+)
+from clipforge.data.transforms import ImagePreprocess, eval_view_box
 from clipforge.explain.heatmap import explain as explain_pairs
+from clipforge.explain.heatmap import resolve_method
+from clipforge.model import resolve_image_preprocess
 from clipforge.search.index import Index, SearchHit
 from clipforge.viz import overlay_heatmap
 
@@ -67,10 +81,14 @@ class ServerLimits:
 
     heavy_requests: int = 2  # explains at once: each decodes an image, runs the model and colours a map
     heavy_wait_s: float = 10.0
-    image_requests: int = 4  # thumbnails decoding at once (a 40-megapixel image is ~120 MB decoded)
+    image_requests: int = 4  # thumbnails at once
     image_wait_s: float = 10.0
+    full_decodes: int = 2  # full-size decodes at once (not JPEG files): up to ~240 MB each at the pixel limit
     model_wait_s: float = 30.0  # for the one model call at a time
-    connections: int = 64  # open connections uvicorn serves; beyond them it answers 503 at once
+    connections: int = 64  # open connections, and the HTTP timeouts below: see clipforge.search.server
+    header_timeout_s: float = 10.0  # from ready-for-a-request to complete headers; trickled bytes do not extend it
+    keep_alive_s: float = 5.0  # an idle connection between requests
+    send_timeout_s: float = 30.0  # a client that stops reading its answer
 
 
 class _BadRequest(Exception):
@@ -136,14 +154,35 @@ class _Gate:
             self._slots.release()
 
 
-def overlay_input(picture: Image.Image, side: int = THUMBNAIL) -> Image.Image:
-    """The center square of ``picture`` (what the model sees, and all that explain keeps), at most ``side``
-    px square: the heat map is coloured at this size, so a 40-megapixel photo costs a 512 x 512 overlay
-    rather than gigabytes of float colour maps."""
-    square = center_square(picture)
-    if square.width > side:
-        square = square.resize((side, side), Image.Resampling.BICUBIC, reducing_gap=3.0)
-    return square
+def overlay_input(picture: Image.Image, preprocess: ImagePreprocess, side: int = THUMBNAIL) -> Image.Image:
+    """The part of ``picture`` the model sees (``eval_view_box``: the center crop, or all of a squashed image; what
+    explain's heat map covers), at most ``side`` px on its longer side: the heat map is coloured at this size, so
+    a 40-megapixel photo costs a 512 px overlay rather than gigabytes of float colour maps."""
+    box = eval_view_box(preprocess, picture.width, picture.height)
+    width, height = box[2] - box[0], box[3] - box[1]
+    scale = min(1.0, side / max(width, height))
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    # cropped and downscaled in one pass: no full-size copy of the region (~100 MB at 36 megapixels)
+    return picture.resize(size, Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
+
+
+def decode_reduced(path: str, side: int = THUMBNAIL) -> Image.Image | None:
+    """A JPEG file decoded at a reduced scale that keeps both sides at least ``side`` px (``decode_image``'s
+    ``max_side``); None for any other format, or for anything unusual (over the pixel limit, unreadable, corrupt):
+    the caller then decodes it whole, behind the gate of full decodes, which reports it the usual way."""
+    try:
+        # the header only (a regular file: a FIFO named x.jpg would block open() forever)
+        with open_regular_file(path, "image file") as handle, Image.open(handle) as image:
+            if image.format != "JPEG":
+                return None
+        return decode_image(path, max_side=side)
+    except Exception:  # every failure is reported by the usual decoder, which runs next
+        return None
+
+
+def _thumbnail(picture: Image.Image) -> Image.Image:
+    picture.thumbnail((THUMBNAIL, THUMBNAIL))
+    return picture
 
 
 def _encode(image: Image.Image, image_format: str) -> bytes:
@@ -172,12 +211,14 @@ class SearchPage:
         self.index = index
         # a method the image tower lacks fails here, when the server starts, not on every request
         self.method = resolve_method(index.loaded, explain_method)
+        self.preprocess = resolve_image_preprocess(index.loaded.config.model.image)
         self.show_paths = show_paths
         self.roots = [_source_root(spec) for spec in index.store.meta["sources"]]
         # one model call at a time: requests run in a thread pool, and two CPU-bound passes would only thrash
         self.model = _Gate(1, limits.model_wait_s, "queries")
         self.heavy = _Gate(limits.heavy_requests, limits.heavy_wait_s, "heat maps")
         self.images = _Gate(limits.image_requests, limits.image_wait_s, "images")
+        self.decodes = _Gate(limits.full_decodes, limits.image_wait_s, "large images")
 
     # -- the endpoints ---------------------------------------------------------------------------------
     def info(self) -> dict:
@@ -204,15 +245,13 @@ class SearchPage:
     def thumbnail(self, key: str) -> bytes:
         row = parse_row(key, len(self.index))
         with self.images.enter():
-            picture = self._load(row)
-            picture.thumbnail((THUMBNAIL, THUMBNAIL))
-            return _encode(picture, "JPEG")
+            return _encode(self._load(row, _thumbnail), "JPEG")
 
     def explain(self, row: str, q: str) -> bytes:
         image_row = parse_row(row, len(self.index))
         text = parse_query(q, "explain needs the query text")
         with self.heavy.enter():
-            square = overlay_input(self._load(image_row))  # the full picture is dropped here
+            square = self._load(image_row, lambda picture: overlay_input(picture, self.preprocess))
             with self.model.enter():
                 explanation = explain_pairs(self.index.loaded, [square], [text], self.method)[0][0]
             return _encode(overlay_heatmap(explanation.image, explanation.heatmap), "PNG")
@@ -246,12 +285,25 @@ class SearchPage:
             )
         return {"results": results}
 
-    def _load(self, row: int) -> Image.Image:
-        """The image of ``row``; 413 when it is over ``MAX_IMAGE_PIXELS``, 404 when it cannot be read now."""
+    def _load(self, row: int, shrink: Callable[[Image.Image], Image.Image]) -> Image.Image:
+        """``shrink`` of the image of ``row``. A JPEG file decodes at a reduced scale; any other image decodes
+        whole, at most ``full_decodes`` at once, and only what ``shrink`` makes of it leaves this gate."""
+        path = self.index.table.paths[row]
+        picture = decode_reduced(path) if path else None
+        if picture is not None:
+            return shrink(picture)
+        with self.decodes.enter():
+            return shrink(self._decode(row))
+
+    def _decode(self, row: int) -> Image.Image:
+        """The image of ``row`` at full size; 413 over ``MAX_IMAGE_PIXELS``, 404 when it cannot be read now, 503
+        when there is no memory for it now."""
         try:
             picture = self.index.load_image(row)
         except ImageTooLargeError:
             raise self._too_large(row) from None
+        except MemoryError:
+            raise _BadRequest(503, f"the server has no memory to decode image {row} now; try again later") from None
         except (ImageLoadError, DataError, OSError) as error:
             raise _BadRequest(
                 404, f"image {row} cannot be read now: {self._without_folders(row, str(error))}"
@@ -361,26 +413,3 @@ def create_app(
     _add_routes(app, page)
     _add_error_handlers(app)
     return app
-
-
-def serve(
-    directory: str,
-    checkpoint: str,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    backend: str = "auto",
-    device: str = "cpu",
-    explain_method: str = "auto",
-    show_paths: bool = False,
-    limits: ServerLimits | None = None,
-) -> None:
-    """Open the index and run the page with uvicorn until interrupted."""
-    _fastapi()
-    import uvicorn
-
-    limits = limits or ServerLimits()
-    index = Index.load(directory, checkpoint, backend=backend, device=device)
-    app = create_app(index, explain_method, show_paths, limits)
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        logger.warning("serving on %s: anyone who can reach this address can search the index", host)
-    uvicorn.run(app, host=host, port=port, log_level="info", limit_concurrency=limits.connections)

@@ -24,11 +24,14 @@ from clipforge.eval.features import encode_texts
 from clipforge.io import weights_fingerprint
 from clipforge.model import resolve_image_preprocess
 from clipforge.search.exact import exact_search
-from clipforge.search.store import EmbeddingStore, StoreTable
+from clipforge.search.store import EmbeddingStore, StoreError, StoreTable
 
 logger = logging.getLogger("clipforge")
 
 BACKENDS = ("auto", "exact", "faiss")
+# stored rows and queries are unit vectors, so a true score lies in [-1, 1] (float16 rounding adds ~1e-3);
+# a FAISS index that answers outside this has corrupted codes
+_SCORE_LIMIT = 1.01
 
 
 @dataclass
@@ -48,6 +51,12 @@ class Index:
     ``kind``: search the ``images`` (default) or the ``texts`` of the folder. ``backend``: ``exact``
     (every stored row scored: see ``clipforge.search.exact``), ``faiss`` (the approximate index
     ``clipforge index build`` wrote) or ``auto`` (FAISS when its index exists and is current; else exact).
+
+    Opening reads and checks the folder (meta.json, every part, the table: ``StoreError`` names what is
+    damaged), so a damaged folder fails here, not at the first query. A FAISS index that cannot be trusted
+    (stale, truncated, corrupted: ``clipforge.search.ann.load_faiss_index``), or that answers a query with a
+    score no unit vectors give, is a ``FaissIndexError`` under ``backend="faiss"``; under ``auto`` it is one
+    warning naming the file and the fix, and exact search from then on.
     """
 
     def __init__(
@@ -70,8 +79,10 @@ class Index:
         self.loaded = loaded
         if loaded is not None:
             store.check_model(weights_fingerprint(loaded.model))
+        self.table  # noqa: B018 - read (and checked) now: every hit needs it, and a damaged one should stop here
         # one search thread per core torch may use (more would only queue up)
         self.workers = workers or max(1, min(os.cpu_count() or 1, torch.get_num_threads()))
+        self.backend = backend
         self.faiss = self._open_faiss(backend)
         self._sources: dict[int, object] = {}
 
@@ -98,9 +109,22 @@ class Index:
         except (ImportError, FileNotFoundError, ValueError) as error:
             if backend == "faiss":
                 raise
-            if not isinstance(error, FileNotFoundError):
+            if not isinstance(error, FileNotFoundError):  # none built: exact search is what was asked for
                 logger.warning("using exact search: %s", error)
             return None
+
+    def _distrust_faiss(self, scores: np.ndarray, rows: np.ndarray) -> None:
+        """Drop the FAISS index (``auto``: one warning) or raise (``faiss``): it answered what it cannot."""
+        from clipforge.search.ann import untrusted_index
+
+        worst = float(np.abs(scores).max()) if scores.size else 0.0
+        answer = f"a score of {worst:.4g} for unit vectors (at most 1)" if not worst <= _SCORE_LIMIT else "bad rows"
+        path = self.store.root / f"faiss-{self.kind}.index"
+        error = untrusted_index(self.store, self.kind, path, f"returned {answer}: it is corrupted")
+        if self.backend == "faiss":
+            raise error
+        logger.warning("using exact search: %s", error)
+        self.faiss = None
 
     @cached_property
     def table(self) -> StoreTable:
@@ -144,11 +168,21 @@ class Index:
 
     def search_vectors(self, queries: torch.Tensor, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """(scores, rows) of the top k for each query embedding (Q, D), best first."""
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+            raise ValueError(f"k={k!r}: the number of results must be a positive whole number")
+        width = self.matrices[0].shape[1]
+        if queries.ndim != 2 or queries.shape[1] != width:
+            raise ValueError(f"queries of shape {tuple(queries.shape)}: this index holds (rows, {width}) embeddings")
         queries = F.normalize(queries.float(), dim=-1)
-        if self.faiss is not None:
+        index = self.faiss
+        if index is not None:
             from clipforge.search.ann import faiss_search
 
-            return faiss_search(self.faiss, queries, k)
+            scores, rows = faiss_search(index, queries, k)
+            valid_rows = ((rows >= 0) & (rows < len(self))).all()
+            if valid_rows and np.isfinite(scores).all() and not (np.abs(scores) > _SCORE_LIMIT).any():
+                return scores, rows
+            self._distrust_faiss(scores, rows)
         return exact_search(self.matrices, queries.to(self.device), k, workers=self.workers)
 
     def search(
@@ -192,10 +226,16 @@ class Index:
         if table.paths[row]:
             return decode_image(table.paths[row])
         number = int(table.sources[row])
+        sources = self.store.meta["sources"]
+        if not 0 <= number < len(sources):
+            raise StoreError(
+                f"row {row} was embedded from source {number}, which {self.store.root / 'meta.json'} does not list "
+                f"(it lists {len(sources)}); embed its images again into a new folder"
+            )
         if number not in self._sources:
             from clipforge.data.inputs import open_image_source
 
-            self._sources[number] = open_image_source(self.store.meta["sources"][number])
+            self._sources[number] = open_image_source(sources[number])
         return self._sources[number].load_image(int(table.indices[row]))
 
 

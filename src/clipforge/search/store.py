@@ -7,17 +7,23 @@ Layout::
     EMB_DIR/images/part-000000.jsonl  one row per embedding row: {"id", "path", "source", "index"}
     EMB_DIR/images/failed.jsonl       {"id", "reason"} of images that did not decode in the last run
     EMB_DIR/texts/part-*.npy|jsonl    the same for captions: {"id": caption}
-    EMB_DIR/.lock                     held (``flock``) by the one process writing the folder
+    EMB_DIR/.clipforge.lock           held (``flock``) by the one process writing the folder
 
 Embeddings are appended as *parts*: a part's ``.npy`` is written first and its ``.jsonl`` last, each to a
 temporary name and renamed into place, so a part exists (is committed) exactly when its table does. A
 crashed run leaves whole parts behind and the next run skips the ids they hold (resume). Row ``r`` of the
 store is row ``r - offset`` of the part that holds it, parts taken in name order.
 
-A writer holds :func:`writer_lock` for its whole run, so two runs never append the same ids twice. Small
+A writer holds :func:`writer_lock` for its whole run, so two runs never append the same ids twice; an
+``index build`` holds it too. ``meta.json`` changes only through :meth:`EmbeddingStore.update_meta`: under the
+lock, on a fresh read, so a change by another process (a source added, an index recorded) is never lost. Small
 parts (a run commits one every few hundred images, so an interruption loses seconds of work) are merged
 by :meth:`EmbeddingStore.merge_parts` into one part with the same rows in the same order: every memory-mapped
 part holds a file descriptor and is one more block for a search to step through.
+
+Reading checks what it reads (``meta.json``'s fields, each part's shape and dtype, each table line, rows per
+part): a damaged folder raises :class:`StoreError` naming the file and the fix, never a traceback or rows
+that belong to other embeddings.
 """
 
 from __future__ import annotations
@@ -25,55 +31,135 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-try:
-    import fcntl
-except ImportError:  # Windows: no flock; the folder is then not protected against a second writer
-    fcntl = None
-
-from clipforge.io import atomic_write
+from clipforge.data.base import DataError
+from clipforge.io import FolderBusyError, atomic_write, folder_lock
 from clipforge.version import __version__
 
 FORMAT = "clipforge-embeddings"
 FORMAT_VERSION = 1
 KINDS = ("images", "texts")
 DTYPES = ("float16", "float32")
-LOCK_NAME = ".lock"
 _STAGED_TABLE = "merge-{number:06d}.jsonl"  # a merged part's table before it is committed
+# a meta.json update holds the lock for milliseconds: wait this long for another one before giving up (an
+# embed run or an index build holds it for minutes, and waiting for those would only look like a hang)
+META_WAIT_S = 5.0
+# meta.json holds a stamp, the model, a few sources and index entries: kilobytes; anything larger is not ours
+MAX_META_BYTES = 16 * 2**20
+_PART_FIX = "delete it and its .jsonl (or .npy), then run `clipforge embed` again to embed those items anew"
 
 
-class StoreBusyError(ValueError):
-    """Another process holds the embedding folder's write lock (another ``clipforge embed`` is writing it)."""
+class StoreError(DataError):
+    """An embedding folder that cannot be read as it is (``meta.json``, a part or a table damaged or foreign).
+
+    A :class:`~clipforge.data.base.DataError`: the command line prints its message as one line (exit 2) and the
+    web page answers 404 for an image it stops, not 500."""
 
 
 @contextlib.contextmanager
-def writer_lock(root: str | os.PathLike) -> Iterator[Path]:
-    """Hold the exclusive write lock of the embedding folder ``root`` (created if missing) inside the block.
+def writer_lock(root: str | os.PathLike, command: str = "embed") -> Iterator[Path]:
+    """Hold the embedding folder ``root``'s writer lock (created if missing) inside the block: the one folder lock
+    of every command (:func:`clipforge.io.folder_lock`), taken by ``command``.
 
-    ``flock(LOCK_EX | LOCK_NB)`` on ``root/.lock``: a second writer fails at once with ``StoreBusyError``
-    instead of waiting or appending the same ids again. The kernel drops the lock when its holder exits,
-    killed or not, so no stale lock is ever left behind to clean up.
+    A second writer (another ``clipforge embed``, an ``index build``) fails at once with
+    :class:`~clipforge.io.FolderBusyError` naming the holder, instead of waiting or appending the same ids again.
+    The kernel drops the lock when its holder exits, killed or not. Within the process holding it the lock nests,
+    so the holder's :meth:`EmbeddingStore.update_meta` takes it again without waiting.
     """
     root = Path(root)
     if root.is_file():
         raise FileExistsError(f"--out {str(root)!r} is a file; expected a folder for the embeddings")
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / LOCK_NAME, "a+b") as handle:  # closing the file releases the lock
-        if fcntl is not None:
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise StoreBusyError(
-                    f"another `clipforge embed` is writing {root} (it holds {root / LOCK_NAME}); "
-                    "wait for it to finish, or embed into another --out"
-                ) from None
+    with folder_lock(root, command):
         yield root
+
+
+@contextlib.contextmanager
+def _meta_lock(root: Path) -> Iterator[None]:
+    """:func:`writer_lock` of ``root`` (nested when this process holds it already), waiting up to
+    ``META_WAIT_S`` for another process's short hold."""
+    deadline = time.monotonic() + META_WAIT_S
+    while True:
+        stack = contextlib.ExitStack()
+        try:
+            stack.enter_context(writer_lock(root, "update meta.json"))
+        except FolderBusyError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
+            continue
+        with stack:
+            yield
+        return
+
+
+def read_meta(root: str | os.PathLike) -> dict[str, Any]:
+    """``root/meta.json``, checked: FileNotFoundError when ``root`` is no embedding folder, StoreError when the
+    file cannot be read, is not JSON, or lacks a field the readers use (format stamp, model, dtype, sources)."""
+    root = Path(root)
+    path = root / "meta.json"
+    if root.is_file():
+        raise StoreError(f"{root} is a file, not an embedding folder (the folder `clipforge embed --out` wrote)")
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{root} is not an embedding folder (no meta.json); create one with "
+            "`clipforge embed --checkpoint CKPT --images DIR --out EMB_DIR`"
+        )
+    try:
+        if path.stat().st_size > MAX_META_BYTES:
+            raise StoreError(f"{path} is over {MAX_META_BYTES >> 20} MiB: not the meta.json clipforge writes")
+        meta = json.loads(path.read_bytes())
+    except OSError as error:
+        raise StoreError(f"{path} cannot be read: {error.strerror or error}") from None
+    except (ValueError, RecursionError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise StoreError(
+            f"{path} is not valid JSON ({error}); the folder's record of its model and sources is damaged: "
+            "restore the file, or embed again into a new folder"
+        ) from None
+    _check_meta(meta, path)
+    return meta
+
+
+def _check_meta(meta: Any, path: Path) -> None:
+    """StoreError unless ``meta`` has every field the readers take from it, of the right type."""
+
+    def bad(what: str) -> StoreError:
+        return StoreError(f"{path}: {what}; it is not a meta.json `clipforge embed` wrote (or it was edited)")
+
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise bad(f"no '{FORMAT}' format stamp")
+    version = meta.get("format_version", 0)
+    if not _is_int(version):
+        raise bad(f"format_version {version!r} is not a whole number")
+    if version > FORMAT_VERSION:
+        raise StoreError(f"{path.parent} was written by a newer clipforge (format {version}); upgrade clipforge")
+    model = meta.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("fingerprint"), str):
+        raise bad("'model' is not an object with the weights' 'fingerprint'")
+    if not isinstance(model.get("checkpoint", ""), str) or not (model.get("step") is None or _is_int(model["step"])):
+        raise bad("'model' has a 'checkpoint' that is not a path or a 'step' that is not a whole number")
+    if "embed_dim" in model and not (_is_int(model["embed_dim"]) and model["embed_dim"] > 0):
+        raise bad(f"'model.embed_dim' {model['embed_dim']!r} is not a positive whole number")
+    if meta.get("dtype") not in DTYPES:
+        raise bad(f"'dtype' {meta.get('dtype')!r} is not one of {list(DTYPES)}")
+    sources = meta.get("sources")
+    if not isinstance(sources, list) or not all(isinstance(source, str) for source in sources):
+        raise bad("'sources' is not a list of strings")
+
+
+def _write_meta(root: Path, meta: dict[str, Any]) -> None:
+    text = json.dumps(meta, indent=2).encode()
+    atomic_write(root / "meta.json", lambda handle: handle.write(text), replace=True)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
 @dataclass
@@ -94,17 +180,8 @@ class EmbeddingStore:
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
-        meta_path = self.root / "meta.json"
-        if not meta_path.is_file():
-            raise FileNotFoundError(
-                f"{self.root} is not an embedding folder (no meta.json); create one with "
-                "`clipforge embed --checkpoint CKPT --images DIR --out EMB_DIR`"
-            )
-        self.meta: dict[str, Any] = json.loads(meta_path.read_text())
-        if self.meta.get("format") != FORMAT:
-            raise ValueError(f"{meta_path} is not a clipforge embedding folder's meta.json (no '{FORMAT}' stamp)")
-        if self.meta.get("format_version", 0) > FORMAT_VERSION:
-            raise ValueError(f"{self.root} was written by a newer clipforge (format {self.meta['format_version']})")
+        # a snapshot for reading; every change goes through update_meta, which reads the file afresh
+        self.meta: dict[str, Any] = read_meta(self.root)
 
     # -- creating and checking ---------------------------------------------------------------------
     @classmethod
@@ -118,19 +195,12 @@ class EmbeddingStore:
         """
         check_dtype(dtype)
         root = Path(root)
+        if root.is_file():
+            raise FileExistsError(f"--out {str(root)!r} is a file; expected a folder for the embeddings")
         if not (root / "meta.json").is_file():
-            if root.is_file():
-                raise FileExistsError(f"--out {str(root)!r} is a file; expected a folder for the embeddings")
-            root.mkdir(parents=True, exist_ok=True)
-            meta = {
-                "format": FORMAT,
-                "format_version": FORMAT_VERSION,
-                "clipforge_version": __version__,
-                "model": model_info,
-                "dtype": dtype,
-                "sources": [],
-            }
-            atomic_write(root / "meta.json", lambda handle: handle.write(json.dumps(meta, indent=2).encode()))
+            with _meta_lock(root):  # held already by an embed run; else two creators would race
+                if not (root / "meta.json").is_file():
+                    _write_meta(root, _new_meta(model_info, dtype))
         store = cls(root)
         stored = store.meta["model"]
         if stored["fingerprint"] != model_info["fingerprint"]:
@@ -152,16 +222,39 @@ class EmbeddingStore:
             )
 
     def source_number(self, spec: str) -> int:
-        """The number of image source ``spec`` in ``meta["sources"]``, adding it (and saving meta) if new."""
-        sources = self.meta["sources"]
-        if spec not in sources:
-            sources.append(spec)
-            self.save_meta()
-        return sources.index(spec)
+        """The number of image source ``spec`` in ``meta["sources"]``, adding it (through :meth:`update_meta`) if
+        new. Numbers never change: sources are only ever appended."""
 
-    def save_meta(self) -> None:
-        text = json.dumps(self.meta, indent=2).encode()
-        atomic_write(self.root / "meta.json", lambda handle: handle.write(text))
+        def add(meta: dict[str, Any]) -> None:
+            if spec not in meta["sources"]:
+                meta["sources"].append(spec)
+
+        return self.update_meta(add)["sources"].index(spec)
+
+    def update_meta(self, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+        """Apply ``change`` (it edits the dict in place) to ``meta.json`` as one step no other writer interleaves
+        with, and return the result (also ``self.meta`` from then on).
+
+        Under :func:`writer_lock` (nested when this thread holds it already; else waiting up to ``META_WAIT_S``
+        for another process's update, then ``FolderBusyError``), ``meta.json`` is read afresh, ``change`` is
+        applied to that copy, the result is checked like a read one, and it is written atomically when it
+        differs. Changing a copy read before the lock would drop what another process saved in between: a
+        source added by ``embed`` while ``index build`` recorded its index was lost that way.
+        """
+        with _meta_lock(self.root):
+            meta = read_meta(self.root)
+            before = json.dumps(meta, sort_keys=True)
+            change(meta)
+            _check_meta(meta, self.root / "meta.json")
+            if json.dumps(meta, sort_keys=True) != before:
+                _write_meta(self.root, meta)
+            self.meta = meta
+        return meta
+
+    def reload_meta(self) -> dict[str, Any]:
+        """Read ``meta.json`` again (what another process saved since this store was opened)."""
+        self.meta = read_meta(self.root)
+        return self.meta
 
     # -- parts ----------------------------------------------------------------------------------------
     def part_paths(self, kind: str) -> list[Path]:
@@ -169,12 +262,36 @@ class EmbeddingStore:
         folder = self.root / _check_kind(kind)
         if not folder.is_dir():
             return []
-        return sorted(p for p in folder.glob("part-*.npy") if p.with_suffix(".jsonl").is_file())
+        # is_file: a folder or a pipe under a part's name would fail (or block) np.load
+        return sorted(p for p in folder.glob("part-*.npy") if p.is_file() and p.with_suffix(".jsonl").is_file())
+
+    def open_part(self, path: Path, mmap_mode: str = "r") -> np.ndarray:
+        """The (n, D) embeddings of the part ``path``, memory-mapped; StoreError when it is not a .npy file of
+        the store's dtype and width (truncated, another array, pickled objects).
+
+        Memory-mapping checks the file holds every byte its header promises before anything is read, so a
+        header that claims more rows than the file has never allocates them."""
+        try:
+            matrix = np.load(path, mmap_mode=mmap_mode)  # allow_pickle stays False: no code runs from a part
+        except Exception as error:  # noqa: BLE001 - numpy's header parser raises ValueError, EOFError, tokenize's
+            # TokenError, SyntaxError ... for damaged bytes: whichever it is, the part cannot be read
+            raise StoreError(f"{path} is not a readable embedding part ({error!r:.200}): {_PART_FIX}") from None
+        dtype, width = np.dtype(self.meta["dtype"]), self.meta["model"].get("embed_dim")
+        if matrix.ndim != 2 or matrix.dtype != dtype or (width is not None and matrix.shape[1] != width):
+            expected = f"(rows, {width})" if width is not None else "(rows, D)"
+            raise StoreError(
+                f"{path} holds a {matrix.dtype} array of shape {matrix.shape}; this folder's parts are {expected} "
+                f"{dtype}: {_PART_FIX}"
+            )
+        return matrix
 
     def write_part(self, kind: str, embeddings: np.ndarray, rows: list[dict[str, Any]]) -> Path:
         """Append one part: ``embeddings`` (n, D) in the store's dtype and its n table ``rows``."""
         if len(embeddings) != len(rows):
             raise ValueError(f"{len(embeddings)} embeddings but {len(rows)} rows")
+        width = self.meta["model"].get("embed_dim")
+        if np.ndim(embeddings) != 2 or (width is not None and np.shape(embeddings)[1] != width):
+            raise ValueError(f"embeddings of shape {np.shape(embeddings)}: this folder stores (n, {width}) rows")
         folder = self.root / _check_kind(kind)
         folder.mkdir(exist_ok=True)
         path = folder / f"part-{_next_part_number(folder):06d}.npy"
@@ -200,7 +317,7 @@ class EmbeddingStore:
         folder = self.root / kind
         number = _next_part_number(folder)
         merged = folder / f"part-{number:06d}.npy"
-        array = np.concatenate([np.load(part) for part in parts])  # a few thousand rows: small
+        array = np.concatenate([self.open_part(part) for part in parts])  # a few thousand rows: small
         atomic_write(merged, lambda handle: np.save(handle, array))
         lines = b"".join(part.with_suffix(".jsonl").read_bytes() for part in parts)
         staged = atomic_write(folder / _STAGED_TABLE.format(number=number), lambda handle: handle.write(lines))
@@ -224,24 +341,36 @@ class EmbeddingStore:
             path.unlink()
 
     def matrices(self, kind: str, mmap: bool = True) -> list[np.ndarray]:
-        """Each part's (n, D) embeddings, memory-mapped (copy-on-write, so torch can wrap them without a copy)."""
-        return [np.load(path, mmap_mode="c" if mmap else None) for path in self.part_paths(kind)]
+        """Each part's (n, D) embeddings, memory-mapped (copy-on-write, so torch can wrap them without a copy);
+        StoreError when a part is damaged or the parts differ in width."""
+        matrices = [self.open_part(path, "c") for path in self.part_paths(kind)]
+        if len({matrix.shape[1] for matrix in matrices}) > 1:
+            raise StoreError(f"the {kind} parts of {self.root} differ in width: {_PART_FIX}")
+        return matrices if mmap else [np.array(matrix) for matrix in matrices]
 
     def table(self, kind: str) -> StoreTable:
-        """All rows of ``kind`` in store order."""
+        """All rows of ``kind`` in store order; StoreError (naming the file and line) for a line that is not a
+        row object, and for a table whose rows are not as many as its part's embeddings (every later row
+        would be shown with another row's id)."""
         ids, paths, sources, indices = [], [], [], []
-        for path in self.part_paths(kind):
-            with path.with_suffix(".jsonl").open(encoding="utf-8") as handle:
-                for line in handle:
-                    row = json.loads(line)
-                    ids.append(row["id"])
-                    paths.append(row.get("path") or "")
-                    sources.append(row.get("source", -1))
-                    indices.append(row.get("index", -1))
+        for part in self.part_paths(kind):
+            table = part.with_suffix(".jsonl")
+            before = len(ids)
+            for number, row in _json_lines(table):
+                identifier, path, source, index = _check_row(row, table, number)
+                ids.append(identifier)
+                paths.append(path)
+                sources.append(source)
+                indices.append(index)
+            embedded = self.open_part(part).shape[0]
+            if len(ids) - before != embedded:
+                raise StoreError(
+                    f"{table} lists {len(ids) - before} rows but {part.name} holds {embedded} embeddings: {_PART_FIX}"
+                )
         return StoreTable(ids, paths, np.asarray(sources, dtype=np.int64), np.asarray(indices, dtype=np.int64))
 
     def count(self, kind: str) -> int:
-        return sum(np.load(path, mmap_mode="r").shape[0] for path in self.part_paths(kind))
+        return sum(self.open_part(path).shape[0] for path in self.part_paths(kind))
 
     # -- failures -------------------------------------------------------------------------------------
     def failures_path(self, kind: str) -> Path:
@@ -263,7 +392,48 @@ class EmbeddingStore:
         path = self.failures_path(kind)
         if not path.is_file():
             return []
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        fix = "delete it: the next `clipforge embed` lists its failures again"
+        return [failure for _, failure in _json_lines(path, fix) if isinstance(failure, dict)]
+
+
+def _json_lines(path: Path, fix: str = _PART_FIX) -> Iterator[tuple[int, Any]]:
+    """(line number, value) for every non-blank line of a JSON-lines file; StoreError naming the file and the
+    line for one that is not JSON or not UTF-8."""
+    number = 0
+    try:
+        with path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):  # noqa: B007 - the number is named in the error
+                if line.strip():
+                    yield number, json.loads(line)
+    except OSError as error:
+        raise StoreError(f"{path} cannot be read: {error.strerror or error}") from None
+    except UnicodeDecodeError:
+        raise StoreError(f"{path} is not UTF-8 text (after line {number}): {fix}") from None
+    except (ValueError, RecursionError) as error:
+        raise StoreError(f"{path} line {number} is not JSON ({error}): {fix}") from None
+
+
+def _check_row(row: Any, path: Path, number: int) -> tuple[str, str, int, int]:
+    """(id, path or "", source number or -1, index or -1) of one table row; StoreError if it is not a row."""
+    if isinstance(row, dict):
+        fields = (row.get("id"), row.get("path") or "", row.get("source", -1), row.get("index", -1))
+        if isinstance(fields[0], str) and isinstance(fields[1], str) and _is_int(fields[2]) and _is_int(fields[3]):
+            return fields[0], fields[1], int(fields[2]), int(fields[3])
+    raise StoreError(
+        f"{path} line {number} is not a row (an object with a string 'id', and whole-number 'source' and "
+        f"'index' if any): {json.dumps(row)[:80]}; {_PART_FIX}"
+    )
+
+
+def _new_meta(model_info: dict[str, Any], dtype: str) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "clipforge_version": __version__,
+        "model": model_info,
+        "dtype": dtype,
+        "sources": [],
+    }
 
 
 def _next_part_number(folder: Path) -> int:
