@@ -265,7 +265,7 @@ def write_readme(readme: Path, block: str) -> None:
         text = text[:begin] + block + text[end + len(END) :]
     else:
         text = text.rstrip("\n") + f"\n\n{SECTION_TITLE}\n\n{block}\n"
-    atomic_write_text(readme, text)
+    atomic_write_text(readme, text, replace=True)  # the README is the script's own to update
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -449,7 +449,7 @@ def main(argv: list[str] | None = None) -> None:
         from clipforge.io import atomic_write_json
 
         record = {"environment": env, "peaks": peaks, "results": rows, "summary": summary, "arguments": vars(args)}
-        atomic_write_json(args.json, record)
+        atomic_write_json(args.json, record, replace=True)  # a benchmark's results file is rewritten each run
 
 
 if __name__ == "__main__":

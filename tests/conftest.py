@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -127,3 +131,28 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pat
     finally:
         torch.set_num_threads(threads)
     return result.checkpoint, manifest.parent / "images"
+
+
+@contextlib.contextmanager
+def another_writer(folder: Path, command: str = "embed") -> Iterator[int]:
+    """Another process holding ``folder``'s writer lock (``clipforge.io.folder_lock``) inside the block; yields
+    its pid. A lock is per process: this one's own nested takes would succeed."""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys\nfrom clipforge.io import folder_lock\nwith folder_lock(sys.argv[1], sys.argv[2]):\n"
+            "    print('held', flush=True)\n    sys.stdin.read()",
+            str(folder),
+            command,
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder.pid
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)

@@ -19,7 +19,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> 
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        atomic_write(target, broken)
+        atomic_write(target, broken, replace=True)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 

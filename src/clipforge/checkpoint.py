@@ -17,24 +17,23 @@ from typing import Any
 import torch
 
 from clipforge.config import Config, ConfigError, config_from_dict
+from clipforge.config.errors import CheckpointError
 from clipforge.data.tokenize import Tokenizer
-from clipforge.io import atomic_write
+from clipforge.io import atomic_write, shown
 from clipforge.model import CLIPModel, create_model
+from clipforge.model.pretrained import state_dict_problems
 from clipforge.version import __version__
 
 FORMAT = "clipforge-checkpoint"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(ValueError):
-    """A file that is not a usable clipforge checkpoint; the message says what is wrong and the fix."""
-
-
-def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
-    """Atomically write ``state`` (plus format and version stamps) to ``path``."""
+def save_checkpoint(path: str | Path, state: dict[str, Any], replace: bool = False) -> Path:
+    """Atomically write ``state`` (plus format and version stamps) to ``path``; ``replace``: the caller owns an
+    existing ``path`` (a run's own ``last.pt``), else an existing file is refused (``clipforge.io.atomic_write``)."""
     path = Path(path)
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "clipforge_version": __version__, **state}
-    atomic_write(path, lambda handle: torch.save(payload, handle))
+    atomic_write(path, lambda handle: torch.save(payload, handle), replace=replace)
     return path
 
 
@@ -81,21 +80,110 @@ class LoadedCheckpoint:
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:
-    """Rebuild the model and tokenizer of a checkpoint, in eval mode on ``device``."""
+    """Rebuild the model and tokenizer of a checkpoint, in eval mode on ``device``.
+
+    Every problem of the file is a :class:`CheckpointError` naming it: not a checkpoint, a config this version
+    cannot read, no tokenizer, weights that do not fit the config (checked on a weightless model before the real
+    one is allocated, so a config that asks for absurd sizes allocates nothing).
+    """
     state = read_checkpoint(path)
+    for key in ("config", "tokenizer", "model"):
+        if not isinstance(state.get(key), dict):
+            raise CheckpointError(
+                f"{path} has no {key} (a clipforge checkpoint holds config, tokenizer and model); it is damaged or "
+                "was not written by clipforge train or import"
+            )
     try:
         config = config_from_dict(state["config"])
     except ConfigError as error:
         raise CheckpointError(f"{path}: its saved config does not fit this clipforge version: {error}") from error
-    tokenizer = Tokenizer.from_state_dict(state["tokenizer"])
-    model = build_model(config, tokenizer, pretrained=False, text_config_json=state.get("hf_text_config"))
-    missing, unexpected = model.load_state_dict(state["model"], strict=False)
-    if missing or unexpected:
+    try:
+        tokenizer = Tokenizer.from_state_dict(state["tokenizer"])
+    except (KeyError, TypeError, ValueError, OSError) as error:
         raise CheckpointError(
-            f"{path}: weights do not match the model its config builds (missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}); the checkpoint comes from an incompatible clipforge version"
-        )
+            f"{path}: its tokenizer cannot be rebuilt ({shown(error)}); the file is damaged"
+        ) from None
+    model = build_checked_model(config, tokenizer, state["model"], str(path), state.get("hf_text_config"))
     return LoadedCheckpoint(model.to(device).eval(), tokenizer, config, int(state.get("step", 0)))
+
+
+def build_checked_model(
+    config: Config,
+    tokenizer: Tokenizer,
+    weights: dict[str, torch.Tensor],
+    where: str,
+    text_config_json: str | None = None,
+) -> CLIPModel:
+    """The model ``config`` describes, holding ``weights`` (a full state dict); raises :class:`CheckpointError`
+    naming ``where`` when they do not fit.
+
+    The architecture is first built on PyTorch's ``meta`` device, which allocates no memory, and compared key by
+    key and shape by shape with ``weights``; only a config that fits them is built for real. So a config whose
+    sizes are absurd (a width of 200,000, a hidden size of 10^9) costs nothing before it is refused, and the real
+    model is never larger than the weights that fill it.
+    """
+    try:
+        with torch.device("meta"):
+            skeleton = build_model(config, tokenizer, pretrained=False, text_config_json=text_config_json)
+        expected = skeleton.state_dict()
+        del skeleton
+    except (ValueError, TypeError, RuntimeError, OSError) as error:
+        raise CheckpointError(f"{where}: its config describes a model that cannot be built ({shown(error)})") from None
+    tensors = {key: value for key, value in weights.items() if isinstance(value, torch.Tensor)}
+    problems = state_dict_problems(tensors, expected, names=("weights", "config"))
+    if problems or len(tensors) != len(weights):
+        problems = problems or ["some weights are not tensors"]
+        raise CheckpointError(
+            f"{where}: the weights do not fit the model its config describes ({'; '.join(problems)}); the file is "
+            "damaged or comes from an incompatible clipforge version"
+        )
+    model = build_model(config, tokenizer, pretrained=False, text_config_json=text_config_json)
+    model.load_state_dict({key: value.to(expected[key].dtype) for key, value in tensors.items()})
+    return model
+
+
+# bytes one float32 parameter costs while training with AdamW: the weight, its gradient and two moments
+TRAINING_BYTES_PER_PARAMETER = 16
+
+
+def check_trainable_size(
+    config: Config, tokenizer: Tokenizer, device: torch.device, text_config_json: str | None = None
+) -> int:
+    """The number of parameters of the model ``config`` describes, counted on the ``meta`` device (nothing is
+    allocated); ``ConfigError`` when training it would need more memory than ``device`` has available (weights,
+    gradients and AdamW's moments: :data:`TRAINING_BYTES_PER_PARAMETER` bytes each; activations come on top)."""
+    try:
+        with torch.device("meta"):
+            skeleton = build_model(config, tokenizer, pretrained=False, text_config_json=text_config_json)
+    except ConfigError:
+        raise  # the builder's own message names the setting
+    except (ValueError, TypeError, RuntimeError, OSError) as error:
+        raise ConfigError(f"model: the config describes a model that cannot be built ({shown(error)})") from None
+    parameters = sum(parameter.numel() for parameter in skeleton.parameters())
+    available = available_memory(device)
+    needed = parameters * TRAINING_BYTES_PER_PARAMETER
+    if available is not None and needed > available:
+        raise ConfigError(
+            f"model: {parameters:,} parameters need about {needed / 2**30:.1f} GiB to train (weights, gradients, "
+            f"AdamW state), more than the {available / 2**30:.1f} GiB available on {device}; check the model "
+            "section's sizes (width, depth, embed_dim, image_size)"
+        )
+    return parameters
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for new allocations on ``device``: CUDA's free memory, or Linux's ``MemAvailable``; None when
+    it cannot be told."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def hf_text_config(model: CLIPModel) -> str | None:

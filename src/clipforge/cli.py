@@ -14,7 +14,9 @@ import logging
 import sys
 
 from clipforge.commands import MODULES
-from clipforge.commands.common import USER_ERRORS
+from clipforge.commands.common import USER_ERRORS, check_declared_outputs, command_inputs
+from clipforge.config.errors import Interrupted
+from clipforge.io import DISK_ERRNOS, disk_error, output_policy
 from clipforge.runtime import keep_freed_memory_in_the_heap
 from clipforge.version import __version__
 
@@ -32,17 +34,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; a user's mistake prints one line and returns 2, success returns 0."""
+    """Run one command; a user's mistake prints one line and returns 2, success returns 0.
+
+    Every command runs under one output policy (``clipforge.commands.common``): its declared inputs are never
+    written, its declared outputs are checked before any work starts, and an existing file is only replaced with
+    ``--overwrite``. A disk that cannot take a write (full, read-only, no permission) is one line too, whatever
+    wrote; Ctrl-C is one line and exit code 130 (the command saves what it must first, e.g. ``train``).
+    """
     args = build_parser().parse_args(argv)
     keep_freed_memory_in_the_heap()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
-        args.run(args)
+        with output_policy(overwrite=getattr(args, "overwrite", False), inputs=command_inputs(args)):
+            check_declared_outputs(args)
+            args.run(args)
     except USER_ERRORS as error:
         # input mistakes get their message, not a stack trace
-        print(f"clipforge {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        return _fail(args.command, str(error))
+    except OSError as error:
+        if error.errno not in DISK_ERRNOS:
+            raise
+        return _fail(args.command, str(disk_error(error.filename or "a file", error)))
+    except Interrupted as stop:  # a command that saved its work on SIGINT/SIGTERM (train)
+        print(f"clipforge {args.command}: {stop}", file=sys.stderr)
+        return stop.exit_code
+    except KeyboardInterrupt:
+        print(f"clipforge {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
+
+
+def _fail(command: str, message: str) -> int:
+    print(f"clipforge {command}: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

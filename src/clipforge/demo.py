@@ -23,6 +23,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,15 @@ from clipforge.eval.runner import (
     zeroshot_classifier,
 )
 from clipforge.eval.zeroshot import zeroshot_metrics
-from clipforge.io import atomic_write_text
+from clipforge.io import (
+    LOCK_NAME,
+    OutputExistsError,
+    atomic_write_text,
+    current_policy,
+    folder_lock,
+    folder_owner,
+    output_policy,
+)
 from clipforge.packaged import PACKAGED_WEIGHTS, packaged_available
 from clipforge.train.loop import train
 from clipforge.train.run_log import read_metrics
@@ -53,8 +62,10 @@ from clipforge.viz import plot_training_curves
 
 GROUP_PROMPT = "an emoji of {}"
 RECIPES = {False: "demo-lit", True: "demo"}  # from_scratch -> shipped recipe
-# Debian's dataset-fashion-mnist installs the IDX files here
-FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
+# Zalando's Fashion-MNIST test images, the first 200 of each class, shipped with clipforge (MIT licence; built by
+# scripts/build_fashion_mnist_subset.py from Debian's dataset-fashion-mnist): the same report on every machine.
+# The training images' subset beside it (train-*) is what --eval-split val reports.
+FASHION_MNIST = Path(str(files("clipforge.data") / "fashion_mnist" / "t10k-images-idx3-ubyte.gz"))
 FASHION_MNIST_PER_CLASS = 200  # a fixed, balanced subset of the 10k test images: 2,000 tower forwards, not 10,000
 
 
@@ -237,8 +248,8 @@ def evaluate_demo(
             chance.update(levels)
     if sources.fashion_mnist is None:
         notes.append(
-            f"(zero-shot Fashion-MNIST skipped: {sources.fashion_path} is absent; on Debian/Ubuntu: "
-            "apt-get install dataset-fashion-mnist)"
+            f"(zero-shot Fashion-MNIST skipped: {sources.fashion_path} is absent; pass the IDX images file of "
+            "Zalando's Fashion-MNIST)"
         )
     else:
         kind = "train" if sources.split == "val" else "test"
@@ -284,6 +295,38 @@ def train_demo(
     started = time.perf_counter()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the packaged towers are local folders: never ask the hub
     output_dir = Path(output_dir)
+    _check_demo_folder(output_dir)
+    # the demo's folder is the demo's: a rerun replaces its files (and only them), one demo at a time
+    with folder_lock(output_dir, "demo"), output_policy(overwrite=True, inputs=current_policy().inputs):
+        return _train_demo(
+            output_dir, overrides, eval_split, from_scratch, fashion_mnist, fashion_mnist_per_class, started
+        )
+
+
+def _check_demo_folder(output_dir: Path) -> None:
+    """Refuse an ``--output`` folder that holds something other than an earlier demo's files."""
+    if not output_dir.exists():
+        return
+    if not output_dir.is_dir():
+        raise OutputExistsError(f"--output {output_dir} is a file; the demo writes a folder: choose another --output")
+    names = {path.name for path in output_dir.iterdir()} - {LOCK_NAME}
+    earlier_demo = folder_owner(output_dir) == "demo" or {"results.json", "run"} <= names  # or an older version's
+    if names and not earlier_demo:
+        raise OutputExistsError(
+            f"--output {output_dir} holds files the demo did not write ({sorted(names)[:3]}); the demo replaces its "
+            "folder's files: choose another --output"
+        )
+
+
+def _train_demo(
+    output_dir: Path,
+    overrides: Sequence[str],
+    eval_split: str,
+    from_scratch: bool,
+    fashion_mnist: str | Path,
+    fashion_mnist_per_class: int,
+    started: float,
+) -> DemoReport:
     config = load_config(RECIPES[from_scratch], [f"train.output_dir={output_dir / 'run'}", *overrides])
     # the demo's own run folder: a rerun of the demo redoes it (its checkpoints are the demo's, nothing else's)
     result = train(config, overwrite=True)

@@ -14,6 +14,29 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from clipforge.io import atomic_write  # noqa: E402
+
+
+def save_figure(figure: Any, path: str | Path) -> Path:
+    """Write ``figure`` to ``path`` in the format its suffix names (PNG without one), through
+    :func:`clipforge.io.atomic_write` (whole or not at all, never over an input or an existing file unasked),
+    and close it."""
+    path = Path(path)
+    image_format = path.suffix.lower().lstrip(".") or "png"
+    try:
+        atomic_write(path, lambda handle: figure.savefig(handle, format=image_format))
+    finally:
+        plt.close(figure)
+    return path
+
+
+def save_image(image: Image.Image, path: str | Path) -> Path:
+    """Write a PIL ``image`` to ``path`` (format by suffix) through :func:`clipforge.io.atomic_write`."""
+    path = Path(path)
+    image_format = Image.registered_extensions().get(path.suffix.lower(), "PNG")
+    atomic_write(path, lambda handle: image.save(handle, format=image_format))
+    return path
+
 
 def plot_training_curves(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """Loss (left axis) and learning rate (right axis) against the step, from metrics.jsonl records."""
@@ -30,9 +53,7 @@ def plot_training_curves(records: Sequence[dict[str, Any]], path: str | Path) ->
     lr_axis.set_ylabel("learning rate", color="tab:orange")
     loss_axis.set_title("training")
     figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
-    return Path(path)
+    return save_figure(figure, path)
 
 
 def plot_retrieval_grid(
@@ -67,9 +88,7 @@ def plot_retrieval_grid(
             axis.set_title(f"{column + 1}: {values[column]:.2f}", fontsize=7)
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
-    return Path(path)
+    return save_figure(figure, path)
 
 
 def plot_confusion_matrix(
@@ -109,9 +128,7 @@ def plot_confusion_matrix(
     axis.set_ylabel("true class")
     axis.set_title(f"{title}: top-1 {accuracy:.3f} on {counts.sum()} images", fontsize=10)
     figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
-    return Path(path)
+    return save_figure(figure, path)
 
 
 def plot_sample_grid(
@@ -136,9 +153,7 @@ def plot_sample_grid(
         axis.set_title("\n".join(textwrap.wrap(caption, 28)), fontsize=7)
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
-    return Path(path)
+    return save_figure(figure, path)
 
 
 def overlay_heatmap(image: Image.Image, heatmap: np.ndarray, alpha: float = 0.5, colormap: str = "jet") -> Image.Image:
@@ -169,9 +184,7 @@ def plot_explanations(rows: Sequence[Sequence[Any]], path: str | Path, names: Se
             axis.axis("off")
     figure.suptitle(f"heat maps ({rows[0][0].method})", fontsize=10)
     figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
-    return Path(path)
+    return save_figure(figure, path)
 
 
 def plot_search_results(
@@ -208,9 +221,7 @@ def plot_search_results(
         axis.imshow(image)
         axis.set_title(f"{rank}: {score:+.3f}\n{textwrap.shorten(name, 26, placeholder='...')}", fontsize=7)
     figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
-    return Path(path)
+    return save_figure(figure, path)
 
 
 def plot_class_probabilities(
@@ -247,6 +258,4 @@ def plot_class_probabilities(
             bars.text(min(values[c] + 0.01, 0.9), position, f"{values[c]:.2f}", va="center", fontsize=7)
     axes[-1][1].set_xlabel("probability")
     figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
-    return Path(path)
+    return save_figure(figure, path)

@@ -54,7 +54,8 @@ def assert_same_weights(first: Path, second: Path, atol: float) -> None:
 def test_rank_zero_writes_the_checkpoints_and_logs(two_process_run: Path) -> None:
     run = two_process_run / "run"
     files = sorted(p.name for p in run.iterdir())
-    assert files == ["best.pt", "config.yaml", "last.pt", "metrics.jsonl", "step_3.pt", "step_6.pt"]
+    # (.clipforge.lock: the folder's writer lock, which rank 0 holds while the run writes it)
+    assert files == [".clipforge.lock", "best.pt", "config.yaml", "last.pt", "metrics.jsonl", "step_3.pt", "step_6.pt"]
     records = read_metrics(run / "metrics.jsonl")
     assert [(r["step"], "loss" in r) for r in records] == [(3, True), (3, False), (6, True), (6, False)]  # once
     at_step_3 = read_checkpoint(run / "step_3.pt")

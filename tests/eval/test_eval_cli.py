@@ -46,7 +46,6 @@ def test_zeroshot_writes_table_json_and_confusion_matrix(
             "--data",
             "kind=manifest",
             f"path={trained['labelled']}",
-            "split=test",
             "--templates",
             "cifar10",
             "--out",
@@ -70,7 +69,7 @@ def test_retrieval_from_a_yaml_data_file_with_overrides(
     trained: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     data_file = tmp_path / "data.yaml"
-    data_file.write_text(f"data:\n  kind: manifest\n  path: {trained['shapes']}\n  split: val\n")
+    data_file.write_text(f"data:\n  kind: manifest\n  path: {trained['shapes']}\n  caption_column: nothing\n")
     grid, out = tmp_path / "grid.png", tmp_path / "retrieval.json"
     code = main(
         [
@@ -81,7 +80,7 @@ def test_retrieval_from_a_yaml_data_file_with_overrides(
             "retrieval",
             "--data",
             str(data_file),
-            "split=test",
+            "caption_column=caption",  # the override wins over the file's
             "--out",
             str(out),
             "--plot",

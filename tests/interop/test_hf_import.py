@@ -120,7 +120,7 @@ def test_import_writes_an_ordinary_checkpoint_and_never_overwrites(hf_clip: Path
     before = out.read_bytes()
     assert main(["import", f"hf:{hf_clip}", "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "exists already" in err and "never overwrites" in err and "Traceback" not in err
+    assert "exists already" in err and "--overwrite" in err and "Traceback" not in err
     assert out.read_bytes() == before
 
 

@@ -53,8 +53,13 @@ def test_an_existing_export_is_not_overwritten(tiny_checkpoint: tuple[Path, Path
     out.mkdir()
     (out / "image_encoder.onnx").write_bytes(b"keep me")
     assert main(["export", "onnx", "--checkpoint", str(checkpoint), "--out", str(out)]) == 2
-    assert "already holds an ONNX export" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "image_encoder.onnx exists already" in err and "--overwrite" in err
     assert (out / "image_encoder.onnx").read_bytes() == b"keep me"
+    assert sorted(p.name for p in out.iterdir()) == ["image_encoder.onnx"]  # nothing else written either
+    assert main(["export", "onnx", "--checkpoint", str(checkpoint), "--out", str(out), "--overwrite"]) == 0
+    assert (out / "image_encoder.onnx").read_bytes() != b"keep me" and (out / "text_encoder.onnx").is_file()
+    assert not [p for p in out.iterdir() if p.name.startswith(".clipforge-scratch")]
 
 
 def test_any_tower_kind_exports_a_torchvision_cnn_with_a_hugging_face_encoder(

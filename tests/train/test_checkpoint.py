@@ -12,7 +12,9 @@ def test_atomic_save_leaves_no_temporary_and_keeps_old_file_on_failure(tmp_path:
     path = save_checkpoint(tmp_path / "last.pt", {"step": 1, "config": {}})
     assert read_checkpoint(path)["step"] == 1
     with pytest.raises(TypeError):
-        save_checkpoint(path, {"step": 2, "bad": object.__new__(type("Unpicklable", (), {"__reduce__": None}))})
+        save_checkpoint(
+            path, {"step": 2, "bad": object.__new__(type("Unpicklable", (), {"__reduce__": None}))}, replace=True
+        )
     assert read_checkpoint(path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 

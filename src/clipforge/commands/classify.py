@@ -6,20 +6,26 @@ import argparse
 from pathlib import Path
 
 from clipforge.classify import DEFAULT_TEMPLATES, classify_images, parse_labels
-from clipforge.commands.common import CHECKPOINT_HELP, DEVICE_HELP, load_model, user_errors
+from clipforge.commands.common import CHECKPOINT_HELP, DEVICE_HELP, add_input, add_output, load_model, user_errors
 from clipforge.data.base import decode_image
 from clipforge.viz import plot_class_probabilities
 
 
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("classify", help="zero-shot probabilities of images over given labels")
-    parser.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    add_input(parser, "--checkpoint", required=True, help=CHECKPOINT_HELP)
     parser.add_argument("--labels", required=True, help="comma-separated labels, e.g. 'cat,dog,car'")
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
-    parser.add_argument(
-        "--templates", default=DEFAULT_TEMPLATES, help="prompt ensemble: a named set, one template with {}, or JSON"
+    add_input(parser, "images", kind="path", nargs="+", metavar="IMAGE", help="image files or folders")
+    add_input(
+        parser,
+        "--templates",
+        kind="path",
+        default=DEFAULT_TEMPLATES,
+        help="prompt ensemble: a named set, one template with {}, or JSON",
     )
-    parser.add_argument("--plot", default=None, metavar="PNG", help="draw the probabilities as bar charts here")
+    add_output(
+        parser, "--plot", kind="picture", default=None, metavar="PNG", help="draw the probabilities as bar charts here"
+    )
     parser.add_argument("--top", type=int, default=5, help="labels to print per image")
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.set_defaults(run=run)

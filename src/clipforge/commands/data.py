@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from clipforge.commands.evaluate import parse_data_spec
+from clipforge.commands.common import add_input, add_output
+from clipforge.commands.data_spec import parse_data_spec
 from clipforge.config import ConfigError, DataConfig, data_config_from_dict
 from clipforge.data.pack import inspect_source, pack_source
 
@@ -18,14 +19,22 @@ def register(commands: argparse._SubParsersAction) -> None:
     data = commands.add_parser("data", help="write a source as WebDataset shards, or inspect a source")
     data_commands = data.add_subparsers(dest="data_command", required=True)
     pack = data_commands.add_parser("pack", help="turn any source into WebDataset tar shards")
-    pack.add_argument("source", nargs="+", metavar="SRC", help=SOURCE_HELP)
-    pack.add_argument("out_dir", metavar="OUT_DIR", help="folder for the shards {00000..N}.tar (must hold no .tar)")
+    add_input(pack, "source", kind="data", nargs="+", metavar="SRC", help=SOURCE_HELP)
+    add_output(
+        pack,
+        "out_dir",
+        kind="folder",
+        metavar="OUT_DIR",
+        help="folder for the shards {00000..N}.tar (holding no .tar, unless --overwrite replaces them)",
+    )
     pack.add_argument("--shard-size", type=int, default=1000, help="images per shard")
     pack.add_argument("--max-side", type=int, default=None, help="shrink images whose longer side exceeds this")
     pack.set_defaults(run=run_pack)
     inspect = data_commands.add_parser("inspect", help="count images, captions and labels; draw a sample grid")
-    inspect.add_argument("source", nargs="+", metavar="SPEC", help=SOURCE_HELP)
-    inspect.add_argument("--grid", default=None, metavar="PNG", help="draw the first readable images here")
+    add_input(inspect, "source", kind="data", nargs="+", metavar="SPEC", help=SOURCE_HELP)
+    add_output(
+        inspect, "--grid", kind="picture", default=None, metavar="PNG", help="draw the first readable images here"
+    )
     inspect.add_argument("--grid-images", type=int, default=16, help="images in the grid")
     inspect.add_argument("--limit", type=int, default=None, help="look at the first N images only")
     inspect.set_defaults(run=run_inspect)
@@ -46,7 +55,9 @@ def _require_positive(flag: str, value: int | None) -> None:
 def run_pack(args: argparse.Namespace) -> None:
     _require_positive("--shard-size", args.shard_size)
     _require_positive("--max-side", args.max_side)
-    result = pack_source(source_config(args.source), args.out_dir, args.shard_size, args.max_side)
+    result = pack_source(
+        source_config(args.source), args.out_dir, args.shard_size, args.max_side, overwrite=args.overwrite
+    )
     print(f"packed {result.written} images into {len(result.shards)} shards ({result.skipped} unreadable left out)")
     print(f"read them with: data.kind=webdataset data.path={result.spec}")
 

@@ -4,21 +4,23 @@ from __future__ import annotations
 
 import argparse
 
-from clipforge.commands.common import CHECKPOINT_HELP, DEVICE_HELP, load_model, user_errors
+from clipforge.commands.common import CHECKPOINT_HELP, DEVICE_HELP, add_input, add_output, load_model, user_errors
 from clipforge.config import ConfigError
 from clipforge.search.embed import FLUSH_EVERY, embed_images, embed_text_file
 
 
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("embed", help="embed images (and/or captions) into a folder for search; resumable")
-    parser.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
-    parser.add_argument(
+    add_input(parser, "--checkpoint", required=True, help=CHECKPOINT_HELP)
+    add_input(
+        parser,
         "--images",
+        kind="source",
         default=None,
         help="an image folder, a manifest (.csv/.tsv/.jsonl), a data config (.yaml), or shards",
     )
-    parser.add_argument("--texts", default=None, help="a text file with one caption a line")
-    parser.add_argument("--out", required=True, help="the embedding folder (created, or added to)")
+    add_input(parser, "--texts", default=None, help="a text file with one caption a line")
+    add_output(parser, "--out", kind="folder", required=True, help="the embedding folder (created, or added to)")
     parser.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="how embeddings are stored")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     parser.add_argument("--workers", type=int, default=0, help="image decoding processes")
@@ -64,6 +66,8 @@ def run_embed(
     Another run writing ``out`` makes this one fail at once (exit 2), before anything is written."""
     if images is None and texts is None:
         raise ConfigError("embed needs --images and/or --texts")
+    if num_workers < 0:
+        raise ConfigError(f"--workers {num_workers} must be >= 0 (0 = decode in this process)")
     if flush_every < 1:
         raise ConfigError(f"--flush-every {flush_every} must be a positive number of images")
     loaded = load_model(checkpoint, device)

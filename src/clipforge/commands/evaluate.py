@@ -13,11 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-import yaml
-
 from clipforge.checkpoint import load_checkpoint
-from clipforge.commands.common import CHECKPOINT_HELP, DEVICE_HELP
-from clipforge.config import ConfigError, DataConfig, data_config_from_dict
+from clipforge.commands.common import CHECKPOINT_HELP, DEVICE_HELP, add_input, add_output, check_picture_path
+from clipforge.commands.data_spec import parse_data_spec
+from clipforge.config import ConfigError, DataConfig
 from clipforge.data.base import ImageTextSource
 from clipforge.eval.runner import (
     EvalResult,
@@ -32,6 +31,7 @@ from clipforge.eval.runner import (
     write_results_json,
 )
 from clipforge.eval.templates import get_templates
+from clipforge.io import check_output
 from clipforge.runtime import inference_autocast, resolve_device
 from clipforge.viz import plot_confusion_matrix
 
@@ -40,29 +40,36 @@ logger = logging.getLogger("clipforge")
 
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("eval", help="zero-shot classification or retrieval of a checkpoint on local data")
-    parser.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    add_input(parser, "--checkpoint", required=True, help=CHECKPOINT_HELP)
     parser.add_argument("--task", required=True, choices=["zeroshot", "retrieval"])
-    parser.add_argument(
+    add_input(
+        parser,
         "--data",
+        kind="data",
         required=True,
         nargs="+",
         metavar="YAML|KEY=VALUE",
         help="a YAML file with a data section, and/or data fields, e.g. kind=manifest path=test.csv split=test",
     )
-    parser.add_argument(
+    add_input(
+        parser,
         "--templates",
+        kind="path",
         default="simple",
         help="zero-shot prompts: a named set (simple, openai-imagenet, cifar10 ...), one template with {}, "
         "or a JSON file (file.json, or file.json:dataset)",
     )
-    parser.add_argument(
+    add_input(
+        parser,
         "--classnames",
         default=None,
         help="zero-shot class names in label order (.txt, one per line, or .json); default: the dataset's own",
     )
-    parser.add_argument("--out", default=None, help="write the results JSON (CLIP_benchmark layout) here")
-    parser.add_argument(
+    add_output(parser, "--out", default=None, help="write the results JSON (CLIP_benchmark layout) here")
+    add_output(
+        parser,
         "--plot",
+        kind="picture",
         nargs="?",
         const="",
         default=None,
@@ -89,42 +96,6 @@ def run(args: argparse.Namespace) -> None:
     )
 
 
-def parse_data_spec(items: Sequence[str]) -> DataConfig:
-    """``--data`` -> a validated :class:`DataConfig`.
-
-    ``items`` is either ``key=value`` pairs (``kind=manifest path=test.csv split=test``; dotted keys such as
-    ``augment.scale_min=1`` reach nested fields), or a YAML file first, then optional ``key=value`` pairs that
-    override it. The YAML holds the data fields at its top level, or a ``data:`` section (a run config works:
-    its ``data`` section is used). Paths inside are read as given, relative to the working directory, as in
-    run configs.
-    """
-    items = list(items)
-    values: dict = {}
-    if items and "=" not in items[0]:
-        path = Path(items.pop(0))
-        if not path.is_file():
-            raise ConfigError(
-                f"--data {str(path)!r} is neither a YAML file nor key=value; pass a file holding a data section, "
-                "or pairs such as kind=manifest path=test.csv split=test"
-            )
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as error:
-            raise ConfigError(f"--data {path} is not a readable YAML file ({error})") from None
-        if isinstance(loaded, dict) and isinstance(loaded.get("data"), dict):
-            loaded = loaded["data"]
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"--data {path}: expected a mapping of data fields (kind, path, split ...)")
-        values = loaded
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"--data {item!r}: after the YAML file, only key=value pairs can follow")
-    try:
-        return data_config_from_dict(values, items, prefix="data")
-    except ConfigError as error:
-        raise ConfigError(f"--data: {error}") from error
-
-
 def run_eval(
     checkpoint: str | Path,
     task: Literal["zeroshot", "retrieval"],
@@ -144,9 +115,14 @@ def run_eval(
     (``out`` with ``.png``, else ``confusion_matrix.png`` / ``retrieval_grid.png``).
     """
     data_config = parse_data_spec(data)
+    plot_path = _plot_path(plot, out, task) if plot is not None else None
+    if plot_path is not None:  # a picture named after --out: checked now, not after the evaluation's work
+        check_output(check_picture_path(plot_path, "--plot"), what="--plot")
+        if out is not None and Path(out).resolve() == plot_path.resolve():
+            raise ConfigError(f"--out and --plot both name {out}: give the picture another name")
     if batch_size < 1:
         raise ConfigError(f"--batch-size={batch_size} must be positive")
-    torch_device = resolve_device(device)
+    torch_device = resolve_device(device, "--device")
     loaded = load_checkpoint(checkpoint, torch_device)
     try:
         source = open_eval_source(data_config)
@@ -181,8 +157,8 @@ def run_eval(
     print(format_results_table(result, dataset, str(checkpoint)))
     if out is not None:
         print(f"wrote {write_results_json(out, result, dataset, str(checkpoint))}")
-    if plot is not None:
-        print(f"wrote {_plot(result, source, _plot_path(plot, out, task))}")
+    if plot_path is not None:
+        print(f"wrote {_plot(result, source, plot_path)}")
     return result
 
 
@@ -215,7 +191,6 @@ def _plot_path(plot: str | Path, out: str | Path | None, task: str) -> Path:
 
 
 def _plot(result: EvalResult, source: ImageTextSource, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
     if result.task == "zeroshot":
         return plot_confusion_matrix(result.confusion_matrix, result.classnames, path)
     return plot_retrieval_examples(result, source, path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from clipforge.commands.common import CHECKPOINT_HELP, load_model, user_errors
+from clipforge.commands.common import CHECKPOINT_HELP, add_input, add_output, load_model, user_errors
 from clipforge.interop.hf_export import export_hf
 from clipforge.interop.onnx import export_onnx
 
@@ -14,15 +14,15 @@ def register(commands: argparse._SubParsersAction) -> None:
     export = commands.add_parser("export", help="write a checkpoint in another format (ONNX, Hugging Face)")
     formats = export.add_subparsers(dest="export_format", required=True)
     onnx = formats.add_parser("onnx", help="image_encoder.onnx + text_encoder.onnx (dynamic batch), checked")
-    onnx.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
-    onnx.add_argument("--out", required=True, help="the folder to write (must not hold an export already)")
+    add_input(onnx, "--checkpoint", required=True, help=CHECKPOINT_HELP)
+    add_output(onnx, "--out", kind="folder", required=True, help="the folder to write (new, or without an export)")
     onnx.add_argument("--atol", type=float, default=1e-4, help="largest onnxruntime-vs-PyTorch difference accepted")
     onnx.set_defaults(run=run_onnx)
     hf = formats.add_parser(
         "hf", help="a Hugging Face CLIPModel/SiglipModel folder (+ tokenizer, image processor), checked"
     )
-    hf.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
-    hf.add_argument("--out", required=True, help="the folder to write (must be new or empty)")
+    add_input(hf, "--checkpoint", required=True, help=CHECKPOINT_HELP)
+    add_output(hf, "--out", kind="folder", required=True, help="the folder to write (new or empty)")
     hf.add_argument("--atol", type=float, default=1e-4, help="largest transformers-vs-clipforge difference accepted")
     hf.set_defaults(run=run_hf)
 

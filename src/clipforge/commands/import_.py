@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from clipforge.commands.common import add_input, add_output
 from clipforge.interop.load import SPEC_HELP, from_pretrained, save_imported_checkpoint
 
 
@@ -13,15 +14,13 @@ def register(commands: argparse._SubParsersAction) -> None:
         "import",
         help="convert a Hugging Face CLIP/SigLIP model or an open_clip ViT checkpoint into a clipforge checkpoint",
     )
-    parser.add_argument("spec", help=f"what to import: {SPEC_HELP}")
-    parser.add_argument("--out", required=True, help="the checkpoint to write, e.g. clip-vit-b-32.pt (must not exist)")
+    add_input(parser, "spec", kind="path", help=f"what to import: {SPEC_HELP}")
+    add_output(parser, "--out", required=True, help="the checkpoint to write, e.g. clip-vit-b-32.pt")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> None:
-    out = Path(args.out)
-    if out.exists():  # before the import, which can take a while: nothing is read or written for a taken name
-        raise FileExistsError(f"{out} exists already; clipforge import never overwrites: choose another --out")
+    out = Path(args.out)  # checked by the command line before the import, which can take a while
     loaded = from_pretrained(args.spec)
     save_imported_checkpoint(loaded, out, args.spec)
     model = loaded.config.model

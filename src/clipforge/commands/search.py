@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from clipforge.commands.common import DEVICE_HELP, load_model, user_errors
+from clipforge.commands.common import DEVICE_HELP, add_input, add_output, load_model, user_errors
 from clipforge.config import ConfigError
 from clipforge.data.base import decode_image
 from clipforge.search.index import Index, SearchHit, format_hits
@@ -16,12 +16,12 @@ from clipforge.viz import plot_search_results
 
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("search", help="search an embedding folder with a text or an image")
-    parser.add_argument("--index", required=True, help="the folder `clipforge embed` wrote")
-    parser.add_argument("--checkpoint", required=True, help="the checkpoint that embedded it")
+    add_input(parser, "--index", kind="folder", required=True, help="the folder `clipforge embed` wrote")
+    add_input(parser, "--checkpoint", required=True, help="the checkpoint that embedded it")
     parser.add_argument("--query", default=None, help="a text query")
-    parser.add_argument("--image", default=None, help="an image file as the query (image-to-image)")
+    add_input(parser, "--image", default=None, help="an image file as the query (image-to-image)")
     parser.add_argument("--top", type=int, default=10, help="results to print")
-    parser.add_argument("--grid", default=None, metavar="PNG", help="also draw the results here")
+    add_output(parser, "--grid", kind="picture", default=None, metavar="PNG", help="also draw the results here")
     parser.add_argument("--kind", default="images", choices=["images", "texts"], help="search the images or captions")
     parser.add_argument("--backend", default="auto", choices=["auto", "exact", "faiss"], help="auto: FAISS if built")
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
@@ -52,5 +52,4 @@ def draw_grid(index: Index, hits: list[SearchHit], query: str | Image.Image, gri
     """The results as one picture at ``grid``; its folder is created when missing."""
     images = [index.load_image(hit.row) for hit in hits]
     names = [Path(hit.path or hit.id).name for hit in hits]
-    Path(grid).parent.mkdir(parents=True, exist_ok=True)
     plot_search_results(query, images, [h.score for h in hits], names, grid)

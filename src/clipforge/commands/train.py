@@ -10,6 +10,8 @@ from clipforge.train.loop import train
 
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("train", help="train a model from a YAML config or shipped recipe")
+    # not a protected input: continuing a run from its own config.yaml (written by clipforge) rewrites that file;
+    # a config.yaml of the user's in train.output_dir is protected by the run folder's rules (train.run_dir)
     parser.add_argument("config", help="a YAML file, or a shipped recipe name such as 'demo'")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.batch_size=64 loss.kind=siglip")
     parser.add_argument("--resume", default=None, help="a checkpoint path, or 'latest' for <output_dir>/last.pt")

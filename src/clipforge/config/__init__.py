@@ -8,7 +8,7 @@ expected type, a choice field (``Literal``) names its allowed values.
 """
 
 from clipforge.config.convert import config_to_dict
-from clipforge.config.errors import ConfigError
+from clipforge.config.errors import CheckpointError, ConfigError
 from clipforge.config.parsing import (
     config_from_dict,
     data_config_from_dict,
@@ -51,6 +51,7 @@ __all__ = [
     "ZEROSHOT_METRICS",
     "AugmentConfig",
     "Config",
+    "CheckpointError",
     "ConfigError",
     "DataConfig",
     "DataKindInfo",

@@ -13,6 +13,7 @@ import typing
 from typing import Any, Literal, Union
 
 from clipforge.config.errors import ConfigError
+from clipforge.io import shown as _shown
 
 
 def _type_name(tp: Any) -> str:
@@ -34,12 +35,12 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {_shown(value)}")
         return build_dataclass(tp, value, key)
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
-            raise ConfigError(f"{key}={value!r} is not allowed; choose one of {list(allowed)}")
+            raise ConfigError(f"{key}={_shown(value)} is not allowed; choose one of {list(allowed)}")
         return value
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
@@ -52,19 +53,19 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 return _convert(value, arg, key)
             except ConfigError:
                 continue
-        raise ConfigError(f"{key}={value!r} has the wrong type; expected {_type_name(tp)}")
+        raise ConfigError(f"{key}={_shown(value)} has the wrong type; expected {_type_name(tp)}")
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}={value!r} has the wrong type; expected {_type_name(tp)}")
+            raise ConfigError(f"{key}={_shown(value)} has the wrong type; expected {_type_name(tp)}")
         return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r} has the wrong type; expected true or false")
+            raise ConfigError(f"{key}={_shown(value)} has the wrong type; expected true or false")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}={value!r} has the wrong type; expected an integer")
+            raise ConfigError(f"{key}={_shown(value)} has the wrong type; expected an integer")
         return value
     if tp is float:
         if isinstance(value, str):
@@ -74,11 +75,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}={value!r} has the wrong type; expected a number")
+            raise ConfigError(f"{key}={_shown(value)} has the wrong type; expected a number")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key}={value!r} has the wrong type; expected a string")
+            raise ConfigError(f"{key}={_shown(value)} has the wrong type; expected a string")
         return value
     raise TypeError(f"unsupported config annotation {tp!r} at {key}")
 
@@ -88,12 +89,15 @@ def build_dataclass(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in values.items():
+        if not isinstance(key, str) or len(key) > 100:
+            where = prefix or "the top level"
+            raise ConfigError(f"config key {_shown(key)} in {where} is not a field name; {where} allows {names}")
         dotted = f"{prefix}.{key}" if prefix else key
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
+            close = difflib.get_close_matches(key, names, n=1)
             hint = f" (did you mean {(prefix + '.' if prefix else '') + close[0]!r}?)" if close else ""
             where = prefix or "the top level"
-            raise ConfigError(f"unknown config key {dotted!r}{hint}; {where} allows {names}")
+            raise ConfigError(f"unknown config key {_shown(dotted)}{hint}; {where} allows {names}")
         kwargs[key] = _convert(value, hints[key], dotted)
     return cls(**kwargs)
 

@@ -52,6 +52,16 @@ class ImageTowerConfig:
     ``lr_scale``: the tower's learning rate is ``lr_scale * optim.lr``; ``layer_decay`` < 1 scales it down
     by that factor per block towards the input (layer-wise lr decay for fine-tuning pretrained towers).
     ``interpolation``: the resize filter (``bicubic``, ``bilinear``, ``nearest``); null = the tower's own.
+    ``resize_mode`` (evaluation; training takes a random resized crop): ``shortest`` resizes the short side to
+    ``resize_size`` (null = ``image_size``; the long side to ``int(resize_size * long / short)``, truncated, as
+    torchvision and transformers do), then center-crops ``image_size`` x ``image_size``; ``squash`` resizes the
+    whole image to ``image_size`` x ``image_size`` (SigLIP; aspect not kept, nothing cropped).
+    ``crop_rounding``: how the center crop's offset (resized - crop) / 2 is rounded when it is a half: ``round`` =
+    Python's round, halves to even (torchvision's CenterCrop: open_clip, timm) or ``floor`` (transformers'
+    image processors); 640 x 427 resized to 335 x 224 crops from column 56 or 55.
+    ``resize_backend``: the library that resizes: ``pil`` (``PIL.Image.resize``: open_clip, timm, transformers'
+    ``backend="pil"``) or ``torchvision`` (torchvision's kernels on a uint8 tensor, antialiased: transformers'
+    default backend). The two differ by at most one level in a few pixels; imports pick their source's.
     ``head_bias``: a ``linear`` head with a bias (y = W x + b).
 
     Built-in ViT (``vit``) only, defaults = CLIP's layout: ``act`` the MLP activation (``gelu``; ``quick_gelu``
@@ -81,6 +91,10 @@ class ImageTowerConfig:
     mean: list[float] = field(default_factory=list)
     std: list[float] = field(default_factory=list)
     interpolation: Literal["bicubic", "bilinear", "nearest"] | None = None
+    resize_mode: Literal["shortest", "squash"] = "shortest"
+    resize_size: int | None = None
+    crop_rounding: Literal["round", "floor"] = "round"
+    resize_backend: Literal["pil", "torchvision"] = "pil"
     lock: bool | str = False
     lr_scale: float = 1.0
     layer_decay: float = 1.0
@@ -213,6 +227,8 @@ class DataKindInfo:
     name: str = ""  # what data.name must name ("" = the kind takes no name)
 
 
+DEFAULT_SPLIT = "train"  # data.split when none is set (kinds without splits refuse any other value)
+
 # every data kind, once: config validation, the source factory and evaluation read this table
 DATA_KINDS: dict[str, DataKindInfo] = {
     "emoji": DataKindInfo(splits=True),
@@ -289,7 +305,7 @@ class DataConfig:
     captions: Literal["name", "all"] = "name"  # emoji: the Unicode name only, or also its CLDR keywords
     path: str = ""
     image_root: str = ""
-    split: str = "train"
+    split: str = DEFAULT_SPLIT
     classnames: str = ""
     image_column: str = "image"
     caption_column: str = "caption"
@@ -310,6 +326,12 @@ class DataConfig:
     cache_features: bool = True
     cached_views: int = 0
     feature_cache: str = ""
+
+    def input_paths(self) -> list[str]:
+        """The files and folders this source reads (``path``, ``image_root``, ``classnames``, and those of every
+        ``mix`` entry): what no command may write over."""
+        own = [value for value in (self.path, self.image_root, self.classnames) if value]
+        return own + [path for entry in self.mix for path in entry.input_paths()]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from clipforge.config.errors import ConfigError
 from clipforge.config.schema import (
     BUILTIN_VIT_IMAGE_SIZE,
     DATA_KINDS,
+    DEFAULT_SPLIT,
     EVAL_METRICS,
     Config,
     DataConfig,
@@ -17,6 +19,22 @@ from clipforge.config.schema import (
     TextTowerConfig,
 )
 from clipforge.config.templates import validate_templates
+
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+# the largest image side a tower may ask for: 4096 px is beyond every released model's input (SigLIP's 512,
+# EVA's 560), and keeps one preprocessed image under 200 MB
+MAX_IMAGE_SIZE = 4096
+# loader processes a config may ask for at all (each machine starts at most one per core: runtime.usable_workers)
+MAX_WORKERS = 1024
+
+
+def check_device_name(name: str, field: str = "train.device") -> str:
+    """``name`` when it is ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; ConfigError naming ``field`` otherwise (other
+    backends - mps, xla/tpu, xpu - are not supported: their kernels and collectives are untested here)."""
+    kind, _, index = str(name).partition(":")
+    if kind in ("auto", "cpu") and not index or kind == "cuda" and (not index or index.isdigit()):
+        return name
+    raise ConfigError(f"{field}={str(name)[:40]!r} is not a device clipforge runs on; use {DEVICE_CHOICES}")
 
 
 def validate(config: Config) -> None:
@@ -34,6 +52,7 @@ def _validate_run(config: Config) -> None:
     train = config.train
     if train.steps <= 0:
         raise ConfigError(f"train.steps={train.steps} must be positive")
+    check_device_name(train.device)
     if train.batch_size < 2:
         raise ConfigError(f"train.batch_size={train.batch_size}: a contrastive batch needs at least 2 pairs")
     if train.accumulation_steps < 1 or train.batch_size % train.accumulation_steps:
@@ -66,8 +85,54 @@ def _validate_run(config: Config) -> None:
         )
 
 
+def _check_ranges(config: Config) -> None:
+    """Every size, count and rate is in the range where it means something: a zero width or a negative
+    dropout would otherwise build a model that trains nothing, or fail deep inside PyTorch."""
+    model, image, text = config.model, config.model.image, config.model.text
+    positive = {
+        "model.embed_dim": model.embed_dim,
+        "model.image.patch_size": image.patch_size,
+        "model.image.width": image.width,
+        "model.image.depth": image.depth,
+        "model.image.heads": image.heads,
+        "model.image.mlp_ratio": image.mlp_ratio,
+        "model.image.norm_eps": image.norm_eps,
+        "model.text.width": text.width,
+        "model.text.depth": text.depth,
+        "model.text.heads": text.heads,
+        "model.text.mlp_ratio": text.mlp_ratio,
+        "model.text.norm_eps": text.norm_eps,
+        "model.text.context_length": text.context_length,
+        "model.text.tokenizer.vocab_size": text.tokenizer.vocab_size,
+        "optim.eps": config.optim.eps,
+        "eval.batch_size": config.eval.batch_size,
+    }
+    if text.vocab_size is not None:
+        positive["model.text.vocab_size"] = text.vocab_size
+    for key, value in positive.items():
+        if not value > 0:  # also refuses NaN
+            raise ConfigError(f"{key}={value} must be positive")
+    fractions = {
+        "model.image.head_dropout": image.head_dropout,
+        "model.text.head_dropout": text.head_dropout,
+        "optim.beta1": config.optim.beta1,
+        "optim.beta2": config.optim.beta2,
+    }
+    for key, value in fractions.items():
+        if not 0 <= value < 1:
+            raise ConfigError(f"{key}={value} must lie in [0, 1)")
+    if not 0 <= config.schedule.min_lr_ratio <= 1:
+        raise ConfigError(f"schedule.min_lr_ratio={config.schedule.min_lr_ratio} must lie in [0, 1]")
+    if config.schedule.warmup_steps < 0:
+        raise ConfigError(f"schedule.warmup_steps={config.schedule.warmup_steps} must be >= 0")
+    for key, value in {"optim.lr": config.optim.lr, "model.image.lr_scale": image.lr_scale}.items():
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}={value} must be a finite number")
+
+
 def _validate_model(config: Config) -> None:
     """The towers' shapes, weights, layouts, locks and heads, and ``model.init``."""
+    _check_ranges(config)
     image = config.model.image
     if image.kind in ("torchvision", "timm") and not image.name:
         raise ConfigError(f"model.image.kind={image.kind!r} needs model.image.name, e.g. resnet18")
@@ -83,6 +148,20 @@ def _validate_model(config: Config) -> None:
             raise ConfigError(f"model.image.width={image.width} must be divisible by model.image.heads={image.heads}")
     if bool(image.mean) != bool(image.std) or len(image.mean) not in (0, 3) or len(image.std) not in (0, 3):
         raise ConfigError("model.image.mean and model.image.std must both be empty or both hold 3 numbers")
+    if image.image_size is not None and not 1 <= image.image_size <= MAX_IMAGE_SIZE:
+        raise ConfigError(f"model.image.image_size={image.image_size} must lie in [1, {MAX_IMAGE_SIZE}]")
+    if image.resize_size is not None:
+        if image.resize_mode == "squash":
+            raise ConfigError(
+                "model.image.resize_size is the short side before a center crop; resize_mode='squash' resizes the "
+                "whole image to image_size: remove resize_size, or use resize_mode='shortest'"
+            )
+        smallest = image.image_size or 1
+        if not smallest <= image.resize_size <= MAX_IMAGE_SIZE:
+            raise ConfigError(
+                f"model.image.resize_size={image.resize_size} must lie in [{smallest}, {MAX_IMAGE_SIZE}]: the short "
+                "side before the center crop, at least the crop (image_size)"
+            )
     text = config.model.text
     _validate_text_weights(text)
     if text.kind == "transformer":
@@ -176,6 +255,14 @@ def validate_data(data: DataConfig, prefix: str) -> None:
     needs_name = DATA_KINDS[data.kind].name
     if needs_name and not data.name:
         raise ConfigError(f"{prefix}.kind={data.kind!r} needs {prefix}.name: {needs_name}")
+    if not DATA_KINDS[data.kind].splits and data.split != DEFAULT_SPLIT:
+        # a setting that would do nothing is refused rather than silently ignored ("train", the default, means
+        # "not set": saved configs carry it for every kind)
+        raise ConfigError(
+            f"{prefix}.split={data.split[:40]!r}: data.kind={data.kind!r} has no splits (it reads all of what "
+            f"{prefix}.path names), so the setting would do nothing; remove it, or point {prefix}.path at the "
+            "split's own file"
+        )
     if data.epoch_size is not None and data.epoch_size < 1:
         raise ConfigError(f"{prefix}.epoch_size={data.epoch_size} must be positive (or null)")
     if data.resample and data.epoch_size is None:
@@ -187,6 +274,11 @@ def validate_data(data: DataConfig, prefix: str) -> None:
         raise ConfigError(f"{prefix}.shuffle_buffer={data.shuffle_buffer} must be >= 0 (0 or 1: no shuffling)")
     if data.num_workers < 0:
         raise ConfigError(f"{prefix}.num_workers={data.num_workers} must be >= 0 (0 = load in the main process)")
+    if data.num_workers > MAX_WORKERS:
+        raise ConfigError(
+            f"{prefix}.num_workers={data.num_workers} is more than the {MAX_WORKERS} loader processes a config may ask "
+            "for (a machine starts at most one per core)"
+        )
     if data.cached_views < 0:
         raise ConfigError(f"{prefix}.cached_views={data.cached_views} must be >= 0 (0 = cache no random views)")
     _validate_augment(data, prefix)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -33,6 +34,18 @@ class DataError(ValueError):
 # The largest image (width x height) any clipforge path decodes: 40 megapixels (e.g. 8000 x 5000) covers camera
 # photos, while one decoded RGB picture stays under ~120 MB. Larger ones raise ImageTooLargeError before decoding.
 MAX_IMAGE_PIXELS = 40_000_000
+
+
+# The most characters of one caption clipforge keeps: far more than any context holds (a token covers at least a
+# character, and 16,384 characters fill 512 tokens many times over), so a tokenizer's ids are those of the whole
+# text, while a 100 MB caption costs no more than this to store and tokenize. Sources cut captions when they
+# read them, and tokenizers cut every text they are given.
+MAX_TEXT_CHARS = 16_384
+
+
+def bounded_text(text: str) -> str:
+    """``text`` cut to :data:`MAX_TEXT_CHARS` characters."""
+    return text if len(text) <= MAX_TEXT_CHARS else text[:MAX_TEXT_CHARS]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -63,7 +76,9 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # L, 1, P, CMYK (Pillow already undid Adobe's inverted CMYK JPEGs), YCbCr
 
 
-def decode_image(path_or_bytes: str | os.PathLike | bytes | bytearray | memoryview) -> Image.Image:
+def decode_image(
+    path_or_bytes: str | os.PathLike | bytes | bytearray | memoryview, max_side: int | None = None
+) -> Image.Image:
     """Open an image file (or its bytes) fully and return it upright, in RGB.
 
     EXIF orientation is applied (``ImageOps.exif_transpose``); alpha (RGBA, LA, palette or single-colour
@@ -76,21 +91,22 @@ def decode_image(path_or_bytes: str | os.PathLike | bytes | bytearray | memoryvi
     bomb (a small file declaring a huge canvas) allocates nothing; Pillow's own bomb guard stays behind it
     as a second line and raises the same error.
 
-    Raises ``ImageLoadError`` naming the file and the reason: missing, unreadable, not an image,
-    truncated or corrupt, or too large (``ImageTooLargeError``).
+    ``max_side``: only a picture of about this size is needed (a thumbnail): a JPEG is then decoded at the
+    smallest of the scales 1/8, 1/4, 1/2, 1 that keeps both sides at least ``max_side`` (libjpeg scales while it
+    decodes, so a 36-megapixel photo costs a 750 x 750 image, not 108 MB); other formats decode whole.
+
+    Raises ``ImageLoadError`` naming the file and the reason: missing, unreadable (or not a regular file: a pipe
+    named like an image would block), not an image, truncated or corrupt, or too large (``ImageTooLargeError``).
     """
     is_bytes = isinstance(path_or_bytes, (bytes, bytearray, memoryview))
     label = f"<{len(path_or_bytes)} bytes>" if is_bytes else str(path_or_bytes)
-    try:
-        handle = io.BytesIO(bytes(path_or_bytes)) if is_bytes else open(path_or_bytes, "rb")
-    except FileNotFoundError:
-        raise ImageLoadError(f"{label}: image file is missing") from None
-    except OSError as error:
-        raise ImageLoadError(f"{label}: cannot read the file ({error.strerror or error})") from error
+    handle = io.BytesIO(bytes(path_or_bytes)) if is_bytes else open_regular_file(path_or_bytes, "image file")
     with handle:
         try:
             with Image.open(handle) as image:
                 _check_size(image, label)  # from the header alone: before load() allocates the pixels
+                if max_side is not None and image.format == "JPEG":
+                    image.draft("RGB", (max_side, max_side))
                 image.load()
                 upright = _exif_upright(image)
                 return _to_rgb(upright)
@@ -104,6 +120,32 @@ def decode_image(path_or_bytes: str | os.PathLike | bytes | bytearray | memoryvi
             raise ImageLoadError(f"{label}: truncated or corrupt image data ({error})") from error
 
 
+def open_regular_file(path: str | os.PathLike, what: str = "file") -> io.BufferedReader:
+    """``open(path, "rb")`` for a regular file; ``ImageLoadError`` for anything else, before it can block.
+
+    A FIFO, socket or device named like an image (``x.png``) would block ``open`` or ``read`` forever (a FIFO
+    waits for a writer) while the caller holds its folder's lock; so the file is opened without blocking and
+    refused unless ``fstat`` says it is a regular file. ``what`` names it in messages (``image file``).
+    """
+    try:
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise ImageLoadError(f"{path}: {what} is missing") from None
+    except OSError as error:
+        raise ImageLoadError(f"{path}: cannot read the {what} ({error.strerror or error})") from error
+    try:
+        mode = os.fstat(descriptor).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file (a pipe, socket or device)"
+            raise ImageLoadError(f"{path}: {kind}; expected an {what}")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(descriptor, True)
+        return os.fdopen(descriptor, "rb")
+    except BaseException:
+        os.close(descriptor)
+        raise
+
+
 def _check_size(image: Image.Image, label: str) -> None:
     """Raise ``ImageTooLargeError`` when the declared ``width * height`` exceeds :data:`MAX_IMAGE_PIXELS`."""
     width, height = image.size
@@ -114,12 +156,18 @@ def _check_size(image: Image.Image, label: str) -> None:
         )
 
 
+_EXIF_ORIENTATION = 0x0112
+
+
 def _exif_upright(image: Image.Image) -> Image.Image:
-    """The image rotated/flipped as its EXIF orientation says; a broken EXIF block leaves it as stored."""
+    """The image rotated/flipped as its EXIF orientation says; a broken EXIF block leaves it as stored. An image
+    that needs no turn is returned as it is, not copied (a copy would double a large photo's peak memory)."""
     try:
+        if image.getexif().get(_EXIF_ORIENTATION, 1) == 1:
+            return image
         return ImageOps.exif_transpose(image)
     except Exception:  # the pixels are fine; only the orientation tag is unreadable
-        return image.copy()
+        return image
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,9 +16,19 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from clipforge.data.base import DataError, check_index, decode_image
-from clipforge.data.files import check_images_present, not_utf8, read_json, read_text, require_file, resolve_image_root
+from clipforge.data.base import DataError, bounded_text, check_index, decode_image
+from clipforge.data.files import (
+    MAX_LINE_CHARS,
+    bounded_lines,
+    check_images_present,
+    not_utf8,
+    read_json,
+    read_text,
+    require_file,
+    resolve_image_root,
+)
 from clipforge.data.tables import CaptionTable, StringTable
+from clipforge.io import shown
 
 logger = logging.getLogger("clipforge")
 
@@ -93,16 +103,16 @@ def read_coco(path: str | os.PathLike, image_root: str = "") -> CaptionedImageSo
     file_names: list[str] = []
     for entry in data["images"]:
         if not isinstance(entry, dict) or "id" not in entry or "file_name" not in entry:
-            raise DataError(f"data.kind='coco': {path}: an 'images' entry lacks 'id' or 'file_name': {entry!r:.80}")
+            raise DataError(f"data.kind='coco': {path}: an 'images' entry lacks 'id' or 'file_name': {shown(entry)}")
         position[entry["id"]] = len(file_names)
         file_names.append(str(entry["file_name"]))
     groups: list[list[str]] = [[] for _ in file_names]
     orphans = 0
     for annotation in data["annotations"]:
         if not isinstance(annotation, dict):
-            raise DataError(f"data.kind='coco': {path}: an 'annotations' entry is not an object: {annotation!r:.80}")
+            raise DataError(f"data.kind='coco': {path}: an 'annotations' entry is not an object: {shown(annotation)}")
         index = position.get(annotation.get("image_id"))
-        caption = str(annotation.get("caption") or "").strip()
+        caption = bounded_text(str(annotation.get("caption") or "").strip())
         if index is None:
             orphans += 1
         elif caption:
@@ -239,7 +249,7 @@ def _read_karpathy(path: Path) -> tuple[list[str], list[list[str]], list[str | N
     without_sentence = 0
     for entry in data["images"]:
         if not isinstance(entry, dict) or "filename" not in entry:
-            raise DataError(f"data.kind='flickr': {path}: an image entry has no 'filename': {entry!r:.80}")
+            raise DataError(f"data.kind='flickr': {path}: an image entry has no 'filename': {shown(entry)}")
         captions = [_sentence_text(sentence) for sentence in entry.get("sentences", [])]
         captions = [text for text in captions if text]
         if not captions:
@@ -257,8 +267,8 @@ def _read_karpathy(path: Path) -> tuple[list[str], list[list[str]], list[str | N
 def _sentence_text(sentence: object) -> str:
     if isinstance(sentence, dict):
         raw = sentence.get("raw") or " ".join(sentence.get("tokens") or [])
-        return str(raw).strip()
-    return str(sentence).strip()
+        return bounded_text(str(raw).strip())
+    return bounded_text(str(sentence).strip())
 
 
 def _read_caption_lines(path: Path) -> tuple[list[str], list[list[str]]]:
@@ -271,12 +281,13 @@ def _read_caption_lines(path: Path) -> tuple[list[str], list[list[str]]]:
 
 def _group_caption_lines(path: Path) -> tuple[list[str], list[list[str]]]:
     with open(path, encoding="utf-8-sig", newline="") as handle:
-        first = handle.readline()
+        first = handle.readline(MAX_LINE_CHARS)
         handle.seek(0)
+        lines = bounded_lines(handle, f"data.kind='flickr': {path}")
         if "\t" in first:
-            pairs = _token_lines(handle, path)
+            pairs = _token_lines(lines, path)
         elif [cell.strip().lower() for cell in next(csv.reader([first]), [])][:2] == ["image", "caption"]:
-            reader = csv.reader(handle)
+            reader = csv.reader(lines)
             next(reader)
             pairs = ((row[0], row[1]) for row in reader if len(row) >= 2)
         else:
@@ -287,7 +298,7 @@ def _group_caption_lines(path: Path) -> tuple[list[str], list[list[str]]]:
         groups: list[list[str]] = []
         empty = 0
         for image, caption in pairs:
-            image, caption = image.strip(), caption.strip()
+            image, caption = image.strip(), bounded_text(caption.strip())
             if not image or not caption:
                 empty += 1
                 continue

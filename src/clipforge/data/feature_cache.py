@@ -103,7 +103,7 @@ class FeatureStore:
                 return features
         # a new entry, or one whose files do not match what it should hold: start it afresh
         (self.folder / PROGRESS_FILE).unlink(missing_ok=True)
-        atomic_write_json(identity_path, self.identity)
+        atomic_write_json(identity_path, self.identity, replace=True)
         return np.lib.format.open_memmap(self.path, mode="w+", dtype=np.float32, shape=(self.num_rows, self.dim))
 
     def fill(
@@ -132,7 +132,7 @@ class FeatureStore:
                     )
                 features[start:stop] = rows
                 features.flush()  # the rows reach the file before the progress that vouches for them
-                atomic_write_json(self.folder / PROGRESS_FILE, {"rows_done": stop})
+                atomic_write_json(self.folder / PROGRESS_FILE, {"rows_done": stop}, replace=True)
                 computed += stop - start
                 if progress is not None:
                     progress(stop - start)

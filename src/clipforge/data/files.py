@@ -7,12 +7,13 @@ it can tell) which ``data.kind`` would fit, instead of as a stream of skipped sa
 
 from __future__ import annotations
 
+import csv
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from clipforge.data.base import DataError
 
@@ -59,8 +60,45 @@ def not_utf8(path: Path, where: str) -> DataError:
     return DataError(f"{where}: not UTF-8 text; save the file as UTF-8")
 
 
+# The longest line a text data file (a manifest, a captions file) may hold: a row of a few captions is a few
+# kilobytes; a line beyond this is not a row (a binary file, a whole file without newlines) and is refused
+# before it is read into memory whole.
+MAX_LINE_CHARS = 1 << 20
+
+
+def bounded_lines(handle: IO[str], where: str) -> Iterator[str]:
+    """The lines of ``handle`` (each with its newline), refusing with ``DataError`` a line longer than
+    :data:`MAX_LINE_CHARS`; ``where`` names the file in the message. Memory stays bounded by that length."""
+    number = 0
+    while True:
+        line = handle.readline(MAX_LINE_CHARS + 1)
+        if not line:
+            return
+        number += 1
+        if len(line) > MAX_LINE_CHARS:
+            raise DataError(
+                f"{where}, line {number}: longer than {MAX_LINE_CHARS:,} characters; a data row is far shorter "
+                "(is this the right file, with newlines between its rows?)"
+            )
+        yield line
+
+
+# csv's own field limit (131,072 characters by default) raised to the line bound: a caption that long is cut to
+# MAX_TEXT_CHARS when it is read, instead of stopping the reader with csv.Error
+csv.field_size_limit(MAX_LINE_CHARS)
+
+
+# The largest text file read whole (annotation JSON, split lists): COCO's caption files are ~90 MB; a file beyond
+# this is refused instead of being decoded into memory whole.
+MAX_TEXT_FILE_BYTES = 1 << 30
+
+
 def read_text(path: Path, where: str) -> str:
-    """The text of a UTF-8 file (a leading byte-order mark dropped); :func:`not_utf8` when it is not UTF-8."""
+    """The text of a UTF-8 file (a leading byte-order mark dropped) of at most :data:`MAX_TEXT_FILE_BYTES`;
+    :func:`not_utf8` when it is not UTF-8, ``DataError`` when it is larger."""
+    size = path.stat().st_size
+    if size > MAX_TEXT_FILE_BYTES:
+        raise DataError(f"{where}: {size:,} bytes; clipforge reads text files of at most {MAX_TEXT_FILE_BYTES:,} whole")
     try:
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from clipforge.data.base import DataError, ImageLoadError, check_index, decode_image
+from clipforge.data.base import DataError, ImageLoadError, bounded_text, check_index, decode_image
 from clipforge.data.files import classnames_for
 
 logger = logging.getLogger("clipforge")
@@ -130,7 +130,7 @@ class HFSource:
             return [self.classnames[self.labels[index]]]
         value = self._caption_column[row].as_py()
         texts = [value] if isinstance(value, str) else [text for text in value if text and text.strip()]
-        return [text.strip() for text in texts] or [str(value)]
+        return [bounded_text(text.strip()) for text in texts] or [bounded_text(str(value))]
 
     def describe(self, index: int) -> str:
         return f"{self.path} row {int(self.rows[check_index(index, len(self))])}"

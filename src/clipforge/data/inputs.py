@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from clipforge.data.base import DataError, ImageLoadError, ImageTextSource, decode_image
+from clipforge.data.base import DataError, ImageLoadError, ImageTextSource, bounded_text, decode_image
 from clipforge.data.classification import IMAGE_EXTENSIONS, ImageFolderSource
-from clipforge.data.files import read_text
+from clipforge.data.files import bounded_lines, not_utf8
 from clipforge.data.manifest import ManifestSource
 from clipforge.data.sources import build_source
 from clipforge.data.tables import StringTable
@@ -166,8 +166,11 @@ def read_texts(path: str | os.PathLike) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--texts {str(path)!r} does not exist; expected a text file with one caption a line")
-    texts = [line.strip() for line in read_text(path, f"--texts {path}").splitlines()]
-    texts = [text for text in texts if text]
+    try:
+        with open(path, encoding="utf-8-sig") as handle:  # line by line: each line bounded, each caption cut
+            texts = [bounded_text(line.strip()) for line in bounded_lines(handle, f"--texts {path}") if line.strip()]
+    except UnicodeDecodeError:
+        raise not_utf8(path, f"--texts {path}") from None
     if not texts:
         raise DataError(f"--texts {path} holds no caption (one caption a line)")
     return texts

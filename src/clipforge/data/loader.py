@@ -27,6 +27,7 @@ from clipforge.data.sampler import ResumableSampler
 from clipforge.data.samples import CAPTION_SAMPLING, Collator, SkippedSample, prepare_sample
 from clipforge.data.shards import ShardSource
 from clipforge.data.streaming import build_shard_loader
+from clipforge.runtime import ignore_interrupt_signals, usable_workers
 
 __all__ = ["ImageTextDataset", "LoaderSpec", "build_train_loader"]
 
@@ -102,11 +103,12 @@ def build_train_loader(
         dataset,
         batch_size=spec.batch_size,
         sampler=sampler,
-        num_workers=spec.num_workers,
+        num_workers=usable_workers(spec.num_workers),
         collate_fn=collate,
         pin_memory=spec.pin_memory,
         persistent_workers=spec.num_workers > 0,
         prefetch_factor=4 if spec.num_workers > 0 else None,
         generator=torch.Generator().manual_seed(spec.seed),
         drop_last=True,
+        worker_init_fn=ignore_interrupt_signals,
     )

@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from clipforge.data.base import DataError, check_index, decode_image
-from clipforge.data.files import not_utf8
+from clipforge.data.base import DataError, bounded_text, check_index, decode_image
+from clipforge.data.files import bounded_lines, not_utf8
 from clipforge.data.tables import CaptionTable, StringTable
+from clipforge.io import shown
 
 logger = logging.getLogger("clipforge")
 
@@ -94,7 +95,7 @@ class ManifestSource:
         row_count = 0
         for line, image, captions, label in rows:
             row_count += 1
-            captions = [text.strip() for text in captions if text.strip()]
+            captions = [bounded_text(text.strip()) for text in captions if text.strip()]
             image = image.strip()
             if not image or not captions:
                 skipped_lines.append(line)
@@ -143,7 +144,7 @@ class ManifestSource:
         names = self.columns
         # utf-8-sig: spreadsheet exports start with a byte-order mark that would rename the first column
         with open(self.path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.reader(handle, delimiter=delimiter, quoting=quoting)
+            reader = csv.reader(bounded_lines(handle, f"manifest {self.path}"), delimiter=delimiter, quoting=quoting)
             header = [column.strip() for column in next(reader, [])]
             if not header:
                 raise DataError(
@@ -165,7 +166,7 @@ class ManifestSource:
     def _read_jsonl(self) -> Iterator[tuple[int, str, list[str], object]]:
         names = self.columns
         with open(self.path, encoding="utf-8-sig") as handle:
-            for line, text in enumerate(handle, start=1):
+            for line, text in enumerate(bounded_lines(handle, f"manifest {self.path}"), start=1):
                 if not text.strip():
                     continue
                 try:
@@ -173,14 +174,14 @@ class ManifestSource:
                 except json.JSONDecodeError as error:
                     raise DataError(f"manifest {self.path}, line {line}: not valid JSON ({error.msg})") from None
                 if not isinstance(row, dict):
-                    raise DataError(f"manifest {self.path}, line {line}: expected a JSON object, got {row!r:.60}")
+                    raise DataError(f"manifest {self.path}, line {line}: expected a JSON object, got {shown(row)}")
                 if names.image not in row or (names.caption not in row and names.captions not in row):
                     raise self._missing_columns(sorted(row), jsonl=True, line=line)
                 captions = row[names.captions] if names.captions in row else [row[names.caption]]
                 captions = [captions] if isinstance(captions, str) else captions
                 if not isinstance(captions, list) or not all(isinstance(c, str) or c is None for c in captions):
                     raise DataError(
-                        f"manifest {self.path}, line {line}: captions must be strings, got {captions!r:.80}"
+                        f"manifest {self.path}, line {line}: captions must be strings, got {shown(captions)}"
                     )
                 label = row.get(names.label)
                 if names.label in row and (label is None or label == ""):

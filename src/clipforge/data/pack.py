@@ -24,6 +24,7 @@ from clipforge.config import DataConfig
 from clipforge.data.base import DataError, ImageLoadError, ImageTextSource, decode_image
 from clipforge.data.shards import ShardSource
 from clipforge.data.sources import build_source
+from clipforge.io import folder_lock, scratch_folder
 
 logger = logging.getLogger("clipforge")
 
@@ -123,14 +124,19 @@ def pack_source(
     shard_size: int = 1000,
     max_side: int | None = None,
     jpeg_quality: int = 95,
+    overwrite: bool = False,
 ) -> PackResult:
     """Write every readable image of the source ``config`` describes as WebDataset shards in ``out_dir``.
 
     ``max_side``: images with a longer side are shrunk to it (aspect kept) and stored as JPEG; without it,
     and for images already small enough, JPEG/PNG/WebP files keep their own bytes (no quality loss) and
     other images (arrays, other formats) are encoded as JPEG at ``jpeg_quality``. Unreadable images (or
-    samples without a caption) are left out, counted and logged. Refuses a folder that already holds
-    ``.tar`` files, so old shards never mix with new ones.
+    samples without a caption) are left out, counted and logged.
+
+    ``out_dir`` holding ``.tar`` files is refused (old shards never mix with new ones) unless ``overwrite``:
+    then they are replaced, but only once the new shards are all written. The shards are written into a scratch
+    folder inside ``out_dir`` and moved into place at the end, so an interrupted pack leaves the folder as it was;
+    one pack writes a folder at a time (:func:`clipforge.io.folder_lock`).
     """
     from webdataset import TarWriter
 
@@ -139,38 +145,46 @@ def pack_source(
     if max_side is not None and max_side < 1:
         raise ValueError(f"--max-side={max_side} must be positive")
     out_dir = Path(out_dir)
-    if out_dir.is_dir() and any(out_dir.glob("*.tar")):
-        raise FileExistsError(f"{out_dir} already holds .tar files; remove them or pack into another folder")
+    if out_dir.is_dir() and any(out_dir.glob("*.tar")) and not overwrite:
+        raise FileExistsError(
+            f"{out_dir} already holds .tar files; pack into another folder, or add --overwrite to replace them"
+        )
     source = build_source(config)  # before the folder is made: a bad source leaves nothing behind
-    out_dir.mkdir(parents=True, exist_ok=True)
     shards: list[Path] = []
-    writer = None
     written = skipped = 0
-    try:
-        for record in _records(source):
-            try:
-                if record.problem:
-                    raise ImageLoadError(record.problem)
-                image = record.load()
-            except ImageLoadError as error:
-                skipped += 1
-                if skipped <= _REPORTED_PROBLEMS:
-                    logger.warning("not packed: %s: %s", record.where, error)
-                continue
-            if written % shard_size == 0:
-                if writer is not None:
-                    writer.close()
-                shards.append(out_dir / f"{len(shards):05d}.tar")
-                writer = TarWriter(str(shards[-1]), mtime=0.0)  # a fixed time: packing twice gives equal files
-            writer.write(_sample(record, image, f"{written:09d}", max_side, jpeg_quality))
-            written += 1
-    finally:
-        if writer is not None:
-            writer.close()
+    with folder_lock(out_dir, "data pack"), scratch_folder(out_dir) as scratch:
+        writer = None
+        try:
+            for record in _records(source):
+                try:
+                    if record.problem:
+                        raise ImageLoadError(record.problem)
+                    image = record.load()
+                except ImageLoadError as error:
+                    skipped += 1
+                    if skipped <= _REPORTED_PROBLEMS:
+                        logger.warning("not packed: %s: %s", record.where, error)
+                    continue
+                if written % shard_size == 0:
+                    if writer is not None:
+                        writer.close()
+                    shards.append(Path(f"{len(shards):05d}.tar"))
+                    # a fixed time: packing twice gives equal files
+                    writer = TarWriter(str(scratch / shards[-1]), mtime=0.0)
+                writer.write(_sample(record, image, f"{written:09d}", max_side, jpeg_quality))
+                written += 1
+        finally:
+            if writer is not None:
+                writer.close()
+        if not shards:
+            raise DataError(f"data.kind={config.kind!r}: no readable image to pack ({skipped} unreadable)")
+        for old in sorted(out_dir.glob("*.tar")):  # only with overwrite (refused above otherwise)
+            old.unlink()
+        for shard in shards:
+            (scratch / shard).replace(out_dir / shard)
     if skipped:
         logger.warning("%d unreadable images were left out", skipped)
-    if not shards:
-        raise DataError(f"data.kind={config.kind!r}: no readable image to pack ({skipped} unreadable)")
+    shards = [out_dir / shard for shard in shards]
     last = len(shards) - 1
     spec = str(out_dir / (f"{{00000..{last:05d}}}.tar" if last else "00000.tar"))
     return PackResult(out_dir, shards, spec, written, skipped)

@@ -27,13 +27,19 @@ from dataclasses import dataclass, field
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext
 
-from clipforge.data.base import DataError
+from clipforge.data.base import DataError, bounded_text
+from clipforge.data.files import MAX_LINE_CHARS
 
 logger = logging.getLogger("clipforge")
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 _USED_EXTENSIONS = (*IMAGE_EXTENSIONS, "txt", "json", "cls")
 _OPEN_SHARDS = 8  # file descriptors one process keeps open: the shuffle buffer spans a few shards at most
+# The largest member read, whatever its header declares: an image file within the pixel limit is far smaller
+# (a 40-megapixel JPEG is ~20 MB), a caption or JSON member within MAX_LINE_CHARS. A larger member makes its
+# sample unreadable (skipped and counted) instead of being read whole.
+MAX_IMAGE_MEMBER_BYTES = 128 << 20
+MAX_TEXT_MEMBER_BYTES = MAX_LINE_CHARS
 
 
 class NoReadableSampleError(DataError, RuntimeError):
@@ -188,6 +194,10 @@ class ShardSource:
                     continue  # one image per sample: the first
                 if is_image:
                     image_extension = extension
+                limit = MAX_IMAGE_MEMBER_BYTES if is_image else MAX_TEXT_MEMBER_BYTES
+                if size > limit:
+                    problem = f"its .{extension} member is {size:,} bytes, more than the {limit:,} clipforge reads"
+                    return ShardSample(where, None, [], problem=problem)
                 data["image" if is_image else extension] = self._files.read(path, offset, size)
         except OSError as error:
             return ShardSample(where, None, [], problem=f"cannot read the shard ({error})")
@@ -289,7 +299,7 @@ def _parse_sample(where: str, data: dict[str, bytes], want_image: bool) -> Shard
         captions = [data["txt"].decode("utf-8", errors="replace")]
     if not captions and isinstance(meta.get("caption"), str):
         captions = [meta["caption"]]
-    captions = [text.strip() for text in captions if text and text.strip()]
+    captions = [bounded_text(text.strip()) for text in captions if text and text.strip()]
     if not captions:
         problems.append("no caption (a .txt member, or a .json member with 'caption' or 'captions')")
     label = meta.get("label")

@@ -35,6 +35,7 @@ from clipforge.data.base import DataError, ImageLoadError, decode_image
 from clipforge.data.loader_spec import LoaderSpec
 from clipforge.data.samples import Collator, SkippedSample, prepare_sample, sample_seed
 from clipforge.data.shards import SampleRef, ShardSource
+from clipforge.runtime import ignore_interrupt_signals, usable_workers
 
 logger = logging.getLogger("clipforge")
 
@@ -205,10 +206,10 @@ def build_shard_loader(source: ShardSource, spec: LoaderSpec) -> DataLoader:
     streams = spec.streams or max(1, spec.num_workers)
     if spec.start_sample % spec.batch_size:
         raise ValueError(f"start_sample={spec.start_sample} is not a whole number of batches of {spec.batch_size}")
-    workers = spec.num_workers
+    workers = usable_workers(spec.num_workers)
     while workers > 0 and streams % workers:
         workers -= 1
-    if workers != spec.num_workers:
+    if workers != usable_workers(spec.num_workers):
         logger.warning(
             "data.num_workers=%d does not divide the %d shard streams this run started with; using %d workers "
             "so that the data order stays exactly that of the first run",
@@ -238,4 +239,5 @@ def build_shard_loader(source: ShardSource, spec: LoaderSpec) -> DataLoader:
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
         generator=torch.Generator().manual_seed(spec.seed),  # the workers' base seed must not draw on the global RNG
+        worker_init_fn=ignore_interrupt_signals,
     )

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from clipforge.config import ConfigError, TokenizerConfig
+from clipforge.data.base import bounded_text
 from clipforge.packaged import hf_load_kwargs, resolve_location
 
 __all__ = [
@@ -59,7 +60,7 @@ MIN_FREQUENCY = 2
 def _check_batch(texts: Sequence[str], context_length: int, min_length: int) -> list[str]:
     if isinstance(texts, str):
         raise TypeError("texts must be a sequence of captions, not one string; wrap it: tokenizer([text], ...)")
-    texts = list(texts)
+    texts = [bounded_text(text) for text in texts]
     if not texts:
         raise ValueError("texts is empty: a batch needs at least one caption")
     if context_length < min_length:
@@ -257,7 +258,7 @@ def train_bpe_tokenizer(
         nonlocal count
         for text in items:
             count += 1
-            yield text
+            yield bounded_text(text)
 
     backend.train_from_iterator(counted(texts), trainer=trainer)
     if count == 0:

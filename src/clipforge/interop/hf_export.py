@@ -1,12 +1,18 @@
 """Export a clipforge checkpoint as a Hugging Face folder: ``CLIPModel`` or ``SiglipModel``, checked at export.
 
 ``export_hf(loaded, out_dir)`` writes ``config.json`` + ``model.safetensors`` (``save_pretrained``), the tokenizer
-files and ``preprocessor_config.json`` (a ``CLIPImageProcessor`` / ``SiglipImageProcessor`` with the checkpoint's
-size, mean/std and interpolation), so ``CLIPModel.from_pretrained(out_dir)`` and ``AutoTokenizer`` /
-``AutoImageProcessor`` load it offline. The family follows the model's layout: a class-token ViT with a causal
-text tower is a CLIP model; attention pooling (``pool: map``) with a bidirectional text tower pooled at the last
-position is a SigLIP model. The weights go through the same explicit key map as the import
-(:func:`clipforge.interop.keymaps.hf_rules`, inverted), so import -> export is lossless.
+files and ``preprocessor_config.json``, so ``CLIPModel.from_pretrained(out_dir)`` and ``AutoTokenizer`` /
+``AutoImageProcessor`` load it offline. The image processor follows the checkpoint's resize rule, whichever the
+model family: ``squash`` -> a ``SiglipImageProcessor`` resizing to ``{height, width}``; ``shortest`` -> a
+``CLIPImageProcessor`` with ``shortest_edge`` = ``resize_size`` and the ``image_size`` center crop; mean/std and
+interpolation are the checkpoint's. transformers rounds crop offsets down and resizes with torchvision by default:
+a checkpoint that rounds half to even (``crop_rounding: round``) or resizes with PIL (``resize_backend: pil``,
+then ``AutoImageProcessor.from_pretrained(out_dir, backend="pil")`` is exact) gets a warning saying so.
+
+The family follows the model's layout: a class-token ViT with a causal text tower is a CLIP model; attention
+pooling (``pool: map``) with a bidirectional text tower pooled at the last position is a SigLIP model. The weights
+go through the same explicit key map as the import (:func:`clipforge.interop.keymaps.hf_rules`, inverted), so
+import -> export is lossless.
 
 What has no counterpart is refused with the part named: timm / torchvision image towers, Hugging Face text towers,
 MLP heads, a logit bias on CLIP's towers, and the like; ``clipforge export onnx`` exports any model. Identity heads
@@ -29,7 +35,7 @@ left in ``out_dir``.
 from __future__ import annotations
 
 import copy
-import tempfile
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,8 +49,11 @@ from clipforge.data.tokenize import BpeTokenizer, Tokenizer, quiet_transformers
 from clipforge.data.transforms import ImagePreprocess
 from clipforge.interop.hf import CLIP_LEGACY_EOS_ID, HF_ACTIVATIONS, PIL_RESAMPLE
 from clipforge.interop.keymaps import hf_rules, invert
+from clipforge.io import LOCK_NAME, staged_folder
 from clipforge.model import resolve_image_preprocess
 from clipforge.model.text import resolve_pooling
+
+logger = logging.getLogger("clipforge")
 
 EXPORT_ACTIVATIONS = {ours: theirs for theirs, ours in HF_ACTIVATIONS.items()}
 PIL_FILTERS = {name: code for code, name in PIL_RESAMPLE.items()}
@@ -220,18 +229,35 @@ def hf_config(model: ModelConfig, family: str, tokenizer: Tokenizer, vocab_rows:
         )
 
 
-def _image_processor(family: str, preprocess: ImagePreprocess):
+def image_processor(preprocess: ImagePreprocess):
+    """The transformers image processor of ``preprocess``'s resize rule (module docstring)."""
     from transformers import CLIPImageProcessor, SiglipImageProcessor
 
-    size = preprocess.image_size
+    size = {"height": preprocess.image_size, "width": preprocess.image_size}
     common = {
         "image_mean": list(preprocess.mean),
         "image_std": list(preprocess.std),
         "resample": PIL_FILTERS[preprocess.interpolation],
     }
-    if family == "clip":
-        return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}, **common)
-    return SiglipImageProcessor(size={"height": size, "width": size}, **common)
+    if preprocess.resize_mode == "squash":
+        return SiglipImageProcessor(size=size, **common)
+    return CLIPImageProcessor(size={"shortest_edge": preprocess.short_side}, crop_size=size, **common)
+
+
+def processor_differences(preprocess: ImagePreprocess) -> list[str]:
+    """What transformers' default image processor does otherwise than ``preprocess`` (empty: nothing)."""
+    notes = []
+    if preprocess.resize_mode == "shortest" and preprocess.crop_rounding != "floor":
+        notes.append(
+            "its center crop rounds the offset (resized - crop) / 2 down where this checkpoint rounds half to even "
+            "(crop_rounding: round), one pixel apart on some non-square images"
+        )
+    if preprocess.resize_backend != "torchvision":
+        notes.append(
+            "by default it resizes with torchvision on tensors where this checkpoint resizes with PIL (one level "
+            "apart in a few pixels); AutoImageProcessor.from_pretrained(folder, backend='pil') resizes as it does"
+        )
+    return notes
 
 
 def _model_class(family: str):
@@ -244,7 +270,8 @@ def _model_class(family: str):
 # Export
 # ----------------------------------------------------------------------------------------------
 def _check_folder(folder: Path) -> None:
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+    """A Hugging Face folder is new or empty: another model's tokenizer files beside this one's would mix."""
+    if folder.exists() and (not folder.is_dir() or any(p.name != LOCK_NAME for p in folder.iterdir())):
         raise FileExistsError(f"{folder} exists and is not an empty folder; choose another --out or remove it first")
 
 
@@ -268,7 +295,7 @@ def _write(loaded: LoadedCheckpoint, scratch: Path) -> tuple[str, Tokenizer]:
         hf_model.load_state_dict(invert(state, hf_rules(canonical, family)), strict=True)
         hf_model.save_pretrained(str(scratch))
         tokenizer.save_pretrained(scratch, model_max_length=config.text.context_length)
-        _image_processor(family, resolve_image_preprocess(config.image)).save_pretrained(str(scratch))
+        image_processor(resolve_image_preprocess(config.image)).save_pretrained(str(scratch))
     return family, tokenizer
 
 
@@ -312,20 +339,14 @@ def export_hf(loaded: LoadedCheckpoint, out_dir: str | Path, atol: float = 1e-4)
     """
     folder = Path(out_dir)
     _check_folder(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    try:
-        with tempfile.TemporaryDirectory(dir=folder, prefix=".export-") as scratch:
-            family, _ = _write(loaded, Path(scratch))
-            difference = _max_difference(loaded, Path(scratch), family)
-            if difference > atol:
-                raise CheckpointError(
-                    f"the exported {family} model differs from clipforge's by {difference:.2e} (> {atol}): the "
-                    f"export is not faithful for this model, so nothing was written; {ONNX_HINT}"
-                )
-            for item in Path(scratch).iterdir():  # checked: move the export into place
-                item.replace(folder / item.name)
-    except BaseException:
-        if not any(folder.iterdir()):
-            folder.rmdir()  # it was new or empty: leave no trace of a failed export
-        raise
+    with staged_folder(folder, "export hf") as scratch:
+        family, _ = _write(loaded, scratch)
+        difference = _max_difference(loaded, scratch, family)
+        if difference > atol:
+            raise CheckpointError(
+                f"the exported {family} model differs from clipforge's by {difference:.2e} (> {atol}): the "
+                f"export is not faithful for this model, so nothing was written; {ONNX_HINT}"
+            )
+    for note in processor_differences(resolve_image_preprocess(loaded.config.model.image)):
+        logger.warning("%s: transformers' image processor differs from clipforge's: %s", folder, note)
     return HFExport(folder, family, difference)

@@ -24,11 +24,10 @@ from dataclasses import dataclass
 
 import torch
 
-from clipforge.checkpoint import CheckpointError, build_model
+from clipforge.checkpoint import CheckpointError, build_checked_model
 from clipforge.config import Config, ModelConfig
 from clipforge.data.tokenize import Tokenizer
 from clipforge.model import CLIPModel
-from clipforge.model.pretrained import state_dict_problems
 
 JOINS = ("copy", "qkv", "transpose", "scalar", "vector1")
 
@@ -224,15 +223,7 @@ def load_converted(config: Config, tokenizer: Tokenizer, state: dict[str, torch.
     """The model ``config`` describes, holding ``state`` (a :func:`convert` result), in eval mode.
 
     Raises CheckpointError naming the first keys whose shapes differ (the config says one size, the weights
-    hold another) or that the model lacks or does not have.
+    hold another) or that the model lacks or does not have; the sizes are checked before anything is allocated
+    (:func:`clipforge.checkpoint.build_checked_model`).
     """
-    try:
-        model = build_model(config, tokenizer, pretrained=False)
-    except ValueError as error:  # a layout the config describes but the towers cannot build
-        raise CheckpointError(f"{where}: {error}") from error
-    expected = model.state_dict()
-    problems = state_dict_problems(state, expected, names=("weights", "config"))
-    if problems:
-        raise CheckpointError(f"{where}: the config and the weights do not match: {'; '.join(problems)}")
-    model.load_state_dict({key: value.to(expected[key].dtype) for key, value in state.items()})
-    return model.eval()
+    return build_checked_model(config, tokenizer, state, where).eval()

@@ -61,11 +61,10 @@ def from_pretrained(spec: str, device: str | torch.device = "cpu") -> LoadedChec
 
 
 def save_imported_checkpoint(loaded: LoadedCheckpoint, path: str | Path, source: str) -> Path:
-    """Write ``loaded`` as an ordinary clipforge checkpoint (what ``load_checkpoint`` reads) at ``path``, which
-    must not exist yet (FileExistsError: an import never overwrites). ``source`` is recorded as ``imported_from``."""
+    """Write ``loaded`` as an ordinary clipforge checkpoint (what ``load_checkpoint`` reads) at ``path``; an
+    existing ``path`` is refused unless the user asked to overwrite (``clipforge.io.atomic_write``'s policy).
+    ``source`` is recorded as ``imported_from``."""
     path = Path(path)
-    if path.exists():
-        raise FileExistsError(f"{path} exists already; clipforge import never overwrites: choose another --out")
     return save_checkpoint(
         path,
         {

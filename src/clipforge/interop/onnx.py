@@ -5,20 +5,28 @@
 * ``image_encoder.onnx``: ``pixel_values`` (batch, 3, S, S) float32, preprocessed as ``preprocess.json`` says
   -> ``image_embeds`` (batch, D), unit L2 norm;
 * ``text_encoder.onnx``: ``input_ids``, ``attention_mask`` (batch, length) int64 -> ``text_embeds`` (batch, D);
-* ``preprocess.json`` (image size, mean/std, interpolation, context length) and ``tokenizer/`` (the files of the
-  checkpoint's tokenizer);
+* ``preprocess.json`` (image size, mean/std, interpolation, the resize rule, context length) and ``tokenizer/``
+  (the files of the checkpoint's tokenizer);
 
 with the batch (and the text length) dynamic. Both graphs carry metadata: ``logit_scale`` (the learned log
 temperature: logits = exp(logit_scale) * image_embeds @ text_embeds.T, plus ``logit_bias`` when present, a
 SigLIP model), ``embed_dim``, ``clipforge_version``. After writing, each graph is run with onnxruntime on a
 batch size that the export did not trace with and compared with PyTorch; a difference above ``atol`` fails the
 export, so a written folder is a checked one. Any tower kind exports (built-in, timm, torchvision, Hugging Face).
+
+``preprocess.json`` says enough to reproduce the pixels without clipforge (its ``resize_rule`` spells it out):
+``resize_mode`` ``squash`` resizes the RGB image to ``image_size`` x ``image_size``; ``shortest`` first center-crops
+the long side to ``max_aspect`` times the short one (plus one pixel when the cut is odd; only for images beyond
+``max_aspect``:1), resizes the short side to ``resize_size`` and the long one to
+``int(resize_size * long / short)``, then crops ``image_size`` x ``image_size`` at offsets (resized - image_size) / 2
+rounded by ``crop_rounding`` (``round``: Python's ``round``, halves to even; ``floor``: down). The resize is
+``PIL.Image.resize`` with filter ``interpolation`` (``resize_backend: pil``) or torchvision's antialiased
+``resize`` of the uint8 (3, H, W) tensor (``torchvision``); then pixel / 255, minus ``mean``, over ``std``.
 """
 
 from __future__ import annotations
 
 import json
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,7 +36,8 @@ import torch
 from torch import nn
 
 from clipforge.checkpoint import LoadedCheckpoint
-from clipforge.io import atomic_write_text
+from clipforge.data.transforms import MAX_ASPECT, ImagePreprocess
+from clipforge.io import atomic_write_text, check_output, staged_folder
 from clipforge.model import resolve_image_preprocess
 from clipforge.version import __version__
 
@@ -122,15 +131,37 @@ def _text_inputs(loaded: LoadedCheckpoint, batch: int) -> tuple[torch.Tensor, to
     return loaded.tokenizer(captions, loaded.config.model.text.context_length)
 
 
+def preprocess_info(preprocess: ImagePreprocess) -> dict:
+    """``preprocess`` as ``preprocess.json`` states it (module docstring), the resize rule in words included."""
+    info = {**asdict(preprocess), "max_aspect": MAX_ASPECT}
+    if preprocess.resize_mode == "squash":
+        info.pop("resize_size")
+        info.pop("crop_rounding")
+        rule = f"resize the whole image to {preprocess.image_size} x {preprocess.image_size}"
+    else:
+        info["resize_size"] = preprocess.short_side
+        rule = (
+            f"center-crop the long side to {MAX_ASPECT} x the short side if longer (+1 when the cut is odd), resize "
+            f"the short side to {preprocess.short_side} and the long side to int({preprocess.short_side} * long / "
+            f"short), center-crop {preprocess.image_size} x {preprocess.image_size} at offset (resized - "
+            f"{preprocess.image_size}) / 2 rounded {'down' if preprocess.crop_rounding == 'floor' else 'half to even'}"
+        )
+    library = "PIL.Image.resize" if preprocess.resize_backend == "pil" else "torchvision resize of the uint8 tensor"
+    info["resize_rule"] = f"{rule}, {preprocess.interpolation} ({library}); then (pixel / 255 - mean) / std"
+    return info
+
+
 def export_onnx(loaded: LoadedCheckpoint, out_dir: str | Path, atol: float = 1e-4) -> OnnxExport:
     """Write the ONNX graphs of ``loaded``'s towers to ``out_dir`` (module docstring), checked with onnxruntime.
 
-    Refuses an ``out_dir`` that already holds an export (``FileExistsError``). Raises ValueError when
+    Refuses an ``out_dir`` that already holds an export unless the user asked to overwrite it
+    (``clipforge.io.check_output``); the files are written beside it and moved in only once checked
+    (``clipforge.io.staged_folder``). Raises ValueError when
     onnxruntime's embeddings differ from PyTorch's by more than ``atol``.
     """
     folder = Path(out_dir)
-    if (folder / "image_encoder.onnx").exists() or (folder / "text_encoder.onnx").exists():
-        raise FileExistsError(f"{folder} already holds an ONNX export; choose another --out or remove it first")
+    for name in ("image_encoder.onnx", "text_encoder.onnx"):  # said now, before the minutes of an export
+        check_output(folder / name, what="--out")
     _onnx_modules()
     model = loaded.model.float().eval().cpu()
     preprocess = resolve_image_preprocess(loaded.config.model.image)
@@ -139,8 +170,7 @@ def export_onnx(loaded: LoadedCheckpoint, out_dir: str | Path, atol: float = 1e-
     metadata = {"logit_scale": repr(model.logit_scale.item()), "clipforge_version": __version__}
     if model.logit_bias is not None:
         metadata["logit_bias"] = repr(model.logit_bias.item())
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".export-") as scratch:
+    with staged_folder(folder, "export onnx") as scratch:
         image_path, text_path = Path(scratch, "image_encoder.onnx"), Path(scratch, "text_encoder.onnx")
         pixels = torch.randn(EXPORT_BATCH, 3, size, size, generator=generator)
         _export(
@@ -171,11 +201,9 @@ def export_onnx(loaded: LoadedCheckpoint, out_dir: str | Path, atol: float = 1e-
                 f"the ONNX graphs differ from PyTorch by {max(image_difference, text_difference):.2e} (> {atol}): "
                 "the export is not faithful for this model; nothing was written"
             )
-        info = {**asdict(preprocess), "context_length": loaded.config.model.text.context_length, **metadata}
+        info = {**preprocess_info(preprocess), "context_length": loaded.config.model.text.context_length, **metadata}
         atomic_write_text(Path(scratch, "preprocess.json"), json.dumps(info, indent=2) + "\n")
         loaded.tokenizer.save_pretrained(Path(scratch, "tokenizer"), loaded.config.model.text.context_length)
-        for item in Path(scratch).iterdir():  # all checked: move the export into place
-            item.replace(folder / item.name)
     return OnnxExport(
         folder, folder / "image_encoder.onnx", folder / "text_encoder.onnx", image_difference, text_difference
     )

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from clipforge.config import ImageTowerConfig
+from clipforge.config import ConfigError, ImageTowerConfig
+from clipforge.io import shown
 from clipforge.packaged import is_packaged, packaged_entry, packaged_path
 
 WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
@@ -81,16 +82,21 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
 
     A torch file holding ``{"state_dict": {...}}`` (a common training-checkpoint layout) is unwrapped.
     """
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
     try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device="cpu")
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise ValueError(
-            f"{path}: not a plain state dict ({exc}). Save weights with torch.save(model.state_dict(), path)"
-        ) from exc
+        raise ConfigError(
+            f"{path}: not a plain state dict ({shown(exc)}). Save weights with torch.save(model.state_dict(), path)"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - truncated zip, bad header, not a torch file: one meaning for the user
+        raise ConfigError(
+            f"{path} cannot be read as weights ({type(exc).__name__}: {shown(str(exc))}); it may be truncated or "
+            "not a .pt/.safetensors file: download or save it again"
+        ) from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -286,7 +286,7 @@ def _stored_id(path: Path) -> str | None:
 
 def _store_id(path: Path, run_id: str) -> None:
     if _stored_id(path) != run_id:
-        atomic_write_text(path, run_id + "\n")
+        atomic_write_text(path, run_id + "\n", replace=True)
 
 
 def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:

@@ -17,6 +17,7 @@ embeddings is the distributed one, and gradients cross the network once per opti
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,8 +27,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from clipforge.checkpoint import build_model, hf_text_config, read_checkpoint, save_checkpoint
+from clipforge.checkpoint import (
+    build_model,
+    check_trainable_size,
+    hf_text_config,
+    read_checkpoint,
+    save_checkpoint,
+)
 from clipforge.config import Config, ConfigError, config_to_dict, save_config
+from clipforge.config.errors import Interrupted
 from clipforge.data.base import ImageTextSource
 from clipforge.data.loader import LoaderSpec, build_train_loader
 from clipforge.data.samples import Batch
@@ -56,7 +64,7 @@ from clipforge.runtime import (
     seed_everything,
     set_rng_state,
 )
-from clipforge.train import preflight, resume, run_dir
+from clipforge.train import interrupt, preflight, resume, run_dir
 from clipforge.train.cache_features import build_feature_cache
 from clipforge.train.evaluation import TrainingEvaluator
 from clipforge.train.gradcache import backward_step
@@ -124,7 +132,8 @@ def train(config: Config, resume: str | Path | None = None, overwrite: bool = Fa
     keep_freed_memory_in_the_heap()
     context = init_distributed(resolve_device(config.train.device))
     try:
-        result = _train(config, resume, overwrite, context)
+        with run_dir.run_lock(Path(config.train.output_dir), context.is_main):
+            result = _train(config, resume, overwrite, context)
     except BaseException:
         close_distributed(context, wait=False)
         raise
@@ -139,7 +148,9 @@ def _train(config: Config, resume_from: str | Path | None, overwrite: bool, cont
     if not context.is_main:
         logger.setLevel(logging.WARNING)  # one process tells the story; the others speak up only when wrong
     seed_everything(config.train.seed)
-    resume_path = resume.resolve_resume(resume_from, output_dir)
+    resume_path = run_dir.resume_checkpoint(resume_from, output_dir)
+    if resume_path is None and resume_from is not None:  # --resume latest, nothing saved yet: start afresh,
+        overwrite = overwrite or run_dir.run_evidence(output_dir) == "metrics.jsonl"  # the stopped attempt's log too
     checkpoint = read_checkpoint(resume_path) if resume_path is not None else None
     # model.init: the imported model decides the architecture, so the run's config (and its checkpoints) carry
     # it; a resumed run rebuilds that config from its checkpoint, which also holds the weights: no new import
@@ -151,6 +162,10 @@ def _train(config: Config, resume_from: str | Path | None, overwrite: bool, cont
         config = initial.config
     if checkpoint is not None:
         resume.check_resume_checkpoint(checkpoint, resume_path, config)
+        if context.is_main:
+            for message in resume.schedule_changes(checkpoint["config"], config, int(checkpoint["step"])):
+                logger.warning(message)
+        config = resume.effective_config(checkpoint["config"], config)
     resume.check_same_checkpoint_everywhere(checkpoint, resume_from)
     run_dir.check_output_dir(output_dir, resume_path, overwrite)
     if context.is_main:  # a missing W&B/MLflow package is named before anything is built, written or removed
@@ -167,7 +182,7 @@ def _train(config: Config, resume_from: str | Path | None, overwrite: bool, cont
         last_checkpoint=output_dir / "last.pt",
     )
     if checkpoint is not None:
-        _restore(run, state, checkpoint, resume_from)
+        _restore(run, state, checkpoint, resume_path)
     if context.is_main:
         _prepare_output_dir(run, resume_path, checkpoint, overwrite)
     run.batches = _batches(run, source, transform, cached_features, state)
@@ -231,11 +246,13 @@ def _build(
     if initial is not None:
         model = initial.model.to(device)
     else:
+        text_config = checkpoint.get("hf_text_config") if checkpoint else None
+        check_trainable_size(config, tokenizer, device, text_config)  # counted before anything is allocated
         model = build_model(
             config,
             tokenizer,
             pretrained=checkpoint is None,
-            text_config_json=checkpoint.get("hf_text_config") if checkpoint else None,
+            text_config_json=text_config,
         ).to(device)
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])  # before sharding: FSDP2 shards the weights the model holds
@@ -263,20 +280,22 @@ def _build(
     return run, transform, cached_features
 
 
-def _restore(run: TrainingRun, state: RunState, checkpoint: dict[str, Any], resume_from: str | Path) -> None:
+def _restore(run: TrainingRun, state: RunState, checkpoint: dict[str, Any], resume_from: Path) -> None:
     """Optimizer, schedule, scaler, RNG, evaluator and run state as the checkpoint has them."""
     wrap.load_optimizer_state(run.train_model, run.optimizer, checkpoint["optimizer"])
     run.scheduler.load_state_dict(checkpoint["scheduler"])
+    # the learning rate of the next step follows the run's schedule now (train.steps or schedule.* may have
+    # changed on resume); the restored optimizer still holds the one the old schedule set after the last step
+    resume.apply_schedule(run.optimizer, run.scheduler)
     if run.scaler is not None and checkpoint.get("scaler"):
         run.scaler.load_state_dict(checkpoint["scaler"])
     state.load_state_dict(checkpoint)
     if not run.context.enabled:  # torch's generators are reseeded every step; this restores Python's and CUDA's
         set_rng_state(checkpoint["rng"], run.context.device)
     run.evaluator.load_state_dict(checkpoint.get("eval", {}))
+    if resume_from.resolve().parent != run.output_dir.resolve():
+        state.saved_step = -1  # last.pt of this folder does not hold the resumed step yet
     logger.info("resumed from %s at step %d (%d samples seen)", resume_from, state.step, state.samples_seen)
-    if run.context.is_main:
-        for message in resume.schedule_changes(checkpoint["config"], run.config, state.step):
-            logger.warning(message)
 
 
 def _prepare_output_dir(run: TrainingRun, resume_path: Path | None, checkpoint: dict | None, overwrite: bool) -> None:
@@ -287,7 +306,8 @@ def _prepare_output_dir(run: TrainingRun, resume_path: Path | None, checkpoint: 
     run_dir.remove_stale_temporaries(run.output_dir)
     if checkpoint is not None:
         resume.carry_best_checkpoint(resume_path, run.output_dir, checkpoint.get("eval", {}))
-    save_config(run.config, run.output_dir / "config.yaml")
+    # the run's own file (run_dir refused a folder whose config.yaml is someone else's)
+    save_config(run.config, run.output_dir / "config.yaml", replace=True)
 
 
 def _batches(run: TrainingRun, source, transform, cached_features, state: RunState) -> Iterator[Batch]:
@@ -328,17 +348,18 @@ def _run_logger(run: TrainingRun, state: RunState) -> RunLogger | NullRunLogger:
 # The loop
 # ----------------------------------------------------------------------------------------------
 def _run(run: TrainingRun, state: RunState) -> TrainResult:
-    """Steps until ``train.steps``; on Ctrl-C the finished steps are saved first."""
+    """Steps until ``train.steps``; on SIGINT/SIGTERM the step in progress finishes, the run saves and stops
+    (:mod:`clipforge.train.interrupt`)."""
     run.model.train()
     if run.config.train.compile:
         logger.info(COMPILE_NOTE)
     state.window.reset()
     try:
-        while state.step < run.config.train.steps:
-            _advance(run, state)
-    except KeyboardInterrupt:
-        _save_on_interrupt(run, state)
-        raise
+        with interrupt.deferred_stop() as stop:
+            while state.step < run.config.train.steps and not stop.requested:
+                _advance(run, state, stop)
+            if stop.requested:
+                _stop(run, state, stop)
     finally:
         run.run_log.close()
     if state.skipped_images:
@@ -346,13 +367,20 @@ def _run(run: TrainingRun, state: RunState) -> TrainResult:
     return TrainResult(run.output_dir, state.step, state.last_checkpoint, state.history, run.context.is_main)
 
 
-def _advance(run: TrainingRun, state: RunState) -> None:
+def _advance(run: TrainingRun, state: RunState, stop: interrupt.StopRequest) -> None:
     """One batch: an optimizer step on it (then log, evaluate, checkpoint as due), or past it when it holds
-    fewer than 2 readable pairs on some rank (its samples are consumed and counted all the same)."""
+    fewer than 2 readable pairs on some rank (its samples are consumed and counted all the same).
+
+    A stop asked for on any rank while the batch was loading leaves it unconsumed: every rank reports its pairs,
+    or -1 for a stop, in the one per-step gather, so all ranks stop before the same step.
+    """
     config, context = run.config, run.context
     batch = next(run.batches)
+    sizes = gather_ints(-1 if stop.requested else len(batch))  # all ranks take, skip or stop together
+    if min(sizes) < 0:
+        stop.signum = stop.signum or signal.SIGTERM  # another rank's request: stop with this one
+        return
     state.samples_seen += config.train.batch_size
-    sizes = gather_ints(len(batch))  # every rank's pairs: all ranks take or skip the step together
     _count_skipped(batch, sizes, state, config.train.batch_size)
     if min(sizes) == 0 or sum(sizes) < 2:
         state.empty_batches += 1
@@ -457,7 +485,7 @@ def _evaluate(run: TrainingRun, state: RunState) -> None:
     if improved:
         payload = _checkpoint_payload(run, state)
         if run.context.is_main:
-            save_checkpoint(run.output_dir / "best.pt", payload)
+            save_checkpoint(run.output_dir / "best.pt", payload, replace=True)
     state.window.started += time.perf_counter() - started  # evaluation is not training throughput
 
 
@@ -485,20 +513,26 @@ def _write_checkpoints(run: TrainingRun, state: RunState) -> Path:
     """``last.pt`` and, with ``train.keep_checkpoints``, ``step_<N>.pt`` (the oldest beyond that many removed)."""
     payload = _checkpoint_payload(run, state)
     output_dir, keep = run.output_dir, run.config.train.keep_checkpoints
+    state.saved_step = state.step
     if not run.context.is_main:
         return output_dir / "last.pt"
-    last = save_checkpoint(output_dir / "last.pt", payload)
+    last = save_checkpoint(output_dir / "last.pt", payload, replace=True)
     if keep > 0:
-        save_checkpoint(output_dir / f"step_{state.step}.pt", payload)
+        save_checkpoint(output_dir / f"step_{state.step}.pt", payload, replace=True)
         numbered = sorted(output_dir.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
         for old in numbered[:-keep]:
             old.unlink()
     return last
 
 
-def _save_on_interrupt(run: TrainingRun, state: RunState) -> None:
-    """Ctrl-C: every finished step is worth keeping, so save where the run is, then let the interrupt go on
-    (not under FSDP2, whose weights would have to be gathered from ranks that may be gone already)."""
-    if not wrap.is_sharded(run.train_model):
+def _stop(run: TrainingRun, state: RunState, stop: interrupt.StopRequest) -> None:
+    """Save the state after the last finished step (unless ``last.pt`` holds it already) and end the command
+    with :class:`Interrupted` (exit code 130 for SIGINT, 143 for SIGTERM)."""
+    if state.saved_step != state.step:
         state.last_checkpoint = _write_checkpoints(run, state)
-    logger.warning("interrupted at step %d; resume with --resume %s", state.step, state.last_checkpoint)
+    where = run.output_dir if state.step > 0 else None
+    raise Interrupted(
+        f"stopped by {stop.name} after step {state.step}"
+        + (f"; continue with --resume latest (train.output_dir={where})" if where else "; nothing was trained yet"),
+        stop.exit_code,
+    )

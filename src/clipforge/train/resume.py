@@ -23,13 +23,6 @@ from clipforge.train.optim import lr_multiplier
 logger = logging.getLogger("clipforge")
 
 
-def resolve_resume(resume: str | Path | None, output_dir: Path) -> Path | None:
-    """The checkpoint ``resume`` names: ``"latest"`` is ``<output_dir>/last.pt``; None means a fresh run."""
-    if resume is None:
-        return None
-    return output_dir / "last.pt" if str(resume) == "latest" else Path(resume)
-
-
 def check_resume_checkpoint(checkpoint: dict[str, Any], resume_path: Path, config: Config) -> None:
     """Refuse the checkpoint dict read from ``resume_path`` when it was trained with another model config than
     ``config``'s."""
@@ -43,6 +36,31 @@ def check_resume_checkpoint(checkpoint: dict[str, Any], resume_path: Path, confi
             f"--resume {resume_path}: the checkpoint was trained with another model config; "
             "resume with the run's own config.yaml (saved next to the checkpoint)"
         )
+
+
+def effective_config(saved: dict[str, Any], config: Config) -> Config:
+    """``config`` as a resumed run really trains it: the optimizer's settings (``optim.*``) are the checkpoint's,
+    because its state - learning rates, weight decay, betas, eps - comes back from the file and overrides them.
+
+    So the run's ``config.yaml`` and checkpoints say what runs; :func:`schedule_changes` warns about each
+    setting that was asked for and has no effect.
+    """
+    saved_optim = config_from_dict(saved).optim
+    return dataclasses.replace(config, optim=saved_optim)
+
+
+def apply_schedule(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """Set every parameter group's learning rate to what ``scheduler`` gives at its current step.
+
+    After a resume the restored optimizer holds the rate the checkpoint's schedule set after its last step; the
+    run's schedule (``train.steps``, ``schedule.*``) may be another, and the next step must use its rate. With
+    an unchanged schedule this sets the same values again, bit for bit.
+    """
+    step = scheduler.last_epoch
+    rates = [base * multiplier(step) for base, multiplier in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)]
+    for group, rate in zip(optimizer.param_groups, rates, strict=True):
+        group["lr"] = rate
+    scheduler._last_lr = rates  # what get_last_lr() reports: the rate of the next step
 
 
 def check_same_checkpoint_everywhere(checkpoint: dict[str, Any] | None, resume: str | Path | None) -> None:
@@ -89,11 +107,15 @@ def schedule_changes(saved: dict[str, Any], config: Config, step: int) -> list[s
                 f"schedule.{key} {old_value} -> {new_value} on resume: the learning rate follows the new "
                 f"schedule from step {step} on ({moves})"
             )
-    if config.optim.lr != base_lr:
-        messages.append(
-            f"optim.lr {base_lr} -> {config.optim.lr} on resume has no effect: the optimizer and its schedule "
-            f"keep the checkpoint's base learning rate {base_lr}; start a new run to train at another rate"
-        )
+    saved_optim = saved.get("optim", {})
+    for key, new_value in dataclasses.asdict(config.optim).items():
+        old_value = saved_optim.get(key, new_value)
+        if key in saved_optim and float(new_value) != float(old_value):
+            messages.append(
+                f"optim.{key} {old_value} -> {new_value} on resume has no effect: the optimizer keeps the "
+                f"checkpoint's {key} {old_value} (the run's config.yaml says so too); start a new run to train "
+                "with another"
+            )
     return messages
 
 

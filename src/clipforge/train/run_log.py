@@ -20,11 +20,20 @@ from clipforge.train.log_backends import BACKENDS, Backend, RunInfo, import_back
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """All records of a ``metrics.jsonl`` file, in order."""
+    """All records of a ``metrics.jsonl`` file, in order; a line that is not a whole JSON object (the last one,
+    when the process was killed while appending it) is left out."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
 
 
 def _numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -61,7 +70,7 @@ class RunLogger:
         modules = import_backends(backends)
         self.metrics_path = output_dir / "metrics.jsonl"
         kept = [r for r in read_metrics(self.metrics_path) if r.get("step", 0) <= start_step]
-        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept), replace=True)
         run = RunInfo(output_dir, start_step, dict(run_config or {}), run_name or output_dir.resolve().name, project)
         self._closers = contextlib.ExitStack()  # closes every opened backend, even when one of them fails to close
         self._backends = self._open_backends(modules, run)

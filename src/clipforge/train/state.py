@@ -56,6 +56,7 @@ class RunState:
     :mod:`clipforge.data.streaming`), fixed at the run's start. ``skipped_images``: unreadable images over all
     processes since the run began, resumes included. ``empty_batches``: batches in a row that held nothing to
     contrast (a guard against spinning on unreadable data). ``lr``: the learning rate the last step used.
+    ``saved_step``: the step ``last.pt`` holds, so a stop right after a checkpoint does not write it again.
     """
 
     step: int = 0
@@ -64,6 +65,7 @@ class RunState:
     skipped_images: int = 0
     empty_batches: int = 0
     lr: float = 0.0
+    saved_step: int = 0  # the step last.pt holds (the resumed one, or the last written)
     window: LogWindow = field(default_factory=lambda: LogWindow.on(torch.device("cpu")))
     history: list[dict[str, Any]] = field(default_factory=list)
     last_checkpoint: Path | None = None
@@ -80,7 +82,7 @@ class RunState:
 
     def load_state_dict(self, checkpoint: dict[str, Any]) -> None:
         """Take the step, data position and skipped count from a checkpoint dict (older ones lack some keys)."""
-        self.step = int(checkpoint["step"])
+        self.step = self.saved_step = int(checkpoint["step"])
         self.samples_seen = int(checkpoint["samples_seen"])
         self.data_streams = int(checkpoint.get("data_streams") or self.data_streams)
         self.skipped_images = int(checkpoint.get("skipped_images") or 0)
