@@ -16,7 +16,7 @@ import sys
 from clipforge.commands import MODULES
 from clipforge.commands.common import USER_ERRORS, check_declared_outputs, command_inputs
 from clipforge.config.errors import Interrupted
-from clipforge.io import DISK_ERRNOS, disk_error, output_policy
+from clipforge.io import DISK_ERRNOS, disk_error, output_policy, shorten
 from clipforge.runtime import keep_freed_memory_in_the_heap
 from clipforge.version import __version__
 
@@ -64,8 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# a refusal is one line: a message that quotes a long value is cut here, whatever raised it
+MAX_MESSAGE_CHARS = 2000
+
+
 def _fail(command: str, message: str) -> int:
-    print(f"clipforge {command}: error: {message}", file=sys.stderr)
+    print(f"clipforge {command}: error: {shorten(' '.join(message.split()), MAX_MESSAGE_CHARS)}", file=sys.stderr)
     return 2
 
 
