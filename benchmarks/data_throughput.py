@@ -38,9 +38,10 @@ from torchvision import transforms as T
 from clipforge.config import AugmentConfig, data_config_from_dict
 from clipforge.data.loader import LoaderSpec, build_train_loader
 from clipforge.data.pack import pack_source
+from clipforge.data.processor import Processor
 from clipforge.data.sources import build_source
 from clipforge.data.tokenize import train_bpe_tokenizer
-from clipforge.data.transforms import ImagePreprocess, build_image_transform
+from clipforge.data.transforms import ImagePreprocess
 from clipforge.model.vision import CLIP_MEAN, CLIP_STD
 
 WORDS = "a the photo of dog cat man woman street table red blue green small large sitting on near with two".split()
@@ -126,12 +127,12 @@ def main() -> None:
         captions = [c for i in range(len(folder_source)) for c in folder_source.captions(i)]
         tokenizer = train_bpe_tokenizer(captions, vocab_size=1024)
         preprocess = ImagePreprocess(args.size, CLIP_MEAN, CLIP_STD, args.interpolation)
-        transform = build_image_transform(preprocess, AugmentConfig(scale_min=args.scale_min))
+        processor, augment = Processor(tokenizer, 77, preprocess), AugmentConfig(scale_min=args.scale_min)
 
         def loader(name: str, workers: int) -> DataLoader:
             if name == "torchvision":
                 return baseline_loader(root / "images", args, workers)
-            spec = LoaderSpec(transform, tokenizer, 77, args.batch_size, seed=args.seed, num_workers=workers)
+            spec = LoaderSpec(processor, augment, args.batch_size, seed=args.seed, num_workers=workers)
             return build_train_loader(sources[name], spec)
 
         names = ["torchvision", "clipforge-folder", "clipforge-shards"]

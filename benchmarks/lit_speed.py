@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from clipforge.config import load_config
-from clipforge.model import resolve_image_preprocess
+from clipforge.model.vision import resolve_image_preprocess
 from clipforge.packaged import packaged_available
 from clipforge.train.loop import train
 

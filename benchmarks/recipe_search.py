@@ -31,12 +31,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from clipforge.checkpoint import load_checkpoint
 from clipforge.config import config_from_dict
 from clipforge.config.parsing import read_yaml
 from clipforge.config.recipes import resolve_config_path
 from clipforge.demo import demo_sources, evaluate_demo
 from clipforge.eval.features import LockedTowerMemo
+from clipforge.interop.load import load_checkpoint
 from clipforge.train.loop import train
 
 EMOJI_ALL = {"kind": "emoji", "split": "train", "captions": "all"}

@@ -176,14 +176,19 @@ def embedding_throughput(batch_size: int, images: int, recipe: str = "demo-lit",
     model = create_model(config.model, config.loss.kind, vocab_size=config.model.text.tokenizer.vocab_size).eval()
     source = EmojiSource("all")
     subset = _First(source, images)
-    encode_source_images(model, _First(source, batch_size), config.model.image, batch_size)  # warm-up
+    from clipforge.data.tokenize import train_bpe_tokenizer
+    from clipforge.model.factory import make_processor
+
+    # the image side only: any tokenizer completes the processor
+    processor = make_processor(config.model, train_bpe_tokenizer(["an emoji"] * 4, 260))
+    encode_source_images(model, _First(source, batch_size), processor, batch_size)  # warm-up
     rates: dict[bool, list[float]] = {True: [], False: []}
     layouts = model.image_tower.channels_last, False
     for _ in range(rounds):
         for channels_last in layouts:
             model.image_tower.channels_last = channels_last
             started = time.perf_counter()
-            encode_source_images(model, subset, config.model.image, batch_size)
+            encode_source_images(model, subset, processor, batch_size)
             rates[channels_last].append(len(subset) / (time.perf_counter() - started))
     model.image_tower.channels_last = layouts[0]
     result = {"model": f"{recipe} recipe ({model.image_tower.describe()})", "images": len(subset)}

@@ -88,8 +88,8 @@ def small_pictures(folder: Path) -> list[tuple[Path, str]]:
 
 def build_index(root: Path, megapixels: float) -> tuple[Path, Path]:
     """(embedding folder, checkpoint) of a tiny model over the small and the large pictures."""
-    from clipforge.checkpoint import load_checkpoint
     from clipforge.config import config_from_dict
+    from clipforge.interop.load import load_checkpoint
     from clipforge.search.embed import embed_images
     from clipforge.train.loop import train
 

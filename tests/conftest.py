@@ -156,3 +156,12 @@ def another_writer(folder: Path, command: str = "embed") -> Iterator[int]:
     finally:
         holder.stdin.close()
         holder.wait(timeout=60)
+
+
+def processor_for(tokenizer, context_length: int = 16, image_size: int = 16, interpolation: str = "bilinear"):
+    """A :class:`~clipforge.data.processor.Processor` of ``tokenizer`` (real or a test's own) for unit tests that
+    need one without a model config: a square ``image_size`` view normalized with mean = std = 0.5."""
+    from clipforge.data.processor import Processor
+    from clipforge.data.transforms import ImagePreprocess
+
+    return Processor(tokenizer, context_length, ImagePreprocess(image_size, (0.5,) * 3, (0.5,) * 3, interpolation))

@@ -9,13 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from clipforge.checkpoint import load_checkpoint
 from clipforge.classify import classify_images, parse_labels
 from clipforge.cli import main
 from clipforge.data.base import decode_image
-from clipforge.data.transforms import build_image_transform
 from clipforge.eval.features import encode_texts
-from clipforge.model import resolve_image_preprocess
+from clipforge.interop.load import load_checkpoint
 
 
 def test_labels_are_split_stripped_and_deduplicated() -> None:
@@ -38,10 +36,9 @@ def test_probabilities_are_the_softmax_over_the_prompt_ensemble(tiny_checkpoint,
     assert result.probabilities.shape == (2, 3)
     np.testing.assert_allclose(result.probabilities.sum(axis=1), 1.0, rtol=1e-5)
     # reference, written plainly: class vector = normalized mean of the normalized template embeddings
-    context = loaded.config.model.text.context_length
     weights = []
     for label in labels:
-        prompts = encode_texts(loaded.model, loaded.tokenizer, [t.format(label) for t in templates], context)
+        prompts = encode_texts(loaded.model, loaded.processor, [t.format(label) for t in templates])
         weights.append(torch.nn.functional.normalize(prompts.mean(0), dim=0))
     image_embeddings = _embed_files(loaded, files)
     logits = loaded.model.logit_scale.exp().item() * image_embeddings @ torch.stack(weights).T
@@ -49,7 +46,7 @@ def test_probabilities_are_the_softmax_over_the_prompt_ensemble(tiny_checkpoint,
 
 
 def _embed_files(loaded, files: list[Path]) -> torch.Tensor:
-    transform = build_image_transform(resolve_image_preprocess(loaded.config.model.image))
+    transform = loaded.processor.image_transform()
     with torch.inference_mode():
         return loaded.model.encode_image(torch.stack([transform(decode_image(f)) for f in files]))
 

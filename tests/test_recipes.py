@@ -16,13 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from clipforge.checkpoint import build_model
 from clipforge.config import Config, config_from_dict, config_to_dict, load_config, recipe_names
 from clipforge.data.loader import LoaderSpec, build_train_loader
 from clipforge.data.sources import build_source
 from clipforge.data.tokenize import Tokenizer, build_tokenizer
-from clipforge.data.transforms import build_image_transform
-from clipforge.model import CLIPModel, resolve_image_preprocess
+from clipforge.model import CLIPModel
+from clipforge.model.factory import build_model, make_processor
 from tests.data.test_captioned import write_coco, write_karpathy
 
 BATCH = 4
@@ -111,9 +110,12 @@ def test_recipe_builds_model_and_data_pipeline_offline(name: str, tmp_path: Path
     text_config = config.model.text
     tokenizer = build_tokenizer(text_config.tokenizer, text_config.name, training_captions(source))
     model = recipe_model(config, tokenizer)
-    transform = build_image_transform(resolve_image_preprocess(config.model.image), config.data.augment)
     spec = LoaderSpec(
-        transform, tokenizer, text_config.context_length, BATCH, seed=0, caption_sampling=config.data.caption_sampling
+        make_processor(config.model, tokenizer),
+        config.data.augment,
+        BATCH,
+        seed=0,
+        caption_sampling=config.data.caption_sampling,
     )
     loader = build_train_loader(source, spec)
     batch = next(iter(loader))

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from clipforge.checkpoint import LoadedCheckpoint
 from clipforge.data.inputs import ImageFilesSource
 from clipforge.eval.features import encode_source_images
 from clipforge.eval.runner import zeroshot_classifier
 from clipforge.eval.zeroshot import predict_proba
+from clipforge.model.factory import LoadedModel
 
 DEFAULT_TEMPLATES = "openai-imagenet"
 
@@ -70,7 +70,7 @@ def expand_image_paths(paths: Sequence[str | os.PathLike]) -> list[str]:
 
 
 def classify_images(
-    loaded: LoadedCheckpoint,
+    loaded: LoadedModel,
     images: Sequence[str | os.PathLike],
     labels: Sequence[str],
     templates: str | Sequence[str] = DEFAULT_TEMPLATES,
@@ -79,8 +79,8 @@ def classify_images(
     """Zero-shot probabilities of ``images`` (files or folders) over ``labels`` with the ``templates`` ensemble
     (any spec ``get_templates`` accepts: a named set, one template with ``{}``, a list, a JSON file)."""
     source = ImageFilesSource(expand_image_paths(images))
-    classifier = zeroshot_classifier(loaded.model, loaded.tokenizer, loaded.config, list(labels), templates)
-    features = encode_source_images(loaded.model, source, loaded.config.model.image, batch_size=batch_size)
+    classifier = zeroshot_classifier(loaded.model, loaded.processor, list(labels), templates)
+    features = encode_source_images(loaded.model, source, loaded.processor, batch_size=batch_size)
     logit_scale = float(loaded.model.logit_scale.detach().exp())
     probabilities = predict_proba(features.features, classifier, logit_scale).cpu().numpy()
     paths = [source.describe(int(i)) for i in features.indices]

@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clipforge.checkpoint import LoadedCheckpoint, load_checkpoint
 from clipforge.config import DataConfig, load_config
 from clipforge.data.base import ImageTextSource
 from clipforge.data.classification import ArrayImageSource, read_idx
@@ -46,6 +45,7 @@ from clipforge.eval.runner import (
     zeroshot_classifier,
 )
 from clipforge.eval.zeroshot import zeroshot_metrics
+from clipforge.interop.load import load_checkpoint
 from clipforge.io import (
     LOCK_NAME,
     OutputExistsError,
@@ -55,6 +55,7 @@ from clipforge.io import (
     folder_owner,
     output_policy,
 )
+from clipforge.model.factory import LoadedModel
 from clipforge.packaged import PACKAGED_WEIGHTS, packaged_available
 from clipforge.train.loop import train
 from clipforge.train.run_log import read_metrics
@@ -144,17 +145,17 @@ def mnist_digits(split: str, per_class: int = MNIST_PER_CLASS) -> ArrayImageSour
 
 @torch.inference_mode()
 def evaluate_emoji(
-    loaded: LoadedCheckpoint, source: EmojiSource, memo: LockedTowerMemo | None = None
+    loaded: LoadedModel, source: EmojiSource, memo: LockedTowerMemo | None = None
 ) -> tuple[dict[str, float], dict[str, float], EvalResult]:
     """Retrieval (name <-> image) and group zero-shot on one split of the emoji set.
 
     Returns (metrics, chance levels, the retrieval result whose embeddings the picture uses).
     """
-    model, tokenizer, config = loaded.model, loaded.tokenizer, loaded.config
-    retrieval = evaluate_retrieval(model, tokenizer, config, source, batch_size=EVAL_BATCH, memo=memo)
+    model, processor = loaded.model, loaded.processor
+    retrieval = evaluate_retrieval(model, processor, source, batch_size=EVAL_BATCH, memo=memo)
     # the zero-shot metrics of evaluate_zeroshot, on the image embeddings retrieval already computed: the image
     # tower runs once per emoji, not twice (it dominates the demo's evaluation time)
-    classifier = zeroshot_classifier(model, tokenizer, config, list(GROUPS), [GROUP_PROMPT], EVAL_BATCH, memo=memo)
+    classifier = zeroshot_classifier(model, processor, list(GROUPS), [GROUP_PROMPT], EVAL_BATCH, memo=memo)
     embeddings = retrieval.embeddings
     labels = torch.as_tensor(source.labels[embeddings.image_indices])
     zeroshot = zeroshot_metrics(embeddings.image_features, classifier, labels, ZEROSHOT_KS)
@@ -191,12 +192,10 @@ def text_recall_chance(captions_per_image: Sequence[int], k: int = 5) -> float:
 
 @torch.inference_mode()
 def evaluate_corpus(
-    loaded: LoadedCheckpoint, name: str, source: ImageTextSource, memo: LockedTowerMemo | None = None
+    loaded: LoadedModel, name: str, source: ImageTextSource, memo: LockedTowerMemo | None = None
 ) -> tuple[dict[str, float], dict[str, float]]:
     """Text -> image and image -> text recall@5 over every caption of a corpus source (``{name}_t2i_R@5``...)."""
-    result = evaluate_retrieval(
-        loaded.model, loaded.tokenizer, loaded.config, source, batch_size=EVAL_BATCH, ks=(5,), memo=memo
-    )
+    result = evaluate_retrieval(loaded.model, loaded.processor, source, batch_size=EVAL_BATCH, ks=(5,), memo=memo)
     owners = result.embeddings.text_to_image
     per_image = np.bincount(owners.numpy(), minlength=result.num_images)
     metrics = {
@@ -207,11 +206,11 @@ def evaluate_corpus(
 
 
 def evaluate_classes(
-    loaded: LoadedCheckpoint, key: str, source: ArrayImageSource, templates: str, memo: LockedTowerMemo | None = None
+    loaded: LoadedModel, key: str, source: ArrayImageSource, templates: str, memo: LockedTowerMemo | None = None
 ) -> tuple[dict[str, float], dict[str, float]]:
     """Zero-shot top-1 on a balanced labelled set (``key``), with the prompts of the ``templates`` set."""
     result = evaluate_zeroshot(
-        loaded.model, loaded.tokenizer, loaded.config, source, templates=templates, batch_size=EVAL_BATCH, memo=memo
+        loaded.model, loaded.processor, source, templates=templates, batch_size=EVAL_BATCH, memo=memo
     )
     return {key: result.metrics["acc1"]}, {key: 1 / len(source.classnames)}
 
@@ -228,7 +227,7 @@ def corpus_note(data: DataConfig, sources: DemoSources) -> str:
 
 
 def evaluate_demo(
-    loaded: LoadedCheckpoint, sources: DemoSources, memo: LockedTowerMemo | None = None
+    loaded: LoadedModel, sources: DemoSources, memo: LockedTowerMemo | None = None
 ) -> tuple[dict[str, float], dict[str, float], EvalResult, list[str]]:
     """Every held-out figure of the demo on ``sources``: (metrics, chance, the emoji retrieval, notes)."""
     metrics, chance, retrieval = evaluate_emoji(loaded, sources.emoji, memo)

@@ -17,6 +17,7 @@ from clipforge.data.loader import ImageTextDataset
 from clipforge.data.samples import Collator, SkippedSample
 from clipforge.data.sources import build_source
 from clipforge.data.tokenize import train_bpe_tokenizer
+from tests.conftest import processor_for
 
 
 def write_image(path: Path, colour: tuple[int, int, int] = (200, 30, 30)) -> None:
@@ -74,7 +75,7 @@ def test_coco_missing_and_corrupt_images_raise_image_load_error_and_are_skipped(
     dataset = ImageTextDataset(source, lambda image: __import__("torch").zeros(3, 4, 4))
     samples = [dataset[(i, 0)] for i in range(3)]
     assert [isinstance(s, SkippedSample) for s in samples] == [True, False, True]
-    batch = Collator(train_bpe_tokenizer(captions_of(1), vocab_size=270), 8)(samples)
+    batch = Collator(processor_for(train_bpe_tokenizer(captions_of(1), vocab_size=270), 8))(samples)
     assert len(batch) == 1 and len(batch.skipped) == 2  # counted, not fatal
 
 

@@ -26,7 +26,7 @@ from clipforge.data.shards import ShardSource
 from clipforge.data.sources import build_source
 from clipforge.data.tokenize import train_bpe_tokenizer
 from clipforge.data.transforms import ImagePreprocess, build_image_transform
-from tests.conftest import tiny_config
+from tests.conftest import processor_for, tiny_config
 
 TRANSFORM = build_image_transform(ImagePreprocess(16, (0.5,) * 3, (0.5,) * 3, "bilinear"), AugmentConfig())
 
@@ -130,7 +130,8 @@ def test_an_oversized_image_is_skipped_and_counted_in_training(tmp_path: Path) -
     assert isinstance(skipped, SkippedSample) and skipped.where.endswith("huge.png")
     assert "8000x6000" in skipped.reason
     tokenizer = train_bpe_tokenizer(["a red square", "a black void"], vocab_size=270)
-    batch = next(iter(build_train_loader(source, LoaderSpec(TRANSFORM, tokenizer, 16, 2, seed=0))))
+    spec = LoaderSpec(processor_for(tokenizer, 16, 16), AugmentConfig(), 2, seed=0)
+    batch = next(iter(build_train_loader(source, spec)))
     assert len(batch) == 1 and len(batch.skipped) == 1 and "8000x6000" in batch.skipped[0].reason
 
 

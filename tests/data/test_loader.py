@@ -11,6 +11,7 @@ from clipforge.data.sampler import ResumableSampler
 from clipforge.data.samples import Collator, SkippedSample
 from clipforge.data.tokenize import train_bpe_tokenizer
 from clipforge.data.transforms import ImagePreprocess, build_image_transform, is_deterministic
+from tests.conftest import processor_for
 
 
 def take(iterator, count):
@@ -55,19 +56,18 @@ def test_dataset_is_deterministic_per_seed_and_skips_bad_images(shapes_manifest:
     bad = dataset[(2, 0)]
     assert isinstance(bad, SkippedSample) and source.describe(2) in bad.where
     tokenizer = train_bpe_tokenizer(["a red circle", "blue square"], vocab_size=280)
-    batch = Collator(tokenizer, 16)([first, bad, other])
+    batch = Collator(processor_for(tokenizer, 16))([first, bad, other])
     assert len(batch) == 2 and len(batch.skipped) == 1 and batch.images.shape == (2, 3, 24, 24)
 
 
 def test_loader_resumes_mid_epoch_with_workers(shapes_manifest: Path) -> None:
     source = ManifestSource(shapes_manifest)
-    preprocess = ImagePreprocess(16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear")
-    transform = build_image_transform(preprocess, AugmentConfig(scale_min=0.5))
     tokenizer = train_bpe_tokenizer([c for i in range(len(source)) for c in source.captions(i)], vocab_size=300)
+    processor, augment = processor_for(tokenizer, 16, 16), AugmentConfig(scale_min=0.5)
 
     def batches(start: int, workers: int, count: int):
         loader = build_train_loader(
-            source, LoaderSpec(transform, tokenizer, 16, 6, seed=7, start_sample=start, num_workers=workers)
+            source, LoaderSpec(processor, augment, 6, seed=7, start_sample=start, num_workers=workers)
         )
         iterator = iter(loader)
         return [next(iterator) for _ in range(count)]

@@ -18,7 +18,7 @@ from clipforge.data.sampler import ResumableSampler
 from clipforge.data.samples import SampleKey
 from clipforge.data.sources import TemplatedCaptions, build_source
 from clipforge.data.tokenize import train_bpe_tokenizer
-from tests.conftest import write_shapes_manifest
+from tests.conftest import processor_for, write_shapes_manifest
 
 
 class ListSource:
@@ -138,8 +138,9 @@ def test_mix_from_config_trains_through_the_loader_and_resumes(tmp_path: Path) -
     tokenizer = train_bpe_tokenizer(["a red circle", "grinning face"], vocab_size=270)
 
     def batches(start: int, count: int) -> list:
-        transform = lambda image: torch.from_numpy(np.asarray(image.resize((8, 8)), dtype=np.float32))  # noqa: E731
-        spec = LoaderSpec(transform, tokenizer, 16, 8, seed=2, start_sample=start, caption_sampling="cycle")
+        spec = LoaderSpec(
+            processor_for(tokenizer, 16, 8), None, 8, seed=2, start_sample=start, caption_sampling="cycle"
+        )
         loader = build_train_loader(source, spec)
         iterator = iter(loader)
         return [next(iterator) for _ in range(count)]

@@ -19,6 +19,7 @@ from clipforge.data.sources import build_source
 from clipforge.data.streaming import ShardStream, shuffle_buffer
 from clipforge.data.tokenize import train_bpe_tokenizer
 from clipforge.data.transforms import ImagePreprocess, build_image_transform
+from tests.conftest import processor_for
 from tests.data.shard_helpers import shapes_samples, write_shards
 
 TRANSFORM = build_image_transform(
@@ -38,7 +39,14 @@ def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
 def batches(source: ShardSource, start: int, count: int, workers: int = 0, streams: int | None = None, **kwargs):
     tokenizer = train_bpe_tokenizer(list(source.iter_captions()), vocab_size=300)
     spec = LoaderSpec(
-        TRANSFORM, tokenizer, 16, 4, seed=5, start_sample=start, num_workers=workers, streams=streams, **kwargs
+        processor_for(tokenizer, 16, 16),
+        AugmentConfig(scale_min=0.5),
+        4,
+        seed=5,
+        start_sample=start,
+        num_workers=workers,
+        streams=streams,
+        **kwargs,
     )
     loader = build_train_loader(source, spec)
     return list(islice(iter(loader), count))

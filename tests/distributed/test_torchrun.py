@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from clipforge.checkpoint import load_checkpoint, read_checkpoint
+from clipforge.checkpoint import read_checkpoint
 from clipforge.config import save_config
 from clipforge.distributed import wrap
+from clipforge.interop.load import load_checkpoint
 from clipforge.model import create_model
 from clipforge.train.optim import build_optimizer
 from clipforge.train.run_log import read_metrics
@@ -45,7 +46,7 @@ def two_process_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def assert_same_weights(first: Path, second: Path, atol: float) -> None:
-    expected, actual = read_checkpoint(first)["model"], read_checkpoint(second)["model"]
+    expected, actual = read_checkpoint(first).weights, read_checkpoint(second).weights
     assert expected.keys() == actual.keys()
     for name, value in expected.items():
         assert torch.allclose(value, actual[name], atol=atol), name
@@ -59,7 +60,7 @@ def test_rank_zero_writes_the_checkpoints_and_logs(two_process_run: Path) -> Non
     records = read_metrics(run / "metrics.jsonl")
     assert [(r["step"], "loss" in r) for r in records] == [(3, True), (3, False), (6, True), (6, False)]  # once
     at_step_3 = read_checkpoint(run / "step_3.pt")
-    assert (at_step_3["step"], at_step_3["samples_seen"], at_step_3["world_size"]) == (3, 24, 2)
+    assert (at_step_3.step, at_step_3.training.samples_seen, at_step_3.training.world_size) == (3, 24, 2)
     assert load_checkpoint(run / "last.pt").step == 6  # the full weights load in one process
 
 
@@ -84,7 +85,7 @@ def test_resume_on_two_processes_with_fsdp_continues_exactly(two_process_run: Pa
         and evaluated[metric] == read_metrics(two_process_run / "run" / "metrics.jsonl")[-1][metric]
     )
     resumed = two_process_run / "resumed_fsdp" / "last.pt"
-    assert read_checkpoint(resumed)["step"] == 6
+    assert read_checkpoint(resumed).step == 6
     assert_same_weights(two_process_run / "run" / "last.pt", resumed, atol=1e-6)
     assert load_checkpoint(resumed).step == 6  # the gathered FSDP2 checkpoint loads in one process
 
@@ -94,7 +95,7 @@ def test_resume_on_two_processes_with_fsdp_continues_exactly(two_process_run: Pa
         loaded = load_checkpoint(checkpoint)
         model = create_model(loaded.config.model, vocab_size=loaded.tokenizer.vocab_size)
         optimizer = build_optimizer(model, loaded.config.optim, torch.device("cpu"), loaded.config.model)
-        wrap.load_optimizer_state(model, optimizer, state["optimizer"])
+        wrap.load_optimizer_state(model, optimizer, state.training.optimizer)
         return optimizer.state_dict()
 
     from_fsdp, from_ddp = loaded_optimizer(resumed), loaded_optimizer(two_process_run / "run" / "last.pt")
@@ -108,5 +109,5 @@ def test_resume_on_one_process_continues(two_process_run: Path) -> None:
     launch(["train", "tiny.yaml", "train.output_dir=resumed_one", "--resume", "run/step_3.pt"], 1, two_process_run)
     resumed = two_process_run / "resumed_one"
     assert [record["step"] for record in read_metrics(resumed / "metrics.jsonl")] == [6, 6]  # training, evaluation
-    assert read_checkpoint(resumed / "last.pt")["step"] == 6
+    assert read_checkpoint(resumed / "last.pt").step == 6
     assert_same_weights(two_process_run / "run" / "last.pt", resumed / "last.pt", atol=1e-5)

@@ -18,7 +18,9 @@ from PIL import Image
 from torch import nn
 
 from clipforge.config import Config, config_from_dict
+from clipforge.data.processor import Processor
 from clipforge.model import CLIPModel
+from clipforge.model.factory import make_processor
 
 COLOURS = {
     "red": (255, 0, 0),
@@ -82,6 +84,11 @@ def colour_config(**sections) -> Config:
         **sections,
     }
     return config_from_dict(values)
+
+
+def colour_processor(config: Config | None = None) -> Processor:
+    """The processor of the hand-made model: :class:`ColourTokenizer` and :func:`colour_config`'s preprocessing."""
+    return make_processor((config or colour_config()).model, ColourTokenizer())
 
 
 def write_colour_set(

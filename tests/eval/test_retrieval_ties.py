@@ -22,7 +22,7 @@ from clipforge.data.manifest import ManifestSource
 from clipforge.eval.features import encode_texts
 from clipforge.eval.runner import evaluate_retrieval, evaluate_zeroshot
 from clipforge.model import CLIPModel
-from tests.eval.handmade import COLOURS, ColourTokenizer, ColourWords, MeanColour, colour_config
+from tests.eval.handmade import COLOURS, ColourWords, MeanColour, colour_processor
 
 NOISE = 1e-4
 
@@ -74,7 +74,7 @@ def write_shared_caption_set(folder: Path) -> Path:
 def test_identical_texts_are_encoded_once_and_bit_identical() -> None:
     model = noisy_model()
     texts = ["a red square", "a green square", "a red square", "a blue square", "a red square"]
-    features = encode_texts(model, ColourTokenizer(), texts, context_length=8, batch_size=2)
+    features = encode_texts(model, colour_processor(), texts, batch_size=2)
     assert features.shape == (5, 3)
     assert torch.equal(features[0], features[2]) and torch.equal(features[0], features[4])
     assert model.text_tower.rows_seen == 3, "each distinct text goes through the tower once"
@@ -84,7 +84,7 @@ def test_identical_texts_are_encoded_once_and_bit_identical() -> None:
 @pytest.mark.parametrize("batch_size", [1, 3, 64])
 def test_retrieval_with_a_shared_caption_does_not_depend_on_the_batch_size(tmp_path: Path, batch_size: int) -> None:
     source = ManifestSource(write_shared_caption_set(tmp_path))
-    result = evaluate_retrieval(noisy_model(), ColourTokenizer(), colour_config(), source, batch_size=batch_size)
+    result = evaluate_retrieval(noisy_model(), colour_processor(), source, batch_size=batch_size)
     assert result.embeddings.captions == ["a red square", "a red square", "a green square", "a blue square"]
     # the pessimistic rule, by hand: text -> image, each red caption ties between the two identical red images
     # (rank 2); image -> text, each red image ties between its own caption and the other red image's (rank 2).
@@ -101,8 +101,7 @@ def test_zeroshot_with_a_repeated_class_name_does_not_depend_on_the_batch_size(t
     source = ManifestSource(write_shared_caption_set(tmp_path))
     result = evaluate_zeroshot(
         noisy_model(),
-        ColourTokenizer(),
-        colour_config(),
+        colour_processor(),
         source,
         classnames=["red", "red", "green", "blue"],  # classes 0 and 1 share a name, as ImageNet's two "crane"s do
         templates=["a photo of a {}.", "a {} thing"],

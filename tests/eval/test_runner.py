@@ -22,14 +22,14 @@ from clipforge.eval.runner import (
 )
 from clipforge.train.evaluation import ClassifierCache
 from clipforge.viz import plot_confusion_matrix
-from tests.eval.handmade import COLOURS, ColourTokenizer, colour_config, colour_model, write_colour_set
+from tests.eval.handmade import COLOURS, colour_model, colour_processor, write_colour_set
 
 CLASSES = sorted(COLOURS)  # a manifest numbers string labels in sorted order
 
 
 def run_zeroshot(manifest: Path, source=None, **kwargs):
     source = source or ManifestSource(manifest)
-    return evaluate_zeroshot(colour_model(), ColourTokenizer(), colour_config(), source, batch_size=5, **kwargs)
+    return evaluate_zeroshot(colour_model(), colour_processor(), source, batch_size=5, **kwargs)
 
 
 def test_zeroshot_on_solid_colours_is_exact(tmp_path: Path) -> None:
@@ -81,9 +81,7 @@ def test_zeroshot_names_what_is_missing(tmp_path: Path) -> None:
 def test_retrieval_skips_unreadable_images_with_their_captions(tmp_path: Path) -> None:
     manifest = write_colour_set(tmp_path, per_class=1)
     (tmp_path / "cyan" / "0.png").write_bytes(b"\x89PNG broken")
-    result = evaluate_retrieval(
-        colour_model(), ColourTokenizer(), colour_config(), ManifestSource(manifest), batch_size=4
-    )
+    result = evaluate_retrieval(colour_model(), colour_processor(), ManifestSource(manifest), batch_size=4)
     assert (result.num_images, result.skipped_images) == (5, 1)
     assert (result.num_captions, result.skipped_captions) == (10, 2)
     assert set(result.metrics) == set(EVAL_METRICS["retrieval"])
@@ -107,9 +105,7 @@ def test_results_json_has_the_clip_benchmark_layout(tmp_path: Path) -> None:
         "metrics": {"acc1": 1.0, "acc5": 1.0, "mean_per_class_recall": 1.0},
     }
     assert list(written) == ["dataset", "model", "task", "metrics"]
-    retrieval = evaluate_retrieval(
-        colour_model(), ColourTokenizer(), colour_config(), ManifestSource(tmp_path / "colours.csv")
-    )
+    retrieval = evaluate_retrieval(colour_model(), colour_processor(), ManifestSource(tmp_path / "colours.csv"))
     record = benchmark_record(retrieval, "d", "m")
     assert record["task"] == "zeroshot_retrieval"
     assert all(isinstance(value, float) for value in record["metrics"].values())

@@ -9,7 +9,7 @@ import torch
 from clipforge.data.tokenize import load_hf_tokenizer, train_bpe_tokenizer
 from clipforge.eval.features import encode_text_batches
 from clipforge.model.text import HFTextEncoder
-from tests.conftest import write_tiny_bert
+from tests.conftest import processor_for, write_tiny_bert
 
 # lengths deliberately out of order, with ties, so that both the sort and its undoing are exercised
 TEXTS = [
@@ -38,7 +38,7 @@ class RecordingSum(torch.nn.Module):
 def test_rows_come_back_in_order_and_batches_pad_to_their_own_longest() -> None:
     tokenizer = train_bpe_tokenizer(TEXTS * 4, vocab_size=300)
     encode = RecordingSum()
-    rows = encode_text_batches(encode, tokenizer, TEXTS, context_length=32, batch_size=3)
+    rows = encode_text_batches(encode, processor_for(tokenizer, 32), TEXTS, batch_size=3)
     # the independent reference: each text alone
     alone = torch.cat([RecordingSum()(*tokenizer([text], 32)) for text in TEXTS])
     assert torch.equal(rows, alone)
@@ -55,7 +55,7 @@ def test_rows_come_back_in_order_and_batches_pad_to_their_own_longest() -> None:
 def test_max_length_padding_is_kept() -> None:
     tokenizer = train_bpe_tokenizer(TEXTS * 4, vocab_size=300, padding="max_length")
     encode = RecordingSum()
-    encode_text_batches(encode, tokenizer, TEXTS, context_length=24, batch_size=4)
+    encode_text_batches(encode, processor_for(tokenizer, 24), TEXTS, batch_size=4)
     assert encode.shapes == [(4, 24), (3, 24)]
 
 
@@ -65,13 +65,13 @@ def test_a_real_text_tower_gives_each_text_its_own_embedding(tmp_path: Path) -> 
     tokenizer = load_hf_tokenizer(str(folder))
     tower = HFTextEncoder(str(folder), pretrained=True, pooling="mean").eval()
     with torch.inference_mode():
-        rows = encode_text_batches(tower, tokenizer, TEXTS, context_length=32, batch_size=3)
+        rows = encode_text_batches(tower, processor_for(tokenizer, 32), TEXTS, batch_size=3)
         alone = torch.cat([tower(*tokenizer([text], 32)) for text in TEXTS])
     torch.testing.assert_close(rows, alone, atol=1e-5, rtol=1e-5)
 
 
 def test_no_texts() -> None:
-    assert encode_text_batches(RecordingSum(), train_bpe_tokenizer(TEXTS, 300), [], 32, 4).numel() == 0
+    assert encode_text_batches(RecordingSum(), processor_for(train_bpe_tokenizer(TEXTS, 300), 32), [], 4).numel() == 0
 
 
 def test_windows_of_texts_are_sorted_apart_and_come_back_in_order(monkeypatch) -> None:
@@ -82,7 +82,7 @@ def test_windows_of_texts_are_sorted_apart_and_come_back_in_order(monkeypatch) -
     monkeypatch.setattr(features_module, "SORT_WINDOW", 3)
     tokenizer = train_bpe_tokenizer(TEXTS * 4, vocab_size=300)
     encode = RecordingSum()
-    rows = encode_text_batches(encode, tokenizer, TEXTS, context_length=32, batch_size=2)
+    rows = encode_text_batches(encode, processor_for(tokenizer, 32), TEXTS, batch_size=2)
     alone = torch.cat([RecordingSum()(*tokenizer([text], 32)) for text in TEXTS])
     assert torch.equal(rows, alone)
     assert [batch_rows for batch_rows, _ in encode.shapes] == [2, 1, 2, 1, 1]  # windows of 3, 3, 1

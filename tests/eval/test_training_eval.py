@@ -8,16 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from clipforge.checkpoint import build_model, load_checkpoint, read_checkpoint
+from clipforge.checkpoint import read_checkpoint
 from clipforge.config import EVAL_METRICS, ConfigError, config_from_dict, load_config, save_config
 from clipforge.data.manifest import ManifestSource
 from clipforge.data.tokenize import build_tokenizer
 from clipforge.eval.runner import evaluate_retrieval
+from clipforge.interop.load import load_checkpoint
+from clipforge.model.factory import build_model, make_processor
 from clipforge.train.evaluation import TrainingEvaluator
 from clipforge.train.loop import train
 from clipforge.train.run_log import read_metrics
 from tests.conftest import tiny_config
-from tests.eval.handmade import ColourTokenizer, colour_config, colour_model, write_colour_set
+from tests.eval.handmade import colour_config, colour_model, colour_processor, write_colour_set
 
 
 def eval_section(shapes: Path, colours: Path, **settings) -> dict:
@@ -99,7 +101,7 @@ def test_two_zeroshot_tasks_over_the_same_classes_encode_the_prompts_once(tmp_pa
             "batch_size": 4,
         }
     )
-    evaluator = TrainingEvaluator(config, ColourTokenizer(), contextlib.nullcontext())
+    evaluator = TrainingEvaluator(config, colour_processor(config), contextlib.nullcontext())
     model = colour_model().train()
     record, improved = evaluator.run(model, step=1)
     assert record == {f"{name}/{key}": 1.0 for name in "ab" for key in ("acc1", "acc5", "mean_per_class_recall")}
@@ -151,10 +153,14 @@ def test_training_eval_logs_metrics_and_keeps_the_best_checkpoint(shapes_manifes
     values = [r["shapes/image_retrieval_recall@5"] for r in records]
     best_step = records[values.index(max(values))]["step"]  # the first of equal values: later ties do not improve
     best = read_checkpoint(result.output_dir / "best.pt")
-    assert best["step"] == best_step
-    assert best["eval"] == {"best_metric": config.eval.best_metric, "best_value": max(values), "best_step": best_step}
+    assert best.step == best_step
+    assert best.training.eval == {
+        "best_metric": config.eval.best_metric,
+        "best_value": max(values),
+        "best_step": best_step,
+    }
     assert load_checkpoint(result.output_dir / "best.pt").step == best_step  # a checkpoint like any other
-    assert read_checkpoint(result.checkpoint)["eval"]["best_value"] == max(values)
+    assert read_checkpoint(result.checkpoint).training.eval["best_value"] == max(values)
 
 
 def test_eval_changes_nothing_in_training_and_resume_stays_exact(shapes_manifest: Path, tmp_path: Path) -> None:
@@ -164,8 +170,8 @@ def test_eval_changes_nothing_in_training_and_resume_stays_exact(shapes_manifest
     del section["tasks"][0]  # the zero-shot task alone: evaluation's DataLoader is what could shift the RNG
     plain = train(tiny_config(shapes_manifest, tmp_path / "plain", train=common))
     full = train(tiny_config(shapes_manifest, tmp_path / "run", train=common, eval=section))
-    plain_weights = read_checkpoint(plain.checkpoint)["model"]
-    full_weights = read_checkpoint(full.checkpoint)["model"]
+    plain_weights = read_checkpoint(plain.checkpoint).weights
+    full_weights = read_checkpoint(full.checkpoint).weights
     for key, value in plain_weights.items():
         assert torch.equal(value, full_weights[key]), f"evaluation changed training: {key}"
 
@@ -175,14 +181,14 @@ def test_eval_changes_nothing_in_training_and_resume_stays_exact(shapes_manifest
         tiny_config(shapes_manifest, tmp_path / "run", train=common, eval=section),
         resume=tmp_path / "run" / "step_2.pt",  # holds the best of step 2: the continuation compares with it
     )
-    resumed_weights = read_checkpoint(resumed.checkpoint)["model"]
+    resumed_weights = read_checkpoint(resumed.checkpoint).weights
     for key, value in full_weights.items():
         assert torch.allclose(value, resumed_weights[key], atol=1e-6), key
     again = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "colours/acc1" in r]
     assert [r["step"] for r in again] == [r["step"] for r in uninterrupted] == [2, 4]
     for before, after in zip(uninterrupted, again, strict=True):
         assert after == pytest.approx(before, abs=1e-6)
-    assert read_checkpoint(tmp_path / "run" / "best.pt")["step"] == best_before["step"]
+    assert read_checkpoint(tmp_path / "run" / "best.pt").step == best_before.step
 
 
 def test_locked_towers_run_once_across_rounds_and_give_the_full_pass_figures(
@@ -201,12 +207,13 @@ def test_locked_towers_run_once_across_rounds_and_give_the_full_pass_figures(
     tokenizer = build_tokenizer(config.model.text.tokenizer, "", captions)
     torch.manual_seed(0)
     model = build_model(config, tokenizer)
-    evaluator = TrainingEvaluator(config, tokenizer, contextlib.nullcontext())
+    processor = make_processor(config.model, tokenizer)
+    evaluator = TrainingEvaluator(config, processor, contextlib.nullcontext())
     source = evaluator.tasks[0].source
     for step in (1, 2):
         record, _ = evaluator.run(model, step)
         model.eval()
-        fresh = evaluate_retrieval(model, tokenizer, config, source, batch_size=256)
+        fresh = evaluate_retrieval(model, processor, source, batch_size=256)
         assert {f"shapes/{k}": v for k, v in fresh.metrics.items()} == pytest.approx(record, abs=1e-6)
         with torch.no_grad():  # a training step changes the heads, never the locked towers
             for parameter in model.image_head.parameters():

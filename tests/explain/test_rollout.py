@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clipforge.checkpoint import load_checkpoint
 from clipforge.explain.heatmap import explain
 from clipforge.explain.rollout import (
     attention_rollout,
@@ -14,6 +13,7 @@ from clipforge.explain.rollout import (
     rollout_maps,
     text_conditioned_maps,
 )
+from clipforge.interop.load import load_checkpoint
 
 
 def test_two_layer_rollout_equals_the_hand_computation() -> None:

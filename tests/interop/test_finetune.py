@@ -13,7 +13,7 @@ from clipforge import from_pretrained
 from clipforge.checkpoint import read_checkpoint
 from clipforge.cli import main
 from clipforge.config import Config, ConfigError, config_from_dict
-from clipforge.interop import init_model
+from clipforge.interop.load import init_model
 from tests.interop.tiny_models import CAPTIONS, CONTEXT_LENGTH, IMPORTED_LOGIT_SCALE, image_batch, write_hf_clip
 
 
@@ -113,8 +113,8 @@ def test_fine_tuning_an_imported_model_lowers_the_loss_and_resumes_exactly(
         full = train(config)
         final = read_checkpoint(full.checkpoint)
         # the imported logit scale survives 20 small steps; a run from scratch starts at log(1 / 0.07) = 2.66
-        assert abs(float(final["model"]["logit_scale"]) - IMPORTED_LOGIT_SCALE) < 0.1
-        assert final["config"]["model"]["image"]["width"] == 64 and final["config"]["model"]["init"] == f"hf:{imported}"
+        assert abs(float(final.weights["logit_scale"]) - IMPORTED_LOGIT_SCALE) < 0.1
+        assert final.config.model.image.width == 64 and final.config.model.init == f"hf:{imported}"
         losses = [record["loss"] for record in read_metrics(full.output_dir / "metrics.jsonl")]
         assert sum(losses[-2:]) / 2 < 0.75 * losses[0], losses
 
@@ -122,8 +122,8 @@ def test_fine_tuning_an_imported_model_lowers_the_loss_and_resumes_exactly(
         resumed = train(config, resume=tmp_path / "run" / "step_10.pt")
     finally:
         torch.set_num_threads(threads)
-    continued = read_checkpoint(resumed.checkpoint)["model"]
-    for key, value in final["model"].items():
+    continued = read_checkpoint(resumed.checkpoint).weights
+    for key, value in final.weights.items():
         assert torch.allclose(value, continued[key], atol=1e-6), key
 
 

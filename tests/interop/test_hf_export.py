@@ -12,10 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from clipforge import from_pretrained, load_checkpoint
-from clipforge.checkpoint import build_model, save_checkpoint
+from clipforge.checkpoint import Checkpoint, save_checkpoint
 from clipforge.cli import main
-from clipforge.config import config_from_dict, config_to_dict
+from clipforge.config import config_from_dict
 from clipforge.data.tokenize import train_bpe_tokenizer
+from clipforge.model.factory import build_model, make_processor
 from tests.interop.tiny_models import (
     CAPTIONS,
     CONTEXT_LENGTH,
@@ -129,8 +130,7 @@ def test_a_timm_image_tower_is_refused(tmp_path: Path, capsys) -> None:
     tokenizer = train_bpe_tokenizer(WORDS * 2, 300)
     model = build_model(config, tokenizer, pretrained=False)
     checkpoint = tmp_path / "timm.pt"
-    payload = {"config": config_to_dict(config), "tokenizer": tokenizer.state_dict(), "model": model.state_dict()}
-    save_checkpoint(checkpoint, {**payload, "step": 0})
+    save_checkpoint(checkpoint, Checkpoint(config, make_processor(config.model, tokenizer), model.state_dict()))
     code, err = export(checkpoint, tmp_path / "hf", capsys)
     assert code == 2 and "the image tower (model.image.kind='timm')" in err and "clipforge export onnx" in err
 

@@ -9,11 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from clipforge.checkpoint import load_checkpoint
 from clipforge.cli import main
 from clipforge.data.base import decode_image
-from clipforge.data.transforms import build_image_transform
-from clipforge.model import resolve_image_preprocess
+from clipforge.interop.load import load_checkpoint
 
 onnxruntime = pytest.importorskip("onnxruntime")
 
@@ -23,7 +21,7 @@ def test_exported_graphs_match_pytorch_at_a_new_batch_size(tiny_checkpoint: tupl
     out = tmp_path / "onnx"
     assert main(["export", "onnx", "--checkpoint", str(checkpoint), "--out", str(out)]) == 0
     loaded = load_checkpoint(checkpoint)
-    transform = build_image_transform(resolve_image_preprocess(loaded.config.model.image))
+    transform = loaded.processor.image_transform()
 
     paths = sorted(images.glob("*.png"))[:5]  # batch 5: the export traced batch 2 and checked batch 3
     pixels = torch.stack([transform(decode_image(path)) for path in paths])

@@ -22,7 +22,7 @@ from PIL import Image
 from clipforge import from_pretrained, load_checkpoint
 from clipforge.cli import main
 from clipforge.data.transforms import MAX_ASPECT, build_image_transform
-from clipforge.model import resolve_image_preprocess
+from clipforge.model.vision import resolve_image_preprocess
 from tests.interop.tiny_models import (
     OPEN_CLIP_CONFIG,
     photos,
@@ -42,7 +42,7 @@ SENSITIVE = 1e-3  # ... and what one pixel of crop offset does to them, at least
 
 def clipforge_embeddings(loaded, preprocess=None) -> torch.Tensor:
     """clipforge's own pipeline: the checkpoint's transform, then ``encode_image`` (unit norm)."""
-    transform = build_image_transform(preprocess or resolve_image_preprocess(loaded.config.model.image))
+    transform = build_image_transform(preprocess or loaded.processor.preprocess)
     with torch.no_grad():
         return loaded.model.float().eval().encode_image(torch.stack([transform(photo) for photo in photos()]))
 

@@ -161,9 +161,10 @@ def write_open_clip_folder(
 
 def write_trained_style_checkpoint(folder: Path, siglip: bool = False, **model_changes) -> tuple[Path, object]:
     """A clipforge model as ``clipforge train`` builds it (built-in towers, a BPE whose ``<eos>`` is id 2)."""
-    from clipforge.checkpoint import build_model, save_checkpoint
-    from clipforge.config import config_from_dict, config_to_dict
+    from clipforge.checkpoint import Checkpoint, save_checkpoint
+    from clipforge.config import config_from_dict
     from clipforge.data.tokenize import train_bpe_tokenizer
+    from clipforge.model.factory import build_model, make_processor
 
     values = {
         "embed_dim": 32,
@@ -178,6 +179,5 @@ def write_trained_style_checkpoint(folder: Path, siglip: bool = False, **model_c
     torch.manual_seed(0)
     model = build_model(config, tokenizer)
     path = folder / "model.pt"
-    payload = {"config": config_to_dict(config), "tokenizer": tokenizer.state_dict(), "model": model.state_dict()}
-    save_checkpoint(path, {**payload, "step": 0})
+    save_checkpoint(path, Checkpoint(config, make_processor(config.model, tokenizer), model.state_dict()))
     return path, tokenizer

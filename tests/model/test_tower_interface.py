@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from clipforge.checkpoint import LoadedCheckpoint
 from clipforge.config import ImageTowerConfig, ModelConfig, TextTowerConfig, TokenizerConfig
 from clipforge.distributed import wrap
 from clipforge.explain.heatmap import resolve_method
 from clipforge.explain.rollout import vit_tower
 from clipforge.model import CLIPModel, Tower, create_model
+from clipforge.model.factory import LoadedModel
 from clipforge.model.grad_checkpointing import enable_grad_checkpointing
 from clipforge.model.vision import build_timm_tower, build_torchvision_tower, build_vit_tower
 from tests.conftest import write_tiny_bert
@@ -132,7 +132,7 @@ def test_callers_ask_the_tower_not_its_class() -> None:
     model.image_tower = PlainTower()
     assert enable_grad_checkpointing(model) == ["image tower (PlainTower)"]
     assert model.text_tower.transformer.grad_checkpointing
-    loaded = LoadedCheckpoint(model, tokenizer=None, config=None, step=0)  # resolve_method reads the model only
+    loaded = LoadedModel(model, processor=None, config=None, step=0)  # resolve_method reads the model only
     assert resolve_method(loaded) == "gradcam"
     with pytest.raises(ValueError, match="needs an image tower with attention maps.*not PlainTower"):
         resolve_method(loaded, "rollout")

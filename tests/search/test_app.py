@@ -12,8 +12,8 @@ pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from clipforge.checkpoint import load_checkpoint  # noqa: E402
 from clipforge.cli import build_parser  # noqa: E402
+from clipforge.interop.load import load_checkpoint  # noqa: E402
 from clipforge.search.app import create_app  # noqa: E402
 from clipforge.search.embed import embed_images  # noqa: E402
 from clipforge.search.index import Index  # noqa: E402

@@ -28,7 +28,7 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-from clipforge.checkpoint import load_checkpoint  # noqa: E402
+from clipforge.interop.load import load_checkpoint  # noqa: E402
 from clipforge.search.app import create_app  # noqa: E402
 from clipforge.search.embed import embed_images  # noqa: E402
 from clipforge.search.index import Index  # noqa: E402

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clipforge.checkpoint import load_checkpoint
 from clipforge.cli import build_parser, main
 from clipforge.data import base as data_base
 from clipforge.data.base import ImageTooLargeError
+from clipforge.interop.load import load_checkpoint
 from clipforge.search import embed as embed_module
 from clipforge.search.embed import embed_images
 from clipforge.search.faiss_loader import import_faiss

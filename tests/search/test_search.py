@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from clipforge.checkpoint import load_checkpoint
 from clipforge.cli import main
+from clipforge.interop.load import load_checkpoint
 from clipforge.search import embed as embed_module
 from clipforge.search import exact as exact_module
 from clipforge.search.embed import embed_images, embed_text_file

@@ -28,8 +28,8 @@ pytest.importorskip("uvicorn")
 pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from clipforge.checkpoint import load_checkpoint  # noqa: E402
 from clipforge.cli import main  # noqa: E402
+from clipforge.interop.load import load_checkpoint  # noqa: E402
 from clipforge.search import app as app_module  # noqa: E402
 from clipforge.search.app import ServerLimits, create_app, decode_reduced  # noqa: E402
 from clipforge.search.embed import embed_images  # noqa: E402

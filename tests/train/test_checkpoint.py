@@ -1,21 +1,30 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
 
-from clipforge.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
+from clipforge.checkpoint import Checkpoint, CheckpointError, read_checkpoint, save_checkpoint
+from clipforge.interop.load import load_checkpoint
 from clipforge.train.loop import train
 from tests.conftest import tiny_config
 
+FIXTURE = Path(__file__).parent.parent / "fixtures" / "format1-train.pt"
+
+
+def _small_checkpoint(step: int) -> Checkpoint:
+    """A whole checkpoint of a tiny model (the format-1 fixture, read through the upgrade) at ``step``."""
+    return dataclasses.replace(read_checkpoint(FIXTURE), step=step)
+
 
 def test_atomic_save_leaves_no_temporary_and_keeps_old_file_on_failure(tmp_path: Path) -> None:
-    path = save_checkpoint(tmp_path / "last.pt", {"step": 1, "config": {}})
-    assert read_checkpoint(path)["step"] == 1
+    path = save_checkpoint(tmp_path / "last.pt", _small_checkpoint(1))
+    assert read_checkpoint(path).step == 1
+    broken = _small_checkpoint(2)
+    broken.weights = {**broken.weights, "bad": object.__new__(type("Unpicklable", (), {"__reduce__": None}))}
     with pytest.raises(TypeError):
-        save_checkpoint(
-            path, {"step": 2, "bad": object.__new__(type("Unpicklable", (), {"__reduce__": None}))}, replace=True
-        )
-    assert read_checkpoint(path)["step"] == 1
+        save_checkpoint(path, broken, replace=True)
+    assert read_checkpoint(path).step == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
@@ -23,7 +32,7 @@ def test_foreign_truncated_and_missing_files_are_refused_clearly(tmp_path: Path)
     torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
     with pytest.raises(CheckpointError, match="not a clipforge checkpoint"):
         read_checkpoint(tmp_path / "foreign.pt")
-    save_checkpoint(tmp_path / "good.pt", {"step": 3})
+    save_checkpoint(tmp_path / "good.pt", _small_checkpoint(3))
     (tmp_path / "cut.pt").write_bytes((tmp_path / "good.pt").read_bytes()[:50])
     with pytest.raises(CheckpointError, match="truncated"):
         read_checkpoint(tmp_path / "cut.pt")
@@ -34,16 +43,10 @@ def test_foreign_truncated_and_missing_files_are_refused_clearly(tmp_path: Path)
 def test_checkpoint_is_self_describing(shapes_manifest: Path, tmp_path: Path) -> None:
     result = train(tiny_config(shapes_manifest, tmp_path / "run", train={"steps": 3}))
     state = read_checkpoint(result.checkpoint)
-    assert {
-        "model",
-        "optimizer",
-        "scheduler",
-        "config",
-        "tokenizer",
-        "rng",
-        "clipforge_version",
-        "samples_seen",
-    } <= set(state)
+    training = state.training
+    assert state.weights and training.optimizer and training.scheduler and training.rng
+    assert state.config.train.steps == 3 and state.processor.tokenizer.vocab_size > 0
+    assert state.clipforge_version and training.samples_seen == 3 * state.config.train.batch_size
     loaded = load_checkpoint(result.checkpoint)
     ids, mask = loaded.tokenizer(["a red circle"], loaded.config.model.text.context_length)
     features = loaded.model.encode_text(ids, mask)

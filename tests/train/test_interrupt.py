@@ -71,7 +71,7 @@ def uninterrupted(shapes: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     config = _config(tmp_path, shapes, "reference")
     done = subprocess.run(_command(config), env=_environment(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    return read_checkpoint(tmp_path / "reference" / "last.pt")["model"]
+    return read_checkpoint(tmp_path / "reference" / "last.pt").weights
 
 
 def _interrupt(config: Path, run: Path, number: int, rng: random.Random) -> tuple[int, str]:
@@ -127,7 +127,7 @@ def test_a_run_signalled_at_a_random_point_resumes_to_the_same_weights(
     assert done.returncode == 0, f"{context}\nresume: {done.stderr[-2000:]}"
     assert "Traceback" not in done.stderr
     resumed = read_checkpoint(run / "last.pt")
-    assert resumed["step"] == STEPS
-    differing = [key for key, value in uninterrupted.items() if not torch.equal(value, resumed["model"][key])]
+    assert resumed.step == STEPS
+    differing = [key for key, value in uninterrupted.items() if not torch.equal(value, resumed.weights[key])]
     assert not differing, f"{context}\nweights differ from the uninterrupted run: {differing[:5]}"
     assert not list(run.glob(".*.tmp")), "a killed checkpoint write's temporary file was not removed"

@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from clipforge.checkpoint import build_model, load_checkpoint
 from clipforge.config import ConfigError, ImageTowerConfig, ModelConfig, TextTowerConfig, load_config
 from clipforge.data.sources import build_source
 from clipforge.data.tokenize import build_tokenizer
+from clipforge.interop.load import load_checkpoint
 from clipforge.model import create_model
+from clipforge.model.factory import build_model
 from clipforge.model.locking import layer_ids, layer_lr_scales
 from clipforge.train.loop import train
 from clipforge.train.optim import build_optimizer

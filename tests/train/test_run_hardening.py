@@ -243,11 +243,11 @@ def test_resume_into_another_folder_keeps_the_best_checkpoint_and_its_record(
         "tasks": [{"name": "one", "task": "retrieval", "data": {"kind": "manifest", "path": str(one)}}],
     }
     first = train(tiny_config(shapes_manifest, tmp_path / "a", train=TINY_RUN, eval=evaluation))
-    assert read_checkpoint(tmp_path / "a" / "best.pt")["step"] == 2
+    assert read_checkpoint(tmp_path / "a" / "best.pt").step == 2
     moved = tiny_config(shapes_manifest, tmp_path / "b", train={**TINY_RUN, "steps": 4}, eval=evaluation)
     resumed = train(moved, resume=first.checkpoint)
-    assert read_checkpoint(tmp_path / "b" / "best.pt")["step"] == 2  # step 4 ties: the best is still step 2's
-    assert read_checkpoint(resumed.checkpoint)["eval"] == {
+    assert read_checkpoint(tmp_path / "b" / "best.pt").step == 2  # step 4 ties: the best is still step 2's
+    assert read_checkpoint(resumed.checkpoint).training.eval == {
         "best_metric": "one/image_retrieval_recall@1",
         "best_value": 1.0,
         "best_step": 2,
@@ -261,13 +261,13 @@ def test_the_skipped_image_count_survives_a_resume(shapes_manifest: Path, tmp_pa
     common = {"steps": 6, "batch_size": 12, "checkpoint_every": 3, "keep_checkpoints": 2}
     full = train(tiny_config(shapes_manifest, tmp_path / "run", train=common, logging={"log_every": 3}))
     at_step_3 = read_checkpoint(tmp_path / "run" / "step_3.pt")
-    assert 0 < at_step_3["skipped_images"] < full.history[-1]["skipped_images"]
+    assert 0 < at_step_3.training.skipped_images < full.history[-1]["skipped_images"]
     resumed = train(
         tiny_config(shapes_manifest, tmp_path / "run", train=common, logging={"log_every": 3}),
         resume=tmp_path / "run" / "step_3.pt",
     )
     assert resumed.history[-1]["skipped_images"] == full.history[-1]["skipped_images"] == 6  # 2 a pass, 3 passes
-    assert read_checkpoint(resumed.checkpoint)["skipped_images"] == 6
+    assert read_checkpoint(resumed.checkpoint).training.skipped_images == 6
 
 
 # ----------------------------------------------------------------------------------------------

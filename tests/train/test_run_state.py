@@ -9,19 +9,23 @@ from pathlib import Path
 import pytest
 import torch
 
+import clipforge.train.checkpoints
 import clipforge.train.gradcache
 import clipforge.train.loop
 import clipforge.train.preflight
 import clipforge.train.resume
 import clipforge.train.run_dir
+import clipforge.train.setup
 import clipforge.train.state
-from clipforge.checkpoint import read_checkpoint
+from clipforge.checkpoint import TrainingState, read_checkpoint
 from clipforge.train.loop import train
 from clipforge.train.state import LogWindow, RunState
 from tests.conftest import tiny_config
 
 MODULES = [
     clipforge.train.loop,
+    clipforge.train.setup,
+    clipforge.train.checkpoints,
     clipforge.train.gradcache,
     clipforge.train.state,
     clipforge.train.resume,
@@ -34,12 +38,13 @@ LONGEST_FUNCTION = 60
 def test_run_state_round_trips_through_its_checkpoint_keys() -> None:
     state = RunState(step=7, samples_seen=112, data_streams=2, skipped_images=3, empty_batches=4, lr=0.1)
     restored = RunState()
-    restored.load_state_dict({**state.state_dict(), "model": {}})
-    expected = {"step": 7, "samples_seen": 112, "data_streams": 2, "skipped_images": 3}
-    assert restored.state_dict() == state.state_dict() == expected
+    restored.load(state.step, TrainingState(optimizer={}, scheduler={}, rng={}, **state.state_dict()))
+    expected = {"samples_seen": 112, "data_streams": 2, "skipped_images": 3}
+    assert restored.step == 7 and restored.state_dict() == state.state_dict() == expected
     assert restored.empty_batches == 0, "a resumed run starts with no empty batches behind it"
     older = RunState(data_streams=2)
-    older.load_state_dict({"step": 1, "samples_seen": 16})  # a checkpoint from before the skipped count was saved
+    # a checkpoint from before the shard layout and the skipped count were saved
+    older.load(1, TrainingState(optimizer={}, scheduler={}, rng={}, samples_seen=16))
     assert (older.data_streams, older.skipped_images) == (2, 0)
 
 
@@ -57,7 +62,7 @@ def test_log_window_sums_on_the_device_and_restarts() -> None:
 def test_every_checkpoint_carries_the_run_state(shapes_manifest: Path, tmp_path: Path) -> None:
     result = train(tiny_config(shapes_manifest, tmp_path / "run", train={"steps": 2, "batch_size": 8}))
     saved = read_checkpoint(result.checkpoint)
-    assert {key: saved[key] for key in RunState().state_dict()} == {
+    assert {"step": saved.step, **{key: getattr(saved.training, key) for key in RunState().state_dict()}} == {
         "step": 2,
         "samples_seen": 16,
         "data_streams": 1,

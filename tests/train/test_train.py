@@ -5,12 +5,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from clipforge.checkpoint import load_checkpoint, read_checkpoint
+from clipforge.checkpoint import read_checkpoint
 from clipforge.cli import main
 from clipforge.config import ConfigError
 from clipforge.data.manifest import ManifestSource
 from clipforge.eval.features import encode_source_images, encode_texts
 from clipforge.eval.retrieval import retrieval_metrics
+from clipforge.interop.load import load_checkpoint
 from clipforge.train.loop import train
 from clipforge.train.run_log import read_metrics
 from tests.conftest import tiny_config
@@ -19,13 +20,13 @@ from tests.conftest import tiny_config
 def in_sample_retrieval(checkpoint: Path, manifest: Path) -> dict[str, float]:
     loaded = load_checkpoint(checkpoint)
     source = ManifestSource(manifest)
-    images = encode_source_images(loaded.model, source, loaded.config.model.image)
+    images = encode_source_images(loaded.model, source, loaded.processor)
     captions, owners = [], []
     for row, index in enumerate(images.indices):
         for caption in source.captions(int(index)):
             captions.append(caption)
             owners.append(row)
-    texts = encode_texts(loaded.model, loaded.tokenizer, captions, loaded.config.model.text.context_length)
+    texts = encode_texts(loaded.model, loaded.processor, captions)
     return retrieval_metrics(images.features, texts, torch.tensor(owners))
 
 
@@ -66,30 +67,28 @@ def test_resume_mid_epoch_equals_uninterrupted_run(shapes_manifest: Path, tmp_pa
     # batch 10 over 24 images: step 5 stops mid-epoch; the continuation reads with 2 worker processes
     common = {"steps": 10, "batch_size": 10, "checkpoint_every": 5, "keep_checkpoints": 3}
     full = train(tiny_config(shapes_manifest, tmp_path / "run", train=common))
-    uninterrupted = read_checkpoint(full.checkpoint)["model"]
+    uninterrupted = read_checkpoint(full.checkpoint).weights
     at_step_5 = read_checkpoint(tmp_path / "run" / "step_5.pt")
-    assert at_step_5["step"] == 5 and at_step_5["samples_seen"] == 50
+    assert at_step_5.step == 5 and at_step_5.training.samples_seen == 50
 
     resumed = train(
         tiny_config(shapes_manifest, tmp_path / "run", train=common, data={"num_workers": 2}),
         resume=tmp_path / "run" / "step_5.pt",
     )
     assert resumed.step == 10
-    continued = read_checkpoint(resumed.checkpoint)["model"]
+    continued = read_checkpoint(resumed.checkpoint).weights
     for key, value in uninterrupted.items():
         assert torch.allclose(value, continued[key], atol=1e-6), key
-    assert any(not torch.equal(v, at_step_5["model"][k]) for k, v in uninterrupted.items())
+    assert any(not torch.equal(v, at_step_5.weights[k]) for k, v in uninterrupted.items())
     steps = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
     assert steps == [5, 10], "a resumed run replaces the records after its resume point"
 
 
 def test_gradcache_step_equals_full_batch_step(shapes_manifest: Path, tmp_path: Path) -> None:
-    from clipforge.checkpoint import build_model
     from clipforge.data.samples import Collator
     from clipforge.data.tokenize import build_tokenizer
-    from clipforge.data.transforms import build_image_transform
     from clipforge.losses import build_loss
-    from clipforge.model import resolve_image_preprocess
+    from clipforge.model.factory import build_model, make_processor
     from clipforge.runtime import autocast_context
     from clipforge.train.gradcache import backward_step
 
@@ -113,8 +112,9 @@ def test_gradcache_step_equals_full_batch_step(shapes_manifest: Path, tmp_path: 
         source = ManifestSource(shapes_manifest)
         captions = [c for i in range(len(source)) for c in source.captions(i)]
         tokenizer = build_tokenizer(config.model.text.tokenizer, "", captions)
-        transform = build_image_transform(resolve_image_preprocess(config.model.image))
-        batch = Collator(tokenizer, 16)([(transform(source.load_image(i)), source.captions(i)[0]) for i in range(16)])
+        processor = make_processor(config.model, tokenizer)
+        transform = processor.image_transform()
+        batch = Collator(processor)([(transform(source.load_image(i)), source.captions(i)[0]) for i in range(16)])
         gradients = []
         for steps in (1, 4):
             torch.manual_seed(0)
@@ -172,7 +172,7 @@ def test_bf16_autocast_trains_with_float32_master_weights(shapes_manifest: Path,
     result = train(tiny_config(shapes_manifest, tmp_path / "run", train={"steps": 20, "precision": "bf16"}))
     losses = [r["loss"] for r in read_metrics(result.output_dir / "metrics.jsonl")]
     assert all(loss == loss for loss in losses) and losses[-1] < losses[0]
-    weights = read_checkpoint(result.checkpoint)["model"]
+    weights = read_checkpoint(result.checkpoint).weights
     assert all(value.dtype == torch.float32 for value in weights.values() if value.is_floating_point())
 
 

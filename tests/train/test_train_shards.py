@@ -21,12 +21,12 @@ def test_resume_on_shards_equals_uninterrupted_run(tmp_path: Path) -> None:
     full = train(config(2))  # two loader workers: two streams of 12 samples an epoch; the first ends in step 3
     uninterrupted = read_checkpoint(full.checkpoint)
     at_step_3 = read_checkpoint(tmp_path / "run" / "step_3.pt")
-    assert at_step_3["samples_seen"] == 24 and at_step_3["data_streams"] == 2
+    assert at_step_3.training.samples_seen == 24 and at_step_3.training.data_streams == 2
     assert full.history[-1]["skipped_images"] == 0
 
     resumed = train(config(0), resume=tmp_path / "run" / "step_3.pt")  # no workers: the two streams are kept
-    assert resumed.step == 6 and read_checkpoint(resumed.checkpoint)["data_streams"] == 2
-    continued = read_checkpoint(resumed.checkpoint)["model"]
-    for key, value in uninterrupted["model"].items():
+    assert resumed.step == 6 and read_checkpoint(resumed.checkpoint).training.data_streams == 2
+    continued = read_checkpoint(resumed.checkpoint).weights
+    for key, value in uninterrupted.weights.items():
         assert torch.allclose(value, continued[key], atol=1e-6), key
-    assert any(not torch.equal(v, at_step_3["model"][k]) for k, v in uninterrupted["model"].items())
+    assert any(not torch.equal(v, at_step_3.weights[k]) for k, v in uninterrupted.weights.items())

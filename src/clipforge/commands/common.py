@@ -25,10 +25,13 @@ from clipforge.io import OutputError, OutputExistsError, check_output, shorten
 from clipforge.packaged import MissingPackageError
 
 if TYPE_CHECKING:
-    from clipforge.checkpoint import LoadedCheckpoint
+    from clipforge.model.factory import LoadedModel
 
 DEVICE_HELP = "auto | cpu | cuda | cuda:N"
-CHECKPOINT_HELP = "a run's last.pt, best.pt or step_<N>.pt (or a checkpoint written by clipforge import)"
+CHECKPOINT_HELP = (
+    "the model: a run's last.pt, best.pt or step_<N>.pt, a checkpoint written by clipforge import, or weights to "
+    "import on the fly (hf:FOLDER, open_clip:CONFIG.json:WEIGHTS)"
+)
 OVERWRITE_HELP = "replace output files that exist already (an input of the command is never replaced)"
 
 # what a user's mistake raises anywhere below the command line; each is printed as one line, exit code 2
@@ -174,9 +177,10 @@ def user_errors(what: str) -> Iterator[None]:
         raise ConfigError(f"{what}: {error}") from error
 
 
-def load_model(checkpoint: str | os.PathLike, device: str = "auto") -> LoadedCheckpoint:
-    """The checkpoint's model (eval mode) on ``device`` (``auto``: CUDA when there is one)."""
-    from clipforge.checkpoint import load_checkpoint
+def load_model(checkpoint: str | os.PathLike, device: str = "auto") -> LoadedModel:
+    """The model ``checkpoint`` names (any weights spec: a checkpoint, ``hf:``, ``open_clip:``), in eval mode on
+    ``device`` (``auto``: CUDA when there is one), with its processor."""
+    from clipforge.interop.load import from_pretrained
     from clipforge.runtime import resolve_device
 
-    return load_checkpoint(checkpoint, resolve_device(device, "--device"))
+    return from_pretrained(checkpoint, resolve_device(device, "--device"))

@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-from clipforge.checkpoint import load_checkpoint
 from clipforge.commands.common import CHECKPOINT_HELP, DEVICE_HELP, add_input, add_output, check_picture_path
 from clipforge.commands.data_spec import parse_data_spec
 from clipforge.config import ConfigError, DataConfig
@@ -31,6 +30,7 @@ from clipforge.eval.runner import (
     write_results_json,
 )
 from clipforge.eval.templates import get_templates
+from clipforge.interop.load import from_pretrained
 from clipforge.io import check_output
 from clipforge.runtime import inference_autocast, resolve_device
 from clipforge.viz import plot_confusion_matrix
@@ -123,7 +123,7 @@ def run_eval(
     if batch_size < 1:
         raise ConfigError(f"--batch-size={batch_size} must be positive")
     torch_device = resolve_device(device, "--device")
-    loaded = load_checkpoint(checkpoint, torch_device)
+    loaded = from_pretrained(checkpoint, torch_device)
     try:
         source = open_eval_source(data_config)
     except (ValueError, FileNotFoundError) as error:
@@ -135,8 +135,7 @@ def run_eval(
             names, templates_list = _zeroshot_inputs(source, data_config, templates, classnames, dataset)
             result = evaluate_zeroshot(
                 loaded.model,
-                loaded.tokenizer,
-                loaded.config,
+                loaded.processor,
                 source,
                 names,
                 templates_list,
@@ -146,7 +145,7 @@ def run_eval(
             )
         else:
             result = evaluate_retrieval(
-                loaded.model, loaded.tokenizer, loaded.config, source, batch_size, autocast, data_config.num_workers
+                loaded.model, loaded.processor, source, batch_size, autocast, data_config.num_workers
             )
     except ConfigError:
         raise

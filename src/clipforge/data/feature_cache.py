@@ -22,7 +22,7 @@ import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -30,8 +30,10 @@ from torch.utils.data import Dataset
 
 from clipforge.data.base import ImageLoadError, ImageTextSource
 from clipforge.data.samples import Batch, SkippedSample, caption_choice, prepare_sample
-from clipforge.data.tokenize import Tokenizer
 from clipforge.io import atomic_write_json
+
+if TYPE_CHECKING:
+    from clipforge.data.processor import Processor
 
 FORMAT_VERSION = 1
 FEATURES_FILE = "features.npy"
@@ -236,9 +238,8 @@ class CachedCollator:
     """Stacks what :class:`CachedFeatureDataset` gives into a :class:`Batch`: cached features into
     ``image_features`` / ``text_features``, pixels into ``images``, captions tokenized as ``Collator`` does."""
 
-    def __init__(self, tokenizer: Tokenizer, context_length: int, image_cached: bool, text_cached: bool) -> None:
-        self.tokenizer = tokenizer
-        self.context_length = context_length
+    def __init__(self, processor: Processor, image_cached: bool, text_cached: bool) -> None:
+        self.processor = processor
         self.image_cached = image_cached
         self.text_cached = text_cached
 
@@ -256,5 +257,6 @@ class CachedCollator:
         if self.text_cached:
             batch.text_features = torch.stack([text for _, text in good])
         else:
-            batch.input_ids, batch.attention_mask = self.tokenizer([text for _, text in good], self.context_length)
+            tokens = self.processor.text([text for _, text in good])
+            batch.input_ids, batch.attention_mask = tokens["input_ids"], tokens["attention_mask"]
         return batch

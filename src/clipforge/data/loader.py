@@ -93,12 +93,13 @@ def build_train_loader(
         # tokenization runs in the forked workers; the tokenizers library's own thread pool would
         # otherwise warn on every fork and can deadlock after it
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    dataset: Dataset = ImageTextDataset(source, spec.transform, spec.caption_sampling)
-    collate: Callable = Collator(spec.tokenizer, spec.context_length)
+    transform = spec.transform
+    dataset: Dataset = ImageTextDataset(source, transform, spec.caption_sampling)
+    collate: Callable = Collator(spec.processor)
     if cached_features is not None:
-        dataset = CachedFeatureDataset(source, spec.transform, cached_features, spec.caption_sampling)
+        dataset = CachedFeatureDataset(source, transform, cached_features, spec.caption_sampling)
         image_cached, text_cached = cached_features.image_views is not None, cached_features.text is not None
-        collate = CachedCollator(spec.tokenizer, spec.context_length, image_cached, text_cached)
+        collate = CachedCollator(spec.processor, image_cached, text_cached)
     return DataLoader(
         dataset,
         batch_size=spec.batch_size,

@@ -5,27 +5,22 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from clipforge.config import AugmentConfig
+from clipforge.data.processor import Processor
 from clipforge.data.samples import CAPTION_SAMPLING
-from clipforge.data.tokenize import Tokenizer
 
 
 @dataclass(frozen=True)
 class LoaderSpec:
-    """How to turn a source into training batches (see :func:`clipforge.data.loader.build_train_loader`).
+    """How to turn a source into training batches (see :func:`clipforge.data.loader.build_train_loader`)."""
 
-    The field order is the old positional order of ``build_train_loader``, so ``LoaderSpec(transform,
-    tokenizer, context_length, batch_size, seed)`` reads as the call it replaces.
-    """
+    processor: Processor
+    """The model's processor: the training image transform (its preprocessing with ``augment``; the transform draws
+    its randomness from torch's global RNG, and each sample runs it under its own seed) and the tokenizer with its
+    context length, run in the loader workers."""
 
-    transform: Callable
-    """The training image transform: a PIL image -> a (3, H, W) tensor, drawing its randomness from torch's
-    global RNG (each sample runs it under its own seed)."""
-
-    tokenizer: Tokenizer
-    """Turns a batch's captions into ``input_ids`` and ``attention_mask`` in the loader workers."""
-
-    context_length: int
-    """The most tokens a caption keeps (the text tower's context)."""
+    augment: AugmentConfig | None
+    """The training augmentation (``data.augment``); None: the evaluation transform."""
 
     batch_size: int
     """Pairs per batch on this rank (the run's batch divided by the world size)."""
@@ -69,3 +64,8 @@ class LoaderSpec:
             )
         if self.streams is not None and self.streams < 1:
             raise ValueError(f"streams={self.streams} must be positive (or None: one per loader worker)")
+
+    @property
+    def transform(self) -> Callable:
+        """The image transform of this loader (:attr:`processor`'s, with :attr:`augment`)."""
+        return self.processor.image_transform(self.augment)

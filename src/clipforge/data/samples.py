@@ -10,13 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 
-from clipforge.data.tokenize import Tokenizer
+if TYPE_CHECKING:
+    from clipforge.data.processor import Processor
+
 
 MASK63 = (1 << 63) - 1
 
@@ -133,11 +135,10 @@ class Batch:
 
 
 class Collator:
-    """Stacks images and tokenizes captions in the loader worker, padding to the batch's longest."""
+    """Stacks images and tokenizes captions (the model's processor) in the loader worker."""
 
-    def __init__(self, tokenizer: Tokenizer, context_length: int) -> None:
-        self.tokenizer = tokenizer
-        self.context_length = context_length
+    def __init__(self, processor: Processor) -> None:
+        self.processor = processor
 
     def __call__(self, samples: Sequence[tuple[torch.Tensor, str] | SkippedSample]) -> Batch:
         skipped = [s for s in samples if isinstance(s, SkippedSample)]
@@ -148,5 +149,5 @@ class Collator:
                 torch.empty(0), torch.empty(0, 0, dtype=torch.long), torch.empty(0, 0, dtype=torch.long), skipped
             )
         images = torch.stack([pixels for pixels, _ in good])
-        input_ids, attention_mask = self.tokenizer([caption for _, caption in good], self.context_length)
-        return Batch(images, input_ids, attention_mask, skipped)
+        tokens = self.processor.text([caption for _, caption in good])
+        return Batch(images, tokens["input_ids"], tokens["attention_mask"], skipped)

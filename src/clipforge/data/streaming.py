@@ -234,7 +234,7 @@ def build_shard_loader(source: ShardSource, spec: LoaderSpec) -> DataLoader:
         stream,
         batch_size=None,  # the stream yields whole batches: it must choose which slot each one comes from
         num_workers=workers,
-        collate_fn=Collator(spec.tokenizer, spec.context_length),
+        collate_fn=Collator(spec.processor),
         pin_memory=spec.pin_memory,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,

@@ -22,10 +22,9 @@ from torch.utils.data import DataLoader
 
 from clipforge.data.base import DataError, ImageTextSource
 from clipforge.data.loader import ImageTextDataset
+from clipforge.data.processor import Processor
 from clipforge.data.samples import SkippedSample
-from clipforge.data.tokenize import Tokenizer
-from clipforge.data.transforms import build_image_transform
-from clipforge.model import CLIPModel, resolve_image_preprocess
+from clipforge.model import CLIPModel
 from clipforge.runtime import forward_in_cpu_chunks, usable_workers
 
 
@@ -97,21 +96,20 @@ def _tower_images(loader: DataLoader, device: torch.device, tower, autocast, tot
 def encode_source_images(
     model: CLIPModel,
     source: ImageTextSource,
-    image_config,
+    processor: Processor,
     batch_size: int = 256,
     num_workers: int = 0,
     autocast: contextlib.AbstractContextManager | None = None,
     memo: LockedTowerMemo | None = None,
 ) -> ImageFeatures:
-    """Embed every image of ``source`` with the evaluation transform of ``image_config``.
+    """Embed every image of ``source`` with ``processor``'s evaluation transform.
 
     ``memo``: with a locked image tower, its outputs for this source are computed once and kept there; later
     calls only run the head (the same embeddings as a full pass, up to float rounding).
     """
-    preprocess = resolve_image_preprocess(image_config)
-    transform = build_image_transform(preprocess, augment=None)
+    preprocess = processor.preprocess
     loader = DataLoader(
-        _Indexed(ImageTextDataset(source, transform)),
+        _Indexed(ImageTextDataset(source, processor.image_transform())),
         batch_size=batch_size,
         num_workers=usable_workers(num_workers),
         collate_fn=_collate_eval,
@@ -133,9 +131,8 @@ def encode_source_images(
 @torch.inference_mode()
 def encode_texts(
     model: CLIPModel,
-    tokenizer: Tokenizer,
+    processor: Processor,
     texts: Sequence[str],
-    context_length: int,
     batch_size: int = 512,
     autocast: contextlib.AbstractContextManager | None = None,
     memo: LockedTowerMemo | None = None,
@@ -156,17 +153,13 @@ def encode_texts(
     device = _model_device(model)
     if memo is not None and model.text_locked:
         missing = [text for text in unique_texts if text not in memo.texts]
-        towered = encode_text_batches(
-            model.text_tower, tokenizer, missing, context_length, batch_size, device, autocast
-        )
+        towered = encode_text_batches(model.text_tower, processor, missing, batch_size, device, autocast)
         memo.texts.update(zip(missing, towered, strict=True))
         with autocast or contextlib.nullcontext():
             kept = torch.stack([memo.texts[text] for text in unique_texts]).to(device)
             features = model.project_text(kept).float()
     else:
-        features = encode_text_batches(
-            model.encode_text, tokenizer, unique_texts, context_length, batch_size, device, autocast
-        )
+        features = encode_text_batches(model.encode_text, processor, unique_texts, batch_size, device, autocast)
     # features: (num distinct texts, D)
     if len(unique_texts) == len(positions):
         return features
@@ -179,9 +172,8 @@ SORT_WINDOW = 8192
 
 def encode_text_batches(
     encode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    tokenizer: Tokenizer,
+    processor: Processor,
     texts: Sequence[str],
-    context_length: int,
     batch_size: int,
     device: torch.device | str = "cpu",
     autocast: contextlib.AbstractContextManager | None = None,
@@ -195,20 +187,21 @@ def encode_text_batches(
     longest one; on the demo's 12,798 training captions (mean 7.6 tokens, longest 32) sorting cuts the padded
     tokens 2.9x and the text tower's time more (its attention grows with the square of the length). A batch is
     the window's rows cut to the batch's longest, which is what tokenizing the batch alone gives (right padding,
-    ``Tokenizer.__call__``); with ``max_length`` padding every batch keeps ``context_length``. A row's value does
+    ``Tokenizer.__call__``); with ``max_length`` padding every batch keeps the context length. A row's value does
     not depend on its neighbours beyond float rounding: padding is masked out.
     """
     if not texts:
         return torch.empty(0, 0)
     parts, orders = [], []
     for window_start in range(0, len(texts), SORT_WINDOW):
-        input_ids, attention_mask = tokenizer(list(texts[window_start : window_start + SORT_WINDOW]), context_length)
+        tokens = processor.text(list(texts[window_start : window_start + SORT_WINDOW]))
+        input_ids, attention_mask = tokens["input_ids"], tokens["attention_mask"]
         lengths = attention_mask.sum(dim=1)
         order = torch.argsort(lengths, stable=True)
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
             longest = max(1, int(lengths[rows].max()))  # a tokenizer pads an all-empty batch to one position
-            width = input_ids.shape[1] if tokenizer.padding == "max_length" else longest
+            width = input_ids.shape[1] if processor.tokenizer.padding == "max_length" else longest
             with autocast or contextlib.nullcontext():
                 batch = encode(input_ids[rows, :width].to(device), attention_mask[rows, :width].to(device))
             parts.append(batch.float())

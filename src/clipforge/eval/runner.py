@@ -20,12 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from clipforge.config import DATA_KINDS, Config, DataConfig
+from clipforge.config import DATA_KINDS, DataConfig
 from clipforge.data.base import DataError, ImageTextSource
 from clipforge.data.files import classnames_for
+from clipforge.data.processor import Processor
 from clipforge.data.samples import SkippedSample
 from clipforge.data.sources import build_source
-from clipforge.data.tokenize import Tokenizer
 from clipforge.eval.features import LockedTowerMemo, encode_source_images, encode_texts
 from clipforge.eval.retrieval import retrieval_metrics
 from clipforge.eval.templates import get_templates
@@ -152,8 +152,7 @@ def classnames_from_file(source: ImageTextSource, spec: str, kind: str) -> list[
 
 def zeroshot_classifier(
     model: CLIPModel,
-    tokenizer: Tokenizer,
-    config: Config,
+    processor: Processor,
     classnames: Sequence[str],
     templates: str | Sequence[str] = "simple",
     batch_size: int = 256,
@@ -163,10 +162,9 @@ def zeroshot_classifier(
     """(C, D) unit-norm class weights: the normalized mean of the normalized prompt embeddings of each class
     (see ``build_zeroshot_classifier``); ``templates`` is any spec ``get_templates`` accepts; ``memo`` keeps a
     locked text tower's outputs across calls (``encode_texts``)."""
-    context_length = config.model.text.context_length
 
     def encode(texts: list[str]) -> torch.Tensor:
-        return encode_texts(model, tokenizer, texts, context_length, batch_size, autocast, memo)
+        return encode_texts(model, processor, texts, batch_size, autocast, memo)
 
     return build_zeroshot_classifier(encode, list(classnames), get_templates(templates), batch_size)
 
@@ -174,8 +172,7 @@ def zeroshot_classifier(
 @torch.inference_mode()
 def evaluate_zeroshot(
     model: CLIPModel,
-    tokenizer: Tokenizer,
-    config: Config,
+    processor: Processor,
     source: ImageTextSource,
     classnames: Sequence[str] | None = None,
     templates: str | Sequence[str] = "simple",
@@ -192,7 +189,7 @@ def evaluate_zeroshot(
     ``mean_per_class_recall``; the confusion matrix is kept on the result.
 
     Args:
-        config: the checkpoint's config: the image transform and the text context length come from it.
+        processor: the model's processor: the image transform and the tokenizer with its context length.
         classnames: names in label order; None = the source's own ``classnames``.
         templates: a named set, one template, a list, or a JSON file (``get_templates``).
         classifier: (C, D) weights already built for these classes and templates (the trainer's per-step
@@ -201,8 +198,8 @@ def evaluate_zeroshot(
     """
     labels, names = classification_targets(source, classnames)
     if classifier is None:
-        classifier = zeroshot_classifier(model, tokenizer, config, names, templates, batch_size, autocast, memo)
-    images = encode_source_images(model, source, config.model.image, batch_size, num_workers, autocast, memo)
+        classifier = zeroshot_classifier(model, processor, names, templates, batch_size, autocast, memo)
+    images = encode_source_images(model, source, processor, batch_size, num_workers, autocast, memo)
     measured = zeroshot_metrics(images.features, classifier, torch.as_tensor(labels[images.indices]), ZEROSHOT_KS)
     confusion = measured.pop("confusion_matrix")
     return EvalResult(
@@ -222,8 +219,7 @@ def evaluate_zeroshot(
 @torch.inference_mode()
 def evaluate_retrieval(
     model: CLIPModel,
-    tokenizer: Tokenizer,
-    config: Config,
+    processor: Processor,
     source: ImageTextSource,
     batch_size: int = 256,
     autocast: Autocast = None,
@@ -244,7 +240,7 @@ def evaluate_retrieval(
     resolved by the pessimistic rule, and the metrics do not depend on ``batch_size``. ``memo``: see
     ``evaluate_zeroshot``.
     """
-    images = encode_source_images(model, source, config.model.image, batch_size, num_workers, autocast, memo)
+    images = encode_source_images(model, source, processor, batch_size, num_workers, autocast, memo)
     captions: list[str] = []
     text_to_image: list[int] = []
     for row, index in enumerate(images.indices):
@@ -253,9 +249,7 @@ def evaluate_retrieval(
         text_to_image.extend([row] * len(owned))
     unreadable = np.setdiff1d(np.arange(len(source)), images.indices)
     skipped_captions = sum(len(source.captions(int(index))) for index in unreadable)
-    text_features = encode_texts(
-        model, tokenizer, captions, config.model.text.context_length, batch_size, autocast, memo
-    )  # (N_txt, D)
+    text_features = encode_texts(model, processor, captions, batch_size, autocast, memo)  # (N_txt, D)
     owners = torch.as_tensor(text_to_image, dtype=torch.long)
     metrics = retrieval_metrics(images.features, text_features, owners, ks=ks)
     return EvalResult(

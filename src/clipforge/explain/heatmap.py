@@ -21,13 +21,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from clipforge.checkpoint import LoadedCheckpoint
 from clipforge.data.base import decode_image
-from clipforge.data.transforms import ImagePreprocess, build_image_transform, eval_view_box
+from clipforge.data.transforms import ImagePreprocess, eval_view_box
 from clipforge.eval.features import encode_texts
 from clipforge.explain.gradcam import gradcam_maps
 from clipforge.explain.rollout import has_patch_attention, rollout_maps, text_conditioned_maps
-from clipforge.model import resolve_image_preprocess
+from clipforge.model.factory import LoadedModel
 
 METHODS = ("auto", "attention-gradient", "rollout", "gradcam")
 
@@ -43,7 +42,7 @@ class Explanation:
     similarity: float
 
 
-def resolve_method(loaded: LoadedCheckpoint, method: str = "auto") -> str:
+def resolve_method(loaded: LoadedModel, method: str = "auto") -> str:
     """``auto`` -> the method the image tower allows; an explicit method is checked against the tower."""
     if method not in METHODS:
         raise ValueError(f"method={method!r}: choose one of {list(METHODS)}")
@@ -76,7 +75,7 @@ def _scale(maps: torch.Tensor) -> torch.Tensor:
 
 
 def explain(
-    loaded: LoadedCheckpoint,
+    loaded: LoadedModel,
     images: Sequence[str | os.PathLike | Image.Image],
     texts: Sequence[str],
     method: str = "auto",
@@ -86,12 +85,11 @@ def explain(
         raise ValueError("explain needs at least one image and one text")
     method = resolve_method(loaded, method)
     model = loaded.model
-    preprocess = resolve_image_preprocess(loaded.config.model.image)
-    transform = build_image_transform(preprocess)
+    processor = loaded.processor
     originals = [image if isinstance(image, Image.Image) else decode_image(image) for image in images]
     device = next(model.parameters()).device
-    pixels = torch.stack([transform(image) for image in originals]).to(device)
-    text_features = encode_texts(model, loaded.tokenizer, list(texts), loaded.config.model.text.context_length)
+    pixels = processor.images(originals).to(device)
+    text_features = encode_texts(model, processor, list(texts))
     if method == "gradcam":
         maps = gradcam_maps(model, pixels, text_features)
     elif method == "attention-gradient":
@@ -104,7 +102,9 @@ def explain(
         similarities = (model.encode_image(pixels).float() @ text_features.T).cpu()  # (B, N_text) cosine
     return [
         [
-            Explanation(model_view(original, preprocess), text, maps[i, t].numpy(), method, float(similarities[i, t]))
+            Explanation(
+                model_view(original, processor.preprocess), text, maps[i, t].numpy(), method, float(similarities[i, t])
+            )
             for t, text in enumerate(texts)
         ]
         for i, original in enumerate(originals)

@@ -15,7 +15,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from clipforge.checkpoint import CheckpointError
+from clipforge.config import CheckpointError
 from clipforge.data.tokenize import HFTokenizer, quiet_transformers
 
 MERGES_FILE = "bpe_simple_vocab_16e6.txt.gz"

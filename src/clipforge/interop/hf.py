@@ -25,8 +25,7 @@ from typing import Any
 
 import torch
 
-from clipforge.checkpoint import CheckpointError, LoadedCheckpoint
-from clipforge.config import Config, ConfigError, config_from_dict
+from clipforge.config import CheckpointError, Config, ConfigError, config_from_dict
 from clipforge.data.tokenize import (
     TOKENIZER_FILES,
     HFTokenizer,
@@ -34,7 +33,9 @@ from clipforge.data.tokenize import (
     looks_like_path,
     quiet_transformers,
 )
-from clipforge.interop.keymaps import convert, hf_rules, load_converted
+from clipforge.interop.keymaps import convert, hf_rules
+from clipforge.interop.resolved import Resolved
+from clipforge.model.factory import make_processor
 from clipforge.model.vision import CLIP_MEAN, CLIP_STD
 
 logger = logging.getLogger("clipforge")
@@ -310,8 +311,9 @@ def read_hf_tokenizer(folder: Path, padding: str, where: str) -> HFTokenizer:
         ) from error
 
 
-def import_hf(location: str) -> LoadedCheckpoint:
-    """A Hugging Face CLIP or SigLIP model (folder or hub id) as a clipforge model, tokenizer and config."""
+def import_hf(location: str) -> Resolved:
+    """A Hugging Face CLIP or SigLIP model (folder or hub id) as a clipforge config, weights (clipforge's names)
+    and processor (its tokenizer and its image processor's rule)."""
     where = f"hf:{location}"
     folder = resolve_folder(location)
     model_type, hf_config = read_hf_config(folder, where)
@@ -321,5 +323,4 @@ def import_hf(location: str) -> LoadedCheckpoint:
     state = read_hf_weights(folder, where)
     ignored = [key for key in state if key.endswith(IGNORED_SUFFIXES)]
     converted = convert(state, hf_rules(config.model, model_type), ignored, where)
-    model = load_converted(config, tokenizer, converted, where)
-    return LoadedCheckpoint(model, tokenizer, config, 0)
+    return Resolved(config, converted, make_processor(config.model, tokenizer), where)

@@ -43,14 +43,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from clipforge.checkpoint import CheckpointError, LoadedCheckpoint
-from clipforge.config import BUILTIN_VIT_IMAGE_SIZE, ModelConfig
+from clipforge.config import BUILTIN_VIT_IMAGE_SIZE, CheckpointError, ModelConfig
 from clipforge.data.tokenize import BpeTokenizer, Tokenizer, quiet_transformers
 from clipforge.data.transforms import ImagePreprocess
 from clipforge.interop.hf import CLIP_LEGACY_EOS_ID, HF_ACTIVATIONS, PIL_RESAMPLE
 from clipforge.interop.keymaps import hf_rules, invert
 from clipforge.io import LOCK_NAME, staged_folder
-from clipforge.model import resolve_image_preprocess
+from clipforge.model.factory import LoadedModel
 from clipforge.model.text import resolve_pooling
 
 logger = logging.getLogger("clipforge")
@@ -152,9 +151,10 @@ def canonical_state(
     return model, state
 
 
-def _end_of_text_id(loaded: LoadedCheckpoint) -> int:
+def _end_of_text_id(loaded: LoadedModel) -> int:
     """The one id every caption of the check batch ends with (its last real token), or a refusal."""
-    ids, mask = loaded.tokenizer(CHECK_CAPTIONS, loaded.config.model.text.context_length)
+    tokens = loaded.processor.text(CHECK_CAPTIONS)
+    ids, mask = tokens["input_ids"], tokens["attention_mask"]
     last = ids[torch.arange(len(ids)), mask.sum(dim=1) - 1]
     end = int(last[0])
     if (last != end).any() or ((ids == end) & (mask == 1)).sum(dim=1).ne(1).any():
@@ -165,7 +165,7 @@ def _end_of_text_id(loaded: LoadedCheckpoint) -> int:
     return end
 
 
-def text_pooling_ids(loaded: LoadedCheckpoint, family: str) -> tuple[int | None, tuple[int, int] | None]:
+def text_pooling_ids(loaded: LoadedModel, family: str) -> tuple[int | None, tuple[int, int] | None]:
     """``(the eos_token_id to write, the id swap that makes it possible or None)`` (module docstring)."""
     text = loaded.config.model.text
     if family == "siglip":
@@ -275,7 +275,7 @@ def _check_folder(folder: Path) -> None:
         raise FileExistsError(f"{folder} exists and is not an empty folder; choose another --out or remove it first")
 
 
-def _write(loaded: LoadedCheckpoint, scratch: Path) -> tuple[str, Tokenizer]:
+def _write(loaded: LoadedModel, scratch: Path) -> tuple[str, Tokenizer]:
     """Write the model, tokenizer and image processor into ``scratch``; returns the family and the tokenizer
     as exported (renumbered or not)."""
     config = loaded.config.model
@@ -283,28 +283,28 @@ def _write(loaded: LoadedCheckpoint, scratch: Path) -> tuple[str, Tokenizer]:
     family = hf_family(config, loaded.model.logit_bias is not None)
     canonical, state = canonical_state(config, state, family)
     eos, swap = text_pooling_ids(loaded, family)
-    tokenizer = loaded.tokenizer
+    processor = loaded.processor
     if swap is not None:
-        tokenizer = tokenizer.with_swapped_ids(*swap)
+        processor = processor.with_tokenizer(processor.tokenizer.with_swapped_ids(*swap))
         rows = "text_tower.token_embedding.weight"
         state[rows] = _swap_rows(state[rows], swap)
     vocab_rows = state["text_tower.token_embedding.weight"].shape[0]
-    hf_model_config = hf_config(canonical, family, tokenizer, vocab_rows, eos, float(state["logit_scale"]))
+    hf_model_config = hf_config(canonical, family, processor.tokenizer, vocab_rows, eos, float(state["logit_scale"]))
     with quiet_transformers():
         hf_model = _model_class(family)(hf_model_config)
         hf_model.load_state_dict(invert(state, hf_rules(canonical, family)), strict=True)
         hf_model.save_pretrained(str(scratch))
-        tokenizer.save_pretrained(scratch, model_max_length=config.text.context_length)
-        image_processor(resolve_image_preprocess(config.image)).save_pretrained(str(scratch))
-    return family, tokenizer
+        processor.save_pretrained(scratch)
+        image_processor(processor.preprocess).save_pretrained(str(scratch))
+    return family, processor.tokenizer
 
 
-def _max_difference(loaded: LoadedCheckpoint, scratch: Path, family: str) -> float:
+def _max_difference(loaded: LoadedModel, scratch: Path, family: str) -> float:
     """The largest difference of embeddings and logits, transformers (reloaded from ``scratch``) vs clipforge."""
     from transformers import AutoTokenizer
 
-    context_length = loaded.config.model.text.context_length
-    size = loaded.config.model.image.image_size or BUILTIN_VIT_IMAGE_SIZE
+    context_length = loaded.processor.context_length
+    size = loaded.processor.image_size
     pixels = torch.randn(len(CHECK_CAPTIONS), 3, size, size, generator=torch.Generator().manual_seed(0))
     with quiet_transformers():
         hf_model = _model_class(family).from_pretrained(str(scratch)).eval()
@@ -313,7 +313,8 @@ def _max_difference(loaded: LoadedCheckpoint, scratch: Path, family: str) -> flo
     encoded = hf_tokenizer(
         CHECK_CAPTIONS, padding=padding, truncation=True, max_length=context_length, return_tensors="pt"
     )
-    ids, mask = loaded.tokenizer(CHECK_CAPTIONS, context_length)
+    tokens = loaded.processor.text(CHECK_CAPTIONS)
+    ids, mask = tokens["input_ids"], tokens["attention_mask"]
     # SigLIP was trained without a padding mask, and clipforge computes it so; transformers masks when given one
     text_inputs = {"input_ids": encoded["input_ids"]}
     if family == "clip":
@@ -331,7 +332,7 @@ def _max_difference(loaded: LoadedCheckpoint, scratch: Path, family: str) -> flo
     return float(max(differences))
 
 
-def export_hf(loaded: LoadedCheckpoint, out_dir: str | Path, atol: float = 1e-4) -> HFExport:
+def export_hf(loaded: LoadedModel, out_dir: str | Path, atol: float = 1e-4) -> HFExport:
     """Write ``loaded`` as a Hugging Face folder (module docstring); ``out_dir`` must be new or empty.
 
     Raises CheckpointError for a model without a Hugging Face counterpart or when transformers' outputs differ
@@ -347,6 +348,6 @@ def export_hf(loaded: LoadedCheckpoint, out_dir: str | Path, atol: float = 1e-4)
                 f"the exported {family} model differs from clipforge's by {difference:.2e} (> {atol}): the "
                 f"export is not faithful for this model, so nothing was written; {ONNX_HINT}"
             )
-    for note in processor_differences(resolve_image_preprocess(loaded.config.model.image)):
+    for note in processor_differences(loaded.processor.preprocess):
         logger.warning("%s: transformers' image processor differs from clipforge's: %s", folder, note)
     return HFExport(folder, family, difference)

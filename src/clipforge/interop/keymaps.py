@@ -24,10 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from clipforge.checkpoint import CheckpointError, build_checked_model
-from clipforge.config import Config, ModelConfig
-from clipforge.data.tokenize import Tokenizer
-from clipforge.model import CLIPModel
+from clipforge.config import CheckpointError, ModelConfig
 
 JOINS = ("copy", "qkv", "transpose", "scalar", "vector1")
 
@@ -217,13 +214,3 @@ def invert(state: dict[str, torch.Tensor], rules: list[Rule]) -> dict[str, torch
         for source, tensor in zip(rule.sources, rule.backward(state[rule.target]), strict=True):
             converted[source] = tensor
     return converted
-
-
-def load_converted(config: Config, tokenizer: Tokenizer, state: dict[str, torch.Tensor], where: str) -> CLIPModel:
-    """The model ``config`` describes, holding ``state`` (a :func:`convert` result), in eval mode.
-
-    Raises CheckpointError naming the first keys whose shapes differ (the config says one size, the weights
-    hold another) or that the model lacks or does not have; the sizes are checked before anything is allocated
-    (:func:`clipforge.checkpoint.build_checked_model`).
-    """
-    return build_checked_model(config, tokenizer, state, where).eval()

@@ -1,8 +1,11 @@
-"""Released or earlier weights by one spec: :func:`from_pretrained`, the import command's checkpoint, and
-``model.init`` (:func:`init_model`, what the trainer calls to start from them).
+"""Where a model's weights come from, decided once: a weights spec resolves here, in one place, to its config,
+weights and processor (:func:`resolve`); the model is then built from that (:func:`build`).
 
 A spec is ``hf:<folder or hub id>`` (a Hugging Face CLIPModel / SiglipModel, :mod:`clipforge.interop.hf`),
 ``open_clip:CONFIG.json:WEIGHTS`` (:mod:`clipforge.interop.open_clip`) or the path of a clipforge checkpoint.
+Every command's ``--checkpoint``, ``clipforge.from_pretrained`` / ``load_checkpoint``, ``clipforge import`` and a
+run's ``model.init`` (:func:`init_model`) take any of them. (A tower's own ``pretrained`` weights, a file or a named
+tag, are a tower's business: ``clipforge.model.pretrained``.)
 """
 
 from __future__ import annotations
@@ -15,20 +18,15 @@ from typing import Any
 
 import torch
 
-from clipforge.checkpoint import (
-    CheckpointError,
-    LoadedCheckpoint,
-    build_model,
-    hf_text_config,
-    load_checkpoint,
-    save_checkpoint,
-)
+from clipforge.checkpoint import Checkpoint, CheckpointError, read_checkpoint, save_checkpoint
 from clipforge.config import Config, ConfigError, ModelConfig, config_from_dict, config_to_dict
-from clipforge.data.tokenize import Tokenizer
+from clipforge.data.processor import Processor
 from clipforge.interop.hf import import_hf
 from clipforge.interop.open_clip import SPEC_PREFIX as OPEN_CLIP_PREFIX
 from clipforge.interop.open_clip import import_open_clip, parse_spec
+from clipforge.interop.resolved import Resolved
 from clipforge.model import CLIPModel
+from clipforge.model.factory import LoadedModel, build_checked_model, hf_text_config
 
 HF_PREFIX = "hf:"
 SPEC_HELP = "hf:<folder or hub id>, open_clip:CONFIG.json:WEIGHTS, or the path of a clipforge checkpoint"
@@ -38,58 +36,117 @@ TRAINING_FIELDS = ("lock", "lr_scale", "layer_decay")
 UNCHECKED_FIELDS = ("pretrained", "pretrained_keys", "head_init", "head_dropout")
 
 
-def from_pretrained(spec: str, device: str | torch.device = "cpu") -> LoadedCheckpoint:
-    """The model, tokenizer and config ``spec`` names (module docstring), in eval mode on ``device``.
+def resolve(spec: str) -> Resolved:
+    """The config, weights and processor that ``spec`` names (module docstring): the one place that decides.
 
-    Imported models come back with ``step`` 0 and a config whose model section describes them exactly (its
-    tokenizer is the model's own, saved in any checkpoint written from it). Every problem with the spec or
-    its files raises CheckpointError (or FileNotFoundError) with a message that names it.
+    Every problem with the spec or its files raises CheckpointError (or FileNotFoundError) naming it.
     """
+    spec = str(spec)
     if spec.startswith(HF_PREFIX):
-        loaded = import_hf(spec.removeprefix(HF_PREFIX))
-    elif spec.startswith(OPEN_CLIP_PREFIX):
-        loaded = import_open_clip(*parse_spec(spec))
-    else:
-        path = Path(spec).expanduser()
-        if path.is_dir():
-            raise CheckpointError(f"{spec!r} is a folder; for a Hugging Face model folder write hf:{spec}")
-        if not path.is_file():
-            raise CheckpointError(f"{spec!r} is not a file; a weights spec is {SPEC_HELP}")
-        return load_checkpoint(path, device)
-    loaded.model.to(device)
-    return loaded
-
-
-def save_imported_checkpoint(loaded: LoadedCheckpoint, path: str | Path, source: str) -> Path:
-    """Write ``loaded`` as an ordinary clipforge checkpoint (what ``load_checkpoint`` reads) at ``path``; an
-    existing ``path`` is refused unless the user asked to overwrite (``clipforge.io.atomic_write``'s policy).
-    ``source`` is recorded as ``imported_from``."""
-    path = Path(path)
-    return save_checkpoint(
-        path,
-        {
-            "config": config_to_dict(loaded.config),
-            "tokenizer": loaded.tokenizer.state_dict(),
-            "hf_text_config": hf_text_config(loaded.model),
-            "model": {key: value.detach().cpu() for key, value in loaded.model.state_dict().items()},
-            "step": 0,
-            "imported_from": source,
-        },
+        return import_hf(spec.removeprefix(HF_PREFIX))
+    if spec.startswith(OPEN_CLIP_PREFIX):
+        return import_open_clip(*parse_spec(spec))
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        raise CheckpointError(f"{spec!r} is a folder; for a Hugging Face model folder write hf:{spec}")
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {spec!r} does not exist; a weights spec is {SPEC_HELP}")
+    checkpoint = read_checkpoint(path)
+    return Resolved(
+        checkpoint.config,
+        checkpoint.weights,
+        checkpoint.processor,
+        spec,
+        step=checkpoint.step,
+        hf_text_config=checkpoint.hf_text_config,
+        imported_from=checkpoint.imported_from,
     )
+
+
+def build(resolved: Resolved, device: str | torch.device = "cpu") -> LoadedModel:
+    """The model ``resolved`` describes, holding its weights, in eval mode on ``device`` (checked before anything
+    is allocated: ``clipforge.model.factory.build_checked_model``)."""
+    model = build_checked_model(
+        resolved.config, resolved.processor.tokenizer, resolved.weights, resolved.source, resolved.hf_text_config
+    )
+    return LoadedModel(model.to(device).eval(), resolved.processor, resolved.config, resolved.step)
+
+
+def from_pretrained(spec: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """The model, processor and config ``spec`` names, in eval mode on ``device``: :func:`build` of
+    :func:`resolve`. Imported models come back with ``step`` 0 and a config whose model section describes them
+    exactly (their tokenizer and preprocessing are the source's own, in ``loaded.processor``)."""
+    return build(resolve(str(spec)), device)
+
+
+# a checkpoint is one kind of spec: one function for all of them
+load_checkpoint = from_pretrained
+
+
+def save_imported_checkpoint(loaded: LoadedModel, path: str | Path, source: str) -> Path:
+    """Write ``loaded`` as an ordinary clipforge checkpoint at ``path`` (``source`` recorded as ``imported_from``);
+    an existing ``path`` is refused unless the user asked to overwrite (``clipforge.io.atomic_write``'s policy)."""
+    weights = {key: value.detach().cpu() for key, value in loaded.model.state_dict().items()}
+    checkpoint = Checkpoint(
+        loaded.config, loaded.processor, weights, hf_text_config=hf_text_config(loaded.model), imported_from=source
+    )
+    return save_checkpoint(path, checkpoint)
 
 
 # ----------------------------------------------------------------------------------------------
 # model.init: fine-tuning what was imported
 # ----------------------------------------------------------------------------------------------
 @dataclass
+class RunStart:
+    """Where a training run's model starts (:func:`run_start`): the run's ``config`` (with ``model.init``, the
+    imported model's section merged in), and the ``weights``, ``processor`` and Hugging Face text config to start
+    from, or None for a new model (random towers, or their own ``pretrained`` weights, and a tokenizer the run
+    makes)."""
+
+    config: Config
+    processor: Processor | None = None
+    weights: dict[str, torch.Tensor] | None = None
+    hf_text_config: str | None = None
+    source: str = ""
+
+
+def run_start(config: Config, checkpoint: Checkpoint | None = None) -> RunStart:
+    """The one decision of where a run's weights come from: the checkpoint it resumes (its weights and processor;
+    a ``model.init`` run's config is rebuilt from the checkpoint, so nothing is imported again), else the weights
+    ``model.init`` names (:func:`resolve`, merged into the run's config), else nothing (a new model)."""
+    if checkpoint is not None:
+        run_config = resumed_init_config(config, checkpoint.config) if config.model.init else config
+        return RunStart(
+            run_config, checkpoint.processor, checkpoint.weights, checkpoint.hf_text_config, "the checkpoint"
+        )
+    if not config.model.init:
+        return RunStart(config)
+    spec = config.model.init
+    resolved = resolve(spec)
+    imported_loss = resolved.config.loss.kind
+    if imported_loss != config.loss.kind:
+        has = "a logit bias" if imported_loss == "siglip" else "no logit bias"
+        raise ConfigError(
+            f"model.init={spec!r} is a {imported_loss} model ({has}) but loss.kind={config.loss.kind!r}: "
+            f"set loss.kind={imported_loss}"
+        )
+    run_config = _run_config(config, resolved.config.model)
+    return RunStart(run_config, resolved.processor, resolved.weights, resolved.hf_text_config, resolved.source)
+
+
+@dataclass
 class InitialModel:
     """What a run that starts from ``model.init`` trains: ``config`` is the run's config with the model section
     of the imported weights (and the run's own ``lock``/``lr_scale``/``layer_decay``); ``model`` is built for it
-    (locks applied) and holds those weights; ``tokenizer`` is theirs."""
+    (locks applied) and holds those weights; ``processor`` is theirs."""
 
     config: Config
-    tokenizer: Tokenizer
+    processor: Processor
     model: CLIPModel
+
+    @property
+    def tokenizer(self):  # noqa: ANN201 - the processor's
+        return self.processor.tokenizer
 
 
 def _merge_section(run: Any, imported: Any, defaults: Any, where: str, spec: str) -> Any:
@@ -120,41 +177,26 @@ def merged_model_config(run: ModelConfig, imported: ModelConfig) -> ModelConfig:
 
 
 def init_model(config: Config) -> InitialModel:
-    """Start a run from ``config.model.init``: the imported model, rebuilt for the run's config.
+    """Start a run from ``config.model.init``: the imported model, built for the run's config (:func:`run_start`).
 
     The architecture, tokenizer and preprocessing come from the weights; the run's ``loss.kind`` must fit them
     (a SigLIP model has a logit bias, a CLIP model none). Raises ConfigError / CheckpointError that say which
-    field or file is wrong. The trainer calls this once, before anything else is built, and uses the returned
-    config everywhere (it is what its checkpoints store, so a resumed run rebuilds the same model).
+    field or file is wrong.
     """
-    spec = config.model.init
-    if not spec:
+    if not config.model.init:
         raise ValueError("init_model needs config.model.init: " + SPEC_HELP)
-    loaded = from_pretrained(spec)
-    imported_loss = loaded.config.loss.kind
-    if imported_loss != config.loss.kind:
-        has = "a logit bias" if imported_loss == "siglip" else "no logit bias"
-        raise ConfigError(
-            f"model.init={spec!r} is a {imported_loss} model ({has}) but loss.kind={config.loss.kind!r}: "
-            f"set loss.kind={imported_loss}"
-        )
-    run_config = _run_config(config, loaded.config.model)
-    model = build_model(run_config, loaded.tokenizer, pretrained=False, text_config_json=hf_text_config(loaded.model))
-    model.load_state_dict(loaded.model.state_dict())
-    return InitialModel(run_config, loaded.tokenizer, model.train())
+    start = run_start(config)
+    model = build_checked_model(
+        start.config, start.processor.tokenizer, start.weights, start.source, start.hf_text_config
+    )
+    return InitialModel(start.config, start.processor, model.train())
 
 
-def resumed_init_config(config: Config, saved: dict[str, Any]) -> Config:
-    """The run config :func:`init_model` gave the run whose checkpoint holds the config dict ``saved``, rebuilt
-    from that dict alone: a resumed ``model.init`` run takes its weights and tokenizer from the checkpoint, so
-    nothing is imported again (and the weights ``model.init`` names need not be there any more). The same
-    merge and checks as :func:`init_model`, with the checkpoint's model section as the imported one."""
-    try:
-        saved_config = config_from_dict(saved)
-    except ConfigError as error:
-        raise ConfigError(
-            f"the checkpoint to resume holds a config that does not fit this clipforge: {error}"
-        ) from None
+def resumed_init_config(config: Config, saved_config: Config) -> Config:
+    """The run config :func:`run_start` gave the run whose checkpoint holds ``saved_config``, rebuilt from it
+    alone: a resumed ``model.init`` run takes its weights and processor from the checkpoint, so nothing is
+    imported again (and the weights ``model.init`` names need not be there any more). The same merge and checks
+    as for a new run, with the checkpoint's model section as the imported one."""
     if saved_config.model.init != config.model.init:
         raise ConfigError(
             f"model.init={config.model.init!r}, but the checkpoint's run started from "

@@ -35,10 +35,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from clipforge.checkpoint import LoadedCheckpoint
 from clipforge.data.transforms import MAX_ASPECT, ImagePreprocess
 from clipforge.io import atomic_write_text, check_output, staged_folder
-from clipforge.model import resolve_image_preprocess
+from clipforge.model.factory import LoadedModel
 from clipforge.version import __version__
 
 EXPORT_BATCH = 2  # the batch size the graphs are traced with
@@ -124,11 +123,12 @@ def _max_difference(path: Path, feeds: dict[str, torch.Tensor], expected: torch.
     return float(np.abs(got - expected.numpy()).max())
 
 
-def _text_inputs(loaded: LoadedCheckpoint, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _text_inputs(loaded: LoadedModel, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Real token ids of ``batch`` captions of different lengths, so padding is exercised."""
     captions = ["a photo", "a small red circle on a white page", "two dogs", "the letter a", "x"][:batch]
     captions += ["a photo"] * (batch - len(captions))
-    return loaded.tokenizer(captions, loaded.config.model.text.context_length)
+    tokens = loaded.processor.text(captions)
+    return tokens["input_ids"], tokens["attention_mask"]
 
 
 def preprocess_info(preprocess: ImagePreprocess) -> dict:
@@ -151,7 +151,7 @@ def preprocess_info(preprocess: ImagePreprocess) -> dict:
     return info
 
 
-def export_onnx(loaded: LoadedCheckpoint, out_dir: str | Path, atol: float = 1e-4) -> OnnxExport:
+def export_onnx(loaded: LoadedModel, out_dir: str | Path, atol: float = 1e-4) -> OnnxExport:
     """Write the ONNX graphs of ``loaded``'s towers to ``out_dir`` (module docstring), checked with onnxruntime.
 
     Refuses an ``out_dir`` that already holds an export unless the user asked to overwrite it
@@ -164,7 +164,7 @@ def export_onnx(loaded: LoadedCheckpoint, out_dir: str | Path, atol: float = 1e-
         check_output(folder / name, what="--out")
     _onnx_modules()
     model = loaded.model.float().eval().cpu()
-    preprocess = resolve_image_preprocess(loaded.config.model.image)
+    preprocess = loaded.processor.preprocess
     size = preprocess.image_size
     generator = torch.Generator().manual_seed(0)
     metadata = {"logit_scale": repr(model.logit_scale.item()), "clipforge_version": __version__}
@@ -201,9 +201,9 @@ def export_onnx(loaded: LoadedCheckpoint, out_dir: str | Path, atol: float = 1e-
                 f"the ONNX graphs differ from PyTorch by {max(image_difference, text_difference):.2e} (> {atol}): "
                 "the export is not faithful for this model; nothing was written"
             )
-        info = {**preprocess_info(preprocess), "context_length": loaded.config.model.text.context_length, **metadata}
+        info = {**preprocess_info(preprocess), "context_length": loaded.processor.context_length, **metadata}
         atomic_write_text(Path(scratch, "preprocess.json"), json.dumps(info, indent=2) + "\n")
-        loaded.tokenizer.save_pretrained(Path(scratch, "tokenizer"), loaded.config.model.text.context_length)
+        loaded.processor.save_pretrained(Path(scratch, "tokenizer"))
     return OnnxExport(
         folder, folder / "image_encoder.onnx", folder / "text_encoder.onnx", image_difference, text_difference
     )

@@ -32,11 +32,12 @@ from typing import Any
 
 import torch
 
-from clipforge.checkpoint import CheckpointError, LoadedCheckpoint
-from clipforge.config import Config, ConfigError, config_from_dict
+from clipforge.config import CheckpointError, Config, ConfigError, config_from_dict
 from clipforge.data.tokenize import Tokenizer, load_hf_tokenizer
 from clipforge.interop.clip_bpe import clip_bpe_tokenizer
-from clipforge.interop.keymaps import convert, load_converted, open_clip_rules
+from clipforge.interop.keymaps import convert, open_clip_rules
+from clipforge.interop.resolved import Resolved
+from clipforge.model.factory import make_processor
 from clipforge.model.vision import CLIP_MEAN, CLIP_STD
 
 logger = logging.getLogger("clipforge")
@@ -300,8 +301,9 @@ def open_clip_tokenizer(config: Config, text_cfg: dict[str, Any], where: str) ->
     return clip_bpe_tokenizer(padding)
 
 
-def import_open_clip(config_path: Path, weights_path: Path) -> LoadedCheckpoint:
-    """An open_clip ViT model (config + state dict) as a clipforge model, tokenizer and config."""
+def import_open_clip(config_path: Path, weights_path: Path) -> Resolved:
+    """An open_clip ViT model (config + state dict) as a clipforge config, weights (clipforge's names) and
+    processor (its tokenizer and preprocessing)."""
     where = f"{SPEC_PREFIX}{config_path}:{weights_path}"
     model_cfg, preprocess = read_model_config(config_path, where)
     config = open_clip_model_config(model_cfg, preprocess, where)
@@ -312,4 +314,4 @@ def import_open_clip(config_path: Path, weights_path: Path) -> LoadedCheckpoint:
     rules = open_clip_rules(config.model, text_prefix, logit_bias=config.loss.kind == "siglip")
     converted = convert(state, rules, ignored, where)
     tokenizer = open_clip_tokenizer(config, model_cfg["text_cfg"], where)
-    return LoadedCheckpoint(load_converted(config, tokenizer, converted, where), tokenizer, config, 0)
+    return Resolved(config, converted, make_processor(config.model, tokenizer), where)

@@ -10,7 +10,6 @@ from clipforge.model.registry import (
     create_model,
 )
 from clipforge.model.towers import Tower
-from clipforge.model.vision import resolve_image_preprocess
 
 __all__ = [
     "CLIP_INIT_LOGIT_SCALE",
@@ -22,5 +21,4 @@ __all__ = [
     "Tower",
     "count_parameters",
     "create_model",
-    "resolve_image_preprocess",
 ]

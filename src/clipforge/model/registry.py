@@ -31,9 +31,9 @@ IMAGE_TOWER_BUILDERS: dict[str, Callable[[ImageTowerConfig], Tower]] = {
     "torchvision": build_torchvision_tower,
     "timm": build_timm_tower,
 }
-# builders take (cfg, vocab_size, pad_token_id)
-TEXT_TOWER_BUILDERS: dict[str, Callable[[TextTowerConfig, int | None, int], Tower]] = {
-    "transformer": build_transformer_tower,
+# builders take (cfg, vocab_size, pad_token_id, the tower's own saved config or None)
+TEXT_TOWER_BUILDERS: dict[str, Callable[[TextTowerConfig, int | None, int, str | None], Tower]] = {
+    "transformer": lambda cfg, vocab_size, pad_token_id, _saved: build_transformer_tower(cfg, vocab_size, pad_token_id),
     "hf": build_hf_tower,
 }
 LOSS_INIT: dict[str, tuple[float, float | None]] = {
@@ -49,16 +49,23 @@ def _pick(table: dict[str, Callable], kind: str, field: str) -> Callable:
 
 
 def create_model(
-    config: ModelConfig, loss_kind: str = "clip", vocab_size: int | None = None, pad_token_id: int = 0
+    config: ModelConfig,
+    loss_kind: str = "clip",
+    vocab_size: int | None = None,
+    pad_token_id: int = 0,
+    text_config_json: str | None = None,
 ) -> CLIPModel:
     """Build the two-tower model ``config`` describes.
 
     loss_kind: "clip" -> logit_scale = log(1/0.07), no bias; "siglip" -> logit_scale = log(10), bias -10.
     vocab_size / pad_token_id: the tokenizer's; vocab_size is required by the built-in text transformer.
+    text_config_json: a Hugging Face text tower's own config as a checkpoint saved it (its architecture is built
+    from it, with no folder or hub read).
     """
     init_logit_scale, init_logit_bias = _pick(LOSS_INIT, loss_kind, "loss.kind")  # type: ignore[misc]
     image_tower = _pick(IMAGE_TOWER_BUILDERS, config.image.kind, "model.image.kind")(config.image)
-    text_tower = _pick(TEXT_TOWER_BUILDERS, config.text.kind, "model.text.kind")(config.text, vocab_size, pad_token_id)
+    text_builder = _pick(TEXT_TOWER_BUILDERS, config.text.kind, "model.text.kind")
+    text_tower = text_builder(config.text, vocab_size, pad_token_id, text_config_json)
     lock_tower(image_tower, config.image.lock, "model.image.lock")
     lock_tower(text_tower, config.text.lock, "model.text.lock")
     image_head = build_head(

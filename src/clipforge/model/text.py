@@ -9,6 +9,7 @@ Padding is on the right: a row is ``n`` real tokens followed by ``L - n`` paddin
 
 from __future__ import annotations
 
+import json
 import logging
 
 import torch
@@ -181,7 +182,12 @@ class HFTextEncoder(Tower):
     """
 
     def __init__(
-        self, name: str, pretrained: bool | str | None = True, pooling: str = "cls", eos_token_id: int | None = None
+        self,
+        name: str,
+        pretrained: bool | str | None = True,
+        pooling: str = "cls",
+        eos_token_id: int | None = None,
+        config_json: str | None = None,
     ) -> None:
         super().__init__()
         if pooling not in POOLINGS:
@@ -189,7 +195,7 @@ class HFTextEncoder(Tower):
         self.name = name
         self.pooling = pooling
         self.eos_token_id = eos_token_id
-        self.encoder = _load_encoder(name, pretrained)
+        self.encoder = _load_encoder(name, pretrained, config_json)
         # BERT-like models carry a pooler (dense + tanh over [CLS]) trained for next-sentence prediction;
         # its parameters would get no gradient here (DDP then fails on unused parameters), so drop it.
         if getattr(self.encoder, "pooler", None) is not None:
@@ -229,12 +235,16 @@ class HFTextEncoder(Tower):
         return self.encoder.config.to_json_string()
 
 
-def _load_encoder(name: str, pretrained: bool | str | None) -> nn.Module:
-    """The encoder ``name``/``pretrained`` describe (see :class:`HFTextEncoder`), and a log line that says
-    which weights it got. ``None`` is what checkpoints load with (their own weights follow), so it is said
-    only at debug level."""
+def _load_encoder(name: str, pretrained: bool | str | None, config_json: str | None = None) -> nn.Module:
+    """The encoder ``name``/``pretrained`` describe (see :class:`HFTextEncoder`), or the architecture
+    ``config_json`` describes at random, and a log line that says which weights it got. ``None`` is what checkpoints
+    load with (their own weights follow), so it is said only at debug level."""
     from transformers import AutoConfig, AutoModel
 
+    if config_json is not None:
+        values = json.loads(config_json)
+        with quiet_transformers():
+            return AutoModel.from_config(AutoConfig.for_model(values.pop("model_type"), **values))
     weights = TextTowerConfig.resolve_weights(name, pretrained)
     if weights is None:
         config = hf_from_pretrained(AutoConfig.from_pretrained, name, "model.text.name")
@@ -291,10 +301,14 @@ def build_transformer_tower(cfg: TextTowerConfig, vocab_size: int | None, pad_to
     )
 
 
-def build_hf_tower(cfg: TextTowerConfig, vocab_size: int | None = None, pad_token_id: int = 0) -> HFTextEncoder:
+def build_hf_tower(
+    cfg: TextTowerConfig, vocab_size: int | None = None, pad_token_id: int = 0, config_json: str | None = None
+) -> HFTextEncoder:
     """A Hugging Face encoder; its vocabulary comes with the model. ``vocab_size``, when given, is only
-    checked against the model's embedding table (a larger tokenizer would index past it)."""
-    tower = HFTextEncoder(cfg.name, cfg.pretrained, resolve_pooling(cfg), cfg.eos_token_id)
+    checked against the model's embedding table (a larger tokenizer would index past it). ``config_json``: the
+    encoder's config as a checkpoint stores it (``hf_config_json``): the architecture is built from it, at random,
+    with no folder or hub read (a checkpoint's weights follow)."""
+    tower = HFTextEncoder(cfg.name, cfg.pretrained, resolve_pooling(cfg), cfg.eos_token_id, config_json)
     num_embeddings = tower.encoder.get_input_embeddings().num_embeddings
     if vocab_size is not None and vocab_size > num_embeddings:
         raise ConfigError(

@@ -60,7 +60,6 @@ from clipforge.data.base import (
 from clipforge.data.transforms import ImagePreprocess, eval_view_box
 from clipforge.explain.heatmap import explain as explain_pairs
 from clipforge.explain.heatmap import resolve_method
-from clipforge.model import resolve_image_preprocess
 from clipforge.search.index import Index, SearchHit
 from clipforge.viz import overlay_heatmap
 
@@ -211,7 +210,7 @@ class SearchPage:
         self.index = index
         # a method the image tower lacks fails here, when the server starts, not on every request
         self.method = resolve_method(index.loaded, explain_method)
-        self.preprocess = resolve_image_preprocess(index.loaded.config.model.image)
+        self.preprocess = index.loaded.processor.preprocess
         self.show_paths = show_paths
         self.roots = [_source_root(spec) for spec in index.store.meta["sources"]]
         # one model call at a time: requests run in a thread pool, and two CPU-bound passes would only thrash

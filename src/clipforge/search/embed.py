@@ -22,12 +22,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from clipforge.checkpoint import LoadedCheckpoint
 from clipforge.data.base import ImageLoadError, ImageTextSource
 from clipforge.data.inputs import open_image_source, read_texts, resolve_image_spec, source_names_files
 from clipforge.data.samples import SkippedSample
 from clipforge.eval.features import encode_source_images, encode_texts
 from clipforge.io import weights_fingerprint
+from clipforge.model.factory import LoadedModel
 from clipforge.search.store import EmbeddingStore, check_dtype, writer_lock
 
 logger = logging.getLogger("clipforge")
@@ -70,7 +70,7 @@ class _Subset:
         return self.source.describe(self.indices[index])
 
 
-def model_info(loaded: LoadedCheckpoint, checkpoint: str | os.PathLike) -> dict:
+def model_info(loaded: LoadedModel, checkpoint: str | os.PathLike) -> dict:
     """How an embedding folder records the model that filled it."""
     return {
         "checkpoint": os.path.abspath(checkpoint),
@@ -80,11 +80,11 @@ def model_info(loaded: LoadedCheckpoint, checkpoint: str | os.PathLike) -> dict:
     }
 
 
-def _encode_chunk(loaded: LoadedCheckpoint, chunk: _Subset, batch_size: int, num_workers: int):
+def _encode_chunk(loaded: LoadedModel, chunk: _Subset, batch_size: int, num_workers: int):
     """(features (n_ok, D), positions of the n_ok in the chunk, skipped samples) for one chunk."""
     try:
         result = encode_source_images(
-            loaded.model, chunk, loaded.config.model.image, batch_size=batch_size, num_workers=num_workers
+            loaded.model, chunk, loaded.processor, batch_size=batch_size, num_workers=num_workers
         )
     except ValueError as error:
         # encode_source_images refuses a set where nothing decodes; for one chunk of a large run that is
@@ -105,7 +105,7 @@ def _encode_chunk(loaded: LoadedCheckpoint, chunk: _Subset, batch_size: int, num
 class _ImageRun:
     """What every chunk of one ``embed_images`` run writes to, and the report it adds to."""
 
-    loaded: LoadedCheckpoint
+    loaded: LoadedModel
     source: ImageTextSource
     store: EmbeddingStore
     source_number: int
@@ -138,7 +138,7 @@ class _ImageRun:
 
 
 def embed_images(
-    loaded: LoadedCheckpoint,
+    loaded: LoadedModel,
     checkpoint: str | os.PathLike,
     images: str | os.PathLike,
     out: str | os.PathLike,
@@ -189,7 +189,7 @@ def _check_chunk_size(chunk_size: int) -> None:
 
 
 def embed_text_file(
-    loaded: LoadedCheckpoint,
+    loaded: LoadedModel,
     checkpoint: str | os.PathLike,
     texts: str | os.PathLike,
     out: str | os.PathLike,
@@ -208,11 +208,10 @@ def embed_text_file(
         done = set(store.table("texts").ids)
         todo = [caption for caption in captions if caption not in done]
         report = EmbedReport(store.root, "texts", 0, len(captions) - len(todo))
-        context_length = loaded.config.model.text.context_length
         bar = tqdm(total=len(todo), unit="text", desc="embed texts", disable=not progress)
         for start in range(0, len(todo), chunk_size):
             chunk = todo[start : start + chunk_size]
-            features = encode_texts(loaded.model, loaded.tokenizer, chunk, context_length, batch_size=batch_size)
+            features = encode_texts(loaded.model, loaded.processor, chunk, batch_size=batch_size)
             store.write_part("texts", features.cpu().numpy(), [{"id": caption} for caption in chunk])
             report.embedded += len(chunk)
             bar.update(len(chunk))

@@ -17,12 +17,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from clipforge.checkpoint import LoadedCheckpoint, load_checkpoint
 from clipforge.data.base import decode_image
-from clipforge.data.transforms import build_image_transform
 from clipforge.eval.features import encode_texts
+from clipforge.interop.load import from_pretrained
 from clipforge.io import weights_fingerprint
-from clipforge.model import resolve_image_preprocess
+from clipforge.model.factory import LoadedModel
 from clipforge.search.exact import exact_search
 from clipforge.search.store import EmbeddingStore, StoreError, StoreTable
 
@@ -62,7 +61,7 @@ class Index:
     def __init__(
         self,
         store: EmbeddingStore,
-        loaded: LoadedCheckpoint | None = None,
+        loaded: LoadedModel | None = None,
         kind: str = "images",
         backend: str = "auto",
         device: str | torch.device = "cpu",
@@ -90,13 +89,13 @@ class Index:
     def load(
         cls,
         directory: str | os.PathLike,
-        checkpoint: str | os.PathLike | LoadedCheckpoint | None = None,
+        checkpoint: str | os.PathLike | LoadedModel | None = None,
         kind: str = "images",
         backend: str = "auto",
         device: str | torch.device = "cpu",
     ) -> Index:
         """Open ``directory``; ``checkpoint`` (a path or a loaded one) is needed for text and image queries."""
-        loaded = load_checkpoint(checkpoint, device) if isinstance(checkpoint, str | os.PathLike) else checkpoint
+        loaded = from_pretrained(checkpoint, device) if isinstance(checkpoint, str | os.PathLike) else checkpoint
         return cls(EmbeddingStore(directory), loaded, kind=kind, backend=backend, device=device)
 
     def _open_faiss(self, backend: str):
@@ -134,7 +133,7 @@ class Index:
         return sum(len(m) for m in self.matrices)
 
     # -- queries ---------------------------------------------------------------------------------------
-    def _require_model(self) -> LoadedCheckpoint:
+    def _require_model(self) -> LoadedModel:
         if self.loaded is None:
             raise ValueError("this query needs the model: open the index with a checkpoint (--checkpoint)")
         return self.loaded
@@ -142,21 +141,14 @@ class Index:
     def embed_text(self, texts: Sequence[str]) -> torch.Tensor:
         """(len(texts), D) unit-norm query embeddings."""
         loaded = self._require_model()
-        context_length = loaded.config.model.text.context_length
-        return encode_texts(loaded.model, loaded.tokenizer, list(texts), context_length)
+        return encode_texts(loaded.model, loaded.processor, list(texts))
 
     @torch.inference_mode()
     def embed_images(self, images: Sequence[str | os.PathLike | Image.Image]) -> torch.Tensor:
         """(len(images), D) unit-norm embeddings of image files (or PIL images), evaluation transform."""
         loaded = self._require_model()
-        transform = self.transform
-        pixels = [transform(image if isinstance(image, Image.Image) else decode_image(image)) for image in images]
         device = next(loaded.model.parameters()).device
-        return loaded.model.encode_image(torch.stack(pixels).to(device)).float()
-
-    @cached_property
-    def transform(self):
-        return build_image_transform(resolve_image_preprocess(self._require_model().config.model.image))
+        return loaded.model.encode_image(loaded.processor.images(list(images)).to(device)).float()
 
     def row_embedding(self, row: int) -> torch.Tensor:
         """The stored (unit-norm) embedding of ``row`` as a float32 (D,) tensor."""

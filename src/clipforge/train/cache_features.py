@@ -36,12 +36,12 @@ from torch import nn
 from clipforge.config import Config, DataConfig
 from clipforge.data.base import ImageLoadError, ImageTextSource
 from clipforge.data.feature_cache import CachedFeatures, FeatureStore, caption_offsets
+from clipforge.data.processor import Processor
 from clipforge.data.samples import prepare_sample, sample_seed
-from clipforge.data.tokenize import Tokenizer
 from clipforge.data.transforms import is_deterministic
 from clipforge.eval.features import encode_text_batches
 from clipforge.io import weights_fingerprint
-from clipforge.model import CLIPModel, resolve_image_preprocess
+from clipforge.model import CLIPModel
 from clipforge.runtime import forward_in_cpu_chunks
 
 logger = logging.getLogger("clipforge")
@@ -152,12 +152,12 @@ def _image_rows(
 
 
 def _text_rows(
-    tower: nn.Module, captions: list[str], tokenizer: Tokenizer, context_length: int, device: torch.device
+    tower: nn.Module, captions: list[str], processor: Processor, device: torch.device
 ) -> Callable[[int, int], np.ndarray]:
     def compute(start: int, stop: int) -> np.ndarray:
         # batched by token count inside the chunk (encode_text_batches): far less padding than caption order
         with torch.inference_mode():
-            rows = encode_text_batches(tower, tokenizer, captions[start:stop], context_length, TEXT_BATCH, device)
+            rows = encode_text_batches(tower, processor, captions[start:stop], TEXT_BATCH, device)
         return rows.cpu().numpy()
 
     return compute
@@ -188,15 +188,11 @@ def _fill(store: FeatureStore, compute: Callable, chunk: int, what: str, show_pr
 
 
 def build_feature_cache(
-    config: Config,
-    model: CLIPModel,
-    source: Any,
-    tokenizer: Tokenizer,
-    transform: Callable,
-    device: torch.device,
+    config: Config, model: CLIPModel, source: Any, processor: Processor, device: torch.device
 ) -> CachedFeatures | None:
     """Fill (or find) the cache entries of ``plan_feature_cache`` and return them for the loader; None when
-    no tower is cached. ``transform`` is the run's training transform; the locked towers run in eval mode."""
+    no tower is cached. Images go through ``processor``'s training transform (``data.augment``); the locked
+    towers run in eval mode."""
     plan = plan_feature_cache(config, model, source)
     if not plan.any:
         return None
@@ -209,7 +205,7 @@ def build_feature_cache(
             image_identity = {
                 "tower": _tower_settings(config.model.image),
                 "weights_sha256": weights_fingerprint(model.image_tower),
-                "preprocess": dataclasses.asdict(resolve_image_preprocess(config.model.image)),
+                "preprocess": dataclasses.asdict(processor.preprocess),
                 "augment": "deterministic"
                 if is_deterministic(config.data.augment)
                 else dataclasses.asdict(config.data.augment),
@@ -220,7 +216,9 @@ def build_feature_cache(
                 store = FeatureStore(
                     root, "image", {**image_identity, "view": view}, len(source), model.image_tower.output_dim
                 )
-                compute = _image_rows(model.image_tower, source, transform, view, device)
+                compute = _image_rows(
+                    model.image_tower, source, processor.image_transform(config.data.augment), view, device
+                )
                 _fill(store, compute, IMAGE_CHUNK, f"image features (view {view})", config.logging.progress)
                 cached.image_views.append(store.path)
         if plan.text:
@@ -229,13 +227,13 @@ def build_feature_cache(
                 "tower": _tower_settings(config.model.text),
                 "weights_sha256": weights_fingerprint(model.text_tower),
                 "tokenizer_sha256": hashlib.sha256(
-                    json.dumps(tokenizer.state_dict(), sort_keys=True).encode()
+                    json.dumps(processor.tokenizer.state_dict(), sort_keys=True).encode()
                 ).hexdigest(),
-                "context_length": config.model.text.context_length,
+                "context_length": processor.context_length,
                 "data": source_identity(config.data, source),
             }
             store = FeatureStore(root, "text", text_identity, len(captions), model.text_tower.output_dim)
-            compute = _text_rows(model.text_tower, captions, tokenizer, config.model.text.context_length, device)
+            compute = _text_rows(model.text_tower, captions, processor, device)
             _fill(store, compute, TEXT_CHUNK, "caption features", config.logging.progress)
             cached.text, cached.caption_offsets = store.path, caption_offsets(source)
     finally:

@@ -22,7 +22,7 @@ import torch
 
 from clipforge.config import Config, ConfigError, EvalTaskConfig
 from clipforge.data.base import ImageTextSource
-from clipforge.data.tokenize import Tokenizer
+from clipforge.data.processor import Processor
 from clipforge.eval.features import LockedTowerMemo
 from clipforge.eval.runner import (
     classification_targets,
@@ -92,11 +92,10 @@ class TrainingEvaluator:
     or a zero-shot task on an unlabelled source fails before the first step, not hours into the run.
     """
 
-    def __init__(self, config: Config, tokenizer: Tokenizer, autocast: contextlib.AbstractContextManager) -> None:
-        self.run_config = config
+    def __init__(self, config: Config, processor: Processor, autocast: contextlib.AbstractContextManager) -> None:
         self.eval_config = config.eval
         self.total_steps = config.train.steps
-        self.tokenizer = tokenizer
+        self.processor = processor
         self.autocast = autocast
         with _untouched_rng(torch.device("cpu")):  # opening a source must not shift the run's random stream
             self.tasks = [self._prepare(task, position) for position, task in enumerate(config.eval.tasks)]
@@ -168,24 +167,23 @@ class TrainingEvaluator:
         return record, self._update_best(record, step)
 
     def _evaluate(self, model: CLIPModel, task: _Task, step: int) -> dict[str, float]:
-        config, batch_size = self.run_config, self.eval_config.batch_size
+        batch_size = self.eval_config.batch_size
         workers = task.config.data.num_workers
         if task.config.task == "retrieval":
             result = evaluate_retrieval(
-                model, self.tokenizer, config, task.source, batch_size, self.autocast, workers, memo=self.memo
+                model, self.processor, task.source, batch_size, self.autocast, workers, memo=self.memo
             )
         else:
 
             def build() -> torch.Tensor:
                 return zeroshot_classifier(
-                    model, self.tokenizer, config, task.classnames, task.templates, batch_size, self.autocast, self.memo
+                    model, self.processor, task.classnames, task.templates, batch_size, self.autocast, self.memo
                 )
 
             classifier = self.cache.get(step, task.classnames, task.templates, build)
             result = evaluate_zeroshot(
                 model,
-                self.tokenizer,
-                config,
+                self.processor,
                 task.source,
                 task.classnames,
                 task.templates,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,50 +26,27 @@ from typing import Any
 import torch
 from torch import nn
 
-from clipforge.checkpoint import (
-    build_model,
-    check_trainable_size,
-    hf_text_config,
-    read_checkpoint,
-    save_checkpoint,
-)
-from clipforge.config import Config, ConfigError, config_to_dict, save_config
+from clipforge.checkpoint import read_checkpoint
+from clipforge.config import Config, ConfigError
 from clipforge.config.errors import Interrupted
-from clipforge.data.base import ImageTextSource
-from clipforge.data.loader import LoaderSpec, build_train_loader
 from clipforge.data.samples import Batch
-from clipforge.data.shards import ShardSource
 from clipforge.data.sources import build_source
-from clipforge.data.tokenize import Tokenizer, build_tokenizer
-from clipforge.data.transforms import build_image_transform
 from clipforge.distributed import (
     DistributedContext,
     all_reduce_sum,
-    broadcast_object,
     close_distributed,
     gather_ints,
     init_distributed,
     wrap,
 )
-from clipforge.interop.load import InitialModel, init_model, resumed_init_config
-from clipforge.losses import build_loss
-from clipforge.model import CLIPModel, resolve_image_preprocess
+from clipforge.interop.load import run_start
 from clipforge.model.registry import MAX_LOGIT_SCALE
-from clipforge.runtime import (
-    autocast_context,
-    keep_freed_memory_in_the_heap,
-    resolve_device,
-    rng_state,
-    seed_everything,
-    set_rng_state,
-)
-from clipforge.train import interrupt, preflight, resume, run_dir
-from clipforge.train.cache_features import build_feature_cache
-from clipforge.train.evaluation import TrainingEvaluator
+from clipforge.runtime import keep_freed_memory_in_the_heap, resolve_device, seed_everything
+from clipforge.train import interrupt, preflight, resume, run_dir, setup
+from clipforge.train.checkpoints import write_best, write_checkpoints
 from clipforge.train.gradcache import backward_step
 from clipforge.train.log_backends import import_backends
-from clipforge.train.optim import build_optimizer, build_scheduler
-from clipforge.train.run_log import NullRunLogger, RunLogger
+from clipforge.train.setup import TrainingRun
 from clipforge.train.state import LogWindow, RunState
 
 __all__ = ["TrainResult", "TrainingRun", "backward_step", "train"]
@@ -91,30 +67,6 @@ class TrainResult:
     checkpoint: Path
     history: list[dict[str, Any]] = field(default_factory=list)
     is_main: bool = True
-
-
-@dataclass
-class TrainingRun:
-    """What a run builds at its start and then only uses (what changes is in :class:`RunState`).
-
-    ``model`` is the :class:`CLIPModel`; ``train_model`` what the step calls: the model, its DDP wrapper, or
-    the model sharded in place (FSDP2). ``batches`` and ``run_log`` are set once the state is restored.
-    """
-
-    config: Config
-    context: DistributedContext
-    output_dir: Path
-    tokenizer: Tokenizer
-    model: CLIPModel
-    train_model: nn.Module
-    loss_fn: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler | None
-    evaluator: TrainingEvaluator
-    autocast: Any
-    batches: Iterator[Batch] = field(default_factory=lambda: iter(()))
-    run_log: RunLogger | NullRunLogger = field(default_factory=NullRunLogger)
 
 
 def train(config: Config, resume: str | Path | None = None, overwrite: bool = False) -> TrainResult:
@@ -152,20 +104,15 @@ def _train(config: Config, resume_from: str | Path | None, overwrite: bool, cont
     if resume_path is None and resume_from is not None:  # --resume latest, nothing saved yet: start afresh,
         overwrite = overwrite or run_dir.run_evidence(output_dir) == "metrics.jsonl"  # the stopped attempt's log too
     checkpoint = read_checkpoint(resume_path) if resume_path is not None else None
-    # model.init: the imported model decides the architecture, so the run's config (and its checkpoints) carry
-    # it; a resumed run rebuilds that config from its checkpoint, which also holds the weights: no new import
-    initial = None
-    if config.model.init and checkpoint is not None:
-        config = resumed_init_config(config, checkpoint["config"])
-    elif config.model.init:
-        initial = init_model(config)
-        config = initial.config
+    # where the weights come from (the checkpoint, model.init, or a new model) is decided once, here
+    start = run_start(config, checkpoint)
+    config = start.config
     if checkpoint is not None:
         resume.check_resume_checkpoint(checkpoint, resume_path, config)
         if context.is_main:
-            for message in resume.schedule_changes(checkpoint["config"], config, int(checkpoint["step"])):
+            for message in resume.schedule_changes(checkpoint.config, config, checkpoint.step):
                 logger.warning(message)
-        config = resume.effective_config(checkpoint["config"], config)
+        start.config = config = resume.effective_config(checkpoint.config, config)
     resume.check_same_checkpoint_everywhere(checkpoint, resume_from)
     run_dir.check_output_dir(output_dir, resume_path, overwrite)
     if context.is_main:  # a missing W&B/MLflow package is named before anything is built, written or removed
@@ -175,18 +122,18 @@ def _train(config: Config, resume_from: str | Path | None, overwrite: bool, cont
     preflight.check_images_decode(source, config.data)
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    run, transform, cached_features = _build(config, context, output_dir, source, checkpoint, initial)
+    run, cached_features = setup.build_run(start, context, output_dir, source)
     state = RunState(
         data_streams=max(1, config.data.num_workers),
         window=LogWindow.on(context.device),
         last_checkpoint=output_dir / "last.pt",
     )
     if checkpoint is not None:
-        _restore(run, state, checkpoint, resume_path)
+        setup.restore(run, state, checkpoint, resume_path)
     if context.is_main:
-        _prepare_output_dir(run, resume_path, checkpoint, overwrite)
-    run.batches = _batches(run, source, transform, cached_features, state)
-    run.run_log = _run_logger(run, state)
+        setup.prepare_output_dir(run, resume_path, checkpoint, overwrite)
+    run.batches = setup.batches(run, source, cached_features, state)
+    run.run_log = setup.run_logger(run, state)
     return _run(run, state)
 
 
@@ -201,147 +148,6 @@ def _check_processes(config: Config, context: DistributedContext) -> None:
             f"into train.accumulation_steps={accumulation_steps} micro-batches: use a multiple of "
             f"{world_size * accumulation_steps}"
         )
-
-
-# ----------------------------------------------------------------------------------------------
-# Set-up
-# ----------------------------------------------------------------------------------------------
-def _training_captions(source: ImageTextSource | ShardSource) -> list[str]:
-    if isinstance(source, ShardSource):
-        return list(source.iter_captions())  # one pass over the shards' caption members, no image is read
-    return [caption for index in range(len(source)) for caption in source.captions(index)]
-
-
-def _build_tokenizer(
-    config: Config, context: DistributedContext, source: ImageTextSource | ShardSource, checkpoint: dict | None
-) -> Tokenizer:
-    """The checkpoint's tokenizer, or one trained on the data's captions (rank 0 trains it, every rank gets it)."""
-    if checkpoint is not None:
-        return Tokenizer.from_state_dict(checkpoint["tokenizer"])
-    text_config = config.model.text
-    tokenizer = None
-    if context.is_main:
-        tokenizer = build_tokenizer(text_config.tokenizer, text_config.name, _training_captions(source))
-    if context.enabled:  # rank 0 trains the vocabulary once; every rank then tokenizes alike
-        tokenizer = Tokenizer.from_state_dict(broadcast_object(tokenizer.state_dict() if tokenizer else None))
-    return tokenizer
-
-
-def _build(
-    config: Config,
-    context: DistributedContext,
-    output_dir: Path,
-    source: ImageTextSource | ShardSource,
-    checkpoint: dict | None,
-    initial: InitialModel | None = None,
-) -> tuple[TrainingRun, Any, Any]:
-    """The run's parts, in the order that keeps the random stream (and so resume) exact; also the image
-    transform and the locked towers' feature cache, which only the loader needs. ``initial``: the model and
-    tokenizer that ``model.init`` imported (a resumed run then loads the checkpoint's weights over them)."""
-    device = context.device
-    if initial is not None and checkpoint is None:
-        tokenizer = initial.tokenizer  # the imported model's own: its embedding rows follow these ids
-    else:
-        tokenizer = _build_tokenizer(config, context, source, checkpoint)
-    if initial is not None:
-        model = initial.model.to(device)
-    else:
-        text_config = checkpoint.get("hf_text_config") if checkpoint else None
-        check_trainable_size(config, tokenizer, device, text_config)  # counted before anything is allocated
-        model = build_model(
-            config,
-            tokenizer,
-            pretrained=checkpoint is None,
-            text_config_json=text_config,
-        ).to(device)
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])  # before sharding: FSDP2 shards the weights the model holds
-    transform = build_image_transform(resolve_image_preprocess(config.model.image), config.data.augment)
-    # locked towers' features, computed once (or found) before the model is wrapped for distribution
-    cached_features = build_feature_cache(config, model, source, tokenizer, transform, device)
-    train_model = wrap.prepare_model(model, config.train, context)
-    loss_fn = build_loss(config.loss, distributed=context.enabled)
-    optimizer = build_optimizer(model, config.optim, device, config.model)
-    run = TrainingRun(
-        config=config,
-        context=context,
-        output_dir=output_dir,
-        tokenizer=tokenizer,
-        model=model,
-        train_model=train_model,
-        loss_fn=loss_fn,
-        optimizer=optimizer,
-        scheduler=build_scheduler(optimizer, config.schedule, config.train.steps),
-        scaler=torch.amp.GradScaler("cuda") if config.train.precision == "fp16" else None,
-        # opens the eval sources now, so a wrong path fails before the first step rather than at the first eval
-        evaluator=TrainingEvaluator(config, tokenizer, autocast_context(device, config.train.precision)),
-        autocast=autocast_context(device, config.train.precision),
-    )
-    return run, transform, cached_features
-
-
-def _restore(run: TrainingRun, state: RunState, checkpoint: dict[str, Any], resume_from: Path) -> None:
-    """Optimizer, schedule, scaler, RNG, evaluator and run state as the checkpoint has them."""
-    wrap.load_optimizer_state(run.train_model, run.optimizer, checkpoint["optimizer"])
-    run.scheduler.load_state_dict(checkpoint["scheduler"])
-    # the learning rate of the next step follows the run's schedule now (train.steps or schedule.* may have
-    # changed on resume); the restored optimizer still holds the one the old schedule set after the last step
-    resume.apply_schedule(run.optimizer, run.scheduler)
-    if run.scaler is not None and checkpoint.get("scaler"):
-        run.scaler.load_state_dict(checkpoint["scaler"])
-    state.load_state_dict(checkpoint)
-    if not run.context.enabled:  # torch's generators are reseeded every step; this restores Python's and CUDA's
-        set_rng_state(checkpoint["rng"], run.context.device)
-    run.evaluator.load_state_dict(checkpoint.get("eval", {}))
-    if resume_from.resolve().parent != run.output_dir.resolve():
-        state.saved_step = -1  # last.pt of this folder does not hold the resumed step yet
-    logger.info("resumed from %s at step %d (%d samples seen)", resume_from, state.step, state.samples_seen)
-
-
-def _prepare_output_dir(run: TrainingRun, resume_path: Path | None, checkpoint: dict | None, overwrite: bool) -> None:
-    """Rank 0, once everything is built (a failed set-up loses nothing): clear the folder as asked, sweep stale
-    temporaries, carry ``best.pt`` over from another folder, and write the config beside the checkpoints."""
-    if overwrite:
-        run_dir.remove_run_files(run.output_dir)
-    run_dir.remove_stale_temporaries(run.output_dir)
-    if checkpoint is not None:
-        resume.carry_best_checkpoint(resume_path, run.output_dir, checkpoint.get("eval", {}))
-    # the run's own file (run_dir refused a folder whose config.yaml is someone else's)
-    save_config(run.config, run.output_dir / "config.yaml", replace=True)
-
-
-def _batches(run: TrainingRun, source, transform, cached_features, state: RunState) -> Iterator[Batch]:
-    """The endless batches of this rank, from where the state says the data stands (the loader is built now, so
-    a mistake it finds surfaces before the first step)."""
-    config, context = run.config, run.context
-    # samples_seen counts the whole run's samples; each rank loads and has consumed its 1/world_size of them
-    spec = LoaderSpec(
-        transform,
-        run.tokenizer,
-        config.model.text.context_length,
-        config.train.batch_size // context.world_size,
-        seed=config.train.seed,
-        start_sample=state.samples_seen // context.world_size,
-        num_workers=config.data.num_workers,
-        rank=context.rank,
-        world_size=context.world_size,
-        pin_memory=context.device.type == "cuda",
-        caption_sampling=config.data.caption_sampling,
-        streams=state.data_streams,
-    )
-    loader = build_train_loader(source, spec, cached_features=cached_features)
-    return _endless(loader)
-
-
-def _endless(loader) -> Iterator[Batch]:
-    yield from loader  # the sampler never ends: one iterator serves the whole run
-
-
-def _run_logger(run: TrainingRun, state: RunState) -> RunLogger | NullRunLogger:
-    """Rank 0's logger (``logging.*``: metrics.jsonl, the backends, the progress bar); the other ranks log nothing."""
-    if not run.context.is_main:
-        return NullRunLogger()
-    return RunLogger.for_run(run.config, run.output_dir, state.step)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -400,7 +206,7 @@ def _advance(run: TrainingRun, state: RunState, stop: interrupt.StopRequest) -> 
     if run.evaluator.due(state.step) and (context.is_main or wrap.is_sharded(run.train_model)):
         _evaluate(run, state)
     if state.step % config.train.checkpoint_every == 0 or state.step == config.train.steps:
-        state.last_checkpoint = _write_checkpoints(run, state)
+        state.last_checkpoint = write_checkpoints(run, state)
 
 
 def _count_skipped(batch: Batch, sizes: list[int], state: RunState, batch_size: int) -> None:
@@ -483,53 +289,15 @@ def _evaluate(run: TrainingRun, state: RunState) -> None:
         record, improved = run.evaluator.run(eval_model, state.step)
     run.run_log.log(state.step, record, show=run.evaluator.shown)
     if improved:
-        payload = _checkpoint_payload(run, state)
-        if run.context.is_main:
-            save_checkpoint(run.output_dir / "best.pt", payload, replace=True)
+        write_best(run, state)
     state.window.started += time.perf_counter() - started  # evaluation is not training throughput
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints
-# ----------------------------------------------------------------------------------------------
-def _checkpoint_payload(run: TrainingRun, state: RunState) -> dict[str, Any]:
-    """The checkpoint dict; a collective under FSDP2 (every rank calls it, rank 0 gets the weights)."""
-    return {
-        "config": config_to_dict(run.config),
-        "tokenizer": run.tokenizer.state_dict(),
-        "hf_text_config": hf_text_config(run.model),
-        "model": wrap.model_state(run.train_model),
-        "optimizer": wrap.optimizer_state(run.train_model, run.optimizer),
-        "scheduler": run.scheduler.state_dict(),
-        "scaler": run.scaler.state_dict() if run.scaler is not None else {},
-        **state.state_dict(),  # step, samples_seen, data_streams, skipped_images
-        "rng": rng_state(run.context.device),
-        "eval": run.evaluator.state_dict(),
-        "world_size": run.context.world_size,
-    }
-
-
-def _write_checkpoints(run: TrainingRun, state: RunState) -> Path:
-    """``last.pt`` and, with ``train.keep_checkpoints``, ``step_<N>.pt`` (the oldest beyond that many removed)."""
-    payload = _checkpoint_payload(run, state)
-    output_dir, keep = run.output_dir, run.config.train.keep_checkpoints
-    state.saved_step = state.step
-    if not run.context.is_main:
-        return output_dir / "last.pt"
-    last = save_checkpoint(output_dir / "last.pt", payload, replace=True)
-    if keep > 0:
-        save_checkpoint(output_dir / f"step_{state.step}.pt", payload, replace=True)
-        numbered = sorted(output_dir.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
-        for old in numbered[:-keep]:
-            old.unlink()
-    return last
 
 
 def _stop(run: TrainingRun, state: RunState, stop: interrupt.StopRequest) -> None:
     """Save the state after the last finished step (unless ``last.pt`` holds it already) and end the command
     with :class:`Interrupted` (exit code 130 for SIGINT, 143 for SIGTERM)."""
     if state.saved_step != state.step:
-        state.last_checkpoint = _write_checkpoints(run, state)
+        state.last_checkpoint = write_checkpoints(run, state)
     where = run.output_dir if state.step > 0 else None
     raise Interrupted(
         f"stopped by {stop.name} after step {state.step}"

@@ -7,6 +7,7 @@ current config's. Changing either on resume is allowed but rarely what one means
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import shutil
@@ -15,7 +16,8 @@ from typing import Any
 
 import torch
 
-from clipforge.config import Config, ConfigError, ScheduleConfig, config_from_dict, config_to_dict
+from clipforge.checkpoint import Checkpoint
+from clipforge.config import Config, ConfigError, config_to_dict
 from clipforge.distributed import gather_ints
 from clipforge.io import atomic_write
 from clipforge.train.optim import lr_multiplier
@@ -23,30 +25,24 @@ from clipforge.train.optim import lr_multiplier
 logger = logging.getLogger("clipforge")
 
 
-def check_resume_checkpoint(checkpoint: dict[str, Any], resume_path: Path, config: Config) -> None:
-    """Refuse the checkpoint dict read from ``resume_path`` when it was trained with another model config than
+def check_resume_checkpoint(checkpoint: Checkpoint, resume_path: Path, config: Config) -> None:
+    """Refuse the checkpoint read from ``resume_path`` when it was trained with another model config than
     ``config``'s."""
-    # through the schema first, so a checkpoint saved before a model field was added compares by its values
-    try:
-        saved_model = config_to_dict(config_from_dict(checkpoint["config"]))["model"]
-    except ConfigError as error:
-        raise ConfigError(f"--resume {resume_path}: its saved config does not fit this clipforge: {error}") from None
-    if saved_model != config_to_dict(config)["model"]:
+    if config_to_dict(checkpoint.config)["model"] != config_to_dict(config)["model"]:
         raise ConfigError(
             f"--resume {resume_path}: the checkpoint was trained with another model config; "
             "resume with the run's own config.yaml (saved next to the checkpoint)"
         )
 
 
-def effective_config(saved: dict[str, Any], config: Config) -> Config:
+def effective_config(saved: Config, config: Config) -> Config:
     """``config`` as a resumed run really trains it: the optimizer's settings (``optim.*``) are the checkpoint's,
     because its state - learning rates, weight decay, betas, eps - comes back from the file and overrides them.
 
     So the run's ``config.yaml`` and checkpoints say what runs; :func:`schedule_changes` warns about each
     setting that was asked for and has no effect.
     """
-    saved_optim = config_from_dict(saved).optim
-    return dataclasses.replace(config, optim=saved_optim)
+    return dataclasses.replace(config, optim=copy.deepcopy(saved.optim))
 
 
 def apply_schedule(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
@@ -63,9 +59,9 @@ def apply_schedule(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_s
     scheduler._last_lr = rates  # what get_last_lr() reports: the rate of the next step
 
 
-def check_same_checkpoint_everywhere(checkpoint: dict[str, Any] | None, resume: str | Path | None) -> None:
+def check_same_checkpoint_everywhere(checkpoint: Checkpoint | None, resume: str | Path | None) -> None:
     """Every process must resume from the same step (a collective: every rank calls it)."""
-    resumed_steps = gather_ints(int(checkpoint["step"]) if checkpoint is not None else -1)
+    resumed_steps = gather_ints(checkpoint.step if checkpoint is not None else -1)
     if len(set(resumed_steps)) > 1:
         raise ConfigError(
             f"--resume {resume}: the processes read different checkpoints (steps {resumed_steps} by rank); "
@@ -73,20 +69,15 @@ def check_same_checkpoint_everywhere(checkpoint: dict[str, Any] | None, resume: 
         )
 
 
-def _schedule(values: dict[str, Any]) -> ScheduleConfig:
-    known = {f.name for f in dataclasses.fields(ScheduleConfig)}
-    return ScheduleConfig(**{key: value for key, value in values.items() if key in known})
-
-
-def schedule_changes(saved: dict[str, Any], config: Config, step: int) -> list[str]:
+def schedule_changes(saved: Config, config: Config, step: int) -> list[str]:
     """One sentence per schedule setting that differs between the checkpoint's config ``saved`` and ``config``.
 
     Each says what changed and what it does from ``step`` on: the learning rate there, before and after
     (``base lr * lr_multiplier``; the base is the checkpoint's, see the module docstring).
     """
-    old_steps, new_steps = int(saved["train"]["steps"]), config.train.steps
-    old_schedule, new_schedule = _schedule(saved["schedule"]), config.schedule
-    base_lr = float(saved["optim"]["lr"])
+    old_steps, new_steps = saved.train.steps, config.train.steps
+    old_schedule, new_schedule = saved.schedule, config.schedule
+    base_lr = saved.optim.lr
     before = base_lr * lr_multiplier(step, old_steps, old_schedule)
     after = base_lr * lr_multiplier(step, new_steps, new_schedule)
     moves = f"the learning rate at step {step} moves from {before:.3g} to {after:.3g}"
@@ -107,10 +98,10 @@ def schedule_changes(saved: dict[str, Any], config: Config, step: int) -> list[s
                 f"schedule.{key} {old_value} -> {new_value} on resume: the learning rate follows the new "
                 f"schedule from step {step} on ({moves})"
             )
-    saved_optim = saved.get("optim", {})
+    saved_optim = dataclasses.asdict(saved.optim)
     for key, new_value in dataclasses.asdict(config.optim).items():
-        old_value = saved_optim.get(key, new_value)
-        if key in saved_optim and float(new_value) != float(old_value):
+        old_value = saved_optim[key]
+        if float(new_value) != float(old_value):
             messages.append(
                 f"optim.{key} {old_value} -> {new_value} on resume has no effect: the optimizer keeps the "
                 f"checkpoint's {key} {old_value} (the run's config.yaml says so too); start a new run to train "
@@ -152,3 +143,11 @@ def carry_best_checkpoint(resume_path: Path, output_dir: Path, eval_state: dict[
         atomic_write(target, lambda out: shutil.copyfileobj(handle, out))
     logger.info("copied %s (the best so far, step %d) to %s", source, best_step, target)
     return target
+
+
+def not_a_training_checkpoint(path: Path) -> ConfigError:
+    """The refusal of ``--resume`` from a checkpoint without a training state (one written by clipforge import)."""
+    return ConfigError(
+        f"--resume {path}: this checkpoint holds a model but no training state (it was written by clipforge import, "
+        "or by an earlier run's export); start a run from it with model.init instead"
+    )

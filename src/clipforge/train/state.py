@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from clipforge.checkpoint import TrainingState
+
 
 @dataclass
 class LogWindow:
@@ -71,18 +73,17 @@ class RunState:
     last_checkpoint: Path | None = None
 
     def state_dict(self) -> dict[str, int]:
-        """The checkpoint's top-level keys for this state; a resumed run needs them back (the log window starts
-        afresh)."""
+        """The data position and counts a checkpoint's :class:`~clipforge.checkpoint.TrainingState` keeps for this
+        state (the step is the checkpoint's own; the log window starts afresh on resume)."""
         return {
-            "step": self.step,
             "samples_seen": self.samples_seen,
             "data_streams": self.data_streams,
             "skipped_images": self.skipped_images,
         }
 
-    def load_state_dict(self, checkpoint: dict[str, Any]) -> None:
-        """Take the step, data position and skipped count from a checkpoint dict (older ones lack some keys)."""
-        self.step = self.saved_step = int(checkpoint["step"])
-        self.samples_seen = int(checkpoint["samples_seen"])
-        self.data_streams = int(checkpoint.get("data_streams") or self.data_streams)
-        self.skipped_images = int(checkpoint.get("skipped_images") or 0)
+    def load(self, step: int, training: TrainingState) -> None:
+        """Take the step, data position and skipped count of a resumed checkpoint."""
+        self.step = self.saved_step = int(step)
+        self.samples_seen = int(training.samples_seen)
+        self.data_streams = int(training.data_streams or self.data_streams)
+        self.skipped_images = int(training.skipped_images or 0)
