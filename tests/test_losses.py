@@ -25,7 +25,7 @@ def make_inputs(n: int = N, d: int = D, seed: int = 0, dtype: torch.dtype = torc
     images = F.normalize(torch.randn(n, d, generator=generator, dtype=torch.float64), dim=-1)
     # texts correlated with their images, so the positives differ from the negatives
     texts = F.normalize(images + 0.7 * torch.randn(n, d, generator=generator, dtype=torch.float64), dim=-1)
-    logit_scale = torch.tensor(math.log(7.0), dtype=torch.float64)
+    logit_scale = torch.tensor(7.0, dtype=torch.float64)  # the multiplier t, as the losses take it
     logit_bias = torch.tensor(-2.5, dtype=torch.float64)
     return [t.to(dtype).requires_grad_() for t in (images, texts, logit_scale, logit_bias)]
 
@@ -35,7 +35,7 @@ def make_inputs(n: int = N, d: int = D, seed: int = 0, dtype: torch.dtype = torc
 # ----------------------------------------------------------------------------------------------
 def numpy_clip_loss(images: np.ndarray, texts: np.ndarray, logit_scale: float) -> float:
     n = images.shape[0]
-    t = math.exp(logit_scale)
+    t = logit_scale
     logits = [[t * float(np.dot(images[i], texts[j])) for j in range(n)] for i in range(n)]
 
     def cross_entropy(row: list[float], target: int) -> float:
@@ -49,7 +49,7 @@ def numpy_clip_loss(images: np.ndarray, texts: np.ndarray, logit_scale: float) -
 
 def numpy_siglip_loss(images: np.ndarray, texts: np.ndarray, logit_scale: float, logit_bias: float) -> float:
     n = images.shape[0]
-    t = math.exp(logit_scale)
+    t = logit_scale
     total = 0.0
     for i in range(n):
         for j in range(n):
@@ -61,13 +61,13 @@ def numpy_siglip_loss(images: np.ndarray, texts: np.ndarray, logit_scale: float,
 
 
 def torch_clip_reference(images, texts, logit_scale):
-    logits = logit_scale.exp() * images @ texts.T
+    logits = logit_scale * images @ texts.T
     labels = torch.arange(images.shape[0])
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
 
 
 def torch_siglip_reference(images, texts, logit_scale, logit_bias):
-    logits = logit_scale.exp() * images @ texts.T + logit_bias
+    logits = logit_scale * images @ texts.T + logit_bias
     labels = 2 * torch.eye(images.shape[0], dtype=logits.dtype) - 1
     return -F.logsigmoid(labels * logits).sum() / images.shape[0]
 
@@ -177,9 +177,9 @@ def test_low_precision_inputs_give_float32_maths(kind):
 
 def test_perfect_alignment_with_large_scale_gives_near_zero_clip_loss():
     features = torch.eye(8)  # orthonormal: l_ii = t, l_ij = 0
-    loss = ClipLoss()(features, features.clone(), torch.tensor(math.log(100.0)))
+    loss = ClipLoss()(features, features.clone(), torch.tensor(100.0))
     assert 0.0 <= loss.item() < 1e-30 + 7 * math.exp(-100) * 1.01
-    assert ClipLoss(chunk_size=3)(features, features.clone(), torch.tensor(math.log(100.0))).item() < 1e-6
+    assert ClipLoss(chunk_size=3)(features, features.clone(), torch.tensor(100.0)).item() < 1e-6
 
 
 def test_shape_errors_are_clear():

@@ -2,10 +2,10 @@
 
 from clipforge.model.clip import CLIPModel, CLIPOutput
 from clipforge.model.registry import (
-    CLIP_INIT_LOGIT_SCALE,
-    MAX_LOGIT_SCALE,
+    CLIP_INIT_LOG_LOGIT_SCALE,
+    MAX_LOG_LOGIT_SCALE,
+    SIGLIP_INIT_LOG_LOGIT_SCALE,
     SIGLIP_INIT_LOGIT_BIAS,
-    SIGLIP_INIT_LOGIT_SCALE,
     count_parameters,
     create_model,
 )
@@ -13,12 +13,12 @@ from clipforge.model.towers import Tower
 from clipforge.model.vision import resolve_image_preprocess
 
 __all__ = [
-    "CLIP_INIT_LOGIT_SCALE",
+    "CLIP_INIT_LOG_LOGIT_SCALE",
     "CLIPModel",
     "CLIPOutput",
-    "MAX_LOGIT_SCALE",
+    "MAX_LOG_LOGIT_SCALE",
     "SIGLIP_INIT_LOGIT_BIAS",
-    "SIGLIP_INIT_LOGIT_SCALE",
+    "SIGLIP_INIT_LOG_LOGIT_SCALE",
     "Tower",
     "count_parameters",
     "create_model",
