@@ -9,6 +9,7 @@ from clipforge.model.registry import (
     count_parameters,
     create_model,
 )
+from clipforge.model.state_renames import rename_logit_scale, rename_logit_scale_in_optimizer
 from clipforge.model.towers import Tower
 from clipforge.model.vision import resolve_image_preprocess
 
@@ -22,5 +23,7 @@ __all__ = [
     "Tower",
     "count_parameters",
     "create_model",
+    "rename_logit_scale",
+    "rename_logit_scale_in_optimizer",
     "resolve_image_preprocess",
 ]
