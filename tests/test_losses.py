@@ -104,6 +104,18 @@ def test_siglip_value_matches_numpy_loops(chunk_size):
 
 
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_open_clips_call_gives_open_clips_loss(kind):
+    """The call shape is open_clip's, multiplier included (there ``logit_scale = model.logit_scale.exp()``): the
+    same arguments give the same loss, so a call ported either way takes ``exp`` neither twice nor not at all."""
+    open_clip_loss = pytest.importorskip("open_clip.loss")
+    images, texts, logit_scale, logit_bias = (t.detach() for t in make_inputs())
+    arguments = (images, texts, logit_scale) + ((logit_bias,) if kind == "siglip" else ())
+    theirs = (open_clip_loss.ClipLoss() if kind == "clip" else open_clip_loss.SigLipLoss())(*arguments)
+    for chunk_size in (None, 3):
+        assert LOSSES[kind](chunk_size)(*arguments).item() == pytest.approx(theirs.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
 @pytest.mark.parametrize("chunk_size", [None, 3])
 def test_gradients_match_textbook_formula(kind, chunk_size):
     inputs = make_inputs(n=16, d=8, seed=1, dtype=torch.float64)
