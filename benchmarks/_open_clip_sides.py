@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from clipforge.config import config_from_dict
 from clipforge.data.samples import Batch
 from clipforge.losses import build_loss
-from clipforge.model import MAX_LOGIT_SCALE, create_model
+from clipforge.model import MAX_LOG_LOGIT_SCALE, create_model
 from clipforge.runtime import autocast_context
 from clipforge.train.gradcache import backward_step
 from clipforge.train.optim import build_optimizer
@@ -159,7 +159,7 @@ def clipforge_side(arch: Arch, config, precision: str, inputs: Inputs, device: t
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
         optimizer.step()
         with torch.no_grad():
-            model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+            model.log_logit_scale.clamp_(0, MAX_LOG_LOGIT_SCALE)
         return loss
 
     def embed_images() -> Tensor:
@@ -276,7 +276,7 @@ def _part_counts(model: nn.Module, part_of: Callable[[str], str]) -> dict[str, i
 
 
 def _clipforge_part(name: str) -> str:
-    return "logit" if name.startswith("logit_") else "image" if name.startswith("image_") else "text"
+    return "logit" if name in ("log_logit_scale", "logit_bias") else "image" if name.startswith("image_") else "text"
 
 
 def _open_clip_part(name: str) -> str:
@@ -296,6 +296,8 @@ def count_parts(sides: list[Side]) -> dict[str, dict[str, int]]:
 
 # clipforge name -> open_clip name; the heads are stored transposed (open_clip: x @ proj, clipforge: Linear)
 _HEADS = {"image_head.proj.weight": "visual.proj", "text_head.proj.weight": "text_projection"}
+# open_clip's model calls its log t parameter logit_scale too (its losses take the multiplier under that name)
+_TOP_LEVEL = {"log_logit_scale": "logit_scale", "logit_bias": "logit_bias"}
 _TOWER_PREFIXES = (
     ("image_tower.patch_embed.", "visual.conv1."),
     ("image_tower.transformer.blocks.", "visual.transformer.resblocks."),
@@ -318,6 +320,8 @@ def open_clip_name(name: str) -> tuple[str, bool]:
     """(open_clip's name for clipforge's parameter ``name``, whether it is stored transposed)."""
     if name in _HEADS:
         return _HEADS[name], True
+    if name in _TOP_LEVEL:
+        return _TOP_LEVEL[name], False
     for prefix, replacement in _TOWER_PREFIXES:
         if not name.startswith(prefix):
             continue
@@ -330,7 +334,7 @@ def open_clip_name(name: str) -> tuple[str, bool]:
                     break
             rest = f"{index}.{inside}"
         return replacement + rest, False
-    return name, False  # logit_scale, logit_bias
+    return name, False
 
 
 def copy_weights(source: nn.Module, target: nn.Module) -> str | None:

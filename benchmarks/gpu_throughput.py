@@ -39,7 +39,7 @@ from clipforge.data.samples import Batch
 from clipforge.distributed.wrap import compile_towers
 from clipforge.losses import build_loss
 from clipforge.model import create_model
-from clipforge.model.registry import MAX_LOGIT_SCALE
+from clipforge.model.registry import MAX_LOG_LOGIT_SCALE
 from clipforge.runtime import autocast_context
 from clipforge.train.gradcache import backward_step
 from clipforge.train.optim import build_optimizer
@@ -109,7 +109,7 @@ def run_setting(name: str, compiled: bool, args: argparse.Namespace, device: tor
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         with torch.no_grad():
-            model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+            model.log_logit_scale.clamp_(0, MAX_LOG_LOGIT_SCALE)
         return loss
 
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

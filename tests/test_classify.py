@@ -41,7 +41,7 @@ def test_probabilities_are_the_softmax_over_the_prompt_ensemble(tiny_checkpoint,
         prompts = encode_texts(loaded.model, loaded.processor, [t.format(label) for t in templates])
         weights.append(torch.nn.functional.normalize(prompts.mean(0), dim=0))
     image_embeddings = _embed_files(loaded, files)
-    logits = loaded.model.logit_scale.exp().item() * image_embeddings @ torch.stack(weights).T
+    logits = loaded.model.log_logit_scale.exp().item() * image_embeddings @ torch.stack(weights).T
     np.testing.assert_allclose(result.probabilities, logits.softmax(-1).numpy(), rtol=1e-4, atol=1e-5)
 
 

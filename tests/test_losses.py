@@ -25,7 +25,7 @@ def make_inputs(n: int = N, d: int = D, seed: int = 0, dtype: torch.dtype = torc
     images = F.normalize(torch.randn(n, d, generator=generator, dtype=torch.float64), dim=-1)
     # texts correlated with their images, so the positives differ from the negatives
     texts = F.normalize(images + 0.7 * torch.randn(n, d, generator=generator, dtype=torch.float64), dim=-1)
-    logit_scale = torch.tensor(math.log(7.0), dtype=torch.float64)
+    logit_scale = torch.tensor(7.0, dtype=torch.float64)  # the multiplier t, as the losses take it
     logit_bias = torch.tensor(-2.5, dtype=torch.float64)
     return [t.to(dtype).requires_grad_() for t in (images, texts, logit_scale, logit_bias)]
 
@@ -35,7 +35,7 @@ def make_inputs(n: int = N, d: int = D, seed: int = 0, dtype: torch.dtype = torc
 # ----------------------------------------------------------------------------------------------
 def numpy_clip_loss(images: np.ndarray, texts: np.ndarray, logit_scale: float) -> float:
     n = images.shape[0]
-    t = math.exp(logit_scale)
+    t = logit_scale
     logits = [[t * float(np.dot(images[i], texts[j])) for j in range(n)] for i in range(n)]
 
     def cross_entropy(row: list[float], target: int) -> float:
@@ -49,7 +49,7 @@ def numpy_clip_loss(images: np.ndarray, texts: np.ndarray, logit_scale: float) -
 
 def numpy_siglip_loss(images: np.ndarray, texts: np.ndarray, logit_scale: float, logit_bias: float) -> float:
     n = images.shape[0]
-    t = math.exp(logit_scale)
+    t = logit_scale
     total = 0.0
     for i in range(n):
         for j in range(n):
@@ -61,13 +61,13 @@ def numpy_siglip_loss(images: np.ndarray, texts: np.ndarray, logit_scale: float,
 
 
 def torch_clip_reference(images, texts, logit_scale):
-    logits = logit_scale.exp() * images @ texts.T
+    logits = logit_scale * images @ texts.T
     labels = torch.arange(images.shape[0])
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
 
 
 def torch_siglip_reference(images, texts, logit_scale, logit_bias):
-    logits = logit_scale.exp() * images @ texts.T + logit_bias
+    logits = logit_scale * images @ texts.T + logit_bias
     labels = 2 * torch.eye(images.shape[0], dtype=logits.dtype) - 1
     return -F.logsigmoid(labels * logits).sum() / images.shape[0]
 
@@ -101,6 +101,18 @@ def test_siglip_value_matches_numpy_loops(chunk_size):
     expected = numpy_siglip_loss(images.detach().numpy(), texts.detach().numpy(), logit_scale.item(), logit_bias.item())
     loss = SigLipLoss(chunk_size)(images, texts, logit_scale, logit_bias)
     assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_open_clips_call_gives_open_clips_loss(kind):
+    """The call shape is open_clip's, multiplier included (there ``logit_scale = model.logit_scale.exp()``): the
+    same arguments give the same loss, so a call ported either way takes ``exp`` neither twice nor not at all."""
+    open_clip_loss = pytest.importorskip("open_clip.loss")
+    images, texts, logit_scale, logit_bias = (t.detach() for t in make_inputs())
+    arguments = (images, texts, logit_scale) + ((logit_bias,) if kind == "siglip" else ())
+    theirs = (open_clip_loss.ClipLoss() if kind == "clip" else open_clip_loss.SigLipLoss())(*arguments)
+    for chunk_size in (None, 3):
+        assert LOSSES[kind](chunk_size)(*arguments).item() == pytest.approx(theirs.item(), rel=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
@@ -177,9 +189,9 @@ def test_low_precision_inputs_give_float32_maths(kind):
 
 def test_perfect_alignment_with_large_scale_gives_near_zero_clip_loss():
     features = torch.eye(8)  # orthonormal: l_ii = t, l_ij = 0
-    loss = ClipLoss()(features, features.clone(), torch.tensor(math.log(100.0)))
+    loss = ClipLoss()(features, features.clone(), torch.tensor(100.0))
     assert 0.0 <= loss.item() < 1e-30 + 7 * math.exp(-100) * 1.01
-    assert ClipLoss(chunk_size=3)(features, features.clone(), torch.tensor(math.log(100.0))).item() < 1e-6
+    assert ClipLoss(chunk_size=3)(features, features.clone(), torch.tensor(100.0)).item() < 1e-6
 
 
 def test_shape_errors_are_clear():

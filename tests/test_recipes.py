@@ -125,9 +125,9 @@ def test_recipe_builds_model_and_data_pipeline_offline(name: str, tmp_path: Path
     assert batch.attention_mask.shape == batch.input_ids.shape and not batch.skipped
     with torch.no_grad():
         output = model(batch.images, batch.input_ids, batch.attention_mask)
-    assert output["image_features"].shape == (BATCH, config.model.embed_dim)
-    assert output["text_features"].shape == (BATCH, config.model.embed_dim)
-    assert (output["logit_bias"] is not None) == (config.loss.kind == "siglip")
+    assert output.image_embeds.shape == (BATCH, config.model.embed_dim)
+    assert output.text_embeds.shape == (BATCH, config.model.embed_dim)
+    assert (output.logit_bias is not None) == (config.loss.kind == "siglip")
 
 
 def test_coco_recipe_siglip_override() -> None:

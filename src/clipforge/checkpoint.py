@@ -34,6 +34,7 @@ from clipforge.data.processor import Processor
 from clipforge.data.tokenize import Tokenizer
 from clipforge.io import atomic_write, shown
 from clipforge.model.factory import make_processor
+from clipforge.model.state_renames import rename_logit_scale, rename_logit_scale_in_optimizer
 from clipforge.version import __version__
 
 __all__ = ["Checkpoint", "CheckpointError", "TrainingState", "read_checkpoint", "save_checkpoint"]
@@ -185,15 +186,20 @@ TRAINING_KEYS_V1 = (
 
 
 def _upgrade_1_to_2(payload: dict[str, Any]) -> dict[str, Any]:
-    """Format 1 kept the tokenizer and the training state at the top level, and resolved the image preprocessing
-    anew from the config at every load. Format 2 holds a processor (the tokenizer, the context length and the
-    preprocessing resolved once: here, as format 1 resolved it) and the training state in one entry."""
+    """Format 1 kept the tokenizer and the training state at the top level, resolved the image preprocessing
+    anew from the config at every load, and stored log t as ``logit_scale``. Format 2 holds a processor (the
+    tokenizer, the context length and the preprocessing resolved once: here, as format 1 resolved it), the training
+    state in one entry, and log t as ``log_logit_scale``."""
     payload = dict(payload)
     if not isinstance(payload.get("config"), dict) or "tokenizer" not in payload:
         raise CheckpointError("no config or no tokenizer")
     model = build_dataclass(ModelConfig, dict(payload["config"].get("model", {})), "model")
     payload["processor"] = make_processor(model, Tokenizer.from_state_dict(payload.pop("tokenizer"))).state_dict()
+    # the temperature parameter holds log t under its own name now (format 1 called it logit_scale)
+    payload["model"] = rename_logit_scale(payload["model"])
     training = {key: payload.pop(key) for key in TRAINING_KEYS_V1 if key in payload}
+    if "optimizer" in training:  # an FSDP2 run keys its optimizer state by parameter name
+        training["optimizer"] = rename_logit_scale_in_optimizer(training["optimizer"])
     payload["training"] = training if "optimizer" in training else None
     payload["format_version"] = 2
     return payload

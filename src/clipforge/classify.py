@@ -3,7 +3,7 @@
 Each label becomes a prompt ensemble (``clipforge.eval.zeroshot.build_zeroshot_classifier``: the normalized
 mean of the normalized embeddings of every template filled with the label), and
 
-    p(label c | image n) = softmax_c(t * <image_n, w_c>),   t = exp(logit_scale), the model's temperature.
+    p(label c | image n) = softmax_c(t * <image_n, w_c>),   t = exp(log_logit_scale), the model's multiplier.
 
 (A SigLIP model is read the same way: the softmax over the given labels, not its per-pair sigmoid.)
 """
@@ -81,7 +81,7 @@ def classify_images(
     source = ImageFilesSource(expand_image_paths(images))
     classifier = zeroshot_classifier(loaded.model, loaded.processor, list(labels), templates)
     features = encode_source_images(loaded.model, source, loaded.processor, batch_size=batch_size)
-    logit_scale = float(loaded.model.logit_scale.detach().exp())
+    logit_scale = float(loaded.model.log_logit_scale.detach().exp())  # t, what predict_proba takes
     probabilities = predict_proba(features.features, classifier, logit_scale).cpu().numpy()
     paths = [source.describe(int(i)) for i in features.indices]
     failed = [{"id": s.where, "reason": s.reason} for s in features.skipped]

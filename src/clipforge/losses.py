@@ -1,9 +1,10 @@
 """Contrastive losses for two-tower image-text models: CLIP (softmax) and SigLIP (sigmoid).
 
 Both losses take L2-normalized features ``X`` (images) and ``Y`` (texts), each ``(N, D)``, where row ``i``
-of ``X`` and row ``i`` of ``Y`` are a matching pair, and the raw log-temperature ``logit_scale``:
-the logits are ``l_ij = t * <x_i, y_j>`` (+ ``b`` for SigLIP) with ``t = exp(logit_scale)``. The scale is
-not clamped here; keeping it in range is the model's job.
+of ``X`` and row ``i`` of ``Y`` are a matching pair, and the multiplier ``logit_scale`` = t (not its log,
+open_clip's call shape): the logits are ``l_ij = t * <x_i, y_j>`` (+ ``b`` for SigLIP). A model learns
+``log_logit_scale`` = log t and passes ``t = log_logit_scale.exp()`` (its forward's ``output.logit_scale``).
+The scale is not clamped here; keeping it in range is the trainer's job.
 
 Everything is computed in float32 whatever the input dtype (and with autocast switched off), because
 log-sum-exp and softplus over large batches lose too much in bf16/fp16.
@@ -107,7 +108,7 @@ class ContrastiveLoss(nn.Module):
     ``loss(image_features, text_features, logit_scale, logit_bias=None)`` -> a 0-dim float32 tensor:
 
     * ``image_features``, ``text_features``: ``(N, D)``, L2-normalized, row i of each a matching pair;
-    * ``logit_scale``: the raw log-temperature (a 0-dim tensor or a float), ``t = exp(logit_scale)``;
+    * ``logit_scale``: the multiplier t itself (a 0-dim tensor or a float), not its log;
     * ``logit_bias``: the additive logit bias ``b`` of losses that have one (``needs_bias``), else None.
 
     ``chunk_size``: sum the loss over row blocks of this many rows (peak extra memory O(chunk_size * N)).
@@ -181,7 +182,7 @@ def _row_logsumexp(rows: Tensor, columns: Tensor, scale: Tensor) -> Tensor:
 class ClipLoss(ContrastiveLoss):
     """Symmetric InfoNCE (CLIP) loss.
 
-    With logits ``l_ij = t * <x_i, y_j>``, ``t = exp(logit_scale)``, and the matching pair on the diagonal:
+    With logits ``l_ij = t * <x_i, y_j>``, ``t = logit_scale``, and the matching pair on the diagonal:
 
         loss = 0.5 * (CE_rows + CE_cols)
         CE_rows = (1/N) sum_i [ log sum_j exp(l_ij) - l_ii ]     (each image picks its caption)
@@ -223,7 +224,7 @@ class ClipLoss(ContrastiveLoss):
         columns_are_rows = image_columns is image_features and text_columns is text_features
         with _float32_math(image_features.device):
             images, texts = image_features.float(), text_features.float()
-            scale = _as_scalar(logit_scale, "logit_scale", images).exp()
+            scale = _as_scalar(logit_scale, "logit_scale", images)  # t, the multiplier
             if self.chunk_size is None and columns_are_rows:
                 # Single process, no chunking: one shared N x N matrix serves both directions.
                 logits = scale * (images @ texts.T)  # (N, N)
@@ -274,6 +275,8 @@ class SigLipLoss(ContrastiveLoss):
 
         loss = -(1/N) sum_ij log sigmoid(z_ij * l_ij),   l_ij = t * <x_i, y_j> + b,   z_ij = 1 if i == j else -1
 
+    with ``t = logit_scale`` and ``b = logit_bias``.
+
     Computed without a label matrix. Since ``-log sigmoid(u) = softplus(-u)``:
 
         off the diagonal (z = -1):  -log sigmoid(-l_ij) = softplus(l_ij)
@@ -316,7 +319,7 @@ class SigLipLoss(ContrastiveLoss):
         _check_features(image_features, text_features, "image_features", "text_features", same_shape=paired)
         with _float32_math(image_features.device):
             images, texts = image_features.float(), text_features.float()
-            scale = _as_scalar(logit_scale, "logit_scale", images).exp()
+            scale = _as_scalar(logit_scale, "logit_scale", images)  # t, the multiplier
             bias = _as_scalar(logit_bias, "logit_bias", images)
             row_sums = torch.cat(_blockwise(_row_softplus_sum, images, texts, scale, bias, chunk_size=self.chunk_size))
             if paired:

@@ -71,7 +71,9 @@ class ColourWords(nn.Module):
 
 
 def colour_model() -> CLIPModel:
-    return CLIPModel(MeanColour(), ColourWords(), nn.Identity(), nn.Identity(), init_logit_scale=math.log(100)).eval()
+    return CLIPModel(
+        MeanColour(), ColourWords(), nn.Identity(), nn.Identity(), init_log_logit_scale=math.log(100)
+    ).eval()
 
 
 def colour_config(**sections) -> Config:

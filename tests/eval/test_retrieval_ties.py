@@ -43,7 +43,7 @@ class BatchNoisyColourWords(ColourWords):
 
 def noisy_model() -> CLIPModel:
     towers = (MeanColour(), BatchNoisyColourWords(), nn.Identity(), nn.Identity())
-    return CLIPModel(*towers, init_logit_scale=math.log(100)).eval()
+    return CLIPModel(*towers, init_log_logit_scale=math.log(100)).eval()
 
 
 # a red with some green in it: the text tower's noise on the green channel then moves a red image's score at

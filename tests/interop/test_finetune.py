@@ -14,7 +14,7 @@ from clipforge.checkpoint import read_checkpoint
 from clipforge.cli import main
 from clipforge.config import Config, ConfigError, config_from_dict
 from clipforge.interop.load import init_model
-from tests.interop.tiny_models import CAPTIONS, CONTEXT_LENGTH, IMPORTED_LOGIT_SCALE, image_batch, write_hf_clip
+from tests.interop.tiny_models import CAPTIONS, CONTEXT_LENGTH, IMPORTED_LOG_LOGIT_SCALE, image_batch, write_hf_clip
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def assert_same_outputs(model_a, model_b) -> None:
     mask = torch.ones_like(ids)
     with torch.no_grad():
         a, b = loaded(image_batch(), ids, mask), model_b(image_batch(), ids, mask)
-    assert torch.equal(a["image_features"], b["image_features"]) and torch.equal(a["text_features"], b["text_features"])
+    assert torch.equal(a.image_embeds, b.image_embeds) and torch.equal(a.text_embeds, b.text_embeds)
 
 
 def test_init_model_brings_the_imported_architecture_weights_and_tokenizer(
@@ -113,7 +113,7 @@ def test_fine_tuning_an_imported_model_lowers_the_loss_and_resumes_exactly(
         full = train(config)
         final = read_checkpoint(full.checkpoint)
         # the imported logit scale survives 20 small steps; a run from scratch starts at log(1 / 0.07) = 2.66
-        assert abs(float(final.weights["logit_scale"]) - IMPORTED_LOGIT_SCALE) < 0.1
+        assert abs(float(final.weights["log_logit_scale"]) - IMPORTED_LOG_LOGIT_SCALE) < 0.1
         assert final.config.model.image.width == 64 and final.config.model.init == f"hf:{imported}"
         losses = [record["loss"] for record in read_metrics(full.output_dir / "metrics.jsonl")]
         assert sum(losses[-2:]) / 2 < 0.75 * losses[0], losses

@@ -62,8 +62,8 @@ def test_import_then_export_is_lossless(family: str, tmp_path: Path, capsys) -> 
     assert torch.equal(again.tokenizer(CAPTIONS, CONTEXT_LENGTH)[0], ids)
     with torch.no_grad():
         assert torch.equal(
-            again.model(image_batch(), ids, mask)["image_features"],
-            original.model(image_batch(), ids, mask)["image_features"],
+            again.model(image_batch(), ids, mask).image_embeds,
+            original.model(image_batch(), ids, mask).image_embeds,
         )
         assert torch.equal(again.model.encode_text(ids, mask), original.model.encode_text(ids, mask))
     processor = json.loads((out / "preprocessor_config.json").read_text())
@@ -93,8 +93,8 @@ def test_a_bpe_model_exports_with_eos_renumbered_and_transformers_agrees(tmp_pat
         output = hf_model(**encoded, pixel_values=pixels)
         ours = loaded.model(pixels, ids, mask)
         logits = loaded.model.generate_similarity_matrix(pixels, ids, mask)
-    assert (F.normalize(output.text_embeds, dim=-1) - ours["text_features"]).abs().max() < 1e-5
-    assert (F.normalize(output.image_embeds, dim=-1) - ours["image_features"]).abs().max() < 1e-5
+    assert (F.normalize(output.text_embeds, dim=-1) - ours.text_embeds).abs().max() < 1e-5
+    assert (F.normalize(output.image_embeds, dim=-1) - ours.image_embeds).abs().max() < 1e-5
     assert (output.logits_per_image - logits).abs().max() < 1e-4
 
 

@@ -47,8 +47,8 @@ def assert_matches_transformers(folder: Path, model_class, siglip: bool) -> None
         logits_expected = hf_model(pixel_values=pixels, **text_inputs).logits_per_image
         output = loaded.model(pixels, ids, mask)
         logits = loaded.model.generate_similarity_matrix(pixels, ids, mask)
-    assert (output["image_features"] - image_expected).abs().max() < 1e-5
-    assert (output["text_features"] - text_expected).abs().max() < 1e-5
+    assert (output.image_embeds - image_expected).abs().max() < 1e-5
+    assert (output.text_embeds - text_expected).abs().max() < 1e-5
     assert (logits - logits_expected).abs().max() < 1e-5
 
 

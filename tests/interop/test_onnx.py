@@ -38,7 +38,7 @@ def test_exported_graphs_match_pytorch_at_a_new_batch_size(tiny_checkpoint: tupl
     assert np.abs(text_got - text_expected).max() < 1e-4
     np.testing.assert_allclose(np.linalg.norm(text_got, axis=1), 1.0, atol=1e-5)  # normalized embeddings
     metadata = image_session.get_modelmeta().custom_metadata_map
-    assert float(metadata["logit_scale"]) == pytest.approx(loaded.model.logit_scale.item())
+    assert float(metadata["log_logit_scale"]) == pytest.approx(loaded.model.log_logit_scale.item())
     assert int(metadata["embed_dim"]) == image_expected.shape[1]
     preprocess = json.loads((out / "preprocess.json").read_text())
     assert preprocess["image_size"] == pixels.shape[-1] and preprocess["context_length"] > 0

@@ -55,8 +55,8 @@ def test_an_imported_open_clip_model_matches_open_clip(name: str, tmp_path: Path
         logits_expected, _ = reference.get_logits(pixels, tokens)
         output = loaded.model(pixels, ids, mask)
         logits = loaded.model.generate_similarity_matrix(pixels, ids, mask)
-    assert (output["image_features"] - image_expected).abs().max() < 1e-5
-    assert (output["text_features"] - text_expected).abs().max() < 1e-5
+    assert (output.image_embeds - image_expected).abs().max() < 1e-5
+    assert (output.text_embeds - text_expected).abs().max() < 1e-5
     assert (logits - logits_expected).abs().max() < 1e-5
     assert (loaded.model.logit_bias is not None) == ("init_logit_bias" in VARIANTS[name])
 

@@ -31,7 +31,7 @@ CAPTIONS = ["a small red circle", "two large blue squares, side by side", "x", "
 WORDS = "a an the of photo small large red green blue yellow circle square squares triangle two side by x".split()
 # a logit scale no clipforge run starts from (CLIP starts at log(1 / 0.07) = 2.66): a run that kept it was
 # initialized from the import
-IMPORTED_LOGIT_SCALE = math.log(30.0)
+IMPORTED_LOG_LOGIT_SCALE = math.log(30.0)
 
 
 @functools.cache
@@ -71,7 +71,7 @@ def write_hf_clip(folder: Path, eos_token_id: int | None = None, seed: int = 0) 
     torch.manual_seed(seed)
     model = CLIPModel(CLIPConfig(text_config=text, vision_config=VISION, projection_dim=32))
     with torch.no_grad():
-        model.logit_scale.fill_(IMPORTED_LOGIT_SCALE)
+        model.logit_scale.fill_(IMPORTED_LOG_LOGIT_SCALE)
     model.save_pretrained(folder)
     write_clip_bpe_files(folder)
     CLIPTokenizer.from_pretrained(folder).save_pretrained(folder)

@@ -1,12 +1,19 @@
 """CLIPModel: normalized embeddings, similarity formula, output contract, locked towers."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
 from clipforge.config import ImageTowerConfig, ModelConfig, TextTowerConfig
-from clipforge.model import CLIP_INIT_LOGIT_SCALE, SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE, create_model
+from clipforge.model import (
+    CLIP_INIT_LOG_LOGIT_SCALE,
+    SIGLIP_INIT_LOG_LOGIT_SCALE,
+    SIGLIP_INIT_LOGIT_BIAS,
+    CLIPOutput,
+    create_model,
+)
 
 VOCAB = 40
 
@@ -51,11 +58,45 @@ def test_embeddings_are_unit_norm_unless_asked_raw(model):
 
 def test_forward_contract(model):
     output = model(*batch())
-    assert set(output) == {"image_features", "text_features", "logit_scale", "logit_bias"}
-    assert output["logit_scale"] is model.logit_scale and output["logit_scale"].ndim == 0
-    assert output["logit_scale"].item() == pytest.approx(math.log(1 / 0.07))  # raw log, not exponentiated
-    assert output["logit_bias"] is None
-    torch.testing.assert_close(output["image_features"], model.encode_image(batch()[0]))
+    assert isinstance(output, CLIPOutput)
+    assert {field.name for field in dataclasses.fields(output)} == {
+        "image_embeds",
+        "text_embeds",
+        "logit_scale",
+        "logit_bias",
+    }
+    assert model.log_logit_scale.item() == pytest.approx(math.log(1 / 0.07))  # the parameter: log t
+    # the output: the multiplier t itself, taken from the parameter inside forward (so with its gradient)
+    assert output.logit_scale.ndim == 0 and output.logit_scale.item() == pytest.approx(1 / 0.07)
+    assert torch.equal(output.logit_scale, model.log_logit_scale.exp()) and output.logit_scale.requires_grad
+    assert output.logit_bias is None
+    torch.testing.assert_close(output.image_embeds, model.encode_image(batch()[0]))
+    assert "logits_per_image" not in vars(output)  # no (B, B) matrix unless it is read
+
+
+@pytest.mark.parametrize("loss_kind", ["clip", "siglip"])
+def test_output_logits_are_the_similarity_matrix(loss_kind):
+    torch.manual_seed(0)
+    model = create_model(tiny_config(), loss_kind=loss_kind, vocab_size=VOCAB).eval()
+    images, input_ids, attention_mask = batch(num_images=3, num_texts=2)
+    with torch.no_grad():
+        output = model(images, input_ids, attention_mask)
+        expected = output.logit_scale * output.image_embeds @ output.text_embeds.T
+        if loss_kind == "siglip":
+            expected = expected + model.logit_bias
+        assert output.logits_per_image.shape == (3, 2) and torch.equal(output.logits_per_image, expected)
+        assert torch.equal(output.logits_per_text, expected.T)
+        assert torch.equal(model.generate_similarity_matrix(images, input_ids, attention_mask), expected)
+
+
+def test_old_names_fail_with_a_pointer_to_the_new_ones(model):
+    # model.logit_scale is the log parameter in open_clip and Hugging Face: here it is absent, never t in disguise
+    with pytest.raises(AttributeError, match="log_logit_scale"):
+        model.logit_scale  # noqa: B018
+    assert not hasattr(model, "logit_scale")
+    assert model.log_logit_scale is dict(model.named_parameters())["log_logit_scale"]  # other lookups unchanged
+    with pytest.raises(TypeError, match=r"output\.image_embeds"):
+        model(*batch())["image_features"]
 
 
 @pytest.mark.parametrize("loss_kind", ["clip", "siglip"])
@@ -68,7 +109,7 @@ def test_similarity_matrix_matches_pairwise_formula(loss_kind):
         raw_images = model.encode_image(images, normalize=False)
         raw_texts = model.encode_text(input_ids, attention_mask, normalize=False)
     assert logits.shape == (3, 2)
-    scale = math.exp(CLIP_INIT_LOGIT_SCALE if loss_kind == "clip" else SIGLIP_INIT_LOGIT_SCALE)
+    scale = math.exp(CLIP_INIT_LOG_LOGIT_SCALE if loss_kind == "clip" else SIGLIP_INIT_LOG_LOGIT_SCALE)
     bias = 0.0 if loss_kind == "clip" else SIGLIP_INIT_LOGIT_BIAS
     for i in range(3):
         for j in range(2):
@@ -80,7 +121,7 @@ def test_similarity_matrix_matches_pairwise_formula(loss_kind):
 def test_siglip_model_has_learnable_bias():
     model = create_model(tiny_config(), loss_kind="siglip", vocab_size=VOCAB)
     assert model.logit_bias.requires_grad and model.logit_bias.item() == SIGLIP_INIT_LOGIT_BIAS
-    assert model.logit_scale.item() == pytest.approx(math.log(10))
+    assert model.log_logit_scale.item() == pytest.approx(math.log(10))
 
 
 def test_locked_towers_get_no_gradient_and_stay_in_eval():
@@ -94,14 +135,14 @@ def test_locked_towers_get_no_gradient_and_stay_in_eval():
 
     running_mean = model.image_tower.backbone.bn1.running_mean.clone()
     output = model(*batch())
-    logits = output["logit_scale"].exp() * output["image_features"] @ output["text_features"].T
+    logits = output.logits_per_image  # t * image_embeds @ text_embeds.T
     torch.nn.functional.cross_entropy(logits, torch.arange(3)).backward()
 
     assert all(p.grad is None for p in model.image_tower.parameters())
     assert all(p.grad is None for p in model.text_tower.parameters())
     assert all(p.grad is not None for p in model.image_head.parameters())
     assert all(p.grad is not None for p in model.text_head.parameters())
-    assert model.logit_scale.grad is not None
+    assert model.log_logit_scale.grad is not None
     torch.testing.assert_close(model.image_tower.backbone.bn1.running_mean, running_mean, atol=0, rtol=0)
 
 

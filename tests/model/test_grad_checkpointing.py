@@ -38,7 +38,7 @@ def gradients_and_peak(model) -> tuple[dict[str, torch.Tensor], int]:
     images, ids, mask = inputs()
     with TensorMemoryTracker() as tracker:
         output = model(images, ids, mask)
-        (output["image_features"] @ output["text_features"].T).pow(2).sum().backward()
+        (output.image_embeds @ output.text_embeds.T).pow(2).sum().backward()
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}, tracker.peak
 
 

@@ -7,9 +7,13 @@ import torch
 from transformers import DistilBertConfig, DistilBertModel
 
 from clipforge.config import ImageTowerConfig, ModelConfig, TextTowerConfig
-from clipforge.model import MAX_LOGIT_SCALE, CLIPModel, count_parameters, create_model
+from clipforge.model import MAX_LOG_LOGIT_SCALE, CLIPModel, count_parameters, create_model
 from clipforge.model.heads import LinearHead, MLPHead, build_head
-from clipforge.model.registry import CLIP_INIT_LOGIT_SCALE, SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE
+from clipforge.model.registry import (
+    CLIP_INIT_LOG_LOGIT_SCALE,
+    SIGLIP_INIT_LOG_LOGIT_SCALE,
+    SIGLIP_INIT_LOGIT_BIAS,
+)
 from clipforge.model.text import HFTextEncoder, TextTransformer
 from clipforge.model.vision import BackboneTower, VisionTransformer
 
@@ -29,10 +33,10 @@ def tiny_text(**overrides) -> TextTowerConfig:
 
 
 def test_constants():
-    assert math.exp(CLIP_INIT_LOGIT_SCALE) == pytest.approx(1 / 0.07)
-    assert math.exp(SIGLIP_INIT_LOGIT_SCALE) == pytest.approx(10.0)
+    assert math.exp(CLIP_INIT_LOG_LOGIT_SCALE) == pytest.approx(1 / 0.07)
+    assert math.exp(SIGLIP_INIT_LOG_LOGIT_SCALE) == pytest.approx(10.0)
     assert SIGLIP_INIT_LOGIT_BIAS == -10.0
-    assert math.exp(MAX_LOGIT_SCALE) == pytest.approx(100.0)
+    assert math.exp(MAX_LOG_LOGIT_SCALE) == pytest.approx(100.0)
 
 
 def test_builtin_towers_and_heads():

@@ -102,7 +102,7 @@ def test_a_folder_of_another_model_is_refused(tiny_checkpoint, loaded, tmp_path:
     embed_images(loaded, checkpoint, images, tmp_path / "emb", progress=False)
     other = load_checkpoint(checkpoint)
     with torch.no_grad():
-        other.model.logit_scale.add_(1.0)
+        other.model.log_logit_scale.add_(1.0)
     with pytest.raises(ValueError, match="another model"):
         embed_images(other, checkpoint, images, tmp_path / "emb", progress=False)
     with pytest.raises(ValueError, match="another model"):

@@ -60,7 +60,7 @@ def test_resume_with_cached_features_is_exact(shapes_manifest: Path, tmp_path: P
     resumed = train(locked_config(shapes_manifest, tmp_path / "half"), resume="latest")
     full_state = torch.load(full.checkpoint, weights_only=True)["model"]
     resumed_state = torch.load(resumed.checkpoint, weights_only=True)["model"]
-    for name in ("image_head.proj.weight", "text_head.proj.weight", "logit_scale"):
+    for name in ("image_head.proj.weight", "text_head.proj.weight", "log_logit_scale"):
         torch.testing.assert_close(resumed_state[name], full_state[name], atol=0, rtol=0)
 
 

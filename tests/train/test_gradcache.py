@@ -53,6 +53,29 @@ def test_gradcache_optimizer_step_equals_full_batch_step(loss_kind: str) -> None
         assert torch.allclose(value, cached[name], atol=1e-5), name
 
 
+@pytest.mark.parametrize("loss_kind", ["clip", "siglip"])
+def test_gradcache_gives_the_temperature_its_full_batch_gradient_or_none_when_frozen(loss_kind: str) -> None:
+    """Step 1 computes t = exp(log_logit_scale) under no_grad, so only the replay can tell whether the parameter
+    trains: d loss / d log t must still reach it (and equal the full batch's), and a frozen one must get none."""
+    batch = random_batch(16)
+    for frozen in (False, True):
+        gradients = []
+        for accumulation_steps in (1, 4):
+            config, model = tiny_model(loss_kind)
+            model.log_logit_scale.requires_grad_(not frozen)
+            backward_step(model, build_loss(config.loss), batch, accumulation_steps, contextlib.nullcontext(), None)
+            gradients.append({name: p.grad for name, p in model.named_parameters()})
+        full, cached = gradients
+        if frozen:
+            assert full["log_logit_scale"] is None and cached["log_logit_scale"] is None
+        else:
+            assert cached["log_logit_scale"] is not None and cached["log_logit_scale"].abs() > 0
+            assert torch.allclose(cached["log_logit_scale"], full["log_logit_scale"], rtol=1e-4, atol=1e-7)
+        if loss_kind == "siglip":
+            assert torch.allclose(cached["logit_bias"], full["logit_bias"], rtol=1e-4, atol=1e-7)
+        assert torch.allclose(cached["image_head.proj.weight"], full["image_head.proj.weight"], atol=1e-6)
+
+
 def peak_step_memory(batch_size: int, accumulation_steps: int) -> int:
     config, model = tiny_model("clip")
     batch = random_batch(batch_size)

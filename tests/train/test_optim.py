@@ -16,7 +16,7 @@ class Toy(nn.Module):
         self.linear = nn.Linear(4, 4)
         self.norm = nn.LayerNorm(4)
         self.conv = nn.Conv2d(3, 4, 3)
-        self.logit_scale = nn.Parameter(torch.tensor(1.0))
+        self.log_logit_scale = nn.Parameter(torch.tensor(1.0))
         self.frozen = nn.Linear(4, 4)
         self.frozen.requires_grad_(False)
 
@@ -32,7 +32,7 @@ def test_weight_decay_only_on_matrix_weights_and_frozen_excluded() -> None:
         model.norm.weight,
         model.norm.bias,
         model.conv.bias,
-        model.logit_scale,
+        model.log_logit_scale,
     }
     assert {id(p) for p in no_decay["params"]} == {id(p) for p in expected}
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0

@@ -26,4 +26,4 @@ def test_bf16_autocast_step_keeps_float32_master_weights_and_loss(loss_kind: str
     for name, parameter in model.named_parameters():
         assert parameter.dtype == torch.float32, name
         assert parameter.grad is not None and parameter.grad.dtype == torch.float32, name
-    assert model.logit_scale.grad.abs() > 0
+    assert model.log_logit_scale.grad.abs() > 0

@@ -1,5 +1,6 @@
 """End-to-end: a tiny model trains on data the test writes; resume is exact; bad input is clear."""
 
+import math
 from pathlib import Path
 
 import pytest
@@ -128,6 +129,29 @@ def test_gradcache_step_equals_full_batch_step(shapes_manifest: Path, tmp_path: 
         assert full.keys() == cached.keys() and len(full) > 10
         for name in full:
             assert torch.allclose(full[name], cached[name], atol=1e-5), (loss_kind, name)
+
+
+@pytest.mark.parametrize(("start", "bound"), [(math.log(1000.0), math.log(100.0)), (-1.0, 0.0)])
+def test_the_temperature_is_kept_within_the_clip_cap_on_its_log(
+    shapes_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, start: float, bound: float
+) -> None:
+    """After every step the parameter log t is clamped to [0, log 100] (1 <= t <= 100, the CLIP paper's cap), and
+    the log's ``logit_scale`` is t itself."""
+    from clipforge.model import registry
+
+    monkeypatch.setitem(registry.LOSS_INIT, "clip", (start, None))
+    result = train(
+        tiny_config(
+            shapes_manifest,
+            tmp_path / "run",
+            train={"steps": 1, "batch_size": 8, "checkpoint_every": 1},
+            logging={"log_every": 1},
+        )
+    )
+    log_t = read_checkpoint(result.checkpoint).weights["log_logit_scale"]
+    assert torch.equal(log_t, torch.tensor(bound))  # the bound itself, as float32, whichever side it was left by
+    (record,) = read_metrics(result.output_dir / "metrics.jsonl")
+    assert record["logit_scale"] == pytest.approx(math.exp(bound))
 
 
 def test_corrupt_and_missing_images_are_skipped_and_counted(shapes_manifest: Path, tmp_path: Path) -> None:

@@ -66,7 +66,7 @@ def compile_towers(model: CLIPModel, **options: Any) -> None:
 
 
 def _logit_parameters(model: CLIPModel) -> list[nn.Parameter]:
-    return [p for p in (model.logit_scale, model.logit_bias) if p is not None]
+    return [p for p in (model.log_logit_scale, model.logit_bias) if p is not None]
 
 
 def shard_model(model: CLIPModel) -> CLIPModel:

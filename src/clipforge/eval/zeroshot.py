@@ -176,8 +176,8 @@ def _pessimistic_top1(logits: Tensor, labels: Tensor) -> Tensor:
 def predict_proba(image_features: Tensor, classifier: Tensor, logit_scale: float) -> Tensor:
     """Class probabilities ``softmax(logit_scale * image_features @ classifier.T)`` over the C classes.
 
-    ``logit_scale`` is the multiplier itself (about 100 for trained CLIP models, i.e. ``exp`` of the learned
-    log-temperature), not its logarithm. Returns an (N, C) float32 tensor whose rows sum to 1.
+    ``logit_scale`` is the multiplier t itself (about 100 for trained CLIP models: ``model.log_logit_scale.exp()``,
+    as the losses take it), not its logarithm. Returns an (N, C) float32 tensor whose rows sum to 1.
     """
     if image_features.ndim != 2 or classifier.ndim != 2 or image_features.shape[1] != classifier.shape[1]:
         raise ValueError(

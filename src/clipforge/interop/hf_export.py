@@ -206,8 +206,11 @@ def _tower_config(tower: Any) -> dict[str, Any]:
     }
 
 
-def hf_config(model: ModelConfig, family: str, tokenizer: Tokenizer, vocab_rows: int, eos: int | None, scale: float):
-    """The transformers ``CLIPConfig`` / ``SiglipConfig`` of the canonical ``model``."""
+def hf_config(
+    model: ModelConfig, family: str, tokenizer: Tokenizer, vocab_rows: int, eos: int | None, log_logit_scale: float
+):
+    """The transformers ``CLIPConfig`` / ``SiglipConfig`` of the canonical ``model``; ``log_logit_scale`` is log t,
+    what ``CLIPConfig.logit_scale_init_value`` holds."""
     from transformers import CLIPConfig, SiglipConfig
 
     image, text = model.image, model.text
@@ -221,7 +224,7 @@ def hf_config(model: ModelConfig, family: str, tokenizer: Tokenizer, vocab_rows:
                 text_config=text_config,
                 vision_config=vision,
                 projection_dim=model.embed_dim,
-                logit_scale_init_value=scale,
+                logit_scale_init_value=log_logit_scale,
             )
         return SiglipConfig(
             text_config={**text_config, "projection_size": model.embed_dim},
@@ -289,7 +292,9 @@ def _write(loaded: LoadedModel, scratch: Path) -> tuple[str, Tokenizer]:
         rows = "text_tower.token_embedding.weight"
         state[rows] = _swap_rows(state[rows], swap)
     vocab_rows = state["text_tower.token_embedding.weight"].shape[0]
-    hf_model_config = hf_config(canonical, family, processor.tokenizer, vocab_rows, eos, float(state["logit_scale"]))
+    hf_model_config = hf_config(
+        canonical, family, processor.tokenizer, vocab_rows, eos, float(state["log_logit_scale"])
+    )
     with quiet_transformers():
         hf_model = _model_class(family)(hf_model_config)
         hf_model.load_state_dict(invert(state, hf_rules(canonical, family)), strict=True)
@@ -323,10 +328,10 @@ def _max_difference(loaded: LoadedModel, scratch: Path, family: str) -> float:
     with torch.no_grad():
         theirs = hf_model(**text_inputs, pixel_values=pixels)
         ours = model(pixels, ids, mask)
-        logits = model.generate_similarity_matrix(pixels, ids, mask)
+        logits = ours.logits_per_image
     differences = [
-        (F.normalize(theirs.image_embeds, dim=-1) - ours["image_features"]).abs().max(),
-        (F.normalize(theirs.text_embeds, dim=-1) - ours["text_features"]).abs().max(),
+        (F.normalize(theirs.image_embeds, dim=-1) - ours.image_embeds).abs().max(),
+        (F.normalize(theirs.text_embeds, dim=-1) - ours.text_embeds).abs().max(),
         (theirs.logits_per_image - logits).abs().max() / logits.abs().max().clamp(min=1.0),
     ]
     return float(max(differences))

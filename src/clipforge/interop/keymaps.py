@@ -15,6 +15,9 @@ Joins (the maths of each, other layout -> clipforge):
   Linear weight W = P^T (out, in), so ``W x`` = ``x @ P``.
 * ``scalar``: a 0-dim tensor (CLIP's logit scale); ``vector1``: a (1,) tensor read as 0-dim (SigLIP's scale and
   bias; open_clip's ``nonscalar_logit_scale``).
+
+Both Hugging Face and open_clip store the learned temperature as log t under the name ``logit_scale``; clipforge's
+parameter holding that same log t is ``log_logit_scale``, so the rules rename it and copy the value unchanged.
 """
 
 from __future__ import annotations
@@ -131,11 +134,11 @@ def hf_rules(model: ModelConfig, family: str) -> list[Rule]:
     rules += copy_rules("text_tower.ln_final", "text_model.final_layer_norm")
     if family == "siglip":
         rules += copy_rules("text_head.proj", "text_model.head")
-        rules += [Rule("logit_scale", ("logit_scale",), "vector1"), Rule("logit_bias", ("logit_bias",), "vector1")]
+        rules += [Rule("log_logit_scale", ("logit_scale",), "vector1"), Rule("logit_bias", ("logit_bias",), "vector1")]
     else:
         rules += [
             Rule("text_head.proj.weight", ("text_projection.weight",)),
-            Rule("logit_scale", ("logit_scale",), "scalar"),
+            Rule("log_logit_scale", ("logit_scale",), "scalar"),
         ]
     return rules
 
@@ -171,7 +174,7 @@ def open_clip_rules(model: ModelConfig, text_prefix: str, logit_bias: bool) -> l
         rules += copy_rules("text_head.proj", f"{text_prefix}text_projection")
     elif text.head == "linear":  # a (width, embed_dim) matrix used as x @ P
         rules.append(Rule("text_head.proj.weight", (f"{text_prefix}text_projection",), "transpose"))
-    rules.append(Rule("logit_scale", ("logit_scale",), "scalar"))
+    rules.append(Rule("log_logit_scale", ("logit_scale",), "scalar"))  # both hold log t
     if logit_bias:
         rules.append(Rule("logit_bias", ("logit_bias",), "scalar"))
     return rules

@@ -8,9 +8,9 @@
 * ``preprocess.json`` (image size, mean/std, interpolation, the resize rule, context length) and ``tokenizer/``
   (the files of the checkpoint's tokenizer);
 
-with the batch (and the text length) dynamic. Both graphs carry metadata: ``logit_scale`` (the learned log
-temperature: logits = exp(logit_scale) * image_embeds @ text_embeds.T, plus ``logit_bias`` when present, a
-SigLIP model), ``embed_dim``, ``clipforge_version``. After writing, each graph is run with onnxruntime on a
+with the batch (and the text length) dynamic. Both graphs carry metadata: ``log_logit_scale`` (the learned log t:
+logits = exp(log_logit_scale) * image_embeds @ text_embeds.T, plus ``logit_bias`` when present, a SigLIP model),
+``embed_dim``, ``clipforge_version``. After writing, each graph is run with onnxruntime on a
 batch size that the export did not trace with and compared with PyTorch; a difference above ``atol`` fails the
 export, so a written folder is a checked one. Any tower kind exports (built-in, timm, torchvision, Hugging Face).
 
@@ -167,7 +167,8 @@ def export_onnx(loaded: LoadedModel, out_dir: str | Path, atol: float = 1e-4) ->
     preprocess = loaded.processor.preprocess
     size = preprocess.image_size
     generator = torch.Generator().manual_seed(0)
-    metadata = {"logit_scale": repr(model.logit_scale.item()), "clipforge_version": __version__}
+    # named for what it holds, log t, like the model's parameter: a reader must take exp, and cannot miss it
+    metadata = {"log_logit_scale": repr(model.log_logit_scale.item()), "clipforge_version": __version__}
     if model.logit_bias is not None:
         metadata["logit_bias"] = repr(model.logit_bias.item())
     with staged_folder(folder, "export onnx") as scratch:

@@ -1,9 +1,18 @@
-"""The two-tower contrastive model: image tower + head, text tower + head, a learned temperature (and bias)."""
+"""The two-tower contrastive model: image tower + head, text tower + head, a learned temperature (and bias).
+
+Names: the learned parameter is ``log_logit_scale``, log t; everywhere else in clipforge ``logit_scale`` is the
+multiplier t itself (``CLIPOutput.logit_scale``, the losses' argument, ``predict_proba``), as in open_clip's
+losses. The model has no ``logit_scale`` attribute on purpose: on open_clip's and Hugging Face's models
+``model.logit_scale`` is the *log* parameter, so an attribute of that name holding t would silently take ``exp``
+twice in code ported from them, and their in-place idioms (``model.logit_scale.clamp_(0, math.log(100))``,
+``.fill_``, ``.requires_grad_(False)``) would change a temporary and do nothing.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TypedDict
+from dataclasses import dataclass
+from typing import Any, NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -11,26 +20,55 @@ from torch import nn
 
 from clipforge.model.towers import Tower
 
+_NO_LOGIT_SCALE = (
+    "CLIPModel has no logit_scale: the learned parameter is log_logit_scale (log t), and the multiplier "
+    "t = log_logit_scale.exp() is what forward(...).logit_scale holds and what the losses take"
+)
 
-class CLIPOutput(TypedDict):
-    """What ``CLIPModel.forward`` returns (a plain dict at run time).
 
-    image_features: (B, D) L2-normalized image embeddings.
-    text_features: (B, D) L2-normalized text embeddings.
-    logit_scale: 0-dim tensor, the *log* of the temperature multiplier t (the loss uses t = exp(logit_scale)).
+@dataclass(eq=False)
+class CLIPOutput:
+    """What :meth:`CLIPModel.forward` returns (Hugging Face's field names).
+
+    image_embeds: (B_img, D) L2-normalized image embeddings.
+    text_embeds: (B_txt, D) L2-normalized text embeddings.
+    logit_scale: 0-dim tensor, the multiplier t = exp(log_logit_scale), not its log.
     logit_bias: 0-dim tensor b for SigLIP models, None for CLIP models.
+
+    The logits are computed when read, each time: a loss takes the embeddings, so training (chunked or spread
+    over processes) never builds the (B_img, B_txt) matrix unless someone asks for it.
     """
 
-    image_features: torch.Tensor
-    text_features: torch.Tensor
+    image_embeds: torch.Tensor
+    text_embeds: torch.Tensor
     logit_scale: torch.Tensor
-    logit_bias: torch.Tensor | None
+    logit_bias: torch.Tensor | None = None
+
+    @property
+    def logits_per_image(self) -> torch.Tensor:
+        """(B_img, B_txt) logits: l_ij = t * <image_i, text_j> (+ b)."""
+        logits = self.logit_scale * self.image_embeds @ self.text_embeds.T
+        return logits + self.logit_bias if self.logit_bias is not None else logits
+
+    @property
+    def logits_per_text(self) -> torch.Tensor:
+        """(B_txt, B_img) logits: the transpose of :attr:`logits_per_image`."""
+        return self.logits_per_image.T
+
+    def __getitem__(self, key: str) -> NoReturn:
+        # the output used to be a dict keyed image_features / text_features / logit_scale (then the log t)
+        raise TypeError(
+            f"CLIPOutput is a dataclass, not a dict: read output.image_embeds, .text_embeds, .logit_scale (the "
+            f"multiplier t), .logit_bias or .logits_per_image, not output[{key!r}]"
+        )
 
 
 class CLIPModel(nn.Module):
     """Image and text towers projected into one embed space, compared by cosine similarity.
 
-    logits_ij = exp(logit_scale) * <image_i, text_j> (+ logit_bias for SigLIP), with both embeddings unit-norm.
+    logits_ij = t * <image_i, text_j> (+ b for SigLIP), t = exp(log_logit_scale), b = logit_bias, with both
+    embeddings unit-norm. ``log_logit_scale`` is the learned parameter (log t; the trainer keeps it in
+    [0, log 100]); the model has no ``logit_scale`` attribute (module docstring).
 
     Locked parts of the towers (``clipforge.model.locking``) have ``requires_grad=False`` parameters, and the
     submodules named in ``locked_modules`` (the maximal all-locked ones) stay in eval mode through ``train()``,
@@ -46,7 +84,7 @@ class CLIPModel(nn.Module):
         text_tower: Tower,
         image_head: nn.Module,
         text_head: nn.Module,
-        init_logit_scale: float,
+        init_log_logit_scale: float,
         init_logit_bias: float | None = None,
         locked_modules: Sequence[str] = (),
     ) -> None:
@@ -55,13 +93,19 @@ class CLIPModel(nn.Module):
         self.text_tower = text_tower
         self.image_head = image_head
         self.text_head = text_head
-        self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
+        self.log_logit_scale = nn.Parameter(torch.tensor(float(init_log_logit_scale)))
         if init_logit_bias is None:
             self.register_parameter("logit_bias", None)
         else:
             self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias)))
         self.locked_modules = tuple(locked_modules)
         self.train(self.training)
+
+    def __getattr__(self, name: str) -> Any:
+        # nn.Module finds parameters and submodules here; only the old name gets a message that says what to use
+        if name == "logit_scale":
+            raise AttributeError(_NO_LOGIT_SCALE)
+        return super().__getattr__(name)
 
     def train(self, mode: bool = True) -> CLIPModel:
         """Set train/eval mode; the ``locked_modules`` stay in eval mode whatever ``mode`` is."""
@@ -122,34 +166,25 @@ class CLIPModel(nn.Module):
         image_tower_features: torch.Tensor | None = None,
         text_tower_features: torch.Tensor | None = None,
     ) -> CLIPOutput:
-        """Embed a batch of images and a batch of texts; see :class:`CLIPOutput` for the keys.
+        """Embed a batch of images and a batch of texts into a :class:`CLIPOutput`.
 
         ``image_tower_features`` / ``text_tower_features``: a locked tower's features read from the feature
         cache; given, that tower is skipped and its inputs (``images``, or ``input_ids``/``attention_mask``)
         may be None.
         """
         if image_tower_features is not None:
-            image_features = self.project_image(image_tower_features)
+            image_embeds = self.project_image(image_tower_features)
         else:
-            image_features = self.encode_image(images)
+            image_embeds = self.encode_image(images)
         if text_tower_features is not None:
-            text_features = self.project_text(text_tower_features)
+            text_embeds = self.project_text(text_tower_features)
         else:
-            text_features = self.encode_text(input_ids, attention_mask)
-        return {
-            "image_features": image_features,
-            "text_features": text_features,
-            "logit_scale": self.logit_scale,
-            "logit_bias": self.logit_bias,
-        }
+            text_embeds = self.encode_text(input_ids, attention_mask)
+        # t is taken inside forward, where DDP and FSDP see it; its gradient reaches log_logit_scale through exp
+        return CLIPOutput(image_embeds, text_embeds, self.log_logit_scale.exp(), self.logit_bias)
 
     def generate_similarity_matrix(
         self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> torch.Tensor:
-        """(B_img, B_txt) logits: exp(logit_scale) * image_features @ text_features.T (+ logit_bias if set)."""
-        image_features = self.encode_image(images)
-        text_features = self.encode_text(input_ids, attention_mask)
-        logits = self.logit_scale.exp() * image_features @ text_features.T
-        if self.logit_bias is not None:
-            logits = logits + self.logit_bias
-        return logits
+        """(B_img, B_txt) logits: t * image_embeds @ text_embeds.T (+ b if set), ``forward(...).logits_per_image``."""
+        return self(images, input_ids, attention_mask).logits_per_image

@@ -17,14 +17,15 @@ from clipforge.model.text import build_hf_tower, build_transformer_tower
 from clipforge.model.towers import Tower
 from clipforge.model.vision import build_timm_tower, build_torchvision_tower, build_vit_tower
 
+# The constants are logs, as the parameter they set (log_logit_scale = log t).
 # CLIP starts at temperature 0.07, i.e. logits = (1 / 0.07) * cosine
-CLIP_INIT_LOGIT_SCALE = math.log(1 / 0.07)
+CLIP_INIT_LOG_LOGIT_SCALE = math.log(1 / 0.07)
 # SigLIP starts at t = 10, b = -10: almost every pair in a batch is a negative, so starting every logit
 # strongly negative puts the model near that prior and avoids large early corrections (SigLIP paper)
-SIGLIP_INIT_LOGIT_SCALE = math.log(10.0)
+SIGLIP_INIT_LOG_LOGIT_SCALE = math.log(10.0)
 SIGLIP_INIT_LOGIT_BIAS = -10.0
-# the trainer clamps logit_scale to this after every step (CLIP caps exp(logit_scale) at 100)
-MAX_LOGIT_SCALE = math.log(100.0)
+# the trainer clamps log_logit_scale to [0, this] after every step: the CLIP paper caps t at 100
+MAX_LOG_LOGIT_SCALE = math.log(100.0)
 
 IMAGE_TOWER_BUILDERS: dict[str, Callable[[ImageTowerConfig], Tower]] = {
     "vit": build_vit_tower,
@@ -37,8 +38,8 @@ TEXT_TOWER_BUILDERS: dict[str, Callable[[TextTowerConfig, int | None, int, str |
     "hf": build_hf_tower,
 }
 LOSS_INIT: dict[str, tuple[float, float | None]] = {
-    "clip": (CLIP_INIT_LOGIT_SCALE, None),
-    "siglip": (SIGLIP_INIT_LOGIT_SCALE, SIGLIP_INIT_LOGIT_BIAS),
+    "clip": (CLIP_INIT_LOG_LOGIT_SCALE, None),
+    "siglip": (SIGLIP_INIT_LOG_LOGIT_SCALE, SIGLIP_INIT_LOGIT_BIAS),
 }
 
 
@@ -57,12 +58,12 @@ def create_model(
 ) -> CLIPModel:
     """Build the two-tower model ``config`` describes.
 
-    loss_kind: "clip" -> logit_scale = log(1/0.07), no bias; "siglip" -> logit_scale = log(10), bias -10.
+    loss_kind: "clip" -> t = 1/0.07 (log_logit_scale = log(1/0.07)), no bias; "siglip" -> t = 10, bias -10.
     vocab_size / pad_token_id: the tokenizer's; vocab_size is required by the built-in text transformer.
     text_config_json: a Hugging Face text tower's own config as a checkpoint saved it (its architecture is built
     from it, with no folder or hub read).
     """
-    init_logit_scale, init_logit_bias = _pick(LOSS_INIT, loss_kind, "loss.kind")  # type: ignore[misc]
+    init_log_logit_scale, init_logit_bias = _pick(LOSS_INIT, loss_kind, "loss.kind")  # type: ignore[misc]
     image_tower = _pick(IMAGE_TOWER_BUILDERS, config.image.kind, "model.image.kind")(config.image)
     text_builder = _pick(TEXT_TOWER_BUILDERS, config.text.kind, "model.text.kind")
     text_tower = text_builder(config.text, vocab_size, pad_token_id, text_config_json)
@@ -91,7 +92,7 @@ def create_model(
         text_tower,
         image_head,
         text_head,
-        init_logit_scale=init_logit_scale,
+        init_log_logit_scale=init_log_logit_scale,
         init_logit_bias=init_logit_bias,
         locked_modules=locked_submodules(image_tower, "image_tower") + locked_submodules(text_tower, "text_tower"),
     )
@@ -109,7 +110,7 @@ def count_parameters(model: CLIPModel) -> dict[str, dict[str, int]]:
             "total": sum(p.numel() for p in params),
             "trainable": sum(p.numel() for p in params if p.requires_grad),
         }
-    logit_params = [p for p in (model.logit_scale, model.logit_bias) if p is not None]
+    logit_params = [p for p in (model.log_logit_scale, model.logit_bias) if p is not None]
     counts["logit"] = {
         "total": sum(p.numel() for p in logit_params),
         "trainable": sum(p.numel() for p in logit_params if p.requires_grad),

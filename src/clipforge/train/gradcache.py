@@ -4,7 +4,7 @@ With ``train.accumulation_steps = K`` the batch of B pairs is split into K micro
 
 1. the embeddings of every micro-batch are computed without building autograd graphs;
 2. the loss over all B x B pairs is computed on those embeddings, and backpropagated to them
-   (and to the logit scale/bias): that gives dL/d(embedding) for every sample;
+   (and to the multiplier t and the bias b): that gives dL/d(embedding) for every sample;
 3. each micro-batch is run again with the same random state (dropout), now with a graph, and its
    embeddings are backpropagated with their slice of dL/d(embedding).
 
@@ -29,17 +29,12 @@ from clipforge.data.samples import Batch
 from clipforge.distributed import wrap
 
 
-def _embed(model: nn.Module, batch: Batch, autocast) -> tuple[torch.Tensor, ...]:
-    """(image features, text features, logit scale, logit bias or None) through the model's forward, which a
-    DDP/FSDP wrapper needs to see to synchronise gradients."""
+def _embed(model: nn.Module, batch: Batch, autocast) -> tuple[torch.Tensor | None, ...]:
+    """(image embeddings, text embeddings, the multiplier t, the bias b or None) through the model's forward,
+    which a DDP/FSDP wrapper needs to see to synchronise gradients: the loss's arguments, in its order."""
     with autocast:
         output = model(batch.images, batch.input_ids, batch.attention_mask, **batch.tower_features())
-    return (
-        output["image_features"].float(),
-        output["text_features"].float(),
-        output["logit_scale"],
-        output["logit_bias"],
-    )
+    return output.image_embeds.float(), output.text_embeds.float(), output.logit_scale, output.logit_bias
 
 
 def _batchnorm_buffers(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -56,7 +51,7 @@ def _batchnorm_buffers(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tenso
 @dataclass
 class _EmbeddingCache:
     """Step 1's result: every micro-batch's embeddings (no graph), the random state each was drawn with, and
-    the logit scale/bias as the forward returned them."""
+    the multiplier t and bias b as the forward returned them."""
 
     image_parts: list[torch.Tensor]
     text_parts: list[torch.Tensor]
@@ -73,9 +68,9 @@ def _embed_without_graph(model: nn.Module, micro_batches: list[Batch], autocast)
     with torch.no_grad():
         for micro in micro_batches:
             rng_states.append((torch.get_rng_state(), torch.cuda.get_rng_state() if cuda else None))
-            image_features, text_features, logit_scale, logit_bias = _embed(model, micro, autocast)
-            image_parts.append(image_features)
-            text_parts.append(text_features)
+            image_embeds, text_embeds, logit_scale, logit_bias = _embed(model, micro, autocast)
+            image_parts.append(image_embeds)
+            text_parts.append(text_embeds)
         for buffer, value in saved_buffers:  # the replay below updates the statistics once
             buffer.copy_(value)
     return _EmbeddingCache(image_parts, text_parts, rng_states, logit_scale, logit_bias)
@@ -91,7 +86,8 @@ def _replay(
     autocast,
 ) -> None:
     """Step 3: each micro-batch again, with a graph and its RNG state, backpropagated with its embeddings'
-    gradients; the last replay also hands the logit scale/bias stand-ins' gradients to the real ones."""
+    gradients; the last replay also hands the t and b stand-ins' gradients to the forward's t and b, whence
+    they reach log_logit_scale (through exp) and logit_bias."""
     for index, (micro, (cpu_state, cuda_state), image_grad, text_grad) in enumerate(
         zip(micro_batches, cache.rng_states, image_grads, text_grads, strict=True)
     ):
@@ -100,11 +96,11 @@ def _replay(
             torch.cuda.set_rng_state(cuda_state)
         last = index == len(micro_batches) - 1
         with wrap.gradient_sync(model, enabled=last):
-            image_features, *outputs = _embed(model, micro, autocast)
-            roots, grads = [image_features, outputs[0]], [image_grad, text_grad]
+            image_embeds, *outputs = _embed(model, micro, autocast)
+            roots, grads = [image_embeds, outputs[0]], [image_grad, text_grad]
             if last:
                 for output, stand_in in zip(outputs[1:], stand_ins, strict=True):
-                    if stand_in is not None and stand_in.grad is not None:
+                    if stand_in is not None and stand_in.grad is not None and output.requires_grad:
                         roots.append(output)
                         grads.append(stand_in.grad)
             torch.autograd.backward(roots, grads)
@@ -140,12 +136,11 @@ def backward_step(
     cache = _embed_without_graph(model, micro_batches, autocast)
     all_image = torch.cat(cache.image_parts).requires_grad_()
     all_text = torch.cat(cache.text_parts).requires_grad_()
-    # Stand-ins for the logit scale/bias: their gradients are handed to the real ones in the last replay,
-    # inside a forward that DDP/FSDP see, so that they are synchronised with the rest.
-    stand_ins = [
-        p.detach().requires_grad_(p.requires_grad) if p is not None else None
-        for p in (cache.logit_scale, cache.logit_bias)
-    ]
+    # Stand-ins for t and b: their gradients are handed to the forward's t and b in the last replay, inside a
+    # forward that DDP/FSDP see, so that they are synchronised with the rest. Every stand-in takes a gradient:
+    # step 1's t = exp(log_logit_scale) ran under no_grad and cannot say whether the parameter trains; the
+    # replay's output can, and only those that need one receive theirs.
+    stand_ins = [p.detach().requires_grad_() if p is not None else None for p in (cache.logit_scale, cache.logit_bias)]
     loss = loss_fn(all_image, all_text, *stand_ins)
     scaled(loss).backward()  # step 2: grads of the logit scale/bias stand-ins, and of every embedding
     image_grads = all_image.grad.split([len(p) for p in cache.image_parts])

@@ -40,7 +40,7 @@ from clipforge.distributed import (
     wrap,
 )
 from clipforge.interop.load import run_start
-from clipforge.model.registry import MAX_LOGIT_SCALE
+from clipforge.model.registry import MAX_LOG_LOGIT_SCALE
 from clipforge.runtime import keep_freed_memory_in_the_heap, resolve_device, seed_everything
 from clipforge.train import interrupt, preflight, resume, run_dir, setup
 from clipforge.train.checkpoints import write_best, write_checkpoints
@@ -245,8 +245,8 @@ def _optimizer_step(run: TrainingRun, batch: Batch, step: int) -> tuple[torch.Te
         optimizer.step()
     lr = run.scheduler.get_last_lr()[0]
     run.scheduler.step()
-    with torch.no_grad():  # the CLIP paper's cap on the temperature: scale <= 100
-        run.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+    with torch.no_grad():  # the CLIP paper's cap on the temperature, 1 <= t <= 100, kept on the parameter log t
+        run.model.log_logit_scale.clamp_(0, MAX_LOG_LOGIT_SCALE)
     return loss, grad_norm, lr
 
 
@@ -271,7 +271,7 @@ def _log_window(run: TrainingRun, state: RunState) -> None:
         "loss": window_loss.item() / window.steps,
         "lr": state.lr,
         "grad_norm": window.grad_norm_sum.item() / window.steps,
-        "logit_scale": model.logit_scale.exp().item(),
+        "logit_scale": model.log_logit_scale.exp().item(),  # the multiplier t, as everywhere but the parameter
         "samples_per_second": window.samples / max(elapsed, 1e-9),
         "skipped_images": state.skipped_images,
     }
