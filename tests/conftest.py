@@ -141,7 +141,7 @@ def another_writer(folder: Path, command: str = "embed") -> Iterator[int]:
         [
             sys.executable,
             "-c",
-            "import sys\nfrom clipforge.io import folder_lock\nwith folder_lock(sys.argv[1], sys.argv[2]):\n"
+            "import sys\nfrom clipforge.folders import folder_lock\nwith folder_lock(sys.argv[1], sys.argv[2]):\n"
             "    print('held', flush=True)\n    sys.stdin.read()",
             str(folder),
             command,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from clipforge.folders import folder_lock, folder_owner, scratch_folder, staged_folder
 from clipforge.io import (
     DiskWriteError,
     FolderBusyError,
@@ -18,12 +19,8 @@ from clipforge.io import (
     OutputIsInputError,
     atomic_write,
     atomic_write_text,
-    folder_lock,
-    folder_owner,
     output_policy,
-    scratch_folder,
     shown,
-    staged_folder,
     sweep_stale_temporaries,
 )
 from tests.conftest import another_writer

@@ -45,16 +45,9 @@ from clipforge.eval.runner import (
     zeroshot_classifier,
 )
 from clipforge.eval.zeroshot import zeroshot_metrics
+from clipforge.folders import LOCK_NAME, folder_lock, folder_owner
 from clipforge.interop.load import load_checkpoint
-from clipforge.io import (
-    LOCK_NAME,
-    OutputExistsError,
-    atomic_write_text,
-    current_policy,
-    folder_lock,
-    folder_owner,
-    output_policy,
-)
+from clipforge.io import OutputExistsError, atomic_write_text, current_policy, output_policy
 from clipforge.model.factory import LoadedModel
 from clipforge.packaged import PACKAGED_WEIGHTS, packaged_available
 from clipforge.train.loop import train

@@ -12,7 +12,7 @@ Every file clipforge writes goes through :func:`atomic_write`, which keeps three
   the caller owns it (``replace=True``: a run's own ``last.pt``, an embedding folder's ``meta.json``) or the
   user said ``--overwrite``. Without ``replace``, the final rename cannot clobber a file that appeared meanwhile
   (it is a hard link, which fails on an existing name).
-* **One clear message.** A refused target, a folder another process writes (:func:`folder_lock`) and a disk
+* **One clear message.** A refused target, a folder another process writes (``clipforge.folders``) and a disk
   that cannot take the write (full, read-only, no permission) raise :class:`OutputError` subclasses whose
   message names the file and the fix; the command line prints it as one line and exits 2.
 
@@ -41,7 +41,6 @@ except ImportError:  # not POSIX: folders are then not protected against a secon
     fcntl = None  # type: ignore[assignment]
 
 TEMPORARY_SUFFIX = ".tmp"
-LOCK_NAME = ".clipforge.lock"
 # folders of work in progress (an export being checked, say): renamed into place or removed, never left
 SCRATCH_PREFIX = ".clipforge-scratch"
 
@@ -128,7 +127,7 @@ def current_policy() -> OutputPolicy:
     return _POLICY.get(OutputPolicy())
 
 
-def _resolved(path: str | os.PathLike) -> Path:
+def resolved_path(path: str | os.PathLike) -> Path:
     # realpath, not Path.resolve: a symlink loop resolves as far as it goes instead of raising
     return Path(os.path.realpath(os.path.abspath(os.path.expanduser(path))))
 
@@ -138,7 +137,7 @@ def output_policy(
     overwrite: bool = False, inputs: Iterable[str | os.PathLike] = (), flag: str = "--overwrite"
 ) -> Iterator[OutputPolicy]:
     """Run the block under an :class:`OutputPolicy`: ``inputs`` are protected, ``overwrite`` allows replacing."""
-    policy = OutputPolicy(overwrite, tuple(dict.fromkeys(_resolved(p) for p in inputs if str(p))), flag)
+    policy = OutputPolicy(overwrite, tuple(dict.fromkeys(resolved_path(p) for p in inputs if str(p))), flag)
     token = _POLICY.set(policy)
     try:
         yield policy
@@ -165,7 +164,7 @@ def check_output(path: str | os.PathLike, replace: bool = False, what: str = "")
     path = Path(path)
     policy = current_policy()
     label = f"{what} {shorten(str(path), 200)}" if what else shorten(str(path), 200)
-    target = _resolved(path)
+    target = resolved_path(path)
     for protected in policy.inputs:
         if _same_file(target, protected):
             raise OutputIsInputError(
@@ -204,7 +203,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any], rep
         sweep_stale_temporaries(path.parent)
         descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=_temporary_name(path), suffix=TEMPORARY_SUFFIX)
     except OSError as error:
-        raise _as_disk_error(path, error) from None
+        raise as_disk_error(path, error) from None
     try:
         # mkstemp creates the file 0600; give it the mode a plain open() would (0666 less the umask), so a
         # checkpoint or embedding table is as readable to the user's group as any other file they write
@@ -217,12 +216,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any], rep
     except BaseException as error:
         Path(temporary).unlink(missing_ok=True)
         if isinstance(error, OSError) and not isinstance(error, OutputError):
-            raise _as_disk_error(path, error) from None
+            raise as_disk_error(path, error) from None
         raise
     return path
 
 
-def _as_disk_error(path: Path, error: OSError) -> OSError | DiskWriteError:
+def as_disk_error(path: Path, error: OSError) -> OSError | DiskWriteError:
     return disk_error(path, error) if error.errno in DISK_ERRNOS else error
 
 
@@ -296,7 +295,7 @@ def sweep_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     is swept once per process.
     """
     folder = Path(folder)
-    key = str(_resolved(folder))
+    key = str(resolved_path(folder))
     if key in _SWEPT:
         return []
     _SWEPT.add(key)
@@ -324,130 +323,6 @@ def sweep_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
 
 
 _SWEPT: set[str] = set()
-
-
-@contextlib.contextmanager
-def scratch_folder(parent: str | os.PathLike) -> Iterator[Path]:
-    """A new empty folder inside ``parent`` for work to check before it is moved into place; removed afterwards.
-
-    Named ``.clipforge-scratch.<pid>.<random>``, so one left by a killed process is recognised and removed by
-    the next :func:`sweep_stale_temporaries` of ``parent``.
-    """
-    parent = Path(parent)
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        sweep_stale_temporaries(parent)
-        folder = Path(tempfile.mkdtemp(dir=parent, prefix=f"{SCRATCH_PREFIX}.{os.getpid()}."))
-    except OSError as error:
-        raise _as_disk_error(parent, error) from None
-    try:
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def staged_folder(folder: str | os.PathLike, command: str) -> Iterator[Path]:
-    """A scratch folder for work that goes into ``folder`` whole or not at all; yields the scratch folder.
-
-    ``folder`` is created if missing and held with :func:`folder_lock` (one writer). When the block ends well,
-    every file of the scratch folder is moved into ``folder``; each target is checked by the output policy
-    first (:func:`check_output`: an existing file only with ``--overwrite``, an input never), so a refusal
-    moves nothing. On any error nothing is moved, and a ``folder`` this call made is removed again.
-    """
-    folder = Path(folder)
-    made_here = not folder.exists()
-    try:
-        with folder_lock(folder, command), scratch_folder(folder) as scratch:
-            yield scratch
-            items = sorted(scratch.iterdir())
-            for item in items:
-                check_output(folder / item.name)
-            for item in items:
-                target = folder / item.name
-                if item.is_dir() and target.is_dir():  # allowed above: --overwrite replaces the whole folder
-                    shutil.rmtree(target)
-                os.replace(item, target)
-    except BaseException:
-        if made_here and folder.is_dir() and {p.name for p in folder.iterdir()} <= {LOCK_NAME}:
-            shutil.rmtree(folder, ignore_errors=True)
-        raise
-
-
-# ----------------------------------------------------------------------------------------------
-# One writer per folder
-# ----------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def folder_lock(folder: str | os.PathLike, command: str) -> Iterator[Path]:
-    """Hold ``folder``'s writer lock inside the block (``folder`` is created if missing).
-
-    ``flock(LOCK_EX | LOCK_NB)`` on ``folder/.clipforge.lock``, which then records the holder
-    (``{"pid", "command"}``). A second writer - another process, whatever its command - stops at once with
-    :class:`FolderBusyError` naming the holder's pid and command. The kernel drops a lock when its holder exits,
-    killed or not, so a dead process's lock is simply taken over. The file stays after the block: it says which
-    command last wrote the folder (:func:`folder_owner`).
-    """
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise OutputExistsError(f"{shorten(str(folder), 200)} is a file; expected a folder")
-    key = str(_resolved(folder))
-    if key in _HELD:  # this process holds it already (a command inside a command): flock would refuse us
-        _HELD[key] += 1
-        try:
-            yield folder
-        finally:
-            _HELD[key] -= 1
-        return
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        handle = open(folder / LOCK_NAME, "a+")  # noqa: SIM115 - held for the whole block
-    except OSError as error:
-        raise _as_disk_error(folder, error) from None
-    with handle:  # closing the file releases the lock
-        if fcntl is not None:
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = _read_owner(handle)
-                raise FolderBusyError(
-                    f"{shorten(str(folder), 200)} is being written by another process (pid {holder.get('pid', '?')}, "
-                    f"clipforge {holder.get('command', '?')}); wait for it to finish, stop it, or use another folder"
-                ) from None
-        try:
-            handle.seek(0)
-            handle.truncate()
-            handle.write(json.dumps({"pid": os.getpid(), "command": command}) + "\n")
-            handle.flush()
-        except OSError as error:
-            raise _as_disk_error(folder / LOCK_NAME, error) from None
-        sweep_stale_temporaries(folder)
-        _HELD[key] = 1
-        try:
-            yield folder
-        finally:
-            del _HELD[key]
-
-
-_HELD: dict[str, int] = {}
-
-
-def _read_owner(handle: IO[str]) -> dict[str, Any]:
-    try:
-        handle.seek(0)
-        owner = json.loads(handle.read(4096) or "{}")
-    except (OSError, ValueError):
-        return {}
-    return owner if isinstance(owner, dict) else {}
-
-
-def folder_owner(folder: str | os.PathLike) -> str | None:
-    """The command that last held ``folder``'s writer lock (``train``, ``embed`` ...), or None."""
-    try:
-        with open(Path(folder) / LOCK_NAME) as handle:
-            command = _read_owner(handle).get("command")
-    except OSError:
-        return None
-    return command if isinstance(command, str) else None
 
 
 def weights_fingerprint(module: Any) -> str:

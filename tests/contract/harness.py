@@ -21,7 +21,7 @@ from pathlib import Path
 
 from clipforge.cli import build_parser, main
 from clipforge.commands.common import PathArgument, declared_paths
-from clipforge.io import LOCK_NAME
+from clipforge.folders import LOCK_NAME
 
 DEADLINE_S = 120  # a tiny model's command takes seconds; past this it hangs
 

@@ -21,7 +21,8 @@ from clipforge.config import (
     config_from_dict,
     save_config,
 )
-from clipforge.data.tokenize import build_tokenizer, hf_from_pretrained, load_hf_tokenizer, quiet_transformers
+from clipforge.data.hf_loading import hf_from_pretrained, quiet_transformers
+from clipforge.data.tokenize import build_tokenizer, load_hf_tokenizer
 from clipforge.model.text import build_hf_tower, build_transformer_tower
 from clipforge.model.vision import build_timm_tower, build_torchvision_tower
 from tests.conftest import tiny_config, write_tiny_bert

@@ -23,8 +23,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from clipforge.io import FolderBusyError
-from clipforge.search import store as store_module
-from clipforge.search.store import EmbeddingStore, StoreError, writer_lock
+from clipforge.search import meta as store_module
+from clipforge.search.meta import StoreError, writer_lock
+from clipforge.search.store import EmbeddingStore
 from tests.conftest import another_writer
 
 faiss = pytest.importorskip("faiss")

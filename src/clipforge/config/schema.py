@@ -40,8 +40,10 @@ class ImageTowerConfig:
     ``pretrained``: where the weights come from. ``None`` = random init; ``"default"`` = the standard
     weights for ``name`` (torchvision's DEFAULT enum, timm's default tag); ``"package:<name>"`` = weights
     shipped inside a pip package (``package:efficientnet-lite0``, see ``clipforge.packaged``);
-    another string is a local file (``.pt``/``.pth``/``.safetensors`` state dict) when it exists on disk,
-    else a torchvision weights enum name (``IMAGENET1K_V2``) or a timm pretrained tag (``in1k``).
+    ``"file:<path>"`` or a value that reads as a path (a folder separator, a leading ``.`` or ``~``, a ``.pt`` /
+    ``.pth`` / ``.bin`` / ``.safetensors`` suffix) = a local state dict file, which must exist; any other string is a
+    torchvision weights enum name (``IMAGENET1K_V2``) or a timm pretrained tag (``in1k``). What a value is is told
+    from the value, never from whether a file of that name happens to exist.
     ``pretrained_keys``: how a file's tensors meet the model's: ``by_name`` (the same names) or ``in_order``
     (another naming of the same architecture: the i-th tensor of the file is the model's i-th, shapes checked).
     ``image_size``: null = the tower's own (its pretrained config's input size for timm, 224 for torchvision,

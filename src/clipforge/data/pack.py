@@ -24,7 +24,7 @@ from clipforge.config import DataConfig
 from clipforge.data.base import DataError, ImageLoadError, ImageTextSource, decode_image
 from clipforge.data.shards import ShardSource
 from clipforge.data.sources import build_source
-from clipforge.io import folder_lock, scratch_folder
+from clipforge.folders import folder_lock, scratch_folder
 
 logger = logging.getLogger("clipforge")
 

@@ -16,7 +16,8 @@ import tempfile
 from pathlib import Path
 
 from clipforge.config import CheckpointError
-from clipforge.data.tokenize import HFTokenizer, quiet_transformers
+from clipforge.data.hf_loading import quiet_transformers
+from clipforge.data.tokenize import HFTokenizer
 
 MERGES_FILE = "bpe_simple_vocab_16e6.txt.gz"
 MERGE_COUNT = 49152 - 256 - 2  # the merges OpenAI's vocabulary uses: 49152 - 256 bytes - 2 special tokens

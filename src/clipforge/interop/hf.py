@@ -26,13 +26,8 @@ from typing import Any
 import torch
 
 from clipforge.config import CheckpointError, Config, ConfigError, config_from_dict
-from clipforge.data.tokenize import (
-    TOKENIZER_FILES,
-    HFTokenizer,
-    load_hf_tokenizer,
-    looks_like_path,
-    quiet_transformers,
-)
+from clipforge.data.hf_loading import looks_like_path, quiet_transformers
+from clipforge.data.tokenize import TOKENIZER_FILES, HFTokenizer, load_hf_tokenizer
 from clipforge.interop.keymaps import convert, hf_rules
 from clipforge.interop.resolved import Resolved
 from clipforge.model.factory import make_processor

@@ -44,11 +44,12 @@ import torch
 import torch.nn.functional as F
 
 from clipforge.config import BUILTIN_VIT_IMAGE_SIZE, CheckpointError, ModelConfig
-from clipforge.data.tokenize import BpeTokenizer, Tokenizer, quiet_transformers
+from clipforge.data.hf_loading import quiet_transformers
+from clipforge.data.tokenize import BpeTokenizer, Tokenizer
 from clipforge.data.transforms import ImagePreprocess
+from clipforge.folders import LOCK_NAME, staged_folder
 from clipforge.interop.hf import CLIP_LEGACY_EOS_ID, HF_ACTIVATIONS, PIL_RESAMPLE
 from clipforge.interop.keymaps import hf_rules, invert
-from clipforge.io import LOCK_NAME, staged_folder
 from clipforge.model.factory import LoadedModel
 from clipforge.model.text import resolve_pooling
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,12 @@ from clipforge.model import CLIPModel
 from clipforge.model.factory import LoadedModel, build_checked_model, hf_text_config
 
 HF_PREFIX = "hf:"
+# a weights source other than a clipforge checkpoint: its spec prefix -> the importer that resolves the whole spec
+# (a new source is one importer module plus its line here)
+SOURCES: dict[str, Callable[[str], Resolved]] = {
+    HF_PREFIX: lambda spec: import_hf(spec.removeprefix(HF_PREFIX)),
+    OPEN_CLIP_PREFIX: lambda spec: import_open_clip(*parse_spec(spec)),
+}
 SPEC_HELP = "hf:<folder or hub id>, open_clip:CONFIG.json:WEIGHTS, or the path of a clipforge checkpoint"
 # tower fields that say how to train, not what the model is: model.init keeps the run config's
 TRAINING_FIELDS = ("lock", "lr_scale", "layer_decay")
@@ -42,10 +49,9 @@ def resolve(spec: str) -> Resolved:
     Every problem with the spec or its files raises CheckpointError (or FileNotFoundError) naming it.
     """
     spec = str(spec)
-    if spec.startswith(HF_PREFIX):
-        return import_hf(spec.removeprefix(HF_PREFIX))
-    if spec.startswith(OPEN_CLIP_PREFIX):
-        return import_open_clip(*parse_spec(spec))
+    for prefix, importer in SOURCES.items():
+        if spec.startswith(prefix):
+            return importer(spec)
     path = Path(spec).expanduser()
     if path.is_dir():
         raise CheckpointError(f"{spec!r} is a folder; for a Hugging Face model folder write hf:{spec}")

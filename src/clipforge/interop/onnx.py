@@ -36,7 +36,8 @@ import torch
 from torch import nn
 
 from clipforge.data.transforms import MAX_ASPECT, ImagePreprocess
-from clipforge.io import atomic_write_text, check_output, staged_folder
+from clipforge.folders import staged_folder
+from clipforge.io import atomic_write_text, check_output
 from clipforge.model.factory import LoadedModel
 from clipforge.version import __version__
 

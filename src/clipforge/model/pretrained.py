@@ -58,23 +58,42 @@ def map_state_dict_in_order(
     return mapped
 
 
-def local_weights_file(pretrained: str | None) -> Path | None:
-    """The local file ``pretrained`` names (``package:<name>``: the file inside that pip package), or None when
-    it names no file.
+FILE_PREFIX = "file:"
 
-    A string that looks like a path (a separator or a weights suffix) but does not exist is an error rather
-    than being passed on as a weights name, so a typo in a path does not turn into a download attempt.
+
+def names_a_file(pretrained: str) -> bool:
+    """Whether ``pretrained`` names a weights file rather than a torchvision enum or timm tag, told from the text
+    alone (never by looking whether such a file exists): ``file:<path>``, or a value that reads as a path: a
+    folder separator, a leading ``.`` or ``~``, or a weights suffix (``.pt``, ``.pth``, ``.bin``, ``.safetensors``)."""
+    return (
+        pretrained.startswith(FILE_PREFIX)
+        or "/" in pretrained
+        or "\\" in pretrained
+        or pretrained.startswith((".", "~"))
+        or Path(pretrained).suffix in WEIGHT_FILE_SUFFIXES
+    )
+
+
+def local_weights_file(pretrained: str | None) -> Path | None:
+    """The local file ``pretrained`` names (``package:<name>``: the file inside that pip package; ``file:`` or a
+    path, see :func:`names_a_file`), or None when it names no file (None, ``default``, a tag).
+
+    A value that names a file which does not exist is an error, so a typo in a path never turns into a download
+    attempt of a tag of that name, and a file that happens to be called like a tag is never read by accident.
     """
     if pretrained is None or pretrained == "default":
         return None
     if is_packaged(pretrained):
         return packaged_path(pretrained)
-    path = Path(pretrained).expanduser()
-    if path.is_file():
-        return path
-    if "/" in pretrained or "\\" in pretrained or path.suffix in WEIGHT_FILE_SUFFIXES:
-        raise ValueError(f"pretrained={pretrained!r} looks like a weights file but no file exists there")
-    return None
+    if not names_a_file(pretrained):
+        return None
+    path = Path(pretrained.removeprefix(FILE_PREFIX)).expanduser()
+    if not path.is_file():
+        raise ConfigError(
+            f"pretrained={pretrained!r} names a weights file, but no file exists there; give the path of a "
+            ".pt/.pth/.safetensors state dict (or a timm tag / torchvision enum without a path)"
+        )
+    return path
 
 
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:

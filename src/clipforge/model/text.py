@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from clipforge.config import ConfigError, TextTowerConfig
-from clipforge.data.tokenize import hf_from_pretrained, quiet_transformers
+from clipforge.data.hf_loading import hf_from_pretrained, quiet_transformers
 from clipforge.model.towers import Tower, TransformerTower
 from clipforge.model.transformer import DEFAULT_NORM_EPS, Transformer
 

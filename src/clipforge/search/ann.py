@@ -31,7 +31,8 @@ import torch
 from clipforge.io import atomic_write
 from clipforge.search.exact import exact_search
 from clipforge.search.faiss_loader import import_faiss
-from clipforge.search.store import KINDS, EmbeddingStore, StoreError, writer_lock
+from clipforge.search.meta import StoreError, writer_lock
+from clipforge.search.store import KINDS, EmbeddingStore
 
 logger = logging.getLogger("clipforge")
 

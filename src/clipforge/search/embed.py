@@ -28,7 +28,8 @@ from clipforge.data.samples import SkippedSample
 from clipforge.eval.features import encode_source_images, encode_texts
 from clipforge.io import weights_fingerprint
 from clipforge.model.factory import LoadedModel
-from clipforge.search.store import EmbeddingStore, check_dtype, writer_lock
+from clipforge.search.meta import check_dtype, writer_lock
+from clipforge.search.store import EmbeddingStore
 
 logger = logging.getLogger("clipforge")
 

@@ -23,7 +23,8 @@ from clipforge.interop.load import from_pretrained
 from clipforge.io import weights_fingerprint
 from clipforge.model.factory import LoadedModel
 from clipforge.search.exact import exact_search
-from clipforge.search.store import EmbeddingStore, StoreError, StoreTable
+from clipforge.search.meta import StoreError
+from clipforge.search.store import EmbeddingStore, StoreTable
 
 logger = logging.getLogger("clipforge")
 

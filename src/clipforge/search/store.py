@@ -28,10 +28,8 @@ that belong to other embeddings.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,127 +37,21 @@ from typing import Any
 
 import numpy as np
 
-from clipforge.data.base import DataError
-from clipforge.io import FolderBusyError, atomic_write, folder_lock
-from clipforge.version import __version__
+from clipforge.io import atomic_write
+from clipforge.search.meta import (
+    StoreError,
+    check_dtype,
+    check_meta,
+    is_int,
+    meta_lock,
+    new_meta,
+    read_meta,
+    write_meta,
+)
 
-FORMAT = "clipforge-embeddings"
-FORMAT_VERSION = 1
 KINDS = ("images", "texts")
-DTYPES = ("float16", "float32")
 _STAGED_TABLE = "merge-{number:06d}.jsonl"  # a merged part's table before it is committed
-# a meta.json update holds the lock for milliseconds: wait this long for another one before giving up (an
-# embed run or an index build holds it for minutes, and waiting for those would only look like a hang)
-META_WAIT_S = 5.0
-# meta.json holds a stamp, the model, a few sources and index entries: kilobytes; anything larger is not ours
-MAX_META_BYTES = 16 * 2**20
 _PART_FIX = "delete it and its .jsonl (or .npy), then run `clipforge embed` again to embed those items anew"
-
-
-class StoreError(DataError):
-    """An embedding folder that cannot be read as it is (``meta.json``, a part or a table damaged or foreign).
-
-    A :class:`~clipforge.data.base.DataError`: the command line prints its message as one line (exit 2) and the
-    web page answers 404 for an image it stops, not 500."""
-
-
-@contextlib.contextmanager
-def writer_lock(root: str | os.PathLike, command: str = "embed") -> Iterator[Path]:
-    """Hold the embedding folder ``root``'s writer lock (created if missing) inside the block: the one folder lock
-    of every command (:func:`clipforge.io.folder_lock`), taken by ``command``.
-
-    A second writer (another ``clipforge embed``, an ``index build``) fails at once with
-    :class:`~clipforge.io.FolderBusyError` naming the holder, instead of waiting or appending the same ids again.
-    The kernel drops the lock when its holder exits, killed or not. Within the process holding it the lock nests,
-    so the holder's :meth:`EmbeddingStore.update_meta` takes it again without waiting.
-    """
-    root = Path(root)
-    if root.is_file():
-        raise FileExistsError(f"--out {str(root)!r} is a file; expected a folder for the embeddings")
-    with folder_lock(root, command):
-        yield root
-
-
-@contextlib.contextmanager
-def _meta_lock(root: Path) -> Iterator[None]:
-    """:func:`writer_lock` of ``root`` (nested when this process holds it already), waiting up to
-    ``META_WAIT_S`` for another process's short hold."""
-    deadline = time.monotonic() + META_WAIT_S
-    while True:
-        stack = contextlib.ExitStack()
-        try:
-            stack.enter_context(writer_lock(root, "update meta.json"))
-        except FolderBusyError:
-            if time.monotonic() >= deadline:
-                raise
-            time.sleep(0.01)
-            continue
-        with stack:
-            yield
-        return
-
-
-def read_meta(root: str | os.PathLike) -> dict[str, Any]:
-    """``root/meta.json``, checked: FileNotFoundError when ``root`` is no embedding folder, StoreError when the
-    file cannot be read, is not JSON, or lacks a field the readers use (format stamp, model, dtype, sources)."""
-    root = Path(root)
-    path = root / "meta.json"
-    if root.is_file():
-        raise StoreError(f"{root} is a file, not an embedding folder (the folder `clipforge embed --out` wrote)")
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{root} is not an embedding folder (no meta.json); create one with "
-            "`clipforge embed --checkpoint CKPT --images DIR --out EMB_DIR`"
-        )
-    try:
-        if path.stat().st_size > MAX_META_BYTES:
-            raise StoreError(f"{path} is over {MAX_META_BYTES >> 20} MiB: not the meta.json clipforge writes")
-        meta = json.loads(path.read_bytes())
-    except OSError as error:
-        raise StoreError(f"{path} cannot be read: {error.strerror or error}") from None
-    except (ValueError, RecursionError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise StoreError(
-            f"{path} is not valid JSON ({error}); the folder's record of its model and sources is damaged: "
-            "restore the file, or embed again into a new folder"
-        ) from None
-    _check_meta(meta, path)
-    return meta
-
-
-def _check_meta(meta: Any, path: Path) -> None:
-    """StoreError unless ``meta`` has every field the readers take from it, of the right type."""
-
-    def bad(what: str) -> StoreError:
-        return StoreError(f"{path}: {what}; it is not a meta.json `clipforge embed` wrote (or it was edited)")
-
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise bad(f"no '{FORMAT}' format stamp")
-    version = meta.get("format_version", 0)
-    if not _is_int(version):
-        raise bad(f"format_version {version!r} is not a whole number")
-    if version > FORMAT_VERSION:
-        raise StoreError(f"{path.parent} was written by a newer clipforge (format {version}); upgrade clipforge")
-    model = meta.get("model")
-    if not isinstance(model, dict) or not isinstance(model.get("fingerprint"), str):
-        raise bad("'model' is not an object with the weights' 'fingerprint'")
-    if not isinstance(model.get("checkpoint", ""), str) or not (model.get("step") is None or _is_int(model["step"])):
-        raise bad("'model' has a 'checkpoint' that is not a path or a 'step' that is not a whole number")
-    if "embed_dim" in model and not (_is_int(model["embed_dim"]) and model["embed_dim"] > 0):
-        raise bad(f"'model.embed_dim' {model['embed_dim']!r} is not a positive whole number")
-    if meta.get("dtype") not in DTYPES:
-        raise bad(f"'dtype' {meta.get('dtype')!r} is not one of {list(DTYPES)}")
-    sources = meta.get("sources")
-    if not isinstance(sources, list) or not all(isinstance(source, str) for source in sources):
-        raise bad("'sources' is not a list of strings")
-
-
-def _write_meta(root: Path, meta: dict[str, Any]) -> None:
-    text = json.dumps(meta, indent=2).encode()
-    atomic_write(root / "meta.json", lambda handle: handle.write(text), replace=True)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
 @dataclass
@@ -198,9 +90,9 @@ class EmbeddingStore:
         if root.is_file():
             raise FileExistsError(f"--out {str(root)!r} is a file; expected a folder for the embeddings")
         if not (root / "meta.json").is_file():
-            with _meta_lock(root):  # held already by an embed run; else two creators would race
+            with meta_lock(root):  # held already by an embed run; else two creators would race
                 if not (root / "meta.json").is_file():
-                    _write_meta(root, _new_meta(model_info, dtype))
+                    write_meta(root, new_meta(model_info, dtype))
         store = cls(root)
         stored = store.meta["model"]
         if stored["fingerprint"] != model_info["fingerprint"]:
@@ -241,13 +133,13 @@ class EmbeddingStore:
         differs. Changing a copy read before the lock would drop what another process saved in between: a
         source added by ``embed`` while ``index build`` recorded its index was lost that way.
         """
-        with _meta_lock(self.root):
+        with meta_lock(self.root):
             meta = read_meta(self.root)
             before = json.dumps(meta, sort_keys=True)
             change(meta)
-            _check_meta(meta, self.root / "meta.json")
+            check_meta(meta, self.root / "meta.json")
             if json.dumps(meta, sort_keys=True) != before:
-                _write_meta(self.root, meta)
+                write_meta(self.root, meta)
             self.meta = meta
         return meta
 
@@ -417,7 +309,7 @@ def _check_row(row: Any, path: Path, number: int) -> tuple[str, str, int, int]:
     """(id, path or "", source number or -1, index or -1) of one table row; StoreError if it is not a row."""
     if isinstance(row, dict):
         fields = (row.get("id"), row.get("path") or "", row.get("source", -1), row.get("index", -1))
-        if isinstance(fields[0], str) and isinstance(fields[1], str) and _is_int(fields[2]) and _is_int(fields[3]):
+        if isinstance(fields[0], str) and isinstance(fields[1], str) and is_int(fields[2]) and is_int(fields[3]):
             return fields[0], fields[1], int(fields[2]), int(fields[3])
     raise StoreError(
         f"{path} line {number} is not a row (an object with a string 'id', and whole-number 'source' and "
@@ -425,27 +317,10 @@ def _check_row(row: Any, path: Path, number: int) -> tuple[str, str, int, int]:
     )
 
 
-def _new_meta(model_info: dict[str, Any], dtype: str) -> dict[str, Any]:
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "clipforge_version": __version__,
-        "model": model_info,
-        "dtype": dtype,
-        "sources": [],
-    }
-
-
 def _next_part_number(folder: Path) -> int:
     """One more than any part number in ``folder``, committed or not (a live writer's half-written part too)."""
     taken = [int(p.stem.split("-")[1]) for p in folder.glob("part-*.*") if p.stem.split("-")[1].isdigit()]
     return max(taken, default=-1) + 1
-
-
-def check_dtype(dtype: str) -> str:
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r}: choose one of {list(DTYPES)}")
-    return dtype
 
 
 def _check_kind(kind: str) -> str:

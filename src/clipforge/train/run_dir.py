@@ -25,7 +25,8 @@ from pathlib import Path
 from clipforge.config import ConfigError
 from clipforge.config.parsing import written_by_clipforge
 from clipforge.distributed import gather_ints
-from clipforge.io import LOCK_NAME, FolderBusyError, OutputError, OutputExistsError, folder_lock
+from clipforge.folders import LOCK_NAME, folder_lock
+from clipforge.io import FolderBusyError, OutputError, OutputExistsError
 from clipforge.train.run_log import read_metrics
 
 logger = logging.getLogger("clipforge")
