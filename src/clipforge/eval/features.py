@@ -13,6 +13,7 @@ training): a locked tower is a fixed function of its input, so only the trainabl
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ from clipforge.data.base import DataError, ImageTextSource
 from clipforge.data.loader import ImageTextDataset
 from clipforge.data.processor import Processor
 from clipforge.data.samples import SkippedSample
+from clipforge.data.transforms import ImagePreprocess
 from clipforge.model import CLIPModel
 from clipforge.runtime import forward_in_cpu_chunks, usable_workers
 
@@ -62,19 +64,28 @@ class _Indexed(torch.utils.data.Dataset):
 
 
 class LockedTowerMemo:
-    """Tower outputs (before the heads) of locked towers, kept across evaluation rounds.
+    """Tower outputs (before the heads) of locked towers, kept across evaluation rounds, keyed by content.
 
     Valid only while the towers' weights do not change: the evaluator of one run holds one, and the functions
-    below use it only when ``model.image_locked`` / ``model.text_locked``. Images are keyed by the source
-    object (the evaluator opens each task's source once) and the tower's input size; texts by the string.
+    below use it only when ``model.image_locked`` / ``model.text_locked``. Images are keyed by what the source
+    holds (:func:`source_key`: a digest of every image's description, in order) and the whole preprocessing, so two
+    sources opened from the same files share one entry and no two different sources can; texts by the string.
     Memory: one float32 row per image and per distinct text (1280 + 384 floats for the demo's towers).
     """
 
     def __init__(self) -> None:
-        self.images: dict[tuple[int, int], ImageFeatures] = {}  # (id(source), image size) -> tower features
-        self._sources: list[ImageTextSource] = []  # held, so that no other source can ever reuse a key's id()
+        self.images: dict[tuple[str, ImagePreprocess], ImageFeatures] = {}  # (source key, preprocessing) -> rows
         self.texts: dict[str, torch.Tensor] = {}  # text -> (F,) tower features
         self.image_passes = 0  # how many times a tower actually ran over a source (tests read it)
+
+
+def source_key(source: ImageTextSource) -> str:
+    """A digest of what ``source`` holds: its length and every image's description (a path, a shard key, a
+    built-in set's index), in order. Two sources over the same images get the same key, whatever objects they are."""
+    digest = hashlib.sha256(str(len(source)).encode())
+    for index in range(len(source)):
+        digest.update(b"\0" + source.describe(index).encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()
 
 
 def _tower_images(loader: DataLoader, device: torch.device, tower, autocast, total: int) -> ImageFeatures:
@@ -117,10 +128,9 @@ def encode_source_images(
     device = _model_device(model)
     if memo is None or not model.image_locked:
         return _tower_images(loader, device, model.encode_image, autocast, len(source))
-    key = (id(source), preprocess)  # the whole rule: two resize rules of one size never share features
+    key = (source_key(source), preprocess)  # the whole rule: two resize rules of one size never share features
     if key not in memo.images:
         memo.images[key] = _tower_images(loader, device, model.image_tower, autocast, len(source))
-        memo._sources.append(source)
         memo.image_passes += 1
     kept = memo.images[key]
     with autocast or contextlib.nullcontext():
