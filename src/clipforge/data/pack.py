@@ -272,7 +272,7 @@ def inspect_source(
         }
     report.classes = dict(sorted(classes.items(), key=lambda item: (-item[1], item[0])))
     if grid is not None and shown:
-        title = f"{config.kind}: {config.path or config.split}"
+        title = f"{config.kind}: {config.get('path') or config.get('split', '')}"
         report.grid = plot_sample_grid(
             [image for image, _ in shown], [caption for _, caption in shown], grid, title=title
         )

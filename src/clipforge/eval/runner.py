@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from clipforge.config import DATA_KINDS, Config, DataConfig
+from clipforge.config import Config, DataConfig
 from clipforge.data.base import DataError, ImageTextSource
 from clipforge.data.files import classnames_for
 from clipforge.data.samples import SkippedSample
@@ -278,8 +278,7 @@ def evaluate_retrieval(
 def dataset_label(data: DataConfig) -> str:
     """A short name for the data a result was measured on: ``kind:path`` and ``:split`` where the kind has
     splits (``emoji:test``, ``manifest:data/test.csv``, ``cifar:data/cifar-10-batches-py:test``)."""
-    split = data.split if DATA_KINDS[data.kind].splits else ""
-    return ":".join(part for part in (data.kind, data.path, split) if part)
+    return ":".join(part for part in (data.kind, data.get("path", ""), data.get("split", "")) if part)
 
 
 def benchmark_record(result: EvalResult, dataset: str, model: str) -> dict[str, Any]:

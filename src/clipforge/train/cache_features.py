@@ -107,7 +107,7 @@ def source_identity(data: DataConfig, source: ImageTextSource, captions: bool = 
     identity = {
         "settings": settings,
         "num_images": len(source),
-        "files": [_file_stamp(data.path), _file_stamp(data.image_root)],
+        "files": [_file_stamp(data.get("path", "")), _file_stamp(data.get("image_root", ""))],
     }
     if captions:
         digest = hashlib.sha256()

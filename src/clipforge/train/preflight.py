@@ -20,8 +20,7 @@ MAX_EMPTY_BATCHES = 50
 
 def describe_data(data: DataConfig) -> str:
     """``data.kind='manifest', data.path='train.csv'``: the data as the config names it, for messages."""
-    where = f"data.kind={data.kind!r}"
-    return f"{where}, data.path={data.path!r}" if data.path else where
+    return data.describe("data")
 
 
 def check_batch_fits(source: ImageTextSource | ShardSource, data: DataConfig, batch_size: int, world_size: int) -> None:
