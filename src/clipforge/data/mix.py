@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from clipforge.config import DataConfig
+from clipforge.config import UNLABELLED, DataConfig
 from clipforge.data.base import DataError, ImageTextSource, check_index
 from clipforge.data.sources import build_source
 
@@ -28,6 +28,7 @@ class MixSource:
 
     labels: np.ndarray | None = None
     classnames: list[str] | None = None
+    capabilities = UNLABELLED
 
     def __init__(self, sources: Sequence[ImageTextSource], weights: Sequence[float]) -> None:
         if not sources or len(sources) != len(weights):

@@ -16,7 +16,7 @@ from PIL import Image
 
 from clipforge.config import DataConfig
 from clipforge.config.templates import validate_templates
-from clipforge.data.base import ImageTextSource
+from clipforge.data.base import ImageTextSource, Source, capabilities_of
 from clipforge.data.files import require_dir
 
 
@@ -48,7 +48,7 @@ class TemplatedCaptions:
         return self.source.describe(index)
 
 
-def reader_of(config: DataConfig | type[DataConfig]) -> Callable[..., Any]:
+def reader_of(config: DataConfig | type[DataConfig]) -> Callable[..., Source]:
     """The callable ``config``'s kind names as its reader (``"clipforge.data.<module>:<name>"``), imported."""
     module, _, name = config.reader.partition(":")
     if not module.startswith("clipforge.data.") or not name:
@@ -56,12 +56,12 @@ def reader_of(config: DataConfig | type[DataConfig]) -> Callable[..., Any]:
     return getattr(importlib.import_module(module), name)
 
 
-def build_source(config: DataConfig) -> Any:
+def build_source(config: DataConfig) -> Source:
     """The source ``config`` describes: its kind's reader called with ``config.reader_arguments()``, its captions
     offered with ``config.caption_templates`` (a map-style source; validation refuses templates on a streamed one).
 
-    ``webdataset`` gives a :class:`~clipforge.data.shards.ShardSource` instead: tar shards have no index, so the
-    loader streams them. Fails at once (``FileNotFoundError`` / ``DataError``) when a path is missing or a file is
+    ``webdataset`` gives a streamed :class:`~clipforge.data.shards.ShardSource` (its ``capabilities`` say so; the
+    loader streams it). Fails at once (``FileNotFoundError`` / ``DataError``) when a path is missing or a file is
     not in the format the kind reads, before reading anything else: the message names the file, what was expected
     and, where it can tell, the kind that would read it.
     """
@@ -71,6 +71,14 @@ def build_source(config: DataConfig) -> Any:
         # (minutes for a large annotation file): a missing folder is named before anything is read
         require_dir(image_root, config.kind, "data.image_root: the folder holding the images")
     source = reader_of(config)(**config.reader_arguments())
-    if config.caption_templates and config.capabilities.random_access:  # validation refuses streamed kinds
+    if config.caption_templates and capabilities_of(source).random_access:
         return TemplatedCaptions(source, config.caption_templates)
     return source
+
+
+def training_captions(source: Source) -> list[str]:
+    """Every caption of ``source`` (what a BPE tokenizer trains on): by index, or in one pass over a streamed
+    source's caption members, reading no image."""
+    if capabilities_of(source).random_access:
+        return [caption for index in range(len(source)) for caption in source.captions(index)]
+    return list(source.iter_captions())

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from clipforge.config import Config, DataConfig
-from clipforge.data.base import DataError, ImageTextSource
+from clipforge.data.base import DataError, ImageTextSource, capabilities_of
 from clipforge.data.files import classnames_for
 from clipforge.data.samples import SkippedSample
 from clipforge.data.sources import build_source
@@ -97,14 +97,16 @@ class EvalResult:
 def open_eval_source(data: DataConfig) -> ImageTextSource:
     """``build_source(data)``, checked to be a finite source evaluation can index.
 
-    Every image must be visited exactly once and its captions looked up by index, so a streamed source
-    (no ``len``/``load_image``) is refused with a ``DataError`` that says so, rather than failing mid-run.
+    Every image must be visited exactly once and its captions looked up by index, so a source whose
+    ``capabilities`` are not ``evaluable`` (a streamed one: no ``len``/``load_image``) is refused with a
+    ``DataError`` that says so, rather than failing mid-run.
     """
     source = build_source(data)
-    if not isinstance(source, ImageTextSource):
+    if not capabilities_of(source).evaluable:
         raise DataError(
             f"data.kind={data.kind!r} gives a streamed source ({type(source).__name__}) that evaluation cannot "
-            "index; evaluate on a source with random access (manifest, coco, flickr, imagefolder, idx, cifar, hf)"
+            "index (WebDataset shards cannot be evaluated yet); evaluate on a source with random access (manifest, "
+            "coco, flickr, imagefolder, idx, cifar, hf)"
         )
     return source
 

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from clipforge.config import Config, DataConfig
-from clipforge.data.base import ImageLoadError, ImageTextSource
+from clipforge.data.base import ImageLoadError, ImageTextSource, capabilities_of
 from clipforge.data.feature_cache import CachedFeatures, FeatureStore, caption_offsets
 from clipforge.data.samples import prepare_sample, sample_seed
 from clipforge.data.tokenize import Tokenizer
@@ -83,7 +83,7 @@ class CachePlan:
 
 def plan_feature_cache(config: Config, model: CLIPModel, source: Any) -> CachePlan:
     """Which towers of ``model`` the run reads from the cache (see the module docstring)."""
-    if not config.data.cache_features or not isinstance(source, ImageTextSource):
+    if not config.data.cache_features or not capabilities_of(source).cacheable:
         return CachePlan()
     image_views = 0
     if model.image_locked:

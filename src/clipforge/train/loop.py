@@ -36,11 +36,10 @@ from clipforge.checkpoint import (
 )
 from clipforge.config import Config, ConfigError, config_to_dict, save_config
 from clipforge.config.errors import Interrupted
-from clipforge.data.base import ImageTextSource
+from clipforge.data.base import Source
 from clipforge.data.loader import LoaderSpec, build_train_loader
 from clipforge.data.samples import Batch
-from clipforge.data.shards import ShardSource
-from clipforge.data.sources import build_source
+from clipforge.data.sources import build_source, training_captions
 from clipforge.data.tokenize import Tokenizer, build_tokenizer
 from clipforge.data.transforms import build_image_transform
 from clipforge.distributed import (
@@ -206,22 +205,14 @@ def _check_processes(config: Config, context: DistributedContext) -> None:
 # ----------------------------------------------------------------------------------------------
 # Set-up
 # ----------------------------------------------------------------------------------------------
-def _training_captions(source: ImageTextSource | ShardSource) -> list[str]:
-    if isinstance(source, ShardSource):
-        return list(source.iter_captions())  # one pass over the shards' caption members, no image is read
-    return [caption for index in range(len(source)) for caption in source.captions(index)]
-
-
-def _build_tokenizer(
-    config: Config, context: DistributedContext, source: ImageTextSource | ShardSource, checkpoint: dict | None
-) -> Tokenizer:
+def _build_tokenizer(config: Config, context: DistributedContext, source: Source, checkpoint: dict | None) -> Tokenizer:
     """The checkpoint's tokenizer, or one trained on the data's captions (rank 0 trains it, every rank gets it)."""
     if checkpoint is not None:
         return Tokenizer.from_state_dict(checkpoint["tokenizer"])
     text_config = config.model.text
     tokenizer = None
     if context.is_main:
-        tokenizer = build_tokenizer(text_config.tokenizer, text_config.name, _training_captions(source))
+        tokenizer = build_tokenizer(text_config.tokenizer, text_config.name, training_captions(source))
     if context.enabled:  # rank 0 trains the vocabulary once; every rank then tokenizes alike
         tokenizer = Tokenizer.from_state_dict(broadcast_object(tokenizer.state_dict() if tokenizer else None))
     return tokenizer
@@ -231,7 +222,7 @@ def _build(
     config: Config,
     context: DistributedContext,
     output_dir: Path,
-    source: ImageTextSource | ShardSource,
+    source: Source,
     checkpoint: dict | None,
     initial: InitialModel | None = None,
 ) -> tuple[TrainingRun, Any, Any]:
