@@ -1,4 +1,5 @@
-"""The data section: one dataclass per data kind, chosen by ``kind``, each checking itself."""
+"""The data section: one dataclass per data kind, chosen by ``kind``, each checking itself; the upgrade of the
+sections older versions wrote (every field of every kind)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -28,8 +30,11 @@ from clipforge.config import (
     load_config,
     register_data_kind,
     save_config,
+    upgrade_data_section,
 )
+from clipforge.config.data_upgrade import FORMAT1_DATA_FIELDS
 
+FIXTURES = Path(__file__).parent / "fixtures"
 # a value each required field may take in a config (validation reads no file)
 REQUIRED_VALUES = {"path": "data/x.csv", "name": "flags", "mix": [{"kind": "emoji"}]}
 ALL_FIELDS = sorted({name for cls in DATA_KINDS.values() for name in cls.own_fields()})
@@ -197,3 +202,141 @@ def test_the_config_package_imports_without_torch() -> None:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["12", "EmojiData"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections as format 1 wrote them: every field of the old union, for every kind
+# ----------------------------------------------------------------------------------------------
+FORMAT1_DEFAULTS = {  # the old union's defaults (DataConfig before the data kinds had a class each)
+    "kind": "emoji",
+    "name": "",
+    "captions": "name",
+    "path": "",
+    "image_root": "",
+    "split": "train",
+    "classnames": "",
+    "image_column": "image",
+    "caption_column": "caption",
+    "label_column": "label",
+    "caption_sampling": "random",
+    "caption_templates": [],
+    "epoch_size": None,
+    "shuffle_buffer": 1000,
+    "resample": False,
+    "mix": [],
+    "weight": 1.0,
+    "num_workers": 0,
+    "augment": {"scale_min": 0.8, "hflip": False, "color_jitter": 0.0, "grayscale": 0.0, "invert": 0.0, "low_res": 0.0},
+    "cache_features": True,
+    "cached_views": 0,
+    "feature_cache": "",
+}
+
+
+def as_format1(section: dict) -> dict:
+    """A section of today's layout as format 1 stored it: the old union's defaults under its own values."""
+    old = {**copy.deepcopy(FORMAT1_DEFAULTS), **copy.deepcopy(section)}
+    old["mix"] = [as_format1(entry) for entry in old["mix"]]
+    return old
+
+
+@pytest.mark.parametrize("name", ["train", "imported-siglip", "hf-text"])
+def test_format1_checkpoints_configs_upgrade_to_the_same_values(name: str) -> None:
+    import torch
+
+    stored = torch.load(FIXTURES / f"format1-{name}.pt", weights_only=True)["config"]
+    before = copy.deepcopy(stored)
+    assert tuple(stored["data"]) == FORMAT1_DATA_FIELDS
+    with pytest.raises(ConfigError, match="has no"):
+        config_from_dict(stored)  # as stored: fields its kind does not have
+    upgraded = upgrade_data_section(stored)
+    assert stored == before, "the upgrade changes its argument"
+    config = config_from_dict(upgraded)
+    data = config_to_dict(config)["data"]
+    assert set(data) <= set(FORMAT1_DATA_FIELDS)
+    assert {key: stored["data"][key] for key in data} == data  # every value the kind has is kept
+    dropped = set(FORMAT1_DATA_FIELDS) - set(data)
+    assert all(stored["data"][key] == FORMAT1_DEFAULTS[key] for key in dropped)  # what was dropped did nothing
+    assert {key: value for key, value in upgraded.items() if key != "data"} == {
+        key: value for key, value in stored.items() if key != "data"
+    }
+    assert upgrade_data_section(upgraded) == upgraded
+
+
+@pytest.mark.parametrize("name", ["train", "imported-siglip", "hf-text"])
+def test_format1_checkpoints_still_load(name: str) -> None:
+    from clipforge.checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(FIXTURES / f"format1-{name}.pt")
+    assert loaded.config.data.kind in ("manifest", "emoji")
+
+
+SECTIONS = st.sampled_from(list(DATA_KINDS)).flatmap(
+    lambda kind: st.fixed_dictionaries(
+        {key: st.just(value) for key, value in minimal(kind).items()},
+        optional={
+            name: st.just(a_valid_value(name))
+            for name in (*DATA_KINDS[kind].own_fields(), "num_workers", "weight")
+            if name not in minimal(kind)
+        },
+    )
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=SECTIONS, task_data=SECTIONS)
+def test_any_config_written_as_format1_upgrades_back_to_itself(data: dict, task_data: dict) -> None:
+    """Every kind, in data, in mix entries and in eval tasks: dumped as the old union, upgraded, read again."""
+    evaluable = DATA_KINDS[task_data["kind"]].capabilities.evaluable and task_data["kind"] != "mix"
+    task = {"name": "t", "task": "retrieval", "data": task_data}
+    config = config_from_dict({"data": data, "eval": {"tasks": [task] if evaluable else []}})
+    values = config_to_dict(config)
+    old = copy.deepcopy(values)
+    old["data"] = as_format1(old["data"])
+    for stored in old["eval"]["tasks"]:
+        stored["data"] = as_format1(stored["data"])
+    assert config_from_dict(upgrade_data_section(old)) == config
+
+
+def test_upgrade_reaches_every_mix_entry_and_every_eval_task() -> None:
+    entries = [
+        {"kind": "manifest", "path": "m.csv", "weight": 2.0},
+        {"kind": "corpus", "name": "flags", "split": "val"},
+    ]
+    tasks = [
+        {"name": "a", "task": "retrieval", "data": {"kind": "coco", "path": "c.json", "image_root": "images"}},
+        {"name": "b", "task": "zeroshot", "data": {"kind": "cifar", "path": "cifar", "split": "test"}},
+    ]
+    config = config_from_dict({"data": {"kind": "mix", "mix": entries}, "eval": {"tasks": tasks}})
+    old = config_to_dict(config)
+    old["data"] = as_format1(old["data"])
+    for task in old["eval"]["tasks"]:
+        task["data"] = as_format1(task["data"])
+    assert all(tuple(entry) == FORMAT1_DATA_FIELDS for entry in old["data"]["mix"])
+    upgraded = upgrade_data_section(old)
+    assert [set(entry) - set(DataConfig.shared_fields()) for entry in upgraded["data"]["mix"]] == [
+        {"kind", "path", "image_column", "caption_column", "label_column"},
+        {"kind", "name", "split"},
+    ]
+    assert config_from_dict(upgraded) == config
+
+
+def test_upgrade_leaves_what_it_cannot_read_for_the_parser_to_refuse() -> None:
+    values = {"data": {"kind": "nope", "split": "x"}, "eval": {"tasks": [{"data": 3}, "x"]}, "train": {}}
+    assert upgrade_data_section(values) == values
+    assert upgrade_data_section({"data": {"split": "val", "path": "x"}}) == {"data": {"split": "val"}}  # emoji
+    assert upgrade_data_section({"data": {"kind": "manifest", "path": "m.csv", "colour": 1}})["data"]["colour"] == 1
+
+
+def test_a_config_yaml_an_older_clipforge_wrote_loads_and_a_new_one_is_strict(tmp_path: Path) -> None:
+    old = config_to_dict(config_from_dict({"data": {"kind": "manifest", "path": "pairs.csv", "num_workers": 3}}))
+    old["data"] = as_format1(old["data"])
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump(old))
+    data = load_config(tmp_path / "old.yaml").data
+    assert type(data) is ManifestData and (data.path, data.num_workers) == ("pairs.csv", 3)
+    assert data_config_from_dict(old["data"], ["path=other.csv"]).path == "other.csv"
+    edited = config_to_dict(load_config(tmp_path / "old.yaml"))
+    edited["data"]["split"] = "test"  # today's layout is checked as it stands
+    (tmp_path / "new.yaml").write_text(yaml.safe_dump(edited))
+    with pytest.raises(ConfigError, match="data.kind='manifest' has no split"):
+        load_config(tmp_path / "new.yaml")

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from clipforge.config import Config, ConfigError, config_from_dict
+from clipforge.config import Config, ConfigError, config_from_dict, upgrade_data_section
 from clipforge.config.errors import CheckpointError
 from clipforge.data.tokenize import Tokenizer
 from clipforge.io import atomic_write, shown
@@ -94,7 +94,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
                 "was not written by clipforge train or import"
             )
     try:
-        config = config_from_dict(state["config"])
+        # format 1 stored every data field for every kind: the upgrade drops those the kind has not
+        config = config_from_dict(upgrade_data_section(state["config"]))
     except ConfigError as error:
         raise CheckpointError(f"{path}: its saved config does not fit this clipforge version: {error}") from error
     try:

@@ -5,7 +5,8 @@ reads the YAML (``parsing``; a shipped recipe name works too: ``recipes``), appl
 checks every key and value against the dataclass fields (``convert``) and runs the cross-field checks
 (``validation``), all *before anything runs*: an unknown key names the allowed keys, a wrong type names the
 expected type, a choice field (``Literal``) names its allowed values. The data section is one dataclass per data
-kind (``data_kinds``, on the shared base in ``data_section``).
+kind (``data_kinds``, on the shared base in ``data_section``); ``data_upgrade`` reads the sections older versions
+wrote.
 """
 
 from clipforge.config.convert import config_to_dict
@@ -34,6 +35,7 @@ from clipforge.config.data_section import (
     SourceCapabilities,
     register_data_kind,
 )
+from clipforge.config.data_upgrade import upgrade_data_section
 from clipforge.config.errors import CheckpointError, ConfigError
 from clipforge.config.parsing import (
     config_from_dict,
@@ -114,5 +116,6 @@ __all__ = [
     "register_data_kind",
     "resolve_config_path",
     "save_config",
+    "upgrade_data_section",
     "validate",
 ]

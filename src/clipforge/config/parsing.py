@@ -9,6 +9,7 @@ import yaml
 
 from clipforge.config.convert import build_dataclass, config_to_dict
 from clipforge.config.data_section import DataConfig
+from clipforge.config.data_upgrade import is_format1_data_section, upgrade_data_section
 from clipforge.config.errors import ConfigError
 from clipforge.config.recipes import resolve_config_path
 from clipforge.config.schema import Config
@@ -106,6 +107,8 @@ def data_config_from_dict(
     """A :class:`DataConfig` alone (``clipforge eval --data``): ``values`` with ``key=value`` overrides applied
     (``split=test``, ``augment.scale_min=1``), checked with the same schema and rules as the ``data`` section."""
     values = dict(values or {})
+    if is_format1_data_section(values):  # the data section of a config.yaml an older clipforge wrote
+        values = upgrade_data_section({"data": values})["data"]
     _apply_overrides(values, overrides or [], data_section=())
     data = build_dataclass(DataConfig, values, prefix)
     data.validate(prefix)
@@ -202,7 +205,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Read a YAML config or shipped recipe (or start from defaults), apply dotted overrides, validate.
 
     An override of ``data.kind`` that names another kind than the file's starts a new source: the file's data
-    section keeps only the fields every kind shares."""
+    section keeps only the fields every kind shares. A data section as an older clipforge wrote it (every field of
+    every kind) is read as :func:`~clipforge.config.data_upgrade.upgrade_data_section` upgrades it."""
     values: dict[str, Any] = {}
     if path is not None:
         path = resolve_config_path(path)
@@ -216,6 +220,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
         values = loaded
+    if is_format1_data_section(values.get("data")):  # the config.yaml of a run of an older clipforge
+        values = upgrade_data_section(values)
     _apply_overrides(values, overrides or [])
     return config_from_dict(values)
 
