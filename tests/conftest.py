@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from clipforge.config import Config, config_from_dict
+from clipforge.config import Config, DataConfig, config_from_dict
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 60, 220), "yellow": (235, 200, 20)}
 SHAPES = ("circle", "square", "triangle")
@@ -87,7 +87,13 @@ def tiny_config(manifest: Path, output_dir: Path, **sections) -> Config:
         "logging": {"log_every": 5, "backends": [], "progress": False},
     }
     for section, updates in sections.items():
-        values.setdefault(section, {}).update(updates)
+        current = values.setdefault(section, {})
+        if section == "data" and updates.get("kind", current["kind"]) != current["kind"]:
+            # another kind is another source: only the settings every kind shares carry over (as with data.kind=...)
+            current = values[section] = {
+                key: value for key, value in current.items() if key in DataConfig.shared_fields()
+            }
+        current.update(updates)
     return config_from_dict(values)
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from clipforge.config import Config, ConfigError, config_from_dict, config_to_dict
+from clipforge.config import Config, ConfigError, config_from_dict, config_to_dict, upgrade_data_section
 from clipforge.config.convert import build_dataclass
 from clipforge.config.errors import CheckpointError
 from clipforge.config.schema import ModelConfig
@@ -103,7 +103,9 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     file and the fix when it is missing, not a clipforge checkpoint, damaged, or of a newer format."""
     payload = read_payload(path)
     try:
-        config = config_from_dict(payload["config"])
+        # format 1 (and the first format-2 files) stored every data field for every kind; the upgrade drops those
+        # a kind has not, and is a no-op on today's layout
+        config = config_from_dict(upgrade_data_section(payload["config"]))
     except ConfigError as error:
         raise CheckpointError(f"{path}: its saved config does not fit this clipforge version: {error}") from None
     try:

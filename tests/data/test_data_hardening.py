@@ -261,7 +261,10 @@ def test_train_on_shards_that_are_all_unreadable_names_the_first_reason(
 def test_negative_loader_settings_exit_2(
     shapes_manifest: Path, tmp_path: Path, capsys: pytest.CaptureFixture, override: str, message: str
 ) -> None:
-    config, output_dir = write_run_config(tmp_path, {"kind": "manifest", "path": str(shapes_manifest)})
+    data = {"kind": "manifest", "path": str(shapes_manifest)}
+    if override.startswith("data.shuffle_buffer"):  # a setting of streamed shards: only webdataset has it
+        data = {"kind": "webdataset", "path": str(tmp_path / "{0..1}.tar")}
+    config, output_dir = write_run_config(tmp_path, data)
     assert main(["train", str(config), override]) == 2
     assert_one_line_error(capsys, "train", message)
     assert_nothing_written(output_dir)

@@ -6,6 +6,7 @@ did-you-mean), a wrong type names the expected type, a choice field (``Literal``
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -85,8 +86,17 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
 
 
 def build_dataclass(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    """``cls`` built from ``values`` (``prefix`` names it in messages), every key and value checked.
+
+    A dataclass that stands for a family of classes (``DataConfig``: one class per data kind) picks the class
+    ``values`` asks for with its ``config_class_for``; a key of another member of the family is explained by its
+    ``unknown_field_message``.
+    """
+    choose = getattr(cls, "config_class_for", None)
+    if choose is not None:
+        cls = choose(values, prefix)
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = _field_names(cls)
     kwargs = {}
     for key, value in values.items():
         if not isinstance(key, str) or len(key) > 100:
@@ -94,6 +104,10 @@ def build_dataclass(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
             raise ConfigError(f"config key {_shown(key)} in {where} is not a field name; {where} allows {names}")
         dotted = f"{prefix}.{key}" if prefix else key
         if key not in names:
+            explain = getattr(cls, "unknown_field_message", None)
+            message = explain(key, value, prefix) if explain is not None else None
+            if message:
+                raise ConfigError(message)
             close = difflib.get_close_matches(key, names, n=1)
             hint = f" (did you mean {(prefix + '.' if prefix else '') + close[0]!r}?)" if close else ""
             where = prefix or "the top level"
@@ -102,6 +116,23 @@ def build_dataclass(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+def _field_names(cls: type) -> list[str]:
+    """``cls``'s fields in the order configs list them (its ``ordered_fields`` where it has one)."""
+    ordered = getattr(cls, "ordered_fields", None)
+    return list(ordered()) if ordered is not None else [f.name for f in dataclasses.fields(cls)]
+
+
 def config_to_dict(config: Any) -> dict[str, Any]:
-    """Nested plain values (YAML/JSON/checkpoint-safe) of a config dataclass."""
-    return dataclasses.asdict(config)
+    """Nested plain values (YAML/JSON/checkpoint-safe) of a config dataclass: ``dataclasses.asdict``, with each
+    section's fields in the order configs list them (a data section: ``kind``, the kind's fields, the shared ones)."""
+    return _plain(config)
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {name: _plain(getattr(value, name)) for name in _field_names(type(value))}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(item) for item in value)
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return copy.deepcopy(value)

@@ -8,10 +8,12 @@ from typing import Any
 import yaml
 
 from clipforge.config.convert import build_dataclass, config_to_dict
+from clipforge.config.data_section import DataConfig
+from clipforge.config.data_upgrade import is_format1_data_section, upgrade_data_section
 from clipforge.config.errors import ConfigError
 from clipforge.config.recipes import resolve_config_path
-from clipforge.config.schema import Config, DataConfig
-from clipforge.config.validation import validate, validate_data
+from clipforge.config.schema import Config
+from clipforge.config.validation import validate
 from clipforge.io import atomic_write_text, shorten
 
 # Bounds on what a YAML file may make clipforge build: a config is a few kilobytes, so these only stop files
@@ -105,11 +107,34 @@ def data_config_from_dict(
     """A :class:`DataConfig` alone (``clipforge eval --data``): ``values`` with ``key=value`` overrides applied
     (``split=test``, ``augment.scale_min=1``), checked with the same schema and rules as the ``data`` section."""
     values = dict(values or {})
-    for key, value in parse_overrides(overrides or []):
-        _set_dotted(values, key, value)
+    if is_format1_data_section(values):  # the data section of a config.yaml an older clipforge wrote
+        values = upgrade_data_section({"data": values})["data"]
+    _apply_overrides(values, overrides or [], data_section=())
     data = build_dataclass(DataConfig, values, prefix)
-    validate_data(data, prefix)
+    data.validate(prefix)
     return data
+
+
+def _apply_overrides(
+    tree: dict[str, Any], overrides: list[str], data_section: tuple[str, ...] = ("data",)
+) -> dict[str, Any]:
+    """``tree`` with the dotted ``overrides`` set, in order. An override of the data section's ``kind`` (the
+    section at ``data_section``) that names another kind than the file's starts a new source: the file's section
+    keeps only the fields every kind shares (workers, augmentation, caption sampling, feature cache ...), not
+    those written for the kind it replaces; the other overrides then apply to it whatever their order."""
+    pairs = parse_overrides(overrides)
+    kinds = [value for key, value in pairs if key.split(".") == [*data_section, "kind"]]
+    section: Any = tree
+    for part in data_section:
+        section = section.get(part) if isinstance(section, dict) else None
+    if kinds and isinstance(section, dict) and "kind" in section and section["kind"] != kinds[-1]:
+        shared = DataConfig.shared_fields()
+        kept = {key: item for key, item in section.items() if key in shared}
+        section.clear()
+        section.update(kept)
+    for key, value in pairs:
+        _set_dotted(tree, key, value)
+    return tree
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -177,7 +202,11 @@ def read_yaml(path: str | Path) -> Any:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config or shipped recipe (or start from defaults), apply dotted overrides, validate."""
+    """Read a YAML config or shipped recipe (or start from defaults), apply dotted overrides, validate.
+
+    An override of ``data.kind`` that names another kind than the file's starts a new source: the file's data
+    section keeps only the fields every kind shares. A data section as an older clipforge wrote it (every field of
+    every kind) is read as :func:`~clipforge.config.data_upgrade.upgrade_data_section` upgrades it."""
     values: dict[str, Any] = {}
     if path is not None:
         path = resolve_config_path(path)
@@ -191,8 +220,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
         values = loaded
-    for key, value in parse_overrides(overrides or []):
-        _set_dotted(values, key, value)
+    if is_format1_data_section(values.get("data")):  # the config.yaml of a run of an older clipforge
+        values = upgrade_data_section(values)
+    _apply_overrides(values, overrides or [])
     return config_from_dict(values)
 
 

@@ -1,9 +1,13 @@
-"""The schema: one typed dataclass per section of a run config, with each field's meaning in its docstring."""
+"""The schema: one typed dataclass per section of a run config, with each field's meaning in its docstring.
+
+The data section is one dataclass per data kind: :mod:`clipforge.config.data_kinds`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
+
+from clipforge.config.data_kinds import DataConfig, EmojiData
 
 # the built-in ViT's input size when model.image.image_size is null
 BUILTIN_VIT_IMAGE_SIZE = 64
@@ -194,149 +198,6 @@ class ModelConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# Data
-# ----------------------------------------------------------------------------------------------
-@dataclass
-class AugmentConfig:
-    """Training-time augmentation; evaluation always uses resize + center crop.
-
-    After the crop (and flip): ``color_jitter`` = s jitters brightness, contrast and saturation by factors drawn
-    from [1 - s, 1 + s] (0 = off); ``grayscale`` is the probability of turning the image grey (kept as three
-    equal channels); ``invert`` the probability of inverting it (light drawings on dark, as in MNIST-like data);
-    ``low_res`` the probability of a low-resolution view: the crop is shrunk to a side drawn uniformly from
-    ``LOW_RES_SIDES`` pixels and enlarged back, so the picture keeps only that much detail (the look of small
-    thumbnails and 28-pixel datasets such as MNIST).
-    """
-
-    scale_min: float = 0.8  # RandomResizedCrop area range is (scale_min, 1.0)
-    hflip: bool = False  # off by default: captions say "left" and "right"
-    color_jitter: float = 0.0
-    grayscale: float = 0.0
-    invert: float = 0.0
-    low_res: float = 0.0
-
-
-LOW_RES_SIDES = (20, 40)  # AugmentConfig.low_res: the smallest and largest side of a low-resolution view
-
-
-@dataclass(frozen=True)
-class DataKindInfo:
-    """What one ``data.kind`` needs: ``path`` says what ``data.path`` must name ("" = the kind takes no path);
-    ``splits``: whether the kind reads ``data.split``; ``name``: what ``data.name`` must name ("" = no name). The builders are in ``clipforge.data.sources``."""
-
-    path: str = ""
-    splits: bool = False
-    name: str = ""  # what data.name must name ("" = the kind takes no name)
-
-
-DEFAULT_SPLIT = "train"  # data.split when none is set (kinds without splits refuse any other value)
-
-# every data kind, once: config validation, the source factory and evaluation read this table
-DATA_KINDS: dict[str, DataKindInfo] = {
-    "emoji": DataKindInfo(splits=True),
-    "manifest": DataKindInfo(path="the CSV/TSV/JSONL file of image,caption rows"),
-    "coco": DataKindInfo(path="the path to captions_*.json"),
-    "flickr": DataKindInfo(path="the Karpathy dataset_*.json, Flickr8k.token.txt or captions.txt file", splits=True),
-    "imagefolder": DataKindInfo(path="the root folder holding one sub-folder per class"),
-    "webdataset": DataKindInfo(path="the shard list, e.g. data/{00000..00123}.tar"),
-    "hf": DataKindInfo(path="a datasets folder (save_to_disk) or Parquet/Arrow files", splits=True),
-    "idx": DataKindInfo(path="the *-images-idx3-ubyte[.gz] file"),
-    "cifar": DataKindInfo(path="the cifar-10-batches-py or cifar-100-python folder", splits=True),
-    "torchvision": DataKindInfo(
-        path="the dataset's root folder, laid out as torchvision expects",
-        splits=True,
-        name="the torchvision.datasets class, e.g. STL10 or Food101",
-    ),
-    "corpus": DataKindInfo(splits=True, name="a built-in corpus source: clipart, flags, icons or twemoji"),
-    "mix": DataKindInfo(),
-}
-DataKind = Literal[tuple(DATA_KINDS)]  # type: ignore[valid-type]  # the choices of data.kind, from the table
-
-
-@dataclass
-class DataConfig:
-    """Where images and captions (or labels) come from.
-
-    ``kind`` picks the source; ``path`` is its main file or folder:
-
-    - ``emoji``: the built-in Noto emoji set (no path; ``split``: train | val | test, concept-disjoint).
-    - ``manifest``: a CSV/TSV/JSONL file with an ``image`` column (path relative to the manifest) and
-      ``caption`` (several rows per image, or a JSONL ``captions`` list); optional ``label``.
-    - ``coco``: ``captions_*.json`` (``images`` + ``annotations``); images in ``image_root``.
-    - ``flickr``: a Karpathy split JSON (``dataset_flickr8k.json`` ..., with ``split``), a
-      ``Flickr8k.token.txt`` file or a ``captions.txt`` CSV; images in ``image_root``.
-    - ``imagefolder``: ``path/<class>/<image>``; readable names from ``classnames`` (JSON/TXT) if given.
-    - ``webdataset``: tar shards, brace notation allowed (``data/{00000..00123}.tar``), as img2dataset or
-      ``clipforge data pack`` writes them. Streamed: shards are shuffled per epoch and split over ranks and
-      loader workers, samples pass a ``shuffle_buffer``; ``resample: true`` draws shards with replacement
-      and then needs ``epoch_size`` (samples per epoch over all ranks; without resampling an epoch is one
-      pass over the shards and ``epoch_size`` is not used).
-    - ``hf``: a ``datasets`` folder saved with ``save_to_disk``, or Parquet/Arrow files.
-    - ``idx``: MNIST-family ``*-images-idx3-ubyte[.gz]`` (labels file found beside it).
-    - ``cifar``: the CIFAR-10/100 python pickle folder.
-    - ``torchvision``: a ``torchvision.datasets`` class named by ``name`` (``STL10``, ``Food101``, ``Flowers102``,
-      ``OxfordIIITPet``, ``ImageNet`` ...) read from its local root ``path`` with ``download=False``; ``split`` as
-      the class takes it; captions are the dataset's class names.
-    - ``corpus``: a built-in source named by ``name``: ``clipart`` (public-domain Openclipart drawings, titles
-      and keywords), ``flags`` (country and region flags with their names), ``icons`` (freedesktop icon themes,
-      names as phrases), ``twemoji`` (the emoji set's emoji in Twitter's art, with its captions and splits);
-      ``split``: train | val | test | all, concept-disjoint. ``emoji`` with ``captions: all``
-      adds each emoji's CLDR keywords as a second caption.
-    - ``mix``: the sources listed in ``mix``, sampled in proportion to their ``weight``.
-
-    ``caption_templates``: ``str.format`` templates with one ``{}`` (e.g. ``"a drawing of {}."``); each caption
-    ``c`` of the source is then also offered as ``t.format(c)`` for every template ``t``, so a sampled caption
-    is the bare one with probability ``1 / (1 + len(caption_templates))``. Prompted queries ("a photo of a
-    dress.") then meet captions of their own form in training, not bare names only.
-
-    ``image_column``, ``caption_column``, ``label_column``: the column names of ``manifest`` (CSV/TSV header
-    names, JSONL keys; in JSONL the caption key's plural, e.g. ``captions``, may hold a list) and ``hf``
-    (Arrow columns). ``num_workers``: loader worker processes (0 = load in the main process).
-
-    Feature cache (``clipforge.data.feature_cache``): with ``cache_features`` the features of a fully locked
-    tower are computed once per sample and read from disk in training instead of running the tower: always
-    for a locked text tower; for a locked image tower when its augmentation is deterministic
-    (``augment.scale_min: 1``, no flip), or, with random augmentation, when ``cached_views`` = K > 0: K views
-    per image are cached and visit ``v`` of an image reads view ``v mod K``. ``feature_cache``: the cache
-    folder (empty = ``<train.output_dir>/feature_cache``); runs that share it share the entries whose tower,
-    weights, preprocessing and data agree.
-    """
-
-    kind: DataKind = "emoji"
-    name: str = ""  # torchvision: the dataset class (STL10, Food101 ...); corpus: a built-in source (clipart ...)
-    captions: Literal["name", "all"] = "name"  # emoji: the Unicode name only, or also its CLDR keywords
-    path: str = ""
-    image_root: str = ""
-    split: str = DEFAULT_SPLIT
-    classnames: str = ""
-    image_column: str = "image"
-    caption_column: str = "caption"
-    label_column: str = "label"
-    caption_sampling: Literal["random", "cycle"] = "random"
-    caption_templates: list[str] = field(default_factory=list)
-    # webdataset only
-    epoch_size: int | None = None
-    shuffle_buffer: int = 1000
-    resample: bool = False
-    # mix only: the sources, each with its weight
-    mix: list[DataConfig] = field(default_factory=list)
-    weight: float = 1.0
-    # loading
-    num_workers: int = 0
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    # features of locked towers
-    cache_features: bool = True
-    cached_views: int = 0
-    feature_cache: str = ""
-
-    def input_paths(self) -> list[str]:
-        """The files and folders this source reads (``path``, ``image_root``, ``classnames``, and those of every
-        ``mix`` entry): what no command may write over."""
-        own = [value for value in (self.path, self.image_root, self.classnames) if value]
-        return own + [path for entry in self.mix for path in entry.input_paths()]
-
-
-# ----------------------------------------------------------------------------------------------
 # Loss, optimizer, schedule, training, logging
 # ----------------------------------------------------------------------------------------------
 @dataclass
@@ -462,7 +323,7 @@ class EvalTaskConfig:
 
     name: str = ""
     task: Literal["zeroshot", "retrieval"] = "zeroshot"
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataConfig = field(default_factory=EmojiData)
     templates: str | list[str] = "simple"
     classnames: str = ""
 
@@ -489,7 +350,7 @@ class Config:
     """The whole run: one tree, saved next to the run and inside every checkpoint."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataConfig = field(default_factory=EmojiData)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)

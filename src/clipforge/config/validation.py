@@ -5,27 +5,22 @@ from __future__ import annotations
 import math
 import re
 
+from clipforge.config.data_kinds import DATA_KINDS
 from clipforge.config.errors import ConfigError
 from clipforge.config.schema import (
     BUILTIN_VIT_IMAGE_SIZE,
-    DATA_KINDS,
-    DEFAULT_SPLIT,
     EVAL_METRICS,
     Config,
-    DataConfig,
     EvalConfig,
     EvalTaskConfig,
     ImageTowerConfig,
     TextTowerConfig,
 )
-from clipforge.config.templates import validate_templates
 
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
 # the largest image side a tower may ask for: 4096 px is beyond every released model's input (SigLIP's 512,
 # EVA's 560), and keeps one preprocessed image under 200 MB
 MAX_IMAGE_SIZE = 4096
-# loader processes a config may ask for at all (each machine starts at most one per core: runtime.usable_workers)
-MAX_WORKERS = 1024
 
 
 def check_device_name(name: str, field: str = "train.device") -> str:
@@ -40,7 +35,7 @@ def check_device_name(name: str, field: str = "train.device") -> str:
 def validate(config: Config) -> None:
     """Cross-field checks that the type system cannot express, section by section."""
     _validate_run(config)
-    validate_data(config.data, "data")
+    config.data.validate("data")
     _validate_model(config)
     if config.loss.chunk_size is not None and config.loss.chunk_size <= 0:
         raise ConfigError(f"loss.chunk_size={config.loss.chunk_size} must be positive (or null for no chunking)")
@@ -247,78 +242,22 @@ def _validate_lock(tower: ImageTowerConfig | TextTowerConfig, where: str) -> Non
         raise ConfigError(f"{where}.layer_decay={tower.layer_decay} must lie in (0, 1] (1 = no layer-wise decay)")
 
 
-def validate_data(data: DataConfig, prefix: str) -> None:
-    """The checks of one data section (``prefix`` names it in messages: ``data``, ``eval.tasks[0].data``)."""
-    needs_path = DATA_KINDS[data.kind].path
-    if needs_path and not data.path:
-        raise ConfigError(f"{prefix}.kind={data.kind!r} needs {prefix}.path: {needs_path}")
-    needs_name = DATA_KINDS[data.kind].name
-    if needs_name and not data.name:
-        raise ConfigError(f"{prefix}.kind={data.kind!r} needs {prefix}.name: {needs_name}")
-    if not DATA_KINDS[data.kind].splits and data.split != DEFAULT_SPLIT:
-        # a setting that would do nothing is refused rather than silently ignored ("train", the default, means
-        # "not set": saved configs carry it for every kind)
+def _check_eval_data(task: EvalTaskConfig, where: str) -> None:
+    """What the task asks of its data's kind: an index to visit every image once, and labels for zero-shot."""
+    data = task.data
+    if not data.capabilities.evaluable:
+        # the kinds to suggest: those evaluation can index (a mix is refused above)
+        indexed = [kind for kind, cls in DATA_KINDS.items() if cls.capabilities.evaluable and kind != "mix"]
+        why = "gives a streamed source that evaluation cannot index (WebDataset shards cannot be evaluated yet)"
         raise ConfigError(
-            f"{prefix}.split={data.split[:40]!r}: data.kind={data.kind!r} has no splits (it reads all of what "
-            f"{prefix}.path names), so the setting would do nothing; remove it, or point {prefix}.path at the "
-            "split's own file"
+            f"{where}.data.kind={data.kind!r} {why if data.capabilities.streaming else 'cannot be evaluated'}; "
+            f"evaluate on a source with random access ({', '.join(indexed)})"
         )
-    if data.epoch_size is not None and data.epoch_size < 1:
-        raise ConfigError(f"{prefix}.epoch_size={data.epoch_size} must be positive (or null)")
-    if data.resample and data.epoch_size is None:
+    if task.task == "zeroshot" and not data.capabilities.labels:
         raise ConfigError(
-            f"{prefix}.resample=true needs {prefix}.epoch_size: the samples in one epoch over all ranks "
-            "(resampled shards have no natural end)"
+            f"{where}.task='zeroshot' needs class labels, and {where}.data.kind={data.kind!r} has none; use a "
+            "labelled source (a manifest with a label column, imagefolder, idx, cifar ...) or task retrieval"
         )
-    if data.shuffle_buffer < 0:
-        raise ConfigError(f"{prefix}.shuffle_buffer={data.shuffle_buffer} must be >= 0 (0 or 1: no shuffling)")
-    if data.num_workers < 0:
-        raise ConfigError(f"{prefix}.num_workers={data.num_workers} must be >= 0 (0 = load in the main process)")
-    if data.num_workers > MAX_WORKERS:
-        raise ConfigError(
-            f"{prefix}.num_workers={data.num_workers} is more than the {MAX_WORKERS} loader processes a config may ask "
-            "for (a machine starts at most one per core)"
-        )
-    if data.cached_views < 0:
-        raise ConfigError(f"{prefix}.cached_views={data.cached_views} must be >= 0 (0 = cache no random views)")
-    _validate_augment(data, prefix)
-    if data.caption_templates:
-        if data.kind == "webdataset":
-            raise ConfigError(
-                f"{prefix}.caption_templates: shards stream their captions as stored; write the templated captions "
-                "into the shards (clipforge data pack) or use a map-style source"
-            )
-        try:
-            validate_templates(data.caption_templates)
-        except ValueError as error:
-            raise ConfigError(f"{prefix}.caption_templates: {error}") from None
-    if data.kind == "mix":
-        if not data.mix:
-            raise ConfigError(f"{prefix}.kind='mix' needs {prefix}.mix: a list of sources, each with a weight")
-        for position, entry in enumerate(data.mix):
-            if entry.kind == "mix":
-                raise ConfigError(f"{prefix}.mix[{position}]: a mix cannot contain another mix")
-            if entry.kind == "webdataset":
-                raise ConfigError(
-                    f"{prefix}.mix[{position}].kind='webdataset': a mix draws from map-style sources and shards "
-                    "stream; pack the other sources into the shards instead (clipforge data pack)"
-                )
-            if entry.weight <= 0:
-                raise ConfigError(f"{prefix}.mix[{position}].weight={entry.weight} must be positive")
-            validate_data(entry, f"{prefix}.mix[{position}]")
-
-
-def _validate_augment(data: DataConfig, prefix: str) -> None:
-    augment = data.augment
-    if not 0 < augment.scale_min <= 1:
-        raise ConfigError(
-            f"{prefix}.augment.scale_min={augment.scale_min} must lie in (0, 1]: the smallest crop area (1 = no crop)"
-        )
-    for name in ("color_jitter", "grayscale", "invert", "low_res"):
-        value = getattr(augment, name)
-        if not 0 <= value <= 1:
-            what = "a jitter strength" if name == "color_jitter" else "a probability"
-            raise ConfigError(f"{prefix}.augment.{name}={value} must lie in [0, 1]: {what} (0 = off)")
 
 
 def _validate_eval(evaluation: EvalConfig) -> None:
@@ -341,7 +280,8 @@ def _validate_eval(evaluation: EvalConfig) -> None:
             raise ConfigError(
                 f"{where}.data.kind='mix': a mix samples sources for training; evaluate each source as its own task"
             )
-        validate_data(task.data, f"{where}.data")
+        task.data.validate(f"{where}.data")
+        _check_eval_data(task, where)
         if task.task == "retrieval" and task.classnames:
             raise ConfigError(f"{where}.classnames is only used by zero-shot tasks; this one is task=retrieval")
     if (evaluation.every or evaluation.best_metric) and not tasks:

@@ -3,7 +3,9 @@
 A source is a map from an image index to a decoded RGB picture and that image's captions. It does no
 transforms and no tokenization (``transforms.py`` and ``tokenize.py`` do) and touches no file until an
 image is asked for, so a manifest of a million rows opens in seconds and a missing file costs one
-skipped sample (``ImageLoadError``), not a crashed run.
+skipped sample (``ImageLoadError``), not a crashed run. A streamed source (WebDataset shards) is read front to
+back instead; every source says which it is through its ``capabilities`` (:func:`capabilities_of`), and callers
+ask that rather than test its class.
 """
 
 from __future__ import annotations
@@ -11,10 +13,16 @@ from __future__ import annotations
 import io
 import os
 import stat
-from typing import Protocol, runtime_checkable
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from clipforge.config import MAP_STYLE, SourceCapabilities
+
+if TYPE_CHECKING:
+    from clipforge.data.shards import SampleRef, ShardSample
 
 
 class ImageLoadError(Exception):
@@ -198,6 +206,37 @@ class ImageTextSource(Protocol):
     def describe(self, index: int) -> str:
         """Where image ``index`` comes from (a path or a key), for logs and error reports."""
         ...
+
+
+class StreamingSource(Protocol):
+    """Samples read front to back from shards, without an index (``capabilities.streaming``): WebDataset shards
+    (``clipforge.data.shards.ShardSource``). The training loader streams them (``clipforge.data.streaming``).
+
+    ``shards``: the shard files. ``iter_samples``: every sample once, in shard and file order (``image=False``
+    skips reading the images); ``iter_captions``: their captions, reading no image. ``scan(shard)``: a shard's
+    samples from its headers alone; ``read(ref)``: one sample's contents (what gives ``embed`` an index).
+    """
+
+    capabilities: SourceCapabilities
+    shards: list[str]
+
+    def iter_samples(self, image: bool = True) -> Iterator[ShardSample]: ...
+
+    def iter_captions(self) -> Iterator[str]: ...
+
+    def scan(self, shard: int) -> list[SampleRef]: ...
+
+    def read(self, ref: SampleRef, image: bool = True) -> ShardSample: ...
+
+
+# any source build_source gives: map-style (random access) or streamed
+Source = ImageTextSource | StreamingSource
+
+
+def capabilities_of(source: Source) -> SourceCapabilities:
+    """What ``source`` can do: its class's ``capabilities``; a source that declares none is map-style
+    (``MAP_STYLE``), which is what the :class:`ImageTextSource` interface promises."""
+    return getattr(source, "capabilities", MAP_STYLE)
 
 
 def check_index(index: int, length: int) -> int:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from clipforge.config import UNLABELLED
 from clipforge.data.base import DataError, bounded_text, check_index, decode_image
 from clipforge.data.files import (
     MAX_LINE_CHARS,
@@ -43,6 +44,7 @@ class CaptionedImageSource:
 
     labels: np.ndarray | None = None
     classnames: list[str] | None = None
+    capabilities = UNLABELLED  # captions only: no class labels
     images_without_captions: int = 0  # COCO images listed with no caption: left out
     orphan_captions: int = 0  # COCO captions of an image id that 'images' does not list: left out
 

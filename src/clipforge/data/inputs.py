@@ -14,7 +14,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from clipforge.data.base import DataError, ImageLoadError, ImageTextSource, bounded_text, decode_image
+from clipforge.data.base import (
+    DataError,
+    ImageLoadError,
+    ImageTextSource,
+    StreamingSource,
+    bounded_text,
+    capabilities_of,
+    decode_image,
+)
 from clipforge.data.classification import IMAGE_EXTENSIONS, ImageFolderSource
 from clipforge.data.files import bounded_lines, not_utf8
 from clipforge.data.manifest import ManifestSource
@@ -70,17 +78,19 @@ class ImageFilesSource:
 class ShardImageSource:
     """The images of WebDataset shards as a map-style source: one header scan, then reads by position.
 
-    ``describe(i)`` is ``shard.tar:key``. Samples without an image are skipped at the scan.
+    ``shards``: a shard spec, or the streamed source of a ``webdataset`` data config. ``describe(i)`` is
+    ``shard.tar:key``. Samples without an image are skipped at the scan.
     """
 
     labels: np.ndarray | None = None
     classnames: list[str] | None = None
 
-    def __init__(self, spec: str) -> None:
+    def __init__(self, shards: str | StreamingSource) -> None:
         from clipforge.data.shards import IMAGE_EXTENSIONS as SHARD_IMAGE_EXTENSIONS
         from clipforge.data.shards import ShardSource
 
-        self.shards = ShardSource(spec)
+        spec = shards if isinstance(shards, str) else repr(shards)
+        self.shards = ShardSource(shards) if isinstance(shards, str) else shards
         self._refs = [
             ref
             for shard in range(len(self.shards.shards))
@@ -150,10 +160,9 @@ def open_image_source(spec: str | os.PathLike) -> ImageTextSource:
             f"--images {spec!r} is not an image folder, a manifest (.csv/.tsv/.jsonl), a data config (.yaml), a "
             f"recipe name, or WebDataset shards (.tar)"
         ) from None
-    data = load_config(config_path).data
-    if data.kind == "webdataset":
-        return ShardImageSource(data.path)
-    return build_source(data)
+    source = build_source(load_config(config_path).data)
+    # a streamed source (shards) has no index: one scan of its shards' headers gives it one
+    return source if capabilities_of(source).random_access else ShardImageSource(source)
 
 
 def source_names_files(source: ImageTextSource) -> bool:

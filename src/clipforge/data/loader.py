@@ -20,12 +20,11 @@ from collections.abc import Callable
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from clipforge.data.base import DataError, ImageLoadError, ImageTextSource
+from clipforge.data.base import DataError, ImageLoadError, ImageTextSource, Source, capabilities_of
 from clipforge.data.feature_cache import CachedCollator, CachedFeatureDataset, CachedFeatures
 from clipforge.data.loader_spec import LoaderSpec
 from clipforge.data.sampler import ResumableSampler
 from clipforge.data.samples import CAPTION_SAMPLING, Collator, SkippedSample, prepare_sample
-from clipforge.data.shards import ShardSource
 from clipforge.data.streaming import build_shard_loader
 from clipforge.runtime import ignore_interrupt_signals, usable_workers
 
@@ -64,9 +63,7 @@ class ImageTextDataset(Dataset):
         return prepare_sample(image, self.source.captions(index), seed, self.transform, self.caption_sampling, visit)
 
 
-def build_train_loader(
-    source: ImageTextSource | ShardSource, spec: LoaderSpec, cached_features: CachedFeatures | None = None
-) -> DataLoader:
+def build_train_loader(source: Source, spec: LoaderSpec, cached_features: CachedFeatures | None = None) -> DataLoader:
     """An endless loader of :class:`Batch` for training, resuming after ``spec.start_sample`` samples.
 
     ``spec.batch_size`` is this rank's batch. A source with ``sample_weights`` (a mix) is drawn by them, else
@@ -74,16 +71,19 @@ def build_train_loader(
     :class:`ImageTextDataset`). The loader draws nothing from torch's global RNG (it has a generator of its
     own), so creating it does not shift the training process's random stream.
 
-    WebDataset shards (a :class:`~clipforge.data.shards.ShardSource`) are streamed instead, see
+    A source without random access that streams (``capabilities``: WebDataset shards) is streamed instead, see
     :func:`clipforge.data.streaming.build_shard_loader`; ``spec.streams`` is their slot layout.
 
     ``cached_features``: the feature cache of the run's locked towers (map-style sources only); the batches
     then carry those towers' features instead of their inputs (see :mod:`clipforge.data.feature_cache`), in
     the same sample order.
     """
-    if isinstance(source, ShardSource):
-        if cached_features is not None:
-            raise DataError("streamed shards have no random access for a feature cache; set data.cache_features=false")
+    capabilities = capabilities_of(source)
+    if cached_features is not None and not capabilities.cacheable:
+        raise DataError("streamed shards have no random access for a feature cache; set data.cache_features=false")
+    if not capabilities.random_access:
+        if not capabilities.streaming:
+            raise DataError(f"{source!r} has neither random access nor a stream of samples: nothing to load")
         return build_shard_loader(source, spec)
     weights = getattr(source, "sample_weights", None)
     sampler = ResumableSampler(

@@ -221,3 +221,10 @@ class ManifestSource:
 
     def describe(self, index: int) -> str:
         return self._images[check_index(index, len(self))]
+
+
+def open_manifest(
+    path: str | os.PathLike, image_column: str = "image", caption_column: str = "caption", label_column: str = "label"
+) -> ManifestSource:
+    """``data.kind: manifest``: the manifest ``path`` read by the columns its data section names."""
+    return ManifestSource(path, ManifestColumns(image_column, caption_column, label_column))

@@ -12,7 +12,9 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
+from clipforge.config import UNLABELLED, DataConfig
 from clipforge.data.base import DataError, ImageTextSource, check_index
+from clipforge.data.sources import build_source
 
 
 class MixSource:
@@ -26,6 +28,7 @@ class MixSource:
 
     labels: np.ndarray | None = None
     classnames: list[str] | None = None
+    capabilities = UNLABELLED
 
     def __init__(self, sources: Sequence[ImageTextSource], weights: Sequence[float]) -> None:
         if not sources or len(sources) != len(weights):
@@ -65,3 +68,14 @@ class MixSource:
     def describe(self, index: int) -> str:
         source, inner = self.locate(index)
         return f"mix[{source}]: {self.sources[source].describe(inner)}"
+
+
+def read_mix(entries: Sequence[DataConfig]) -> MixSource:
+    """``data.kind: mix``: each entry's source, drawn by the entries' ``weight``."""
+    for position, entry in enumerate(entries):
+        if not entry.capabilities.random_access:  # the mix's sampler draws images by index: refused before any read
+            raise DataError(
+                f"data.mix[{position}].kind={entry.kind!r}: a mix draws from map-style sources, and this one streams; "
+                "it cannot be mixed"
+            )
+    return MixSource([build_source(entry) for entry in entries], [entry.weight for entry in entries])

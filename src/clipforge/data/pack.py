@@ -21,8 +21,7 @@ from pathlib import Path
 from PIL import Image
 
 from clipforge.config import DataConfig
-from clipforge.data.base import DataError, ImageLoadError, ImageTextSource, decode_image
-from clipforge.data.shards import ShardSource
+from clipforge.data.base import DataError, ImageLoadError, Source, capabilities_of, decode_image
 from clipforge.data.sources import build_source
 from clipforge.folders import folder_lock, scratch_folder
 
@@ -51,9 +50,17 @@ def _raise(error: str) -> Image.Image:
     raise ImageLoadError(error)
 
 
-def _records(source: ImageTextSource | ShardSource) -> Iterator[_Record]:
-    """Every image of ``source`` in its own order: shards in shard and file order, others by index."""
-    if isinstance(source, ShardSource):
+def _packable(source: Source, kind: str) -> Source:
+    """``source`` when its capabilities say it can be packed (and so inspected), else a ``DataError``."""
+    if not capabilities_of(source).packable:
+        raise DataError(f"data.kind={kind!r}: its source cannot be packed or inspected")
+    return source
+
+
+def _records(source: Source) -> Iterator[_Record]:
+    """Every image of ``source`` in its own order: by index when it has random access, else (shards) as it streams,
+    in shard and file order."""
+    if not capabilities_of(source).random_access:
         for sample in source.iter_samples():
             load = partial(decode_image, sample.image) if sample.image is not None else partial(_raise, "no image")
             extension = "jpg" if sample.image_extension == "jpeg" else sample.image_extension
@@ -149,7 +156,7 @@ def pack_source(
         raise FileExistsError(
             f"{out_dir} already holds .tar files; pack into another folder, or add --overwrite to replace them"
         )
-    source = build_source(config)  # before the folder is made: a bad source leaves nothing behind
+    source = _packable(build_source(config), config.kind)  # before the folder is made: a bad one leaves nothing
     shards: list[Path] = []
     written = skipped = 0
     with folder_lock(out_dir, "data pack"), scratch_folder(out_dir) as scratch:
@@ -238,8 +245,9 @@ def inspect_source(
     """
     from clipforge.viz import plot_sample_grid
 
-    source = build_source(config)
-    report = InspectReport(config.kind, shards=len(source.shards) if isinstance(source, ShardSource) else None)
+    source = _packable(build_source(config), config.kind)
+    streamed = capabilities_of(source).streaming and not capabilities_of(source).random_access
+    report = InspectReport(config.kind, shards=len(source.shards) if streamed else None)
     word_counts: list[int] = []
     classes: Counter = Counter()
     shown: list[tuple[Image.Image, str]] = []
@@ -272,7 +280,7 @@ def inspect_source(
         }
     report.classes = dict(sorted(classes.items(), key=lambda item: (-item[1], item[0])))
     if grid is not None and shown:
-        title = f"{config.kind}: {config.path or config.split}"
+        title = f"{config.kind}: {config.get('path') or config.get('split', '')}"
         report.grid = plot_sample_grid(
             [image for image, _ in shown], [caption for _, caption in shown], grid, title=title
         )

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext
 
+from clipforge.config import STREAMED
 from clipforge.data.base import DataError, bounded_text
 from clipforge.data.files import MAX_LINE_CHARS
 
@@ -107,11 +108,14 @@ class _OpenFiles:
 class ShardSource:
     """The samples of a list of WebDataset shards, with the stream options of ``data.kind='webdataset'``.
 
-    Not a map-style :class:`~clipforge.data.sources.ImageTextSource` (a tar has no index of its samples):
-    the loader streams it (``clipforge.data.streaming``), ``iter_samples`` reads it once in shard order.
+    Not a map-style :class:`~clipforge.data.base.ImageTextSource` (a tar has no index of its samples): a
+    :class:`~clipforge.data.base.StreamingSource` (``capabilities`` say so), which the loader streams
+    (``clipforge.data.streaming``); ``iter_samples`` reads it once in shard order.
     A shard that is missing or cannot be read is skipped with a warning naming it (once per process); the
     samples before a corrupt point of a shard are kept. ``count(shard)`` caches each shard's sample count.
     """
+
+    capabilities = STREAMED
 
     def __init__(
         self, spec: str, shuffle_buffer: int = 1000, resample: bool = False, epoch_size: int | None = None

@@ -1,30 +1,23 @@
-"""From a data config to a source: one builder per ``data.kind``.
+"""From a data config to a source: the kind's reader, called with the kind's arguments.
 
-What each kind needs (a path, whether it reads ``data.split``) is declared once, in
-:data:`clipforge.config.DATA_KINDS`, which config validation and evaluation read; this table adds how each kind
-is built, and the import-time check below keeps the two tables to the same kinds.
+Each data kind (``clipforge.config.data_kinds``) names its reader - a class or function in ``clipforge.data``
+that builds the source - and says how its fields become that reader's arguments; this module resolves the name
+(the config layer never imports the data layer) and adds what every kind shares: the ``image_root`` check and
+``caption_templates``.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from PIL import Image
 
-from clipforge.config import DATA_KINDS, DataConfig
+from clipforge.config import DataConfig
 from clipforge.config.templates import validate_templates
-from clipforge.data.base import DataError, ImageTextSource
-from clipforge.data.captioned import read_coco, read_flickr
-from clipforge.data.classification import ImageFolderSource, read_cifar, read_idx
-from clipforge.data.corpus import CorpusSource
-from clipforge.data.emoji import EmojiSource
+from clipforge.data.base import ImageTextSource, Source, capabilities_of
 from clipforge.data.files import require_dir
-from clipforge.data.hf import HFSource
-from clipforge.data.manifest import ManifestColumns, ManifestSource
-from clipforge.data.mix import MixSource
-from clipforge.data.shards import ShardSource
-from clipforge.data.torchvision_datasets import TorchvisionSource
 
 
 class TemplatedCaptions:
@@ -55,50 +48,37 @@ class TemplatedCaptions:
         return self.source.describe(index)
 
 
-def _build_mix(config: DataConfig) -> ImageTextSource:
-    if any(entry.kind == "webdataset" for entry in config.mix):
-        raise DataError("data.kind='mix' draws from map-style sources; webdataset shards stream and cannot be mixed")
-    sources = [build_source(entry) for entry in config.mix]
-    return MixSource(sources, [entry.weight for entry in config.mix])
+def reader_of(config: DataConfig | type[DataConfig]) -> Callable[..., Source]:
+    """The callable ``config``'s kind names as its reader (``"clipforge.data.<module>:<name>"``), imported."""
+    module, _, name = config.reader.partition(":")
+    if not module.startswith("clipforge.data.") or not name:
+        raise ValueError(f"data.kind={config.kind_name()!r}: its reader {config.reader!r} is not in clipforge.data")
+    return getattr(importlib.import_module(module), name)
 
 
-SOURCE_BUILDERS: dict[str, Callable[[DataConfig], ImageTextSource]] = {
-    "emoji": lambda c: EmojiSource(c.split, captions=c.captions),
-    "corpus": lambda c: CorpusSource(c.name, c.split),
-    "manifest": lambda c: ManifestSource(c.path, ManifestColumns(c.image_column, c.caption_column, c.label_column)),
-    "coco": lambda c: read_coco(c.path, c.image_root),
-    "flickr": lambda c: read_flickr(c.path, c.image_root, c.split),
-    "imagefolder": lambda c: ImageFolderSource(c.path, c.classnames),
-    "idx": lambda c: read_idx(c.path, c.classnames),
-    "cifar": lambda c: read_cifar(c.path, c.split, c.classnames),
-    "hf": lambda c: HFSource(
-        c.path, c.split, c.image_column, c.caption_column, c.label_column, c.image_root, c.classnames
-    ),
-    "torchvision": lambda c: TorchvisionSource(c.name, c.path, c.split, c.classnames),
-    "mix": _build_mix,
-    "webdataset": lambda c: ShardSource(c.path, c.shuffle_buffer, c.resample, c.epoch_size),
-}
-if SOURCE_BUILDERS.keys() != DATA_KINDS.keys():  # a kind added to one table and not the other
-    raise RuntimeError(f"data kinds without a builder or a declaration: {SOURCE_BUILDERS.keys() ^ DATA_KINDS.keys()}")
+def build_source(config: DataConfig) -> Source:
+    """The source ``config`` describes: its kind's reader called with ``config.reader_arguments()``, its captions
+    offered with ``config.caption_templates`` (a map-style source; validation refuses templates on a streamed one).
 
-
-def build_source(config: DataConfig) -> ImageTextSource:
-    """The map-style source ``config.kind`` names, built from ``config.path`` and the kind's other fields.
-
-    ``webdataset`` gives a :class:`~clipforge.data.shards.ShardSource` instead: tar shards have no index, so
-    the loader streams them (``build_train_loader`` picks the path from the source's type).
-    Fails at once (``FileNotFoundError`` / ``DataError``) when a path is missing or a file is not in the
-    format the kind reads, before reading anything else: the message names the file, what was expected and,
-    where it can tell, the kind that would read it.
+    ``webdataset`` gives a streamed :class:`~clipforge.data.shards.ShardSource` (its ``capabilities`` say so; the
+    loader streams it). Fails at once (``FileNotFoundError`` / ``DataError``) when a path is missing or a file is
+    not in the format the kind reads, before reading anything else: the message names the file, what was expected
+    and, where it can tell, the kind that would read it.
     """
-    builder = SOURCE_BUILDERS.get(config.kind)
-    if builder is None:
-        raise DataError(f"data.kind={config.kind!r} is unknown; choose one of {sorted(SOURCE_BUILDERS)}")
-    if config.image_root:
+    image_root = config.get("image_root", "")
+    if image_root:
         # each source reads its data.path first and would find a wrong image_root only after parsing it
         # (minutes for a large annotation file): a missing folder is named before anything is read
-        require_dir(config.image_root, config.kind, "data.image_root: the folder holding the images")
-    source = builder(config)
-    if config.caption_templates and not isinstance(source, ShardSource):  # validation refuses shards
+        require_dir(image_root, config.kind, "data.image_root: the folder holding the images")
+    source = reader_of(config)(**config.reader_arguments())
+    if config.caption_templates and capabilities_of(source).random_access:
         return TemplatedCaptions(source, config.caption_templates)
     return source
+
+
+def training_captions(source: Source) -> list[str]:
+    """Every caption of ``source`` (what a BPE tokenizer trains on): by index, or in one pass over a streamed
+    source's caption members, reading no image."""
+    if capabilities_of(source).random_access:
+        return [caption for index in range(len(source)) for caption in source.captions(index)]
+    return list(source.iter_captions())

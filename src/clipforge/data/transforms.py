@@ -21,8 +21,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from clipforge.config import AugmentConfig
-from clipforge.config.schema import LOW_RES_SIDES
+from clipforge.config import LOW_RES_SIDES, AugmentConfig
 
 _INTERPOLATION = {
     "bicubic": v2.InterpolationMode.BICUBIC,

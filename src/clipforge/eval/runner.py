@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from clipforge.config import DATA_KINDS, DataConfig
-from clipforge.data.base import DataError, ImageTextSource
+from clipforge.config import DataConfig
+from clipforge.data.base import DataError, ImageTextSource, capabilities_of
 from clipforge.data.files import classnames_for
 from clipforge.data.processor import Processor
 from clipforge.data.samples import SkippedSample
@@ -97,14 +97,16 @@ class EvalResult:
 def open_eval_source(data: DataConfig) -> ImageTextSource:
     """``build_source(data)``, checked to be a finite source evaluation can index.
 
-    Every image must be visited exactly once and its captions looked up by index, so a streamed source
-    (no ``len``/``load_image``) is refused with a ``DataError`` that says so, rather than failing mid-run.
+    Every image must be visited exactly once and its captions looked up by index, so a source whose
+    ``capabilities`` are not ``evaluable`` (a streamed one: no ``len``/``load_image``) is refused with a
+    ``DataError`` that says so, rather than failing mid-run.
     """
     source = build_source(data)
-    if not isinstance(source, ImageTextSource):
+    if not capabilities_of(source).evaluable:
         raise DataError(
             f"data.kind={data.kind!r} gives a streamed source ({type(source).__name__}) that evaluation cannot "
-            "index; evaluate on a source with random access (manifest, coco, flickr, imagefolder, idx, cifar, hf)"
+            "index (WebDataset shards cannot be evaluated yet); evaluate on a source with random access (manifest, "
+            "coco, flickr, imagefolder, idx, cifar, hf)"
         )
     return source
 
@@ -272,8 +274,7 @@ def evaluate_retrieval(
 def dataset_label(data: DataConfig) -> str:
     """A short name for the data a result was measured on: ``kind:path`` and ``:split`` where the kind has
     splits (``emoji:test``, ``manifest:data/test.csv``, ``cifar:data/cifar-10-batches-py:test``)."""
-    split = data.split if DATA_KINDS[data.kind].splits else ""
-    return ":".join(part for part in (data.kind, data.path, split) if part)
+    return ":".join(part for part in (data.kind, data.get("path", ""), data.get("split", "")) if part)
 
 
 def benchmark_record(result: EvalResult, dataset: str, model: str) -> dict[str, Any]:

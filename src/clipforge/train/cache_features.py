@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from clipforge.config import Config, DataConfig
-from clipforge.data.base import ImageLoadError, ImageTextSource
+from clipforge.data.base import ImageLoadError, ImageTextSource, capabilities_of
 from clipforge.data.feature_cache import CachedFeatures, FeatureStore, caption_offsets
 from clipforge.data.processor import Processor
 from clipforge.data.samples import prepare_sample, sample_seed
@@ -83,7 +83,7 @@ class CachePlan:
 
 def plan_feature_cache(config: Config, model: CLIPModel, source: Any) -> CachePlan:
     """Which towers of ``model`` the run reads from the cache (see the module docstring)."""
-    if not config.data.cache_features or not isinstance(source, ImageTextSource):
+    if not config.data.cache_features or not capabilities_of(source).cacheable:
         return CachePlan()
     image_views = 0
     if model.image_locked:
@@ -107,7 +107,7 @@ def source_identity(data: DataConfig, source: ImageTextSource, captions: bool = 
     identity = {
         "settings": settings,
         "num_images": len(source),
-        "files": [_file_stamp(data.path), _file_stamp(data.image_root)],
+        "files": [_file_stamp(data.get("path", "")), _file_stamp(data.get("image_root", ""))],
     }
     if captions:
         digest = hashlib.sha256()

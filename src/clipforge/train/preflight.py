@@ -2,15 +2,14 @@
 
 Each catches a run that would otherwise start and then go nowhere: a batch larger than the data (every batch
 would hold the same image twice), or data of which no image can be read (the loop would skip batch after
-batch forever). Streamed shards have no length and no random access; they are checked in the loop instead
-(:data:`MAX_EMPTY_BATCHES`).
+batch forever). A streamed source (shards) has no length and no random access (its ``capabilities`` say so); it is
+checked in the loop instead (:data:`MAX_EMPTY_BATCHES`).
 """
 
 from __future__ import annotations
 
 from clipforge.config import ConfigError, DataConfig
-from clipforge.data.base import DataError, ImageLoadError, ImageTextSource
-from clipforge.data.shards import ShardSource
+from clipforge.data.base import DataError, ImageLoadError, Source, capabilities_of
 
 # how many images, in index order, the start-up check tries before it calls the data unreadable
 PROBED_IMAGES = 64
@@ -20,14 +19,13 @@ MAX_EMPTY_BATCHES = 50
 
 def describe_data(data: DataConfig) -> str:
     """``data.kind='manifest', data.path='train.csv'``: the data as the config names it, for messages."""
-    where = f"data.kind={data.kind!r}"
-    return f"{where}, data.path={data.path!r}" if data.path else where
+    return data.describe("data")
 
 
-def check_batch_fits(source: ImageTextSource | ShardSource, data: DataConfig, batch_size: int, world_size: int) -> None:
+def check_batch_fits(source: Source, data: DataConfig, batch_size: int, world_size: int) -> None:
     """Refuse a batch larger than one epoch's share of the data: each of ``world_size`` processes takes
     ``batch_size / world_size`` pairs a step from its ``len(source) // world_size`` images an epoch."""
-    if isinstance(source, ShardSource):
+    if not capabilities_of(source).random_access:
         return
     per_process, share = batch_size // world_size, len(source) // world_size
     if per_process <= share:
@@ -44,12 +42,12 @@ def check_batch_fits(source: ImageTextSource | ShardSource, data: DataConfig, ba
     )
 
 
-def check_images_decode(source: ImageTextSource | ShardSource, data: DataConfig) -> None:
+def check_images_decode(source: Source, data: DataConfig) -> None:
     """Raise ``DataError`` unless one of the first :data:`PROBED_IMAGES` images (in index order) decodes.
 
     Stops at the first readable one, so healthy data costs one image read.
     """
-    if isinstance(source, ShardSource):
+    if not capabilities_of(source).random_access:
         return
     tried = min(PROBED_IMAGES, len(source))
     first_reason = None

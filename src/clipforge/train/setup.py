@@ -19,11 +19,11 @@ from torch import nn
 
 from clipforge.checkpoint import Checkpoint
 from clipforge.config import Config, save_config
-from clipforge.data.base import ImageTextSource
+from clipforge.data.base import Source
 from clipforge.data.loader import LoaderSpec, build_train_loader
 from clipforge.data.processor import Processor
 from clipforge.data.samples import Batch
-from clipforge.data.shards import ShardSource
+from clipforge.data.sources import training_captions
 from clipforge.data.tokenize import Tokenizer, build_tokenizer
 from clipforge.distributed import DistributedContext, broadcast_object, wrap
 from clipforge.interop.load import RunStart
@@ -67,18 +67,12 @@ class TrainingRun:
     run_log: RunLogger | NullRunLogger = field(default_factory=NullRunLogger)
 
 
-def _training_captions(source: ImageTextSource | ShardSource) -> list[str]:
-    if isinstance(source, ShardSource):
-        return list(source.iter_captions())  # one pass over the shards' caption members, no image is read
-    return [caption for index in range(len(source)) for caption in source.captions(index)]
-
-
-def _new_tokenizer(config: Config, context: DistributedContext, source: ImageTextSource | ShardSource) -> Tokenizer:
+def _new_tokenizer(config: Config, context: DistributedContext, source: Source) -> Tokenizer:
     """A new model's tokenizer: trained on the data's captions (rank 0 trains it, every rank gets it) or loaded."""
     text_config = config.model.text
     tokenizer = None
     if context.is_main:
-        tokenizer = build_tokenizer(text_config.tokenizer, text_config.name, _training_captions(source))
+        tokenizer = build_tokenizer(text_config.tokenizer, text_config.name, training_captions(source))
     if context.enabled:  # rank 0 trains the vocabulary once; every rank then tokenizes alike
         tokenizer = Tokenizer.from_state_dict(broadcast_object(tokenizer.state_dict() if tokenizer else None))
     return tokenizer
@@ -95,7 +89,7 @@ def _model(start: RunStart, processor: Processor, device: torch.device) -> CLIPM
 
 
 def build_run(
-    start: RunStart, context: DistributedContext, output_dir: Path, source: ImageTextSource | ShardSource
+    start: RunStart, context: DistributedContext, output_dir: Path, source: Source
 ) -> tuple[TrainingRun, Any]:
     """The run's parts (module docstring), and the locked towers' feature cache, which only the loader needs."""
     config, device = start.config, context.device
