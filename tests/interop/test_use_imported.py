@@ -55,3 +55,16 @@ def test_the_web_page_serves_an_imported_checkpoint(imported: Path, shapes_manif
     client = TestClient(create_app(Index.load(tmp_path / "e", str(imported))))
     response = client.get("/api/search", params={"q": "a blue square", "k": 3})
     assert response.status_code == 200 and len(response.json()["results"]) == 3
+
+
+def test_commands_take_an_hf_folder_as_checkpoint_with_no_import_step(
+    imported: Path, shapes_manifest: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """One weights resolution: ``--checkpoint hf:FOLDER`` is read where a checkpoint is, with the same outputs."""
+    folder = write_hf_clip(tmp_path / "hf")
+    image = str(next((shapes_manifest.parent / "images").glob("*.png")))
+    capsys.readouterr()
+    assert main(["classify", "--checkpoint", f"hf:{folder}", "--labels", "red,blue", image]) == 0
+    direct = capsys.readouterr().out
+    assert main(["classify", "--checkpoint", str(imported), "--labels", "red,blue", image]) == 0
+    assert capsys.readouterr().out == direct and "%" in direct

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import timm
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 
 from clipforge import packaged as pretrained_module
@@ -184,3 +187,27 @@ def test_packaged_minilm_loads_offline_with_its_tokenizer(monkeypatch: pytest.Mo
     similarity = features @ features.T
     assert similarity[1, 2] > similarity[0, 1] + 0.2  # a sentence encoder: paraphrases are close
     assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+@given(st.from_regex(r"[A-Za-z][A-Za-z0-9_]{0,20}(\.[a-z0-9_]{1,12})?", fullmatch=True))
+def test_a_tag_is_never_read_as_a_file_even_when_a_file_of_that_name_exists(tag: str) -> None:
+    """The syntactic rule: a bare tag (``IMAGENET1K_V1``, ``in1k``, ``augreg_in21k``) names no file, whatever is
+    on disk; ``file:`` before the same text names the file."""
+    from clipforge.model.pretrained import WEIGHT_FILE_SUFFIXES, names_a_file
+
+    assert names_a_file(tag) == (Path(tag).suffix in WEIGHT_FILE_SUFFIXES)
+    assert names_a_file(f"file:{tag}")
+
+
+def test_file_prefix_reads_a_file_named_like_a_tag_and_a_missing_one_is_one_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from clipforge.config import ConfigError
+    from clipforge.model.pretrained import local_weights_file
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "IMAGENET1K_V1").write_bytes(b"x")
+    assert local_weights_file("IMAGENET1K_V1") is None  # a tag, although a file of that name is here
+    assert local_weights_file("file:IMAGENET1K_V1") == Path("IMAGENET1K_V1")
+    with pytest.raises(ConfigError, match="no file exists there"):
+        local_weights_file("file:missing.pt")
