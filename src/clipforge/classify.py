@@ -17,13 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
+from clipforge.config.choices import DEFAULT_TEMPLATES
 from clipforge.data.inputs import ImageFilesSource
 from clipforge.eval.features import encode_source_images
 from clipforge.eval.runner import zeroshot_classifier
 from clipforge.eval.zeroshot import predict_proba
 from clipforge.model.factory import LoadedModel
-
-DEFAULT_TEMPLATES = "openai-imagenet"
 
 
 @dataclass

@@ -17,7 +17,6 @@ from clipforge.commands import MODULES
 from clipforge.commands.common import USER_ERRORS, check_declared_outputs, command_inputs
 from clipforge.config.errors import Interrupted
 from clipforge.io import DISK_ERRNOS, disk_error, output_policy, shorten
-from clipforge.runtime import keep_freed_memory_in_the_heap
 from clipforge.version import __version__
 
 
@@ -42,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     wrote; Ctrl-C is one line and exit code 130 (the command saves what it must first, e.g. ``train``).
     """
     args = build_parser().parse_args(argv)
+    # heavy libraries load only once the arguments parsed: --help, --version and argument errors stay instant
+    from clipforge.runtime import keep_freed_memory_in_the_heap
+
     keep_freed_memory_in_the_heap()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:

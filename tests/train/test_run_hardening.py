@@ -343,7 +343,7 @@ def test_compile_is_announced_before_the_first_step(
 def test_only_the_main_process_prints_the_summary(
     shapes_manifest: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import clipforge.commands.train as command
+    import clipforge.train.loop as command  # the command imports train() from here when it runs
 
     config = config_file(tmp_path, shapes_manifest, tmp_path / "run")
     other_rank = TrainResult(tmp_path / "run", 3, tmp_path / "run" / "last.pt", [], is_main=False)

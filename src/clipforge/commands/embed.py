@@ -6,7 +6,7 @@ import argparse
 
 from clipforge.commands.common import CHECKPOINT_HELP, DEVICE_HELP, add_input, add_output, load_model, user_errors
 from clipforge.config import ConfigError
-from clipforge.search.embed import FLUSH_EVERY, embed_images, embed_text_file
+from clipforge.config.choices import FLUSH_EVERY
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -70,6 +70,8 @@ def run_embed(
         raise ConfigError(f"--workers {num_workers} must be >= 0 (0 = decode in this process)")
     if flush_every < 1:
         raise ConfigError(f"--flush-every {flush_every} must be a positive number of images")
+    from clipforge.search.embed import embed_images, embed_text_file
+
     loaded = load_model(checkpoint, device)
     reports = []
     with user_errors("embed"):

@@ -11,29 +11,16 @@ import argparse
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from clipforge.commands.common import CHECKPOINT_HELP, DEVICE_HELP, add_input, add_output, check_picture_path
 from clipforge.commands.data_spec import parse_data_spec
 from clipforge.config import ConfigError, DataConfig
-from clipforge.data.base import ImageTextSource
-from clipforge.eval.runner import (
-    EvalResult,
-    classification_targets,
-    classnames_from_file,
-    dataset_label,
-    evaluate_retrieval,
-    evaluate_zeroshot,
-    format_results_table,
-    open_eval_source,
-    plot_retrieval_examples,
-    write_results_json,
-)
-from clipforge.eval.templates import get_templates
-from clipforge.interop.load import from_pretrained
 from clipforge.io import check_output
-from clipforge.runtime import inference_autocast, resolve_device
-from clipforge.viz import plot_confusion_matrix
+
+if TYPE_CHECKING:
+    from clipforge.data.base import ImageTextSource
+    from clipforge.eval.runner import EvalResult
 
 logger = logging.getLogger("clipforge")
 
@@ -114,6 +101,17 @@ def run_eval(
     ``zeroshot``, the top-5 images of a few caption queries for ``retrieval``); ``""`` picks the name
     (``out`` with ``.png``, else ``confusion_matrix.png`` / ``retrieval_grid.png``).
     """
+    from clipforge.eval.runner import (
+        dataset_label,
+        evaluate_retrieval,
+        evaluate_zeroshot,
+        format_results_table,
+        open_eval_source,
+        write_results_json,
+    )
+    from clipforge.interop.load import from_pretrained
+    from clipforge.runtime import inference_autocast, resolve_device
+
     data_config = parse_data_spec(data)
     plot_path = _plot_path(plot, out, task) if plot is not None else None
     if plot_path is not None:  # a picture named after --out: checked now, not after the evaluation's work
@@ -166,6 +164,9 @@ def _zeroshot_inputs(
 ) -> tuple[list[str] | None, list[str]]:
     """(class names or None = the source's own, prompt templates) for a zero-shot task; each flag's mistake
     becomes a ConfigError naming that flag."""
+    from clipforge.eval.runner import classification_targets, classnames_from_file
+    from clipforge.eval.templates import get_templates
+
     try:
         templates_list = get_templates(templates)
     except (ValueError, FileNotFoundError) as error:
@@ -190,6 +191,9 @@ def _plot_path(plot: str | Path, out: str | Path | None, task: str) -> Path:
 
 
 def _plot(result: EvalResult, source: ImageTextSource, path: Path) -> Path:
+    from clipforge.eval.runner import plot_retrieval_examples
+    from clipforge.viz import plot_confusion_matrix
+
     if result.task == "zeroshot":
         return plot_confusion_matrix(result.confusion_matrix, result.classnames, path)
     return plot_retrieval_examples(result, source, path)

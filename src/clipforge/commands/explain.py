@@ -6,9 +6,8 @@ import argparse
 from pathlib import Path
 
 from clipforge.commands.common import CHECKPOINT_HELP, DEVICE_HELP, add_input, add_output, load_model, user_errors
-from clipforge.explain.heatmap import METHODS, explain
+from clipforge.config.choices import EXPLAIN_METHODS
 from clipforge.io import check_output
-from clipforge.viz import overlay_heatmap, plot_explanations, save_image
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -19,7 +18,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     add_output(
         parser, "--out", kind="picture", default="explain.png", help="the figure: one row per image, one map per text"
     )
-    parser.add_argument("--method", default="auto", choices=list(METHODS), help="auto: by tower")
+    parser.add_argument("--method", default="auto", choices=list(EXPLAIN_METHODS), help="auto: by tower")
     add_output(
         parser,
         "--overlays",
@@ -38,6 +37,9 @@ def run(args: argparse.Namespace) -> None:
     overlays = _overlay_paths(args.overlays, args.image, len(args.text)) if args.overlays else []
     for path in overlays:  # every file is checked before any work, and before the first is written
         check_output(path, what="--overlays")
+    from clipforge.explain.heatmap import explain
+    from clipforge.viz import overlay_heatmap, plot_explanations, save_image
+
     loaded = load_model(args.checkpoint, args.device)
     with user_errors("explain"):
         rows = explain(loaded, args.image, args.text, args.method)

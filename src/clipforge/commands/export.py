@@ -6,8 +6,6 @@ from __future__ import annotations
 import argparse
 
 from clipforge.commands.common import CHECKPOINT_HELP, add_input, add_output, load_model, user_errors
-from clipforge.interop.hf_export import export_hf
-from clipforge.interop.onnx import export_onnx
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -28,6 +26,8 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def run_onnx(args: argparse.Namespace) -> None:
+    from clipforge.interop.onnx import export_onnx
+
     loaded = load_model(args.checkpoint, "cpu")
     with user_errors("export onnx"):
         result = export_onnx(loaded, args.out, atol=args.atol)
@@ -38,6 +38,8 @@ def run_onnx(args: argparse.Namespace) -> None:
 
 
 def run_hf(args: argparse.Namespace) -> None:
+    from clipforge.interop.hf_export import export_hf
+
     loaded = load_model(args.checkpoint, "cpu")
     result = export_hf(loaded, args.out, atol=args.atol)
     model_class = "CLIPModel" if result.family == "clip" else "SiglipModel"

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from clipforge.commands.common import add_input, add_output
-from clipforge.interop.load import SPEC_HELP, from_pretrained, save_imported_checkpoint
+from clipforge.config.choices import WEIGHTS_SPEC_HELP
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -14,12 +14,14 @@ def register(commands: argparse._SubParsersAction) -> None:
         "import",
         help="convert a Hugging Face CLIP/SigLIP model or an open_clip ViT checkpoint into a clipforge checkpoint",
     )
-    add_input(parser, "spec", kind="path", help=f"what to import: {SPEC_HELP}")
+    add_input(parser, "spec", kind="path", help=f"what to import: {WEIGHTS_SPEC_HELP}")
     add_output(parser, "--out", required=True, help="the checkpoint to write, e.g. clip-vit-b-32.pt")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> None:
+    from clipforge.interop.load import from_pretrained, save_imported_checkpoint
+
     out = Path(args.out)  # checked by the command line before the import, which can take a while
     loaded = from_pretrained(args.spec)
     save_imported_checkpoint(loaded, out, args.spec)

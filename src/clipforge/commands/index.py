@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 
 from clipforge.commands.common import user_errors
-from clipforge.search.ann import build_faiss_index
-from clipforge.search.store import EmbeddingStore
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -28,6 +26,9 @@ def register(commands: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> None:
     """Build the index; a bad parameter, a damaged folder or a folder another process writes (FolderBusyError)
     is one line and exit code 2."""
+    from clipforge.search.ann import build_faiss_index
+    from clipforge.search.store import EmbeddingStore
+
     with user_errors("index build"):
         report = build_faiss_index(
             EmbeddingStore(args.index), args.kind, args.ann, args.nlist, args.hnsw_m, args.target_recall

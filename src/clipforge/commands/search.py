@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-
-from PIL import Image
+from typing import TYPE_CHECKING
 
 from clipforge.commands.common import DEVICE_HELP, add_input, add_output, load_model, user_errors
 from clipforge.config import ConfigError
-from clipforge.data.base import decode_image
-from clipforge.search.index import Index, SearchHit, format_hits
-from clipforge.viz import plot_search_results
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from clipforge.search.index import Index, SearchHit
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -35,6 +36,9 @@ def run(args: argparse.Namespace) -> None:
         raise ConfigError(f"--top {args.top} must be positive")
     if args.grid and args.kind != "images":
         raise ConfigError("--grid draws image results; this search returned texts")
+    from clipforge.data.base import decode_image
+    from clipforge.search.index import Index, format_hits
+
     loaded = load_model(args.checkpoint, args.device)
     with user_errors("search"):
         index = Index.load(
@@ -50,6 +54,8 @@ def run(args: argparse.Namespace) -> None:
 
 def draw_grid(index: Index, hits: list[SearchHit], query: str | Image.Image, grid: str) -> None:
     """The results as one picture at ``grid``; its folder is created when missing."""
+    from clipforge.viz import plot_search_results
+
     images = [index.load_image(hit.row) for hit in hits]
     names = [Path(hit.path or hit.id).name for hit in hits]
     plot_search_results(query, images, [h.score for h in hits], names, grid)

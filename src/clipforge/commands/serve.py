@@ -6,8 +6,7 @@ import argparse
 
 from clipforge.commands.common import DEVICE_HELP, add_input, user_errors
 from clipforge.config import ConfigError
-from clipforge.explain.heatmap import METHODS
-from clipforge.runtime import resolve_device
+from clipforge.config.choices import EXPLAIN_METHODS
 
 
 def port_number(text: str) -> int:
@@ -30,7 +29,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind; other than 127.0.0.1 exposes the page")
     parser.add_argument("--port", default="8000", help="TCP port, 1 to 65535 (0: any free port)")
     parser.add_argument("--backend", default="auto", choices=["auto", "exact", "faiss"])
-    parser.add_argument("--explain-method", default="auto", choices=list(METHODS))
+    parser.add_argument("--explain-method", default="auto", choices=list(EXPLAIN_METHODS))
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument(
         "--show-paths",
@@ -42,6 +41,8 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     port = port_number(args.port)  # before anything loads
+    from clipforge.runtime import resolve_device
+
     with user_errors("serve"):
         from clipforge.search.server import serve  # uvicorn: the serve extra
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 from clipforge.config import load_config
-from clipforge.train.loop import train
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -25,6 +24,8 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    from clipforge.train.loop import train
+
     result = train(load_config(args.config, args.overrides), resume=args.resume, overwrite=args.overwrite)
     if result.is_main:  # under torchrun every process returns here; one summary is enough
         print(f"trained {result.step} steps; checkpoint: {result.checkpoint}")

@@ -36,7 +36,7 @@ from clipforge.config.data_section import (
     register_data_kind,
 )
 from clipforge.config.data_upgrade import upgrade_data_section
-from clipforge.config.errors import CheckpointError, ConfigError
+from clipforge.config.errors import CheckpointError, ConfigError, DataError, ImageLoadError, ImageTooLargeError
 from clipforge.config.parsing import (
     config_from_dict,
     data_config_from_dict,
@@ -67,6 +67,9 @@ from clipforge.config.schema import (
 from clipforge.config.validation import LOCK_PATTERN, validate
 
 __all__ = [
+    "DataError",
+    "ImageLoadError",
+    "ImageTooLargeError",
     "BUILTIN_VIT_IMAGE_SIZE",
     "DATA_KINDS",
     "EVAL_METRICS",

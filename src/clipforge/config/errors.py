@@ -20,3 +20,17 @@ class Interrupted(Exception):
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class ImageLoadError(Exception):
+    """An image that cannot be used; the message names the file (or key) and why."""
+
+
+class ImageTooLargeError(ImageLoadError):
+    """An image whose decoded size exceeds :data:`clipforge.data.base.MAX_IMAGE_PIXELS`: skipped in training and embedding,
+    refused with HTTP 413 by the web page."""
+
+
+class DataError(ValueError):
+    """Input data that cannot be used as it is (a malformed manifest, no readable image at all, ...): the message
+    names the file, what is wrong and the fix; the command line prints it as one line and exits 2."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 
+from clipforge.config.choices import WEIGHTS_SPEC_HELP
 from clipforge.config.data_kinds import DATA_KINDS
 from clipforge.config.errors import ConfigError
 from clipforge.config.schema import (
@@ -213,14 +214,10 @@ def _validate_head(tower: ImageTowerConfig | TextTowerConfig, where: str) -> Non
         raise ConfigError(f"{where}.norm_eps={tower.norm_eps} must be positive, e.g. 1e-5")
 
 
-# what model.init may name (clipforge.interop.from_pretrained reads it)
-INIT_SPEC_HELP = "hf:<folder or hub id>, open_clip:CONFIG.json:WEIGHTS or the path of a clipforge checkpoint"
-
-
 def _validate_init(init: str) -> None:
     """The form of ``model.init`` only: the files it names are read when training starts."""
     if init in ("hf:", "open_clip:") or init != init.strip():
-        raise ConfigError(f"model.init={init!r} is not a weights spec; use {INIT_SPEC_HELP}")
+        raise ConfigError(f"model.init={init!r} is not a weights spec; use {WEIGHTS_SPEC_HELP}")
     if init.startswith("open_clip:") and ".json:" not in init:
         raise ConfigError(
             f"model.init={init!r}: an open_clip spec names the model config and the weights, "

@@ -21,22 +21,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from clipforge.config import MAP_STYLE, SourceCapabilities
 
+# the errors live below torch so the command line names them without loading it; re-exported here
+from clipforge.config.errors import DataError, ImageLoadError, ImageTooLargeError  # noqa: F401
+
 if TYPE_CHECKING:
     from clipforge.data.shards import SampleRef, ShardSample
-
-
-class ImageLoadError(Exception):
-    """An image that cannot be used; the message names the file (or key) and why."""
-
-
-class ImageTooLargeError(ImageLoadError):
-    """An image whose decoded size exceeds :data:`MAX_IMAGE_PIXELS`: skipped in training and embedding,
-    refused with HTTP 413 by the web page."""
-
-
-class DataError(ValueError):
-    """Input data that cannot be used as it is (a malformed manifest, no readable image at all, ...): the message
-    names the file, what is wrong and the fix; the command line prints it as one line and exits 2."""
 
 
 # The largest image (width x height) any clipforge path decodes: 40 megapixels (e.g. 8000 x 5000) covers camera

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from clipforge.config.choices import EXPLAIN_METHODS
 from clipforge.data.base import decode_image
 from clipforge.data.transforms import ImagePreprocess, eval_view_box
 from clipforge.eval.features import encode_texts
@@ -28,7 +29,7 @@ from clipforge.explain.gradcam import gradcam_maps
 from clipforge.explain.rollout import has_patch_attention, rollout_maps, text_conditioned_maps
 from clipforge.model.factory import LoadedModel
 
-METHODS = ("auto", "attention-gradient", "rollout", "gradcam")
+METHODS = EXPLAIN_METHODS
 
 
 @dataclass

@@ -21,6 +21,7 @@ import torch
 
 from clipforge.checkpoint import Checkpoint, CheckpointError, read_checkpoint, save_checkpoint
 from clipforge.config import Config, ConfigError, ModelConfig, config_from_dict, config_to_dict
+from clipforge.config.choices import WEIGHTS_SPEC_HELP
 from clipforge.data.processor import Processor
 from clipforge.interop.hf import import_hf
 from clipforge.interop.open_clip import SPEC_PREFIX as OPEN_CLIP_PREFIX
@@ -36,7 +37,6 @@ SOURCES: dict[str, Callable[[str], Resolved]] = {
     HF_PREFIX: lambda spec: import_hf(spec.removeprefix(HF_PREFIX)),
     OPEN_CLIP_PREFIX: lambda spec: import_open_clip(*parse_spec(spec)),
 }
-SPEC_HELP = "hf:<folder or hub id>, open_clip:CONFIG.json:WEIGHTS, or the path of a clipforge checkpoint"
 # tower fields that say how to train, not what the model is: model.init keeps the run config's
 TRAINING_FIELDS = ("lock", "lr_scale", "layer_decay")
 # tower fields without effect on imported weights (random init, hub weights): the import's are kept, unchecked
@@ -56,7 +56,7 @@ def resolve(spec: str) -> Resolved:
     if path.is_dir():
         raise CheckpointError(f"{spec!r} is a folder; for a Hugging Face model folder write hf:{spec}")
     if not path.exists():
-        raise CheckpointError(f"checkpoint {spec!r} does not exist; a weights spec is {SPEC_HELP}")
+        raise CheckpointError(f"checkpoint {spec!r} does not exist; a weights spec is {WEIGHTS_SPEC_HELP}")
     checkpoint = read_checkpoint(path)
     return Resolved(
         checkpoint.config,
@@ -190,7 +190,7 @@ def init_model(config: Config) -> InitialModel:
     field or file is wrong.
     """
     if not config.model.init:
-        raise ValueError("init_model needs config.model.init: " + SPEC_HELP)
+        raise ValueError("init_model needs config.model.init: " + WEIGHTS_SPEC_HELP)
     start = run_start(config)
     model = build_checked_model(
         start.config, start.processor.tokenizer, start.weights, start.source, start.hf_text_config

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from clipforge.config.choices import FLUSH_EVERY
 from clipforge.data.base import ImageLoadError, ImageTextSource
 from clipforge.data.inputs import open_image_source, read_texts, resolve_image_spec, source_names_files
 from clipforge.data.samples import SkippedSample
@@ -33,7 +34,6 @@ from clipforge.search.store import EmbeddingStore
 
 logger = logging.getLogger("clipforge")
 
-FLUSH_EVERY = 256  # images per committed part: a few seconds of work on a CPU
 MERGED_PART_ROWS = 2048  # a run's small parts are merged once they hold this many rows
 
 
