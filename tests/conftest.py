@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import csv
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +25,10 @@ SIZES = {"small": 7, "large": 13}
 
 # tiny models gain nothing from intra-op threads, and on a busy machine threads contend
 torch.set_num_threads(1)
+
+# what clipforge caches per machine (the CPU precision probe) goes to a folder of this test session, not ~/.cache
+os.environ["CLIPFORGE_CACHE_DIR"] = tempfile.mkdtemp(prefix="clipforge-test-cache-")
+atexit.register(shutil.rmtree, os.environ["CLIPFORGE_CACHE_DIR"], True)
 
 
 def draw_shape(colour: str, shape: str, size: str, image_size: int = 32) -> Image.Image:

@@ -16,6 +16,7 @@ import sys
 from clipforge.commands import MODULES
 from clipforge.commands.common import USER_ERRORS, check_declared_outputs, command_inputs
 from clipforge.config.errors import Interrupted
+from clipforge.cores import quiet_openmp_waits
 from clipforge.io import DISK_ERRNOS, disk_error, output_policy, shorten
 from clipforge.version import __version__
 
@@ -41,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     wrote; Ctrl-C is one line and exit code 130 (the command saves what it must first, e.g. ``train``).
     """
     args = build_parser().parse_args(argv)
+    # before torch loads (OpenMP reads it then): waiting threads give their cores back soon on a shared machine
+    quiet_openmp_waits()
     # heavy libraries load only once the arguments parsed: --help, --version and argument errors stay instant
     from clipforge.runtime import keep_freed_memory_in_the_heap
 

@@ -96,7 +96,8 @@ class DataConfig:
     ``"a drawing of {}."``); each caption ``c`` of the source is then also offered as ``t.format(c)`` for every
     template ``t``, so a sampled caption is the bare one with probability ``1 / (1 + len(caption_templates))``.
     Prompted queries ("a photo of a dress.") then meet captions of their own form in training, not bare names only.
-    ``num_workers``: loader worker processes (0 = load in the main process). ``weight``: the share of a ``mix``
+    ``num_workers``: loader worker processes (0 = load in the main process; ``auto``: half of the cores this process
+    may use, at most 8, see ``clipforge.cores.auto_workers``). ``weight``: the share of a ``mix``
     entry (``data.mix[i].weight``: entry i is drawn with probability weight_i / sum of weights).
 
     Feature cache (``clipforge.data.feature_cache``): with ``cache_features`` the features of a fully locked
@@ -111,7 +112,7 @@ class DataConfig:
     kind: str = DEFAULT_DATA_KIND
     caption_sampling: Literal["random", "cycle"] = "random"
     caption_templates: list[str] = field(default_factory=list)
-    num_workers: int = 0
+    num_workers: int | Literal["auto"] = 0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     cache_features: bool = True
     cached_views: int = 0
@@ -187,9 +188,11 @@ class DataConfig:
         """The kind's own rules (a kind class overrides it; the base has none)."""
 
     def _check_shared(self, prefix: str) -> None:
-        if self.num_workers < 0:
+        if self.num_workers == "auto":
+            pass  # clipforge.cores.auto_workers, on the machine that runs
+        elif self.num_workers < 0:
             raise ConfigError(f"{prefix}.num_workers={self.num_workers} must be >= 0 (0 = load in the main process)")
-        if self.num_workers > MAX_WORKERS:
+        elif self.num_workers > MAX_WORKERS:
             raise ConfigError(
                 f"{prefix}.num_workers={self.num_workers} is more than the {MAX_WORKERS} loader processes a config "
                 "may ask for (a machine starts at most one per core)"

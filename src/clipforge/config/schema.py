@@ -253,6 +253,10 @@ class TrainConfig:
     ``accumulation_steps`` > 1 each process's share is split into that many micro-batches and the step is
     still exact over the whole batch (GradCache; see ``clipforge.train.gradcache``); it must not exceed the
     data's size (a batch would hold an image twice).
+    ``precision``: what the towers compute in (the loss is float32): ``fp32``, ``bf16`` or ``fp16`` autocast
+    (fp16: CUDA only, with loss scaling), or ``auto``: bf16 where the device runs it natively and faster (CUDA
+    with bf16; a CPU with AVX512-BF16/AMX where a timed probe finds it faster), fp32 otherwise, logged with the
+    reason (``clipforge.runtime.precision``).
     ``output_dir``: the run's folder (checkpoints, ``metrics.jsonl``, ``config.yaml``); one that holds a run
     already is refused unless ``--resume`` continues it or ``--overwrite`` replaces it.
     ``gradient_checkpointing``: recompute the towers' block activations in the backward pass instead of
@@ -263,7 +267,7 @@ class TrainConfig:
     steps: int = 1000
     batch_size: int = 128
     accumulation_steps: int = 1
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
     grad_clip: float = 1.0  # max global grad norm (>= 0); 0 disables clipping (the norm is still logged)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from clipforge.config import Config, ConfigError, EvalTaskConfig
+from clipforge.cores import resolve_workers
 from clipforge.data.base import ImageTextSource
 from clipforge.data.processor import Processor
 from clipforge.eval.features import LockedTowerMemo
@@ -168,7 +169,7 @@ class TrainingEvaluator:
 
     def _evaluate(self, model: CLIPModel, task: _Task, step: int) -> dict[str, float]:
         batch_size = self.eval_config.batch_size
-        workers = task.config.data.num_workers
+        workers = resolve_workers(task.config.data.num_workers)
         if task.config.task == "retrieval":
             result = evaluate_retrieval(
                 model, self.processor, task.source, batch_size, self.autocast, workers, memo=self.memo

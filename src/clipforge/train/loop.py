@@ -29,6 +29,7 @@ from torch import nn
 from clipforge.checkpoint import read_checkpoint
 from clipforge.config import Config, ConfigError
 from clipforge.config.errors import Interrupted
+from clipforge.cores import resolve_workers
 from clipforge.data.samples import Batch
 from clipforge.data.sources import build_source
 from clipforge.distributed import (
@@ -124,7 +125,7 @@ def _train(config: Config, resume_from: str | Path | None, overwrite: bool, cont
     output_dir.mkdir(parents=True, exist_ok=True)
     run, cached_features = setup.build_run(start, context, output_dir, source)
     state = RunState(
-        data_streams=max(1, config.data.num_workers),
+        data_streams=max(1, resolve_workers(config.data.num_workers)),
         window=LogWindow.on(context.device),
         last_checkpoint=output_dir / "last.pt",
     )

@@ -19,6 +19,7 @@ from torch import nn
 
 from clipforge.checkpoint import Checkpoint
 from clipforge.config import Config, save_config
+from clipforge.cores import resolve_workers
 from clipforge.data.base import Source
 from clipforge.data.loader import LoaderSpec, build_train_loader
 from clipforge.data.processor import Processor
@@ -164,7 +165,7 @@ def batches(run: TrainingRun, source, cached_features, state: RunState) -> Itera
         config.train.batch_size // context.world_size,
         seed=config.train.seed,
         start_sample=state.samples_seen // context.world_size,
-        num_workers=config.data.num_workers,
+        num_workers=resolve_workers(config.data.num_workers),
         rank=context.rank,
         world_size=context.world_size,
         pin_memory=context.device.type == "cuda",
