@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from clipforge.config import load_config
-from clipforge.runtime import autocast_context, resolve_precision
+from clipforge.runtime import autocast_context, probes, resolve_precision
 from clipforge.runtime import precision as module
 
 CPU = torch.device("cpu")
@@ -26,10 +26,10 @@ def fresh_choice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Each test decides afresh (no in-process memo) with its own probe cache file."""
     monkeypatch.setenv("CLIPFORGE_CACHE_DIR", str(tmp_path / "cache"))
     module._resolve.cache_clear()
-    module.cpu_bf16_speedup.cache_clear()
+    probes.measured_once.cache_clear()
     yield
     module._resolve.cache_clear()
-    module.cpu_bf16_speedup.cache_clear()
+    probes.measured_once.cache_clear()
 
 
 def _cpu(monkeypatch: pytest.MonkeyPatch, flags: set[str], speedup: float | None) -> list[int]:
@@ -80,11 +80,11 @@ def test_fp16_computes_in_fp32_on_the_cpu_and_fp32_is_never_probed(monkeypatch) 
 def test_the_probe_runs_once_per_cpu_kind_and_isa_setting(monkeypatch) -> None:
     calls = _cpu(monkeypatch, {"amx_bf16"}, speedup=2.0)
     module.cpu_bf16_speedup()
-    module.cpu_bf16_speedup.cache_clear()  # a new process: the figure comes from the file
+    probes.measured_once.cache_clear()  # a new process: the figure comes from the file
     assert module.cpu_bf16_speedup() == 2.0 and len(calls) == 1
-    cached = json.loads((Path(os.environ["CLIPFORGE_CACHE_DIR"]) / "cpu-precision.json").read_text())
+    cached = json.loads((Path(os.environ["CLIPFORGE_CACHE_DIR"]) / "machine-probes.json").read_text())
     assert [entry["bf16_speedup"] for entry in cached.values()] == [2.0]
-    module.cpu_bf16_speedup.cache_clear()
+    probes.measured_once.cache_clear()
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # other kernels: measured again
     module.cpu_bf16_speedup()
     assert len(calls) == 2
@@ -94,10 +94,10 @@ def test_an_unwritable_or_damaged_cache_only_costs_a_measurement(monkeypatch, tm
     calls = _cpu(monkeypatch, {"amx_bf16"}, speedup=1.5)
     cache = tmp_path / "cache"
     cache.mkdir()
-    (cache / "cpu-precision.json").write_text("{not json")
+    (cache / "machine-probes.json").write_text("{not json")
     assert module.cpu_bf16_speedup() == 1.5 and len(calls) == 1
     monkeypatch.setenv("CLIPFORGE_CACHE_DIR", "/proc/no-such-folder")  # cannot be created
-    module.cpu_bf16_speedup.cache_clear()
+    probes.measured_once.cache_clear()
     assert module.cpu_bf16_speedup() == 1.5 and len(calls) == 2
 
 

@@ -63,6 +63,15 @@ def test_vit_class_token_one_token_matches_the_full_pass() -> None:
     torch.testing.assert_close(vit(images), reference, atol=1e-12, rtol=1e-10)
 
 
+@pytest.fixture
+def onednn_chosen(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The oneDNN path, whatever this machine's probe chose (its own tests below check both choices)."""
+    from clipforge.model import cpu_kernels
+
+    monkeypatch.setattr(cpu_kernels, "_onednn_faster", lambda: True)
+
+
+@pytest.mark.usefixtures("onednn_chosen")
 @pytest.mark.parametrize("activation", [None, "gelu", "gelu_tanh"])
 def test_fused_linear_equals_linear_then_activation_and_only_runs_in_cpu_float32_inference(activation) -> None:
     from clipforge.model.cpu_kernels import fused_linear
@@ -85,6 +94,7 @@ def test_fused_linear_equals_linear_then_activation_and_only_runs_in_cpu_float32
         assert fused_linear(x, layer.weight, layer.bias, "quick_gelu") is None  # no oneDNN form
 
 
+@pytest.mark.usefixtures("onednn_chosen")
 def test_built_in_blocks_give_the_same_embeddings_in_inference_as_with_autograd() -> None:
     """Inference goes through oneDNN's fused linears, training through torch's: the same function."""
     torch.manual_seed(0)
@@ -97,6 +107,7 @@ def test_built_in_blocks_give_the_same_embeddings_in_inference_as_with_autograd(
         torch.testing.assert_close(plain, trained.detach(), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.usefixtures("onednn_chosen")
 def test_onednn_linear_gradients_equal_torch_linear() -> None:
     """cpu_kernels.linear in training: the same output and gradients (input, weight, bias) as F.linear."""
     from clipforge.model.cpu_kernels import linear
@@ -116,3 +127,26 @@ def test_onednn_linear_gradients_equal_torch_linear() -> None:
     frozen = linear(x, weight.detach(), None)  # a locked layer: only the input's gradient
     (input_grad,) = torch.autograd.grad((frozen * upstream).sum(), [x])
     torch.testing.assert_close(input_grad, upstream @ weight.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_where_the_probe_finds_torch_faster_every_linear_is_torch_s_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    from clipforge.model import cpu_kernels
+
+    monkeypatch.setattr(cpu_kernels, "_onednn_faster", lambda: False)
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 24)
+    x = torch.randn(3, 16)
+    assert torch.equal(
+        cpu_kernels.linear(x, layer.weight, layer.bias), torch.nn.functional.linear(x, layer.weight, layer.bias)
+    )
+    with torch.inference_mode():
+        assert cpu_kernels.fused_linear(x, layer.weight, layer.bias, "gelu") is None
+
+
+def test_the_kernel_probe_measures_a_finite_positive_ratio() -> None:
+    import math
+
+    from clipforge.model.cpu_kernels import measure_onednn_linear_speedup
+
+    speedup = measure_onednn_linear_speedup(tokens=32, width=32, rounds=1)
+    assert math.isfinite(speedup) and speedup > 0

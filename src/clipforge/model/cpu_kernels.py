@@ -10,6 +10,9 @@ fused with the bias, and 4.2x faster with GELU fused too; the backward products 
 * :func:`fused_linear`: inference (no autograd): linear + bias + optional GELU in one kernel.
 * :func:`linear`: training too: an autograd function whose forward and backward products are oneDNN's.
 
+Where a timed probe finds torch's own linear faster on this CPU and kernel set (:func:`_onednn_faster`, once per
+machine), both are ``F.linear``.
+
 Both apply only to float32 CPU tensors outside autocast and graph capture (torch.compile, torch.export and
 ONNX, TorchScript keep the portable ``F.linear``); anywhere else they are ``F.linear``.
 """
@@ -17,10 +20,13 @@ ONNX, TorchScript keep the portable ``F.linear``); anywhere else they are ``F.li
 from __future__ import annotations
 
 import functools
+import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from clipforge.runtime.probes import measured_once
 
 # oneDNN's name for each fusable activation: (attr, algorithm) of torch.ops.mkldnn._linear_pointwise
 ONEDNN_ACTIVATIONS = {None: ("none", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh")}
@@ -37,6 +43,38 @@ def _onednn_linear_available() -> bool:
     return torch.backends.mkldnn.is_available()
 
 
+def measure_onednn_linear_speedup(tokens: int = 2048, width: int = 512, rounds: int = 5) -> float:
+    """torch's float32 linear time / oneDNN's, forward and backward of a transformer MLP's first linear
+    (``tokens`` x ``width`` -> 2 ``width``), the best of ``rounds`` alternating rounds each: > 1 when oneDNN is
+    faster on this CPU and kernel set."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, width, generator=generator, requires_grad=True)
+    weight = torch.randn(2 * width, width, generator=generator, requires_grad=True)
+    bias = torch.zeros(2 * width, requires_grad=True)
+
+    def step(onednn: bool) -> float:
+        start = time.perf_counter()
+        out = _OneDNNLinear.apply(x, weight, bias) if onednn else F.linear(x, weight, bias)
+        out.sum().backward()
+        return time.perf_counter() - start
+
+    for onednn in (False, True, False, True):  # warm-up: kernels chosen, memory touched
+        step(onednn)
+    times = {False: [], True: []}
+    for _ in range(rounds):
+        for onednn in (False, True):
+            times[onednn].append(step(onednn))
+    return min(times[False]) / min(times[True])
+
+
+@functools.cache
+def _onednn_faster() -> bool:
+    """Whether oneDNN's linear beats torch's (MKL) here: measured once per CPU kind, torch version and ISA
+    settings and kept (:func:`clipforge.runtime.probes.measured_once`). On the AVX-512 development CPUs oneDNN
+    was 1.4-2.3x faster in training; with AVX2 dispatch forced, shapes split both ways (benchmarks/README.md)."""
+    return measured_once("onednn_linear_speedup", measure_onednn_linear_speedup) >= 1.0
+
+
 def _tracing() -> bool:
     """Inside torch.compile, torch.export (ONNX) or TorchScript tracing: graphs keep the portable ops."""
     exporting = getattr(torch.compiler, "is_exporting", lambda: False)
@@ -51,6 +89,7 @@ def _applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and not torch.is_autocast_enabled("cpu")
         and not _tracing()
         and _onednn_linear_available()
+        and _onednn_faster()
     )
 
 

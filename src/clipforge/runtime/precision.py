@@ -4,26 +4,21 @@
 with AVX512-BF16 or AMX whose bf16 autocast a short timed probe finds clearly faster than float32. Elsewhere it
 takes fp32: a CPU without bf16 units emulates it, and an AVX2-only EPYC ran a ViT-B/32 training step 7.4x slower
 in bf16 autocast than in fp32. The probe runs once per CPU kind, torch version and ISA settings, and its result
-is kept in ``cpu-precision.json`` under ``$CLIPFORGE_CACHE_DIR`` (default ``$XDG_CACHE_HOME/clipforge``) (0.1-1 s; a read-only home only loses the cache).
+is kept on disk (0.1-1 s, once; :mod:`clipforge.runtime.probes`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
-import json
 import logging
-import os
-import platform
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from clipforge.io import OutputError, atomic_write_json
+from clipforge.runtime.probes import cpu_flags, measured_once
 
 logger = logging.getLogger("clipforge")
 
@@ -31,8 +26,6 @@ logger = logging.getLogger("clipforge")
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 # the least probe speed-up (fp32 time / bf16 time) for which auto takes bf16: below it, fp32's exactness wins
 MIN_BF16_SPEEDUP = 1.2
-# the environment variables that change which CPU kernels torch dispatches to (part of the probe's cache key)
-ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 
 
 @dataclass(frozen=True)
@@ -41,44 +34,6 @@ class PrecisionChoice:
 
     precision: str
     reason: str
-
-
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where there is none, e.g. macOS)."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-def cpu_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), or what the platform module knows."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _probe_key() -> str:
-    isa = {name: os.environ.get(name, "") for name in ISA_VARIABLES}
-    parts = [cpu_name(), " ".join(sorted(cpu_flags())), torch.__version__, torch.backends.cpu.get_cpu_capability(), isa]
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _cache_file() -> Path:
-    """``$CLIPFORGE_CACHE_DIR/cpu-precision.json``, by default under ``$XDG_CACHE_HOME/clipforge`` (~/.cache)."""
-    root = os.environ.get("CLIPFORGE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "clipforge"
-    )
-    return Path(root) / "cpu-precision.json"
 
 
 def measure_cpu_bf16_speedup(tokens: int = 128, width: int = 512, rounds: int = 5) -> float:
@@ -107,23 +62,10 @@ def measure_cpu_bf16_speedup(tokens: int = 128, width: int = 512, rounds: int = 
     return fp32 / bf16
 
 
-@functools.cache
 def cpu_bf16_speedup() -> float:
-    """:func:`measure_cpu_bf16_speedup`, measured once per CPU kind, torch version and ISA settings and cached
-    on disk (in this process too)."""
-    path, key = _cache_file(), _probe_key()
-    try:
-        cached = json.loads(path.read_text())
-        return float(cached[key]["bf16_speedup"])
-    except (OSError, ValueError, KeyError, TypeError):
-        cached = {}
-    speedup = measure_cpu_bf16_speedup()
-    cached = cached if isinstance(cached, dict) else {}
-    cached[key] = {"cpu": cpu_name(), "torch": torch.__version__, "bf16_speedup": round(speedup, 3)}
-    with contextlib.suppress(OSError, OutputError):  # a read-only or full home: the figure stays in this process
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, cached, replace=True)
-    return speedup
+    """:func:`measure_cpu_bf16_speedup`, measured once per CPU kind, torch version and ISA settings
+    (:func:`clipforge.runtime.probes.measured_once`)."""
+    return measured_once("bf16_speedup", measure_cpu_bf16_speedup)
 
 
 def _cpu_choice(precision: str) -> PrecisionChoice:
