@@ -45,6 +45,7 @@ REDUCED_ARGS = {
         "--cached-steps", "5", "--live-steps", "2", "data.split=val", "train.batch_size=128", "model.image.image_size=64",
     ],
     "memory.py": ["--sizes", "64", "128", "--extend", "128", "--micro", "64", "--chunk", "64", "--budget-mib", "64"],
+    "shared_machine.py": ["--images", "16", "--rounds", "1"],
     "search_speed.py": ["--items", "20000", "--queries", "10", "--workers", "1", "--no-faiss", "--embed-images", "64"],
 }  # fmt: skip
 
