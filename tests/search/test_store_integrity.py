@@ -31,12 +31,8 @@ from tests.conftest import another_writer
 faiss = pytest.importorskip("faiss")
 
 from clipforge.cli import main  # noqa: E402
-from clipforge.search.ann import (  # noqa: E402
-    FaissIndexError,
-    build_faiss_index,
-    check_build_parameters,
-    load_faiss_index,
-)
+from clipforge.search.ann import FaissIndexError, load_faiss_index  # noqa: E402
+from clipforge.search.ann_build import build_faiss_index, check_build_parameters  # noqa: E402
 from clipforge.search.index import Index  # noqa: E402
 
 WIDTH = 16

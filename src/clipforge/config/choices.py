@@ -14,6 +14,9 @@ FLUSH_EVERY = 256
 # torchrun a part's rows are also the unit of work dealt to the processes
 PART_ROWS = 2048
 
+# the approximate indexes `clipforge index build --ann` makes (clipforge.search.ann_build)
+ANN_KINDS = ("ivf", "ivfpq", "hnsw")
+
 # how `explain` (and the web page) draws a heat map; auto: by tower (attention-gradient for ViTs, else Grad-CAM)
 EXPLAIN_METHODS = ("auto", "attention-gradient", "rollout", "gradcam")
 

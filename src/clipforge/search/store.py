@@ -31,6 +31,7 @@ that belong to other embeddings.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -240,7 +241,9 @@ class EmbeddingStore:
     def matrices(self, kind: str, mmap: bool = True) -> list[np.ndarray]:
         """Each part's (n, D) embeddings, memory-mapped (copy-on-write, so torch can wrap them without a copy);
         StoreError when a part is damaged or the parts differ in width."""
-        matrices = [self.open_part(path, "c") for path in self.part_paths(kind)]
+        parts = self.part_paths(kind)
+        allow_open_files(len(parts))
+        matrices = [self.open_part(path, "c") for path in parts]
         if len({matrix.shape[1] for matrix in matrices}) > 1:
             raise StoreError(f"the {kind} parts of {self.root} differ in width: {_PART_FIX}")
         return matrices if mmap else [np.array(matrix) for matrix in matrices]
@@ -250,21 +253,26 @@ class EmbeddingStore:
         row object, and for a table whose rows are not as many as its part's embeddings (every later row
         would be shown with another row's id)."""
         ids, paths, sources, indices = [], [], [], []
-        for part in self.part_paths(kind):
-            table = part.with_suffix(".jsonl")
-            before = len(ids)
-            for number, row in _json_lines(table):
-                identifier, path, source, index = _check_row(row, table, number)
+        for rows in self.tables(kind):
+            for identifier, path, source, index in rows:
                 ids.append(identifier)
                 paths.append(path)
                 sources.append(source)
                 indices.append(index)
-            embedded = self.open_part(part).shape[0]
-            if len(ids) - before != embedded:
-                raise StoreError(
-                    f"{table} lists {len(ids) - before} rows but {part.name} holds {embedded} embeddings: {_PART_FIX}"
-                )
         return StoreTable(ids, paths, np.asarray(sources, dtype=np.int64), np.asarray(indices, dtype=np.int64))
+
+    def tables(self, kind: str) -> Iterator[list[tuple[str, str, int, int]]]:
+        """Each part's rows (id, path, source, index), checked as :meth:`table` checks them, one part at a time:
+        a folder of any size is checked in the memory of its largest part."""
+        for part in self.part_paths(kind):
+            table = part.with_suffix(".jsonl")
+            rows = [_check_row(row, table, number) for number, row in _json_lines(table)]
+            embedded = self.open_part(part).shape[0]
+            if len(rows) != embedded:
+                raise StoreError(
+                    f"{table} lists {len(rows)} rows but {part.name} holds {embedded} embeddings: {_PART_FIX}"
+                )
+            yield rows
 
     def count(self, kind: str) -> int:
         return sum(self.open_part(path).shape[0] for path in self.part_paths(kind))
@@ -348,6 +356,22 @@ def _check_row(row: Any, path: Path, number: int) -> tuple[str, str, int, int]:
         f"{path} line {number} is not a row (an object with a string 'id', and whole-number 'source' and "
         f"'index' if any): {json.dumps(row)[:80]}; {_PART_FIX}"
     )
+
+
+def allow_open_files(maps: int) -> None:
+    """Raise this process's limit on open files (its soft limit, up to the hard one) to hold ``maps`` memory maps
+    and as many other files: each map keeps a file descriptor (Python's ``mmap`` holds a copy of it), and 10M rows
+    in parts of 2048 are ~4,900 maps, over the common soft limit of 1,024."""
+    try:
+        import resource
+    except ImportError:  # not POSIX: nothing to raise
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 2 * maps + 256
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 def next_part_number(folder: Path) -> int:
