@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,7 @@ class EmbedReport:
     embedded: int
     already_done: int
     failed: list[dict[str, str]] = field(default_factory=list)
+    seconds: float = 0.0  # embedding (every process, from the first plan to the last part), not opening the input
 
 
 class _Subset:
@@ -340,6 +342,7 @@ def _embed(
         store = planner.store if planner is not None else EmbeddingStore(out)
         report = EmbedReport(store.root, work.kind, 0, already_done)
         folder = store.root / work.kind
+        started = time.perf_counter()
         for _ in range(2):  # the plan taken up again (if any), then one for what is still missing
             name = _from_main(context, lambda: planner.next_plan())
             if name is None:
@@ -353,6 +356,13 @@ def _embed(
             if planner is not None:
                 planner.finish(plan)
         report.failed = planner.failed if planner is not None else []
+        report.seconds = time.perf_counter() - started
+    if report.embedded:
+        rate = report.embedded / max(report.seconds, 1e-9)
+        processes = f"{context.world_size} processes" if context.enabled else "1 process"
+        logger.info(
+            "embedded %d %s in %.2f s: %.1f/s with %s", report.embedded, work.kind, report.seconds, rate, processes
+        )
     return report
 
 
