@@ -29,7 +29,6 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from clipforge.config.choices import FLUSH_EVERY, PART_ROWS
 from clipforge.data.base import DataError, ImageLoadError, ImageTextSource
@@ -42,6 +41,7 @@ from clipforge.model.factory import LoadedModel
 from clipforge.search import plan as plans
 from clipforge.search.meta import check_dtype, writer_lock
 from clipforge.search.store import EmbeddingStore
+from clipforge.train.run_log import progress_bar
 
 logger = logging.getLogger("clipforge")
 
@@ -387,6 +387,6 @@ def _execute(plan: plans.EmbedPlan, store: EmbeddingStore, work, context: Distri
     share = sum(min(plan.block_rows, len(plan.positions) - block * plan.block_rows) for block in blocks)
     unit = "img" if work.kind == "images" else "text"
     where = f" (process 0 of {context.world_size})" if context.enabled else ""
-    bar = tqdm(total=share, unit=unit, desc=f"embed {work.kind}{where}", disable=not (progress and context.is_main))
+    bar = progress_bar(share, f"embed {work.kind}{where}", unit, enabled=progress and context.is_main)
     with bar:
         return plans.execute(plan, store, work, context.rank, context.world_size, bar.update)
