@@ -30,8 +30,9 @@ pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from clipforge.search import app as app_module  # noqa: E402
-from clipforge.search.app import ServerLimits, create_app  # noqa: E402
+from clipforge.search import page as page_module  # noqa: E402
+from clipforge.search.app import create_app  # noqa: E402
+from clipforge.search.bounds import ServerLimits  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -157,8 +158,8 @@ def test_explain_downscales_a_large_image_before_the_heat_map(
 
         return wrapper
 
-    monkeypatch.setattr(app_module, "explain_pairs", spy("explain", app_module.explain_pairs))
-    monkeypatch.setattr(app_module, "overlay_heatmap", spy("overlay", app_module.overlay_heatmap))
+    monkeypatch.setattr(page_module, "explain_pairs", spy("explain", page_module.explain_pairs))
+    monkeypatch.setattr(page_module, "overlay_heatmap", spy("overlay", page_module.overlay_heatmap))
     client = TestClient(create_app(Index.load(tmp_path / "emb", loaded)), raise_server_exceptions=False)
     response = client.get("/api/explain", params={"row": 0, "q": "a red square"})
     assert response.status_code == 200 and response.headers["content-type"] == "image/png"
@@ -184,10 +185,10 @@ def test_an_image_over_the_pixel_limit_is_a_413(index: Index, monkeypatch: pytes
         assert client.get(url).status_code == 413
     monkeypatch.undo()
     # a source that decodes without the check is caught after decoding
-    monkeypatch.setattr(app_module, "MAX_IMAGE_PIXELS", 32 * 32 - 1)
+    monkeypatch.setattr(page_module, "MAX_IMAGE_PIXELS", 32 * 32 - 1)
     response = client.get("/image/2")
     assert response.status_code == 413 and "larger than 1,023 pixels" in response.json()["error"]
-    monkeypatch.setattr(app_module, "MAX_IMAGE_PIXELS", 32 * 32)
+    monkeypatch.setattr(page_module, "MAX_IMAGE_PIXELS", 32 * 32)
     assert client.get("/image/2").status_code == 200
 
 
