@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -68,6 +69,7 @@ def test_two_processes_write_what_one_writes(collection: tuple[Path, list[str]])
     output = launch([*arguments, "--texts", "captions.txt", "--out", "two"], processes=2, cwd=folder)
     assert output.count(f"images: embedded {IMAGES}, already in") == 1  # rank 0 alone reports, the sum of both
     assert output.count("texts: embedded 30, already in") == 1
+    assert re.search(r"embedded 160 images in [0-9.]+ s: [0-9.]+/s with 2 processes", output)  # process 0's account
     one, two = stored_files(folder / "one"), stored_files(folder / "two")
     assert sorted(one) == sorted(two) and "images/failed.jsonl" in one
     parts = [name for name in one if name.startswith("images/part-") and name.endswith(".npy")]

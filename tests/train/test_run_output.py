@@ -16,9 +16,11 @@ import termios
 from pathlib import Path
 
 import pytest
+from tqdm.auto import tqdm
 
 from clipforge.config import save_config
 from clipforge.interop.load import load_checkpoint
+from clipforge.train.run_log import LineProgress, progress_bar
 from tests.conftest import tiny_config, write_shapes_manifest
 
 STEPS, LOG_EVERY = 10, 5
@@ -127,3 +129,19 @@ def test_a_terminal_gets_the_progress_bar(recipe: Path) -> None:
     assert "train:" in shown and "\r" in shown and "10/10" in shown  # tqdm's bar, redrawn in place
     assert " INFO step " not in shown  # the figures are on the bar, not on lines
     assert "eval at step 5" in shown  # log lines are printed above the bar
+
+
+def test_progress_for_a_log_file_is_plain_lines(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("INFO", logger="clipforge"):
+        with progress_bar(10, "caching images", "row", initial=2) as bar:  # not a terminal here: plain lines
+            assert isinstance(bar, LineProgress)
+            bar.every_s = 0.0
+            bar.update(3)
+            bar.update(5)
+        assert isinstance(progress_bar(10, "quiet", "row", enabled=False), tqdm)  # disabled: shows nothing
+    lines = [record.getMessage() for record in caplog.records]
+    assert [line.split(",")[0] for line in lines] == [
+        "caching images: 5 of 10 (50%)",
+        "caching images: 10 of 10 (100%)",
+    ]
+    assert all(line.endswith("row/s") and "\r" not in line for line in lines)

@@ -357,7 +357,7 @@ def _embed(
                 planner.finish(plan)
         report.failed = planner.failed if planner is not None else []
         report.seconds = time.perf_counter() - started
-    if report.embedded:
+    if report.embedded and context.is_main:
         rate = report.embedded / max(report.seconds, 1e-9)
         processes = f"{context.world_size} processes" if context.enabled else "1 process"
         logger.info(
