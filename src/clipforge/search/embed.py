@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Union
 
 import numpy as np
 import torch
@@ -46,6 +46,7 @@ from clipforge.train.run_log import progress_bar
 logger = logging.getLogger("clipforge")
 
 T = TypeVar("T")
+EmbedWork = Union["_ImageWork", "_TextWork"]  # what a run embeds (a plan's ``Work``)
 
 
 @dataclass
@@ -282,8 +283,14 @@ class _Planner:
     one, and gathers each finished plan's failures. Holds the big lists (every id), which the others never need."""
 
     def __init__(
-        self, work, out: str | os.PathLike, model: dict, dtype: str, spec: str | None, layout: tuple[int, int]
-    ):
+        self,
+        work: EmbedWork,
+        out: str | os.PathLike,
+        model: dict,
+        dtype: str,
+        spec: str | None,
+        layout: tuple[int, int],
+    ) -> None:
         self.work, self.layout = work, layout
         self.store = EmbeddingStore.open_for_model(out, model, dtype)
         self.folder = self.store.root / work.kind
@@ -292,15 +299,20 @@ class _Planner:
         self.pending = plans.pending_plan(self.folder, self.source_number, work.ids_at)
         self.store.reset_failures(work.kind, keep_run=self.pending.run if self.pending else None)
         self.ids = work.ids()
-        done = set(self.store.table(work.kind).ids)
-        self.already_done = sum(identifier in done for identifier in self.ids)
+        self.done: set[str] | None = set(self.store.table(work.kind).ids)  # None once a plan has added rows
+        self.already_done = sum(identifier in self.done for identifier in self.ids)
         self.failed: list[dict[str, str]] = []
+        self.planned = False  # a fresh plan was made (after it, only failures remain)
 
     def next_plan(self) -> str | None:
         """The file name of the next plan (saved), or None when everything is embedded or failed in this run."""
         plan, self.pending = self.pending, None
         if plan is None:
-            done = set(self.store.table(self.work.kind).ids) | {failure["id"] for failure in self.failed}
+            if self.planned:  # a fresh plan covered everything missing: nothing is left but this run's failures
+                return None
+            self.planned = True
+            done = self.done if self.done is not None else set(self.store.table(self.work.kind).ids)
+            done = done | {failure["id"] for failure in self.failed}
             todo = [position for position, identifier in enumerate(self.ids) if identifier not in done]
             if not todo:
                 return None
@@ -315,10 +327,11 @@ class _Planner:
         """Every process has finished ``plan``: its failures go to ``failed.jsonl`` and the plan is removed."""
         self.failed += self.store.gather_failures(self.work.kind, plan.run)
         (self.folder / plan.file_name).unlink()
+        self.done = None
 
 
 def _embed(
-    work,
+    work: EmbedWork,
     out: str | os.PathLike,
     model: dict,
     dtype: str,
@@ -366,7 +379,7 @@ def _embed(
     return report
 
 
-def _open_plan(path: Path, work, context: DistributedContext) -> plans.EmbedPlan:
+def _open_plan(path: Path, work: EmbedWork, context: DistributedContext) -> plans.EmbedPlan:
     """The plan rank 0 saved at ``path``; DataError when this process reads other items than rank 0 did (rank 0
     made the plan from its own reading)."""
     plan = plans.EmbedPlan.load(path)
@@ -381,7 +394,9 @@ def _open_plan(path: Path, work, context: DistributedContext) -> plans.EmbedPlan
     return plan
 
 
-def _execute(plan: plans.EmbedPlan, store: EmbeddingStore, work, context: DistributedContext, progress: bool) -> int:
+def _execute(
+    plan: plans.EmbedPlan, store: EmbeddingStore, work: EmbedWork, context: DistributedContext, progress: bool
+) -> int:
     """This process's blocks of ``plan``, with a progress bar on rank 0 (its own share)."""
     blocks = plan.blocks_for(context.rank, context.world_size)
     share = sum(min(plan.block_rows, len(plan.positions) - block * plan.block_rows) for block in blocks)
