@@ -141,7 +141,8 @@ def time_exact(matrices: list[np.ndarray], queries: torch.Tensor, k: int, worker
 
 
 def time_faiss(store: EmbeddingStore, queries: torch.Tensor, k: int) -> dict:
-    from clipforge.search.ann import build_faiss_index, faiss_search, load_faiss_index
+    from clipforge.search.ann import faiss_search, load_faiss_index
+    from clipforge.search.ann_build import build_faiss_index
 
     report = build_faiss_index(store, "images", "ivf")
     index = load_faiss_index(store, "images")

@@ -30,8 +30,9 @@ pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from clipforge.search import app as app_module  # noqa: E402
-from clipforge.search.app import ServerLimits, create_app  # noqa: E402
+from clipforge.search import page as page_module  # noqa: E402
+from clipforge.search.app import create_app  # noqa: E402
+from clipforge.search.bounds import ServerLimits  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -157,8 +158,8 @@ def test_explain_downscales_a_large_image_before_the_heat_map(
 
         return wrapper
 
-    monkeypatch.setattr(app_module, "explain_pairs", spy("explain", app_module.explain_pairs))
-    monkeypatch.setattr(app_module, "overlay_heatmap", spy("overlay", app_module.overlay_heatmap))
+    monkeypatch.setattr(page_module, "explain_pairs", spy("explain", page_module.explain_pairs))
+    monkeypatch.setattr(page_module, "overlay_heatmap", spy("overlay", page_module.overlay_heatmap))
     client = TestClient(create_app(Index.load(tmp_path / "emb", loaded)), raise_server_exceptions=False)
     response = client.get("/api/explain", params={"row": 0, "q": "a red square"})
     assert response.status_code == 200 and response.headers["content-type"] == "image/png"
@@ -184,10 +185,10 @@ def test_an_image_over_the_pixel_limit_is_a_413(index: Index, monkeypatch: pytes
         assert client.get(url).status_code == 413
     monkeypatch.undo()
     # a source that decodes without the check is caught after decoding
-    monkeypatch.setattr(app_module, "MAX_IMAGE_PIXELS", 32 * 32 - 1)
+    monkeypatch.setattr(page_module, "MAX_IMAGE_PIXELS", 32 * 32 - 1)
     response = client.get("/image/2")
     assert response.status_code == 413 and "larger than 1,023 pixels" in response.json()["error"]
-    monkeypatch.setattr(app_module, "MAX_IMAGE_PIXELS", 32 * 32)
+    monkeypatch.setattr(page_module, "MAX_IMAGE_PIXELS", 32 * 32)
     assert client.get("/image/2").status_code == 200
 
 
@@ -255,20 +256,15 @@ def test_an_interrupted_embed_keeps_its_finished_parts_and_a_rerun_completes(
     store = EmbeddingStore(out)
     ids = store.table("images").ids
     assert len(ids) == len(set(ids)) == 24 and set(ids) == {str(p.resolve()) for p in images.glob("*.png")}
-    # the leftovers are gone, the first run's two parts kept, the rerun's four small parts merged into one
+    # the leftovers are gone, and the stopped run's plan was taken up: its two committed chunks kept, the other four
+    # embedded, the block's six chunks merged into the one part an uninterrupted run writes, bit for bit
     assert sorted(p.name for p in (out / "images").glob("*.*")) == [
-        "part-000000.jsonl",
-        "part-000000.npy",
-        "part-000001.jsonl",
-        "part-000001.npy",
-        "part-000006.jsonl",
-        "part-000006.npy",
+        "part-000000-000000.jsonl",
+        "part-000000-000000.npy",
     ]
-    reference = EmbeddingStore(embed_images(loaded, checkpoint, images, tmp_path / "ref", progress=False).store)
-    expected = dict(zip(reference.table("images").ids, np.concatenate(reference.matrices("images")), strict=True))
-    stored = np.concatenate(store.matrices("images"))
-    for identifier, embedding in zip(ids, stored, strict=True):
-        np.testing.assert_allclose(embedding.astype(np.float32), expected[identifier].astype(np.float32), atol=2e-3)
+    reference = embed_images(loaded, checkpoint, images, tmp_path / "ref", chunk_size=4, progress=False).store
+    for name in ("part-000000-000000.jsonl", "part-000000-000000.npy"):
+        assert (out / "images" / name).read_bytes() == (reference / "images" / name).read_bytes()
 
 
 def test_flush_every_must_be_positive(tiny_checkpoint, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -230,7 +230,7 @@ def test_shards_are_embedded_with_their_keys(tiny_checkpoint, loaded, tmp_path: 
 
 def test_faiss_index_agrees_with_exact_search(tiny_checkpoint, loaded, tmp_path: Path) -> None:
     pytest.importorskip("faiss")
-    from clipforge.search.ann import build_faiss_index
+    from clipforge.search.ann_build import build_faiss_index
 
     checkpoint, images = tiny_checkpoint
     embed_images(loaded, checkpoint, images, tmp_path / "emb", progress=False)

@@ -12,6 +12,7 @@ import contextlib
 import http.client
 import io
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -30,10 +31,12 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from clipforge.cli import main  # noqa: E402
 from clipforge.interop.load import load_checkpoint  # noqa: E402
-from clipforge.search import app as app_module  # noqa: E402
-from clipforge.search.app import ServerLimits, create_app, decode_reduced  # noqa: E402
+from clipforge.search import page as page_module  # noqa: E402
+from clipforge.search.app import create_app  # noqa: E402
+from clipforge.search.bounds import ServerLimits  # noqa: E402
 from clipforge.search.embed import embed_images  # noqa: E402
 from clipforge.search.index import Index  # noqa: E402
+from clipforge.search.page import decode_reduced  # noqa: E402
 from clipforge.search.server import bind_socket, make_server  # noqa: E402
 
 WAIT_S = 15.0  # the most any step waits for the server: generous on a loaded machine
@@ -99,6 +102,14 @@ def closed_by_server(sock: socket.socket) -> bool:
     return True
 
 
+def dropped_connections(port: int) -> dict[str, float]:
+    """``clipforge_connections_dropped_total`` by reason, from the server's /metrics."""
+    status, _, body = get(port, "/metrics")
+    assert status == 200
+    found = re.findall(r'^clipforge_connections_dropped_total\{reason="([^"]+)"\} (\S+)$', body.decode(), re.M)
+    return {reason: float(value) for reason, value in found}
+
+
 def get(port: int, path: str) -> tuple[int, dict[str, str], bytes]:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT_S)
     try:
@@ -132,6 +143,9 @@ def test_stalled_and_trickling_requests_are_dropped_while_the_page_answers(index
         assert get(port, "/api/search?q=red")[0] == 200  # and the page is up afterwards
         for sock in [*stalled, trickling]:
             sock.close()
+        # /metrics counts each of them: the one dropped to make room for the request, the others' deadlines
+        dropped = dropped_connections(port)
+        assert dropped["made room"] >= 1 and dropped["made room"] + dropped["slow headers"] == SHORT.connections + 1
 
 
 def test_an_idle_keep_alive_connection_is_closed(index: Index) -> None:
@@ -157,6 +171,7 @@ def test_a_client_that_stops_reading_is_dropped(index: Index) -> None:
         assert server.server_state.total_requests < 1500  # dropped, not served to the end
         sock.close()
         assert get(port, "/api/info")[0] == 200
+        assert dropped_connections(port)["slow reader"] == 1
 
 
 def test_a_full_server_answers_a_json_503_and_serves_its_requests(index: Index) -> None:
@@ -178,6 +193,7 @@ def test_a_full_server_answers_a_json_503_and_serves_its_requests(index: Index) 
         for search in searches:
             search.join(WAIT_S)
         assert results == [200, 200]
+        assert dropped_connections(port)["refused"] == 1
 
 
 @pytest.mark.parametrize(
@@ -264,9 +280,9 @@ def test_a_large_jpeg_decodes_reduced_and_other_images_wait_for_a_full_decode_sl
     jpeg, png = (index.table.ids.index(str((folder / name).resolve())) for name in ("big.jpg", "scan.png"))
     app = create_app(index, limits=ServerLimits(image_wait_s=0.05))
     sizes = []
-    original = app_module.overlay_input
+    original = page_module.overlay_input
     monkeypatch.setattr(
-        app_module, "overlay_input", lambda image, *rest: sizes.append(image.size) or original(image, *rest)
+        page_module, "overlay_input", lambda image, *rest: sizes.append(image.size) or original(image, *rest)
     )
     client = TestClient(app, raise_server_exceptions=False)
     thumbnail = client.get(f"/image/{jpeg}")

@@ -31,12 +31,9 @@ from tests.conftest import another_writer
 faiss = pytest.importorskip("faiss")
 
 from clipforge.cli import main  # noqa: E402
-from clipforge.search.ann import (  # noqa: E402
-    FaissIndexError,
-    build_faiss_index,
-    check_build_parameters,
-    load_faiss_index,
-)
+from clipforge.config.choices import ANN_KINDS  # noqa: E402
+from clipforge.search.ann import FaissIndexError, load_faiss_index  # noqa: E402
+from clipforge.search.ann_build import build_faiss_index, check_build_parameters  # noqa: E402
 from clipforge.search.index import Index  # noqa: E402
 
 WIDTH = 16
@@ -223,7 +220,10 @@ INVALID = st.one_of(
     st.fixed_dictionaries({"tune_queries": st.integers(max_value=0) | st.integers(min_value=100_001)}),
     st.fixed_dictionaries({"seed": st.integers(max_value=-1)}),
     st.fixed_dictionaries({"hnsw_m": st.sampled_from([True, 8.0, "8", None])}),
-    st.fixed_dictionaries({"ann": st.text(max_size=5).filter(lambda name: name not in ("ivf", "hnsw"))}),
+    st.fixed_dictionaries({"ann": st.text(max_size=5).filter(lambda name: name not in ANN_KINDS)}),
+    st.fixed_dictionaries(
+        {"ann": st.just("ivfpq"), "pq_m": st.integers(max_value=0) | st.sampled_from([3, 5, 6, 7, 9, 32, 1000])}
+    ),
 )
 
 
@@ -231,7 +231,7 @@ INVALID = st.one_of(
 @given(parameters=INVALID)
 def test_invalid_faiss_parameters_are_a_value_error_before_faiss(built: Path, parameters: dict) -> None:
     before = {path.name: path.read_bytes() for path in built.iterdir() if path.is_file()}
-    with pytest.raises(ValueError, match=r"must be a whole number|choose one|\(0, 1\]|more IVF cells than"):
+    with pytest.raises(ValueError, match=r"must be a whole number|choose one|\(0, 1\]|more IVF cells than|not divide"):
         build_faiss_index(EmbeddingStore(built), **parameters)
     assert {path.name: path.read_bytes() for path in built.iterdir() if path.is_file()} == before
 

@@ -1,4 +1,5 @@
-"""``clipforge embed``: images and/or captions into an embedding folder, resumable."""
+"""``clipforge embed``: images and/or captions into an embedding folder, resumable; under ``torchrun`` every process
+embeds its share into the one folder."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 
 from clipforge.commands.common import CHECKPOINT_HELP, DEVICE_HELP, add_input, add_output, load_model, user_errors
 from clipforge.config import ConfigError
-from clipforge.config.choices import FLUSH_EVERY
+from clipforge.config.choices import FLUSH_EVERY, PART_ROWS
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -31,7 +32,15 @@ def register(commands: argparse._SubParsersAction) -> None:
         metavar="N",
         help=f"commit the embeddings every N images (default {FLUSH_EVERY}): an interruption loses at most N",
     )
-    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    parser.add_argument(
+        "--part-rows",
+        type=int,
+        default=PART_ROWS,
+        metavar="N",
+        help=f"merge committed work into stored parts of about N rows (default {PART_ROWS}); under torchrun, the "
+        "unit of work dealt to the processes in turn",
+    )
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP + " (under torchrun: each process its own GPU)")
     parser.set_defaults(run=run)
 
 
@@ -46,6 +55,7 @@ def run(args: argparse.Namespace) -> None:
         args.workers,
         args.device,
         flush_every=args.flush_every,
+        part_rows=args.part_rows,
     )
 
 
@@ -60,21 +70,30 @@ def run_embed(
     device: str = "auto",
     progress: bool = True,
     flush_every: int = FLUSH_EVERY,
+    part_rows: int = PART_ROWS,
 ) -> None:
     """Embed ``images`` and/or ``texts`` with ``checkpoint`` into the folder ``out``; print what was added.
 
-    Another run writing ``out`` makes this one fail at once (exit 2), before anything is written."""
+    Another run writing ``out`` makes this one fail at once (exit 2), before anything is written. Under torchrun
+    every process runs this, embeds its share, and process 0 prints the summary."""
     if images is None and texts is None:
         raise ConfigError("embed needs --images and/or --texts")
     if num_workers < 0:
         raise ConfigError(f"--workers {num_workers} must be >= 0 (0 = decode in this process)")
     if flush_every < 1:
         raise ConfigError(f"--flush-every {flush_every} must be a positive number of images")
-    from clipforge.search.embed import embed_images, embed_text_file
+    if part_rows < 1:
+        raise ConfigError(f"--part-rows {part_rows} must be a positive number of rows")
+    import logging
 
-    loaded = load_model(checkpoint, device)
+    from clipforge.runtime import resolve_device
+    from clipforge.search.embed import embed_images, embed_text_file, embedding_processes
+
     reports = []
-    with user_errors("embed"):
+    with user_errors("embed"), embedding_processes(resolve_device(device, "--device")) as context:
+        if not context.is_main:  # one process tells the story; the others speak up only when something is wrong
+            logging.getLogger("clipforge").setLevel(logging.WARNING)
+        loaded = load_model(checkpoint, str(context.device))
         if images is not None:
             reports.append(
                 embed_images(
@@ -87,10 +106,14 @@ def run_embed(
                     chunk_size=flush_every,
                     num_workers=num_workers,
                     progress=progress,
+                    part_rows=part_rows,
+                    context=context,
                 )
             )
         if texts is not None:
-            reports.append(embed_text_file(loaded, checkpoint, texts, out, dtype, progress=progress))
+            reports.append(embed_text_file(loaded, checkpoint, texts, out, dtype, progress=progress, context=context))
+    if not context.is_main:
+        return
     for report in reports:
         print(f"{report.kind}: embedded {report.embedded}, already in {report.store}: {report.already_done}", end="")
         print(

@@ -10,6 +10,12 @@ DEFAULT_TEMPLATES = "openai-imagenet"
 
 # images per committed part of an embedding folder: a few seconds of work on a CPU, so an interruption loses little
 FLUSH_EVERY = 256
+# rows per stored part once a run's committed chunks are merged (fewer files to map and step through); under
+# torchrun a part's rows are also the unit of work dealt to the processes
+PART_ROWS = 2048
+
+# the approximate indexes `clipforge index build --ann` makes (clipforge.search.ann_build)
+ANN_KINDS = ("ivf", "ivfpq", "hnsw")
 
 # how `explain` (and the web page) draws a heat map; auto: by tower (attention-gradient for ViTs, else Grad-CAM)
 EXPLAIN_METHODS = ("auto", "attention-gradient", "rollout", "gradcam")

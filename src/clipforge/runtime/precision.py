@@ -81,7 +81,7 @@ def _cpu_choice(precision: str) -> PrecisionChoice:
                 "bf16 units: " + ", ".join(units) if units else "no bf16 units, emulated",
                 1 / speedup,
             )
-        return PrecisionChoice("bf16", "set in the config")
+        return PrecisionChoice("bf16", "set by train.precision")
     if speedup >= MIN_BF16_SPEEDUP:
         return PrecisionChoice("bf16", f"{', '.join(units)} units; bf16 autocast measured {speedup:.1f}x fp32's speed")
     return PrecisionChoice(
@@ -94,7 +94,7 @@ def _cpu_choice(precision: str) -> PrecisionChoice:
 def _resolve(precision: str, device_type: str, device_index: int | None) -> PrecisionChoice:
     if device_type == "cuda":
         if precision != "auto":
-            return PrecisionChoice(precision, "set in the config")
+            return PrecisionChoice(precision, "set by train.precision")
         name = torch.cuda.get_device_name(device_index)
         if torch.cuda.is_bf16_supported(including_emulation=False):
             return PrecisionChoice("bf16", f"{name} computes bf16 natively")
@@ -104,7 +104,7 @@ def _resolve(precision: str, device_type: str, device_index: int | None) -> Prec
     if precision == "fp16":
         return PrecisionChoice("fp32", "fp16 autocast is a CUDA feature; on the CPU it computes in fp32")
     if precision == "fp32":
-        return PrecisionChoice("fp32", "set in the config")
+        return PrecisionChoice("fp32", "set by train.precision")
     choice = _cpu_choice(precision)
     if precision == "auto":
         logger.info("precision auto -> %s: %s", choice.precision, choice.reason)

@@ -83,6 +83,7 @@ class Index:
         # one search thread per core torch may use (more would only queue up)
         self.workers = workers or max(1, min(os.cpu_count() or 1, torch.get_num_threads()))
         self.backend = backend
+        self.rerank = 0  # an ivfpq index's candidates a result, re-scored exactly against the stored rows
         self.faiss = self._open_faiss(backend)
         self._sources: dict[int, object] = {}
 
@@ -102,10 +103,12 @@ class Index:
     def _open_faiss(self, backend: str):
         if backend == "exact":
             return None
-        from clipforge.search.ann import load_faiss_index
+        from clipforge.search.ann import load_faiss_index, rerank_factor
 
         try:
-            return load_faiss_index(self.store, self.kind)
+            index = load_faiss_index(self.store, self.kind)
+            self.rerank = rerank_factor(self.store, self.kind)
+            return index
         except (ImportError, FileNotFoundError, ValueError) as error:
             if backend == "faiss":
                 raise
@@ -169,10 +172,12 @@ class Index:
         queries = F.normalize(queries.float(), dim=-1)
         index = self.faiss
         if index is not None:
-            from clipforge.search.ann import faiss_search
+            from clipforge.search.ann import StoredRows, faiss_search, rerank
 
-            scores, rows = faiss_search(index, queries, k)
+            scores, rows = faiss_search(index, queries, k * max(1, self.rerank))
             valid_rows = ((rows >= 0) & (rows < len(self))).all()
+            if valid_rows and self.rerank:  # approximate scores: the candidates' exact ones decide
+                scores, rows = rerank(StoredRows.of_matrices(self.matrices), queries, rows, k)
             if valid_rows and np.isfinite(scores).all() and not (np.abs(scores) > _SCORE_LIMIT).any():
                 return scores, rows
             self._distrust_faiss(scores, rows)

@@ -37,8 +37,10 @@ from typing import Any
 
 from clipforge.config import ConfigError
 from clipforge.runtime import set_heap_thresholds
-from clipforge.search.app import ServerLimits, create_app
+from clipforge.search.app import create_app
+from clipforge.search.bounds import ServerLimits
 from clipforge.search.index import Index
+from clipforge.search.metrics import ServerMetrics
 
 try:
     import h11
@@ -113,9 +115,11 @@ async def _busy(scope: dict, receive: Any, send: Any) -> None:
 
 class BoundedProtocol(H11Protocol):
     """uvicorn's h11 protocol with the header deadline, the slow-reader deadline and the connection cap (see the
-    module docstring). ``limits`` is set on a subclass per server by :func:`protocol_for`."""
+    module docstring). ``limits`` (and the application's ``metrics``, which count the connections it drops) are set on
+    a subclass per server by :func:`protocol_for`."""
 
     limits: ServerLimits
+    metrics: ServerMetrics | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -148,7 +152,9 @@ class BoundedProtocol(H11Protocol):
     def pause_writing(self) -> None:
         super().pause_writing()
         self._send_deadline = _cancel(self._send_deadline)
-        self._send_deadline = self.loop.call_later(self.limits.send_timeout_s, self._drop, "stopped reading its answer")
+        self._send_deadline = self.loop.call_later(
+            self.limits.send_timeout_s, self._drop, "stopped reading its answer", "slow reader"
+        )
 
     def resume_writing(self) -> None:
         super().resume_writing()
@@ -166,15 +172,17 @@ class BoundedProtocol(H11Protocol):
         self._stop_waiting()
         self.waiting_since = time.monotonic()
         self._header_deadline = self.loop.call_later(
-            self.limits.header_timeout_s, self._drop, "sent no complete request in time"
+            self.limits.header_timeout_s, self._drop, "sent no complete request in time", "slow headers"
         )
 
     def _stop_waiting(self) -> None:
         self.waiting_since = None
         self._header_deadline = _cancel(self._header_deadline)
 
-    def _drop(self, why: str) -> None:
-        """Close at once: ``abort`` discards what the client did not read (``close`` would wait for it)."""
+    def _drop(self, why: str, reason: str) -> None:
+        """Close at once: ``abort`` discards what the client did not read (``close`` would wait for it); ``reason``:
+        its label in ``clipforge_connections_dropped_total``."""
+        self._count_drop(reason)
         self._stop_waiting()
         self._send_deadline = _cancel(self._send_deadline)
         logger.info("dropped a connection from %s: it %s", _client(self.client), why)
@@ -191,10 +199,15 @@ class BoundedProtocol(H11Protocol):
         ]
         if waiting:
             min(waiting, key=lambda other: other.waiting_since)._drop(
-                "had waited longest for its request when the server was full"
+                "had waited longest for its request when the server was full", "made room"
             )
         else:
+            self._count_drop("refused")
             self.app = _busy  # every other connection is mid-request
+
+    def _count_drop(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.dropped.labels(reason).inc()
 
 
 def _cancel(timer: asyncio.TimerHandle | None) -> None:
@@ -206,16 +219,16 @@ def _client(address: tuple[str, int] | None) -> str:
     return f"{address[0]}:{address[1]}" if address else "a client"
 
 
-def protocol_for(limits: ServerLimits) -> type[BoundedProtocol]:
-    """The protocol class uvicorn builds per connection, with ``limits``."""
-    return type("BoundedProtocol", (BoundedProtocol,), {"limits": limits})
+def protocol_for(limits: ServerLimits, metrics: ServerMetrics | None = None) -> type[BoundedProtocol]:
+    """The protocol class uvicorn builds per connection, with ``limits`` (and ``metrics`` to count its drops)."""
+    return type("BoundedProtocol", (BoundedProtocol,), {"limits": limits, "metrics": metrics})
 
 
 def make_server(app: Any, limits: ServerLimits, log_level: str = "info") -> uvicorn.Server:
     """A uvicorn server for ``app`` with ``limits``; run it with ``server.run(sockets=[bind_socket(...)])``."""
     config = uvicorn.Config(
         app,
-        http=protocol_for(limits),
+        http=protocol_for(limits, getattr(getattr(app, "state", None), "metrics", None)),
         ws="none",  # the page has no websocket
         lifespan="off",
         log_level=log_level,

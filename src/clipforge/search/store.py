@@ -6,16 +6,19 @@ Layout::
     EMB_DIR/images/part-000000.npy    (n, D) unit-norm embeddings, float16 or float32, ``np.load(mmap_mode=...)``
     EMB_DIR/images/part-000000.jsonl  one row per embedding row: {"id", "path", "source", "index"}
     EMB_DIR/images/failed.jsonl       {"id", "reason"} of images that did not decode in the last run
+    EMB_DIR/images/plan-000000.npz    an unfinished run's layout (``clipforge.search.plan``), until it ends
     EMB_DIR/texts/part-*.npy|jsonl    the same for captions: {"id": caption}
     EMB_DIR/.clipforge.lock           held (``flock``) by the one process writing the folder
 
 Embeddings are appended as *parts*: a part's ``.npy`` is written first and its ``.jsonl`` last, each to a
 temporary name and renamed into place, so a part exists (is committed) exactly when its table does. A
 crashed run leaves whole parts behind and the next run skips the ids they hold (resume). Row ``r`` of the
-store is row ``r - offset`` of the part that holds it, parts taken in name order.
+store is row ``r - offset`` of the part that holds it, parts taken in name order (``part-000003`` or, written
+by a run laid out in blocks, ``part-000003-000001``; see ``clipforge.search.plan``).
 
 A writer holds :func:`writer_lock` for its whole run, so two runs never append the same ids twice; an
-``index build`` holds it too. ``meta.json`` changes only through :meth:`EmbeddingStore.update_meta`: under the
+``index build`` holds it too. A run of several processes (``torchrun ... embed``) is one writer: its rank 0
+holds the lock, and each process writes only the parts its plan names. ``meta.json`` changes only through :meth:`EmbeddingStore.update_meta`: under the
 lock, on a fresh read, so a change by another process (a source added, an index recorded) is never lost. Small
 parts (a run commits one every few hundred images, so an interruption loses seconds of work) are merged
 by :meth:`EmbeddingStore.merge_parts` into one part with the same rows in the same order: every memory-mapped
@@ -28,6 +31,7 @@ that belong to other embeddings.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -50,7 +54,7 @@ from clipforge.search.meta import (
 )
 
 KINDS = ("images", "texts")
-_STAGED_TABLE = "merge-{number:06d}.jsonl"  # a merged part's table before it is committed
+_STAGED_TABLE = "merge-{name}.jsonl"  # a merged part's table before it is committed
 _PART_FIX = "delete it and its .jsonl (or .npy), then run `clipforge embed` again to embed those items anew"
 
 
@@ -177,8 +181,11 @@ class EmbeddingStore:
             )
         return matrix
 
-    def write_part(self, kind: str, embeddings: np.ndarray, rows: list[dict[str, Any]]) -> Path:
-        """Append one part: ``embeddings`` (n, D) in the store's dtype and its n table ``rows``."""
+    def write_part(
+        self, kind: str, embeddings: np.ndarray, rows: list[dict[str, Any]], name: str | None = None
+    ) -> Path:
+        """Commit one part: ``embeddings`` (n, D) in the store's dtype and its n table ``rows``. ``name`` (a
+        ``part-...`` stem that sorts where its rows belong: a plan's) or, by default, the next number: appended."""
         if len(embeddings) != len(rows):
             raise ValueError(f"{len(embeddings)} embeddings but {len(rows)} rows")
         width = self.meta["model"].get("embed_dim")
@@ -186,33 +193,32 @@ class EmbeddingStore:
             raise ValueError(f"embeddings of shape {np.shape(embeddings)}: this folder stores (n, {width}) rows")
         folder = self.root / _check_kind(kind)
         folder.mkdir(exist_ok=True)
-        path = folder / f"part-{_next_part_number(folder):06d}.npy"
+        path = folder / f"{name or f'part-{next_part_number(folder):06d}'}.npy"
         array = np.ascontiguousarray(embeddings, dtype=self.meta["dtype"])
         atomic_write(path, lambda handle: np.save(handle, array))
         lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
         atomic_write(path.with_suffix(".jsonl"), lambda handle: handle.write(lines))
         return path
 
-    def merge_parts(self, kind: str, parts: list[Path]) -> Path:
-        """Replace ``parts`` (the newest committed parts of ``kind``, in order) by one part holding their rows
-        in the same order, so row numbers do not change. Call it only while holding :func:`writer_lock`.
+    def merge_parts(self, kind: str, parts: list[Path], into: str) -> Path:
+        """Replace the committed ``parts`` (in order) by one part named ``into`` holding their rows in the same
+        order. ``into`` must sort where ``parts`` do (a plan's block holding its chunks), so no row of another
+        part changes its number. Call it only while the folder's writer (or a process of its run) writes it.
 
         Never duplicates a row: the merged part's embeddings and its table are written first under names no
         reader takes, then ``parts`` are uncommitted (their tables removed) and the merged table is renamed
         into place. A crash in between (a few renames) uncommits those rows, which the next run embeds again.
         """
-        if len(parts) < 2:
-            return parts[0]
-        committed = self.part_paths(kind)
-        if committed[-len(parts) :] != list(parts):
-            raise ValueError("merge_parts merges the newest parts only: merging older ones would renumber rows")
-        folder = self.root / kind
-        number = _next_part_number(folder)
-        merged = folder / f"part-{number:06d}.npy"
+        folder = self.root / _check_kind(kind)
+        merged = folder / f"{into}.npy"
+        if list(parts) == [merged]:
+            return merged
         array = np.concatenate([self.open_part(part) for part in parts])  # a few thousand rows: small
-        atomic_write(merged, lambda handle: np.save(handle, array))
+        atomic_write(merged, lambda handle: np.save(handle, array), replace=True)
         lines = b"".join(part.with_suffix(".jsonl").read_bytes() for part in parts)
-        staged = atomic_write(folder / _STAGED_TABLE.format(number=number), lambda handle: handle.write(lines))
+        staged = atomic_write(
+            folder / _STAGED_TABLE.format(name=into), lambda handle: handle.write(lines), replace=True
+        )
         for part in parts:
             part.with_suffix(".jsonl").unlink()
         os.replace(staged, merged.with_suffix(".jsonl"))
@@ -229,13 +235,15 @@ class EmbeddingStore:
         for path in folder.glob("part-*.npy"):
             if not path.with_suffix(".jsonl").is_file():
                 path.unlink()
-        for path in folder.glob(_STAGED_TABLE.replace("{number:06d}", "*")):
+        for path in folder.glob(_STAGED_TABLE.replace("{name}", "*")):
             path.unlink()
 
     def matrices(self, kind: str, mmap: bool = True) -> list[np.ndarray]:
         """Each part's (n, D) embeddings, memory-mapped (copy-on-write, so torch can wrap them without a copy);
         StoreError when a part is damaged or the parts differ in width."""
-        matrices = [self.open_part(path, "c") for path in self.part_paths(kind)]
+        parts = self.part_paths(kind)
+        allow_open_files(len(parts))
+        matrices = [self.open_part(path, "c") for path in parts]
         if len({matrix.shape[1] for matrix in matrices}) > 1:
             raise StoreError(f"the {kind} parts of {self.root} differ in width: {_PART_FIX}")
         return matrices if mmap else [np.array(matrix) for matrix in matrices]
@@ -245,21 +253,26 @@ class EmbeddingStore:
         row object, and for a table whose rows are not as many as its part's embeddings (every later row
         would be shown with another row's id)."""
         ids, paths, sources, indices = [], [], [], []
-        for part in self.part_paths(kind):
-            table = part.with_suffix(".jsonl")
-            before = len(ids)
-            for number, row in _json_lines(table):
-                identifier, path, source, index = _check_row(row, table, number)
+        for rows in self.tables(kind):
+            for identifier, path, source, index in rows:
                 ids.append(identifier)
                 paths.append(path)
                 sources.append(source)
                 indices.append(index)
-            embedded = self.open_part(part).shape[0]
-            if len(ids) - before != embedded:
-                raise StoreError(
-                    f"{table} lists {len(ids) - before} rows but {part.name} holds {embedded} embeddings: {_PART_FIX}"
-                )
         return StoreTable(ids, paths, np.asarray(sources, dtype=np.int64), np.asarray(indices, dtype=np.int64))
+
+    def tables(self, kind: str) -> Iterator[list[tuple[str, str, int, int]]]:
+        """Each part's rows (id, path, source, index), checked as :meth:`table` checks them, one part at a time:
+        a folder of any size is checked in the memory of its largest part."""
+        for part in self.part_paths(kind):
+            table = part.with_suffix(".jsonl")
+            rows = [_check_row(row, table, number) for number, row in _json_lines(table)]
+            embedded = self.open_part(part).shape[0]
+            if len(rows) != embedded:
+                raise StoreError(
+                    f"{table} lists {len(rows)} rows but {part.name} holds {embedded} embeddings: {_PART_FIX}"
+                )
+            yield rows
 
     def count(self, kind: str) -> int:
         return sum(self.open_part(path).shape[0] for path in self.part_paths(kind))
@@ -268,20 +281,48 @@ class EmbeddingStore:
     def failures_path(self, kind: str) -> Path:
         return self.root / _check_kind(kind) / "failed.jsonl"
 
-    def reset_failures(self, kind: str) -> None:
-        """Start a run's failure list afresh: every run retries the items that failed before."""
+    def reset_failures(self, kind: str, keep_run: int | None = None) -> None:
+        """Start a run's failure list afresh: every run retries the items that failed before. ``keep_run``: the
+        number of a plan taken up again, whose blocks' lists stay (those blocks are not embedded again)."""
         self.failures_path(kind).unlink(missing_ok=True)
+        for path in self._block_failure_files(kind):
+            if keep_run is None or not path.name.startswith(f"failed-{keep_run:06d}-"):
+                path.unlink(missing_ok=True)
 
-    def add_failures(self, kind: str, failures: list[dict[str, str]]) -> None:
-        if not failures:
-            return
-        path = self.failures_path(kind)
-        path.parent.mkdir(exist_ok=True)
-        with path.open("a", encoding="utf-8") as handle:
-            handle.writelines(json.dumps(failure, ensure_ascii=False) + "\n" for failure in failures)
+    def write_block_failures(self, kind: str, block: str, failures: list[dict[str, str]]) -> None:
+        """The failures of one block of a plan (``block``: its part name), each block in its own file, so the
+        processes of a run never write one file together."""
+        lines = "".join(json.dumps(failure, ensure_ascii=False) + "\n" for failure in failures).encode("utf-8")
+        path = self.root / _check_kind(kind) / f"failed-{block.removeprefix('part-')}.jsonl"
+        atomic_write(path, lambda handle: handle.write(lines), replace=True)
+
+    def gather_failures(self, kind: str, run: int) -> list[dict[str, str]]:
+        """Move the block failure lists of the plan ``run`` into ``failed.jsonl`` (after what it lists), in block
+        order: the same file whatever the number of processes. Returns the failures moved."""
+        blocks = [path for path in self._block_failure_files(kind) if path.name.startswith(f"failed-{run:06d}-")]
+        moved = [failure for path in blocks for failure in self._read_failures(path)]
+        if moved:
+            earlier = self.failures_path(kind).read_bytes() if self.failures_path(kind).is_file() else b""
+            lines = earlier + "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in moved).encode("utf-8")
+            atomic_write(self.failures_path(kind), lambda handle: handle.write(lines), replace=True)
+        for path in blocks:
+            path.unlink()
+        return moved
 
     def failures(self, kind: str) -> list[dict[str, str]]:
-        path = self.failures_path(kind)
+        """The failures of the last run: ``failed.jsonl``, then those of an unfinished run's blocks."""
+        return [
+            failure
+            for path in [self.failures_path(kind), *self._block_failure_files(kind)]
+            for failure in self._read_failures(path)
+        ]
+
+    def _block_failure_files(self, kind: str) -> list[Path]:
+        folder = self.root / _check_kind(kind)
+        return sorted(folder.glob("failed-*.jsonl")) if folder.is_dir() else []
+
+    @staticmethod
+    def _read_failures(path: Path) -> list[dict[str, str]]:
         if not path.is_file():
             return []
         fix = "delete it: the next `clipforge embed` lists its failures again"
@@ -317,10 +358,27 @@ def _check_row(row: Any, path: Path, number: int) -> tuple[str, str, int, int]:
     )
 
 
-def _next_part_number(folder: Path) -> int:
-    """One more than any part number in ``folder``, committed or not (a live writer's half-written part too)."""
-    taken = [int(p.stem.split("-")[1]) for p in folder.glob("part-*.*") if p.stem.split("-")[1].isdigit()]
-    return max(taken, default=-1) + 1
+def allow_open_files(maps: int) -> None:
+    """Raise this process's limit on open files (its soft limit, up to the hard one) to hold ``maps`` memory maps
+    and as many other files: each map keeps a file descriptor (Python's ``mmap`` holds a copy of it), and 10M rows
+    in parts of 2048 are ~4,900 maps, over the common soft limit of 1,024."""
+    try:
+        import resource
+    except ImportError:  # not POSIX: nothing to raise
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 2 * maps + 256
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+def next_part_number(folder: Path) -> int:
+    """One more than any part or plan number in ``folder``, committed or not (a live writer's half-written part,
+    an unfinished run's plan too)."""
+    names = [p.stem.split("-") for pattern in ("part-*.*", "plan-*.*") for p in folder.glob(pattern)]
+    return max((int(name[1]) for name in names if name[1].isdigit()), default=-1) + 1
 
 
 def _check_kind(kind: str) -> str:

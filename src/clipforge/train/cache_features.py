@@ -43,6 +43,7 @@ from clipforge.eval.features import encode_text_batches
 from clipforge.io import weights_fingerprint
 from clipforge.model import CLIPModel
 from clipforge.runtime import forward_in_cpu_chunks
+from clipforge.train.run_log import progress_bar
 
 logger = logging.getLogger("clipforge")
 
@@ -175,16 +176,12 @@ def _fill(store: FeatureStore, compute: Callable, chunk: int, what: str, show_pr
         store.num_rows,
         store.folder,
     )
-    bar = None
-    if show_progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=store.num_rows, initial=done, desc=f"caching {what}", unit="row", leave=False)
+    # a bar on a terminal, plain lines in a log file (clipforge.train.run_log.progress_bar)
+    bar = progress_bar(store.num_rows, f"caching {what}", "row", initial=done, enabled=show_progress)
     try:
-        store.fill(compute, chunk, progress=bar.update if bar is not None else None)
+        store.fill(compute, chunk, progress=bar.update)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
 
 
 def build_feature_cache(

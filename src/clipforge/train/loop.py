@@ -134,7 +134,7 @@ def _train(config: Config, resume_from: str | Path | None, overwrite: bool, cont
     if context.is_main:
         setup.prepare_output_dir(run, resume_path, checkpoint, overwrite)
     run.batches = setup.batches(run, source, cached_features, state)
-    run.run_log = setup.run_logger(run, state)
+    run.run_log = setup.run_logger(run, state, source)
     return _run(run, state)
 
 

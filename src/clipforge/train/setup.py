@@ -20,7 +20,7 @@ from torch import nn
 from clipforge.checkpoint import Checkpoint
 from clipforge.config import Config, save_config
 from clipforge.cores import resolve_workers
-from clipforge.data.base import Source
+from clipforge.data.base import Source, capabilities_of
 from clipforge.data.loader import LoaderSpec, build_train_loader
 from clipforge.data.processor import Processor
 from clipforge.data.samples import Batch
@@ -31,12 +31,12 @@ from clipforge.interop.load import RunStart
 from clipforge.losses import build_loss
 from clipforge.model import CLIPModel
 from clipforge.model.factory import build_checked_model, build_model, check_trainable_size, make_processor
-from clipforge.runtime import autocast_context, set_rng_state
+from clipforge.runtime import autocast_context, resolve_precision, set_rng_state, usable_workers
 from clipforge.train import resume, run_dir
 from clipforge.train.cache_features import build_feature_cache
 from clipforge.train.evaluation import TrainingEvaluator
 from clipforge.train.optim import build_optimizer, build_scheduler
-from clipforge.train.run_log import NullRunLogger, RunLogger
+from clipforge.train.run_log import NullRunLogger, RunLogger, start_summary
 from clipforge.train.state import RunState
 
 logger = logging.getLogger("clipforge")
@@ -180,8 +180,28 @@ def _endless(loader) -> Iterator[Batch]:
     yield from loader  # the sampler never ends: one iterator serves the whole run
 
 
-def run_logger(run: TrainingRun, state: RunState) -> RunLogger | NullRunLogger:
-    """Rank 0's logger (``logging.*``: metrics.jsonl, the backends, the progress bar); the other ranks log nothing."""
+def run_logger(run: TrainingRun, state: RunState, source: Source | None = None) -> RunLogger | NullRunLogger:
+    """Rank 0's logger (``logging.*``: metrics.jsonl, the backends, the progress bar or lines), after the run's
+    start summary (``run_log.start_summary``); the other ranks log nothing."""
     if not run.context.is_main:
         return NullRunLogger()
+    config, device = run.config, run.context.device
+    parameters = list(run.model.parameters())
+    random_access = source is not None and capabilities_of(source).random_access
+    chosen = resolve_precision(config.train.precision, device)
+    summary = start_summary(
+        steps=config.train.steps,
+        batch_size=config.train.batch_size,
+        pairs=len(source) if random_access else None,
+        data_kind=config.data.kind,
+        parameters=sum(p.numel() for p in parameters),
+        trainable=sum(p.numel() for p in parameters if p.requires_grad),
+        device=device,
+        processes=run.context.world_size,
+        precision=chosen.precision,
+        reason=chosen.reason,
+        workers=usable_workers(config.data.num_workers),
+    )
+    for line in summary:
+        logger.info(line)
     return RunLogger.for_run(run.config, run.output_dir, state.step)
