@@ -53,19 +53,24 @@ def _environment_int(name: str) -> int | None:
     return int(value) if value not in (None, "") else None
 
 
-def _process_device(device: torch.device, local_rank: int, world_size: int) -> torch.device:
-    """One GPU per process: ``cuda`` (any index or none) becomes ``cuda:LOCAL_RANK`` when several processes run."""
+def _process_device(
+    device: torch.device, local_rank: int, world_size: int, field: str = "train.device"
+) -> torch.device:
+    """One GPU per process: ``cuda`` (any index or none) becomes ``cuda:LOCAL_RANK`` when several processes run;
+    ``field`` names the setting in the message (``train.device``, ``--device``)."""
     if device.type != "cuda" or world_size == 1:
         return device
     if device.index not in (None, local_rank):
         raise ValueError(
-            f"train.device={device} in a {world_size}-process run: each process uses cuda:LOCAL_RANK; "
-            "set train.device=cuda (or auto) and choose GPUs with CUDA_VISIBLE_DEVICES"
+            f"{field}={device} in a {world_size}-process run: each process uses cuda:LOCAL_RANK; "
+            f"set {field}=cuda (or auto) and choose GPUs with CUDA_VISIBLE_DEVICES"
         )
     return torch.device("cuda", local_rank)
 
 
-def init_distributed(device: torch.device, timeout_s: float | None = None) -> DistributedContext:
+def init_distributed(
+    device: torch.device, timeout_s: float | None = None, field: str = "train.device"
+) -> DistributedContext:
     """The context of this process, initializing the process group from the torchrun environment.
 
     ``device`` is the run's device (``cpu`` or ``cuda``); with several processes on CUDA each takes
@@ -77,7 +82,7 @@ def init_distributed(device: torch.device, timeout_s: float | None = None) -> Di
         rank, world_size = dist.get_rank(), dist.get_world_size()
         local_rank = _environment_int("LOCAL_RANK")
         local_rank = rank if local_rank is None else local_rank
-        return DistributedContext(rank, world_size, local_rank, _process_device(device, local_rank, world_size))
+        return DistributedContext(rank, world_size, local_rank, _process_device(device, local_rank, world_size, field))
     world_size = _environment_int("WORLD_SIZE") or 1
     if world_size == 1:
         return DistributedContext(device=device)
@@ -87,7 +92,7 @@ def init_distributed(device: torch.device, timeout_s: float | None = None) -> Di
     if rank is None:
         raise RuntimeError(f"WORLD_SIZE={world_size} but RANK is not set; launch with torchrun")
     local_rank = rank if local_rank is None else local_rank
-    device = _process_device(device, local_rank, world_size)
+    device = _process_device(device, local_rank, world_size, field)
     if timeout_s is None:
         timeout_s = float(os.environ.get("CLIPFORGE_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
     timeout = datetime.timedelta(seconds=timeout_s)

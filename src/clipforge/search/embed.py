@@ -190,7 +190,7 @@ def embedding_processes(device: torch.device) -> Iterator[DistributedContext]:
     """The processes of this embedding run: under torchrun a process group (each process on its own device,
     ``cuda:LOCAL_RANK`` for CUDA), else this process alone. The group is closed at the end, without waiting for
     the others after an error (they may never arrive)."""
-    context = init_distributed(device)
+    context = init_distributed(device, field="--device")
     try:
         yield context
     except BaseException:
