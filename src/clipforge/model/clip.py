@@ -136,9 +136,9 @@ class CLIPModel(nn.Module):
         return F.normalize(embeddings, dim=-1) if normalize else embeddings
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """images (B, 3, H, W) -> embeddings (B, D); unit L2 norm unless ``normalize=False`` (raw projection)."""
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must have shape (batch, 3, height, width), got {tuple(images.shape)}")
+        """images (B, 3, H, W) (or what the image tower's ``check_images`` accepts: a NaFlex tower's packed
+        patches) -> embeddings (B, D); unit L2 norm unless ``normalize=False`` (raw projection)."""
+        self.image_tower.check_images(images)
         # No torch.no_grad() for a frozen tower: autograd already skips it when no parameter needs a gradient,
         # and Grad-CAM needs gradients of its activations with respect to the input.
         return self.project_image(self.image_tower(images), normalize)
