@@ -142,3 +142,31 @@ def test_export_hf_round_trips_through_transformers_own_pipeline(
     for section in (again.text, original.text):
         section.name = section.tokenizer.name = ""  # where each came from
     assert again == original
+
+
+def test_a_text_model_without_a_two_tower_type_is_refused_by_export_hf(tmp_path: Path, capsys) -> None:
+    """A CLIP ViT with a hosted BERT (as a user may train it) has no transformers two-tower class: refused, naming
+    the text model's type and the ONNX export."""
+    from clipforge.checkpoint import Checkpoint, save_checkpoint
+    from clipforge.config import config_from_dict
+    from clipforge.data.tokenize import load_hf_tokenizer
+    from clipforge.model.factory import build_model, hf_text_config, make_processor
+    from tests.interop.tiny_models import VISION, write_bert_tokenizer
+
+    folder = tmp_path / "bert"
+    write_bert_tokenizer(folder)
+    bert = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    transformers.BertModel(bert).save_pretrained(folder)
+    image = {"image_size": VISION["image_size"], "patch_size": VISION["patch_size"], "width": 32, "depth": 1}
+    text = {"kind": "hf", "name": str(folder), "pretrained": False, "context_length": 16, "tokenizer": {"kind": "hf"}}
+    config = config_from_dict({"model": {"embed_dim": 32, "image": {**image, "heads": 2}, "text": text}})
+    tokenizer = load_hf_tokenizer(str(folder))
+    model = build_model(config, tokenizer)
+    checkpoint = tmp_path / "bert.pt"
+    processor = make_processor(config.model, tokenizer)
+    save_checkpoint(checkpoint, Checkpoint(config, processor, model.state_dict(), hf_text_config=hf_text_config(model)))
+    capsys.readouterr()
+    assert main(["export", "hf", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "model_type 'bert'" in err and "no Hugging Face counterpart" in err and "clipforge export onnx" in err
+    assert not (tmp_path / "out").exists()

@@ -8,6 +8,10 @@
   :func:`write_open_clip_folder`: the same as a hub-style folder (``open_clip_config.json`` with its
   ``preprocess_cfg``, ``open_clip_model.safetensors``) that ``open_clip.create_model_and_transforms("local-dir:...")``
   loads;
+* :func:`write_hf_siglip2` (NaFlex, 16 px patches), :func:`write_hf_siglip2_fixed` (a ``SiglipModel`` with Gemma's
+  tokenizer), :func:`write_hf_metaclip_2`, :func:`write_hf_chinese_clip`, :func:`write_hf_altclip`: the other Hugging
+  Face model types, each with its own kind of tokenizer built here (:func:`write_gemma_tokenizer`,
+  :func:`write_xlmr_tokenizer`, :func:`write_bert_tokenizer`) and its image processor;
 * :func:`write_trained_style_checkpoint`: a clipforge checkpoint as ``clipforge train`` builds it;
 * :func:`photos`: two real photographs, 640 x 427 and 427 x 640 (scikit-learn's sample images, shipped offline).
 """

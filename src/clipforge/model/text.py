@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-from importlib import import_module
 
 import torch
 from torch import nn
@@ -238,6 +237,7 @@ def _load_encoder(name: str, pretrained: bool | str | None, config_json: str | N
     """The encoder ``name``/``pretrained`` describe (see :class:`HFTextEncoder`), or the architecture
     ``config_json`` describes at random, and a log line that says which weights it got. ``None`` is what checkpoints
     load with (their own weights follow), so it is said only at debug level."""
+    import transformers
     from transformers import AutoConfig, AutoModel
 
     if config_json is not None:
@@ -245,7 +245,7 @@ def _load_encoder(name: str, pretrained: bool | str | None, config_json: str | N
         with quiet_transformers():
             config = AutoConfig.for_model(values.pop("model_type"), **values)
             if config.model_type in UNMAPPED_TEXT_MODELS:
-                return getattr(import_module("transformers"), UNMAPPED_TEXT_MODELS[config.model_type])(config)
+                return getattr(transformers, UNMAPPED_TEXT_MODELS[config.model_type])(config)
             return AutoModel.from_config(config)
     weights = TextTowerConfig.resolve_weights(name, pretrained)
     if weights is None:
