@@ -8,6 +8,10 @@
   :func:`write_open_clip_folder`: the same as a hub-style folder (``open_clip_config.json`` with its
   ``preprocess_cfg``, ``open_clip_model.safetensors``) that ``open_clip.create_model_and_transforms("local-dir:...")``
   loads;
+* :func:`write_hf_siglip2` (NaFlex, 16 px patches), :func:`write_hf_siglip2_fixed` (a ``SiglipModel`` with Gemma's
+  tokenizer), :func:`write_hf_metaclip_2`, :func:`write_hf_chinese_clip`, :func:`write_hf_altclip`: the other Hugging
+  Face model types, each with its own kind of tokenizer built here (:func:`write_gemma_tokenizer`,
+  :func:`write_xlmr_tokenizer`, :func:`write_bert_tokenizer`) and its image processor;
 * :func:`write_trained_style_checkpoint`: a clipforge checkpoint as ``clipforge train`` builds it;
 * :func:`photos`: two real photographs, 640 x 427 and 427 x 640 (scikit-learn's sample images, shipped offline).
 """
@@ -112,7 +116,10 @@ def write_hf_siglip(folder: Path, seed: int = 0) -> Path:
     from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipTokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = SiglipTokenizer(vocab_file=str(write_sentencepiece(folder)), model_max_length=CONTEXT_LENGTH)
+    # as Google's released SigLIP tokenizers: input_ids are the only model input (SigLIP reads no padding mask)
+    tokenizer = SiglipTokenizer(
+        vocab_file=str(write_sentencepiece(folder)), model_max_length=CONTEXT_LENGTH, model_input_names=["input_ids"]
+    )
     tokenizer.save_pretrained(folder)
     text = {**TOWER, "max_position_embeddings": CONTEXT_LENGTH, "vocab_size": len(tokenizer)}
     torch.manual_seed(seed)
@@ -181,3 +188,159 @@ def write_trained_style_checkpoint(folder: Path, siglip: bool = False, **model_c
     path = folder / "model.pt"
     save_checkpoint(path, Checkpoint(config, make_processor(config.model, tokenizer), model.state_dict()))
     return path, tokenizer
+
+
+# ----------------------------------------------------------------------------------------------
+# The other Hugging Face model types: SigLIP 2 (NaFlex and fixed resolution), MetaCLIP 2, Chinese-CLIP, AltCLIP
+# ----------------------------------------------------------------------------------------------
+SIGLIP2_CONTEXT = 64  # Siglip2Processor pads to 64 tokens by default, as the released models read
+# Siglip2Processor's own defaults (it passes them to its image processor whatever that one's config says): a photo
+# becomes a 13 x 19 grid of 16 px patches, and the 4 x 4 position table is resized to it
+NAFLEX_PATCH, NAFLEX_PATCHES = 16, 256
+CJK_WORDS = "一 只 猫 狗 的 照 片 红 色 圆".split()
+# captions in each tokenizer's languages, with capitals (SigLIP 2's tokenizer lower-cases) and repeated words
+MULTILINGUAL_CAPTIONS = ["A photo of two RED squares", "x", "一只猫的照片", "the large blue circle, side by side"]
+
+
+def write_gemma_tokenizer(folder: Path, max_length: int = SIGLIP2_CONTEXT) -> Any:
+    """A tiny byte-fallback BPE in Gemma's layout (``<pad>`` 0, ``<eos>`` 1, ``<bos>`` 2, ``<unk>`` 3), trained here,
+    saved as SigLIP 2's released tokenizers are: no ``<bos>``, ``<eos>`` added, right padding, ``input_ids`` the only
+    model input."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import GemmaTokenizer
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    backend.normalizer = normalizers.Replace(" ", "▁")
+    backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    trainer = trainers.BpeTrainer(vocab_size=120, special_tokens=["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"])
+    backend.train_from_iterator([" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))] * 4, trainer)
+    model = json.loads(backend.to_str())["model"]
+    merges = [tuple(merge) if isinstance(merge, list) else tuple(merge.split()) for merge in model["merges"]]
+    tokenizer = GemmaTokenizer(
+        vocab=model["vocab"],
+        merges=merges,
+        add_bos_token=False,
+        add_eos_token=True,
+        padding_side="right",
+        model_input_names=["input_ids"],
+        model_max_length=max_length,
+    )
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def write_xlmr_tokenizer(folder: Path) -> Any:
+    """A tiny XLM-R (unigram) tokenizer: ``<s>`` 0, ``<pad>`` 1, ``</s>`` 2, ``<unk>`` 3, the words, letters."""
+    from transformers import XLMRobertaTokenizer
+
+    letters = sorted(set("".join(WORDS)))
+    pieces = [(f"▁{word}", -1.0) for word in WORDS] + [(letter, -5.0) for letter in letters] + [("▁", -3.0)]
+    pieces += [(word, -2.0) for word in CJK_WORDS] + [(",", -4.0)]
+    vocab = [("<s>", 0.0), ("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), *pieces, ("<mask>", 0.0)]
+    tokenizer = XLMRobertaTokenizer(vocab=vocab, model_max_length=CONTEXT_LENGTH)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def write_bert_tokenizer(folder: Path) -> Any:
+    """A tiny uncased WordPiece in BERT's layout, Chinese characters split one by one (Chinese-CLIP's)."""
+    from transformers import BertTokenizer
+
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *CJK_WORDS, ",", *sorted(set("".join(WORDS)))]
+    tokenizer = BertTokenizer(vocab={token: i for i, token in enumerate(dict.fromkeys(tokens))})
+    tokenizer.model_max_length = CONTEXT_LENGTH
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def _special_ids(tokenizer: Any) -> dict[str, int | None]:
+    return {
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+
+
+def write_hf_siglip2(folder: Path, seed: int = 0) -> Path:
+    """A tiny random ``Siglip2Model`` (NaFlex): Gemma's tokenizer and a ``Siglip2ImageProcessor`` of 16 px patches."""
+    from transformers import Siglip2Config, Siglip2ImageProcessor, Siglip2Model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = write_gemma_tokenizer(folder)
+    text = {
+        **TOWER,
+        "max_position_embeddings": SIGLIP2_CONTEXT,
+        "vocab_size": len(tokenizer),
+        **_special_ids(tokenizer),
+    }
+    vision = {**TOWER, "patch_size": NAFLEX_PATCH, "num_patches": 16}
+    torch.manual_seed(seed)
+    Siglip2Model(Siglip2Config(text_config=text, vision_config=vision)).save_pretrained(folder)
+    Siglip2ImageProcessor(patch_size=NAFLEX_PATCH, max_num_patches=NAFLEX_PATCHES).save_pretrained(folder)
+    return folder
+
+
+def write_hf_siglip2_fixed(folder: Path, seed: int = 0) -> Path:
+    """A tiny SigLIP 2 model of fixed resolution, as released: a ``SiglipModel`` with Gemma's tokenizer."""
+    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = write_gemma_tokenizer(folder)
+    text = {
+        **TOWER,
+        "max_position_embeddings": SIGLIP2_CONTEXT,
+        "vocab_size": len(tokenizer),
+        **_special_ids(tokenizer),
+    }
+    torch.manual_seed(seed)
+    SiglipModel(SiglipConfig(text_config=text, vision_config=VISION)).save_pretrained(folder)
+    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def write_hf_metaclip_2(folder: Path, seed: int = 0) -> Path:
+    """A tiny random ``MetaClip2Model``: XLM-R's tokenizer (``</s>`` = 2, where it pools) and CLIP's processor."""
+    from transformers import CLIPImageProcessor, MetaClip2Config, MetaClip2Model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = write_xlmr_tokenizer(folder)
+    text = {**TOWER, "max_position_embeddings": CONTEXT_LENGTH, "vocab_size": len(tokenizer), **_special_ids(tokenizer)}
+    torch.manual_seed(seed)
+    model = MetaClip2Model(MetaClip2Config(text_config=text, vision_config=VISION, projection_dim=32))
+    with torch.no_grad():
+        model.logit_scale.fill_(IMPORTED_LOG_LOGIT_SCALE)
+    model.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def write_hf_chinese_clip(folder: Path, seed: int = 0) -> Path:
+    """A tiny random ``ChineseCLIPModel``: a BERT text model, BERT's tokenizer, and Chinese-CLIP's released resize (the
+    whole image to the square, no crop)."""
+    from transformers import ChineseCLIPConfig, ChineseCLIPImageProcessor, ChineseCLIPModel
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = write_bert_tokenizer(folder)
+    text = {**TOWER, "max_position_embeddings": 64, "vocab_size": len(tokenizer), "pad_token_id": 0}
+    torch.manual_seed(seed)
+    ChineseCLIPModel(ChineseCLIPConfig(text_config=text, vision_config=VISION, projection_dim=32)).save_pretrained(
+        folder
+    )
+    size = {"height": 32, "width": 32}
+    ChineseCLIPImageProcessor(size=size, crop_size=size, do_center_crop=False).save_pretrained(folder)
+    return folder
+
+
+def write_hf_altclip(folder: Path, seed: int = 0) -> Path:
+    """A tiny random ``AltCLIPModel``: an XLM-R text model projecting every token to 48, XLM-R's tokenizer."""
+    from transformers import AltCLIPConfig, AltCLIPModel, CLIPImageProcessor
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = write_xlmr_tokenizer(folder)
+    text = {**TOWER, "max_position_embeddings": CONTEXT_LENGTH + 2, "vocab_size": len(tokenizer), "project_dim": 48}
+    text.update(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
+    text.update(eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(seed)
+    AltCLIPModel(AltCLIPConfig(text_config=text, vision_config=VISION, projection_dim=32)).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder

@@ -17,7 +17,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     onnx.add_argument("--atol", type=float, default=1e-4, help="largest onnxruntime-vs-PyTorch difference accepted")
     onnx.set_defaults(run=run_onnx)
     hf = formats.add_parser(
-        "hf", help="a Hugging Face CLIPModel/SiglipModel folder (+ tokenizer, image processor), checked"
+        "hf", help="a Hugging Face model folder (CLIP, SigLIP, SigLIP 2, ...; + tokenizer, image processor), checked"
     )
     add_input(hf, "--checkpoint", required=True, help=CHECKPOINT_HELP)
     add_output(hf, "--out", kind="folder", required=True, help="the folder to write (new or empty)")
@@ -42,8 +42,7 @@ def run_hf(args: argparse.Namespace) -> None:
 
     loaded = load_model(args.checkpoint, "cpu")
     result = export_hf(loaded, args.out, atol=args.atol)
-    model_class = "CLIPModel" if result.family == "clip" else "SiglipModel"
     print(
         f"wrote {result.folder} (config.json, model.safetensors, tokenizer, preprocessor_config.json): "
-        f"transformers' {model_class} matches clipforge within {result.max_difference:.1e}"
+        f"transformers' {result.model_class} matches clipforge within {result.max_difference:.1e}"
     )

@@ -75,9 +75,15 @@ class ImageTowerConfig:
     ``pre_norm`` the LayerNorm before the blocks (``ln_pre``, CLIP has it, SigLIP not); ``pool``: ``cls`` (a class
     token, ``ln_post`` on it) or ``map`` (SigLIP: no class token, ``ln_post`` over all tokens, then multihead
     attention pooling with a learned probe); ``patch_bias``: a bias in the patch convolution (SigLIP).
+
+    ``naflex``: SigLIP 2's NaFlex ViT (variable resolution), transformers' ``Siglip2VisionModel`` hosted as a tower
+    (imported with ``hf:``, :mod:`clipforge.model.hosted_hf`): the ViT fields ``patch_size``, ``width``, ``depth``,
+    ``heads``, ``mlp_ratio``, ``act``, ``norm_eps`` describe it, ``image_size`` is the square its position table was
+    learned at ((image_size / patch_size)^2 positions, resized to each image's grid), and ``resize_mode: naflex``
+    with ``max_num_patches`` (the patch budget each image is resized to, aspect kept) is its preprocessing.
     """
 
-    kind: Literal["vit", "torchvision", "timm"] = "vit"
+    kind: Literal["vit", "torchvision", "timm", "naflex"] = "vit"
     name: str = ""
     pretrained: str | None = None
     pretrained_keys: Literal["by_name", "in_order"] = "by_name"
@@ -93,11 +99,13 @@ class ImageTowerConfig:
     pre_norm: bool = True
     pool: Literal["cls", "map"] = "cls"
     patch_bias: bool = False
+    # naflex only
+    max_num_patches: int | None = None
     # shared
     mean: list[float] = field(default_factory=list)
     std: list[float] = field(default_factory=list)
     interpolation: Literal["bicubic", "bilinear", "nearest"] | None = None
-    resize_mode: Literal["shortest", "squash"] = "shortest"
+    resize_mode: Literal["shortest", "squash", "naflex"] = "shortest"
     resize_size: int | None = None
     crop_rounding: Literal["round", "floor"] = "round"
     resize_backend: Literal["pil", "torchvision"] = "pil"
@@ -184,9 +192,9 @@ class TextTowerConfig:
 class ModelConfig:
     """The two-tower model; ``embed_dim`` is the shared space both heads project into.
 
-    ``init``: start training from released or earlier weights: ``hf:<folder or hub id>`` (a Hugging Face
-    ``CLIPModel`` / ``SiglipModel``), ``open_clip:CONFIG.json:WEIGHTS`` (an open_clip ViT model) or the path of a
-    clipforge checkpoint. The architecture, the tokenizer and the preprocessing then come from those weights (a
+    ``init``: start training from released or earlier weights: ``hf:<folder or hub id>`` (a Hugging Face two-tower
+    model of a type ``clipforge.interop.hf_types`` reads: CLIP, SigLIP, SigLIP 2, ...),
+    ``open_clip:CONFIG.json:WEIGHTS`` (an open_clip ViT model) or the path of a clipforge checkpoint. The architecture, the tokenizer and the preprocessing then come from those weights (a
     field this config sets must agree with them); the towers' ``lock``, ``lr_scale`` and ``layer_decay`` stay
     this config's (``clipforge.interop.init_model``).
     """

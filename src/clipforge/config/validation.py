@@ -134,7 +134,8 @@ def _validate_model(config: Config) -> None:
         raise ConfigError(f"model.image.kind={image.kind!r} needs model.image.name, e.g. resnet18")
     if image.image_size is not None and image.image_size < 1:
         raise ConfigError(f"model.image.image_size={image.image_size} must be positive (or null: the tower's own)")
-    if image.kind == "vit":
+    _validate_naflex(image)
+    if image.kind in ("vit", "naflex"):
         if (image.image_size or BUILTIN_VIT_IMAGE_SIZE) % image.patch_size:
             raise ConfigError(
                 f"model.image.image_size={image.image_size or BUILTIN_VIT_IMAGE_SIZE} must be a multiple of "
@@ -172,6 +173,26 @@ def _validate_model(config: Config) -> None:
         _validate_lock(tower, where)
         _validate_head(tower, where)
     _validate_init(config.model.init)
+
+
+def _validate_naflex(image: ImageTowerConfig) -> None:
+    """The NaFlex tower and its resize go together, with a patch budget."""
+    if (image.kind == "naflex") != (image.resize_mode == "naflex"):
+        raise ConfigError(
+            f"model.image.kind={image.kind!r} with resize_mode={image.resize_mode!r}: the NaFlex resize (variable "
+            "resolution, packed patches) is for the NaFlex tower only, and that tower needs it; set both to naflex "
+            "or neither"
+        )
+    if image.kind == "naflex" and not (image.max_num_patches or 0) >= 1:
+        raise ConfigError(
+            f"model.image.max_num_patches={image.max_num_patches}: the NaFlex tower needs a positive patch budget "
+            "(256 for SigLIP 2's NaFlex models)"
+        )
+    if image.kind == "naflex" and image.max_num_patches * image.patch_size**2 > MAX_IMAGE_SIZE**2:
+        raise ConfigError(
+            f"model.image.max_num_patches={image.max_num_patches} patches of {image.patch_size} px hold more pixels "
+            f"than a {MAX_IMAGE_SIZE} x {MAX_IMAGE_SIZE} image; lower it"
+        )
 
 
 def _validate_text_weights(text: TextTowerConfig) -> None:

@@ -2,7 +2,9 @@
 
 A :class:`Processor` has Hugging Face's shape: ``processor(images=..., text=..., return_tensors="pt")`` gives
 ``pixel_values`` (B, 3, S, S) float32, ``input_ids`` and ``attention_mask`` (B, L) int64; ``processor.images(...)``
-and ``processor.text(...)`` give one side. It holds the tokenizer with its context length and padding, and the
+and ``processor.text(...)`` give one side. A NaFlex model's (SigLIP 2, variable resolution) ``pixel_values`` are its
+packed patches instead, (B, max_num_patches, patch_size^2 * 3 + 3) (:mod:`clipforge.data.naflex`; ``unpack`` gives
+transformers' ``pixel_values``, ``pixel_attention_mask`` and ``spatial_shapes``). It holds the tokenizer with its context length and padding, and the
 image preprocessing (size, resize rule, interpolation, mean/std: :class:`~clipforge.data.transforms.ImagePreprocess`).
 
 It is resolved once, where a model's weights are resolved (a new run's config, an import, a checkpoint), saved in
@@ -14,6 +16,7 @@ context length themselves.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,8 +30,39 @@ from clipforge.config import AugmentConfig
 from clipforge.data.base import decode_image
 from clipforge.data.tokenize import Tokenizer
 from clipforge.data.transforms import ImagePreprocess, build_image_transform
+from clipforge.io import atomic_write_text
 
 ImageInput = Image.Image | str | os.PathLike
+# tokenizer_config.json entries that say where and how one machine loaded a tokenizer, not what the tokenizer is
+MACHINE_LOCAL_KEYS = frozenset(
+    {
+        "name_or_path",
+        "_name_or_path",
+        "is_local",
+        "local_files_only",
+        "cache_dir",
+        "_commit_hash",
+        "token",
+        "use_auth_token",
+        "force_download",
+        "proxies",
+        "revision",
+        "subfolder",
+    }
+)
+
+
+def portable_tokenizer_config(config: dict[str, Any], model_max_length: int) -> dict[str, Any]:
+    """``config`` (a ``tokenizer_config.json``) with ``model_max_length`` set, right padding and truncation (the
+    processor's), and without the machine's own settings: :data:`MACHINE_LOCAL_KEYS`, and any entry whose value is
+    an absolute path (a local file or cache folder)."""
+    portable = {
+        key: value
+        for key, value in config.items()
+        if key not in MACHINE_LOCAL_KEYS and not (isinstance(value, str) and os.path.isabs(value))
+    }
+    portable.update(model_max_length=int(model_max_length), padding_side="right", truncation_side="right")
+    return portable
 
 
 @dataclass
@@ -64,14 +98,16 @@ class Processor:
         return out
 
     def images(self, images: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
-        """(B, 3, S, S) float32 pixel values of PIL images or image files, by the evaluation transform."""
+        """(B, 3, S, S) float32 pixel values of PIL images or image files, by the evaluation transform (NaFlex:
+        packed patches, see the module docstring)."""
         batch = [images] if isinstance(images, Image.Image | str | os.PathLike) else list(images)
         if not batch:
             raise ValueError("images is empty: a batch needs at least one image")
         return torch.stack([self.image(picture) for picture in batch])
 
     def image(self, picture: ImageInput) -> torch.Tensor:
-        """(3, S, S) float32 pixel values of one PIL image or image file (``decode_image``'s bounds apply)."""
+        """(3, S, S) float32 pixel values of one PIL image or image file (``decode_image``'s bounds apply; NaFlex:
+        its packed patches)."""
         if not isinstance(picture, Image.Image):
             picture = decode_image(picture)
         return self._eval_transform(picture)
@@ -115,9 +151,15 @@ class Processor:
         return Processor(tokenizer, self.context_length, self.preprocess)
 
     def save_pretrained(self, folder: str | Path) -> None:
-        """The tokenizer as transformers reads it (``tokenizer/``'s files, ``model_max_length`` = the context
-        length) into ``folder``; the image rule is written by each export in its own format."""
+        """The tokenizer as transformers reads it into ``folder``, portable: its ``tokenizer_config.json`` says
+        ``model_max_length`` = the context length and holds nothing of this machine (:func:`portable_tokenizer_config`);
+        the image rule is written by each export in its own format."""
         self.tokenizer.save_pretrained(folder, self.context_length)
+        config_path = Path(folder) / "tokenizer_config.json"
+        if config_path.is_file():
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+            text = json.dumps(portable_tokenizer_config(config, self.context_length), indent=2, ensure_ascii=False)
+            atomic_write_text(config_path, text + "\n", replace=True)
 
     def __getstate__(self) -> dict[str, Any]:  # loader workers get it through the state: one serialization path
         return self.state_dict()

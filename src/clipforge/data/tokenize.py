@@ -302,6 +302,7 @@ class HFTokenizer(Tokenizer):
             max_length=context_length,
             return_tensors="pt",
             return_token_type_ids=False,
+            return_attention_mask=True,  # SigLIP's released tokenizers do not return it unasked (model_input_names)
         )
         return encoded["input_ids"].long(), encoded["attention_mask"].long()
 

@@ -19,9 +19,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image
+from torchvision import transforms as v1_transforms
 from torchvision.transforms import v2
 
 from clipforge.config import LOW_RES_SIDES, AugmentConfig
+from clipforge.data.naflex import naflex_grid, pack, patchify
 
 _INTERPOLATION = {
     "bicubic": v2.InterpolationMode.BICUBIC,
@@ -33,7 +35,7 @@ _PIL_FILTERS = {
     "bilinear": Image.Resampling.BILINEAR,
     "nearest": Image.Resampling.NEAREST,
 }
-RESIZE_MODES = ("shortest", "squash")
+RESIZE_MODES = ("shortest", "squash", "naflex")
 CROP_ROUNDINGS = ("round", "floor")
 RESIZE_BACKENDS = ("pil", "torchvision")
 MAX_ASPECT = 16
@@ -60,6 +62,10 @@ class ImagePreprocess:
       ``floor`` (transformers' ``center_crop``). On a 640 x 427 photo resized to 335 x 224 the offset is 55.5:
       torchvision takes 56, transformers 55.
     * ``resize_mode="squash"``: the whole image to ``image_size`` x ``image_size`` (SigLIP), nothing cropped.
+    * ``resize_mode="naflex"`` (SigLIP 2's variable resolution): the whole image, aspect kept, to the largest grid of
+      ``patch_size`` pixel patches with at most ``max_num_patches`` patches, then packed as
+      :mod:`clipforge.data.naflex` says: (max_num_patches, patch_size^2 * 3 + 3) per image, not (3, S, S);
+      ``image_size`` is then the square its tower's position table was learned at.
 
     ``resize_backend``: ``pil`` = ``PIL.Image.resize`` on the image (open_clip, timm, transformers' PIL backend);
     ``torchvision`` = torchvision's antialiased kernels on its uint8 tensor (transformers' default backend).
@@ -73,6 +79,8 @@ class ImagePreprocess:
     resize_size: int | None = None
     crop_rounding: str = "round"
     resize_backend: str = "pil"
+    patch_size: int | None = None  # naflex only
+    max_num_patches: int | None = None  # naflex only
 
     def __post_init__(self) -> None:
         for name, value, allowed in (
@@ -87,6 +95,12 @@ class ImagePreprocess:
             raise ValueError(
                 f"model.image.resize_size={self.resize_size} is smaller than the {self.image_size} px crop "
                 f"(model.image.image_size): the crop would run off the resized image"
+            )
+        naflex = (self.patch_size, self.max_num_patches)
+        if (self.resize_mode == "naflex") != all(value is not None and value > 0 for value in naflex):
+            raise ValueError(
+                f"resize_mode={self.resize_mode!r} with patch_size={self.patch_size}, max_num_patches="
+                f"{self.max_num_patches}: the NaFlex resize needs both (positive), the others neither"
             )
 
     @property
@@ -139,7 +153,7 @@ def eval_view_box(preprocess: ImagePreprocess, width: int, height: int) -> tuple
     """The part of a ``width`` x ``height`` image that its evaluation view shows, as (left, top, right, bottom) in
     the image's pixels: all of it for ``squash``; for ``shortest`` the center crop mapped back through the resize
     (and the :data:`MAX_ASPECT` bound). What an overlay on the original (an explanation's heat map) should cover."""
-    if preprocess.resize_mode == "squash":
+    if preprocess.resize_mode in ("squash", "naflex"):
         return (0.0, 0.0, float(width), float(height))
     left, top, right, bottom = _aspect_box(width, height) or (0, 0, width, height)
     new_width, new_height = shortest_edge_size(right - left, bottom - top, preprocess.short_side)
@@ -155,6 +169,21 @@ def eval_view_box(preprocess: ImagePreprocess, width: int, height: int) -> tuple
     )
 
 
+def resize_image(
+    image: Image.Image | torch.Tensor, size: tuple[int, int], preprocess: ImagePreprocess
+) -> Image.Image | torch.Tensor:
+    """``image`` resized to ``size`` = (width, height) by the backend's own call: ``PIL.Image.resize`` (a PIL image)
+    or torchvision's antialiased kernel on the uint8 (3, H, W) tensor (a PIL image is converted first)."""
+    interpolation = preprocess.interpolation
+    if preprocess.resize_backend == "pil":
+        return image.resize(size, resample=_PIL_FILTERS[interpolation])
+    if isinstance(image, Image.Image):
+        # the layout transformers' torchvision backend hands to the same kernel: (3, H, W), contiguous uint8
+        image = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
+    width, height = size
+    return v2.functional.resize(image, [height, width], interpolation=_INTERPOLATION[interpolation], antialias=True)
+
+
 class EvalGeometry:
     """PIL image -> the ``image_size`` x ``image_size`` view of :class:`ImagePreprocess`'s evaluation resize: a PIL
     image (``pil`` backend) or a uint8 (3, S, S) tensor (``torchvision`` backend)."""
@@ -165,27 +194,15 @@ class EvalGeometry:
     def __call__(self, image: Image.Image) -> Image.Image | torch.Tensor:
         preprocess, size = self.preprocess, self.preprocess.image_size
         if preprocess.resize_mode == "squash":
-            return self._resize(image, (size, size))
+            return resize_image(image, (size, size), preprocess)
         image = bound_aspect(image)
         width, height = shortest_edge_size(*image.size, preprocess.short_side)
-        resized = self._resize(image, (width, height))
+        resized = resize_image(image, (width, height), preprocess)
         left = center_crop_offset(width, size, preprocess.crop_rounding)
         top = center_crop_offset(height, size, preprocess.crop_rounding)
         if isinstance(resized, Image.Image):
             return resized.crop((left, top, left + size, top + size))
         return resized[:, top : top + size, left : left + size]
-
-    def _resize(self, image: Image.Image, size: tuple[int, int]) -> Image.Image | torch.Tensor:
-        """``image`` resized to ``size`` = (width, height) by the backend's own call."""
-        interpolation = self.preprocess.interpolation
-        if self.preprocess.resize_backend == "pil":
-            return image.resize(size, resample=_PIL_FILTERS[interpolation])
-        # the layout transformers' torchvision backend hands to the same kernel: (3, H, W), contiguous uint8
-        pixels = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
-        width, height = size
-        return v2.functional.resize(
-            pixels, [height, width], interpolation=_INTERPOLATION[interpolation], antialias=True
-        )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.preprocess})"
@@ -237,10 +254,58 @@ def _photometric(augment: AugmentConfig, interpolation: v2.InterpolationMode) ->
     return steps
 
 
+class NaFlexTransform:
+    """PIL RGB image -> packed NaFlex tensor (max_num_patches, patch_size^2 * 3 + 3) (:mod:`clipforge.data.naflex`).
+
+    Evaluation: the whole image, resized (by ``resize_backend``, as transformers' ``Siglip2ImageProcessor``) to the
+    largest patch grid within the budget that keeps its aspect ratio, normalized, cut into patches, padded.
+    Training (``augment``): first a random crop of an area fraction in (``scale_min``, 1) whose aspect ratio lies
+    within 3/4 to 4/3 of the image's own, then the optional flip, the same NaFlex resize of the crop and the colour
+    steps. Training views keep their aspect ratio as evaluation does (no square crop), and every view fills the
+    patch budget up to the rounding of its grid: batches have a fixed size because every image is padded to
+    ``max_num_patches`` patches.
+    """
+
+    def __init__(self, preprocess: ImagePreprocess, augment: AugmentConfig | None = None) -> None:
+        self.preprocess, self.augment = preprocess, augment
+        interpolation = _INTERPOLATION[preprocess.interpolation]
+        steps = _photometric(augment, interpolation) if augment is not None else []
+        self.photometric = v2.Compose(steps) if steps else None
+        self.normalize = v2.Compose(
+            [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(preprocess.mean), std=list(preprocess.std))]
+        )
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        patch, budget = self.preprocess.patch_size, self.preprocess.max_num_patches
+        if self.augment is not None:
+            image = self._random_view(image, self.augment)
+        rows, cols = naflex_grid(image.height, image.width, patch, budget)
+        pixels = v2.functional.to_image(resize_image(image, (cols * patch, rows * patch), self.preprocess))
+        if self.photometric is not None:
+            pixels = self.photometric(pixels)
+        return pack(patchify(self.normalize(pixels).as_subclass(torch.Tensor), patch), rows, cols, budget)
+
+    @staticmethod
+    def _random_view(image: Image.Image, augment: AugmentConfig) -> Image.Image:
+        if augment.scale_min < 1.0:
+            aspect = image.width / image.height
+            top, left, height, width = v1_transforms.RandomResizedCrop.get_params(
+                image, scale=(augment.scale_min, 1.0), ratio=(aspect * 3 / 4, aspect * 4 / 3)
+            )
+            image = image.crop((left, top, left + width, top + height))
+        if augment.hflip and torch.rand(()) < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return image
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.preprocess}, augment={self.augment})"
+
+
 def build_image_transform(
     preprocess: ImagePreprocess, augment: AugmentConfig | None = None
 ) -> Callable[[Image.Image], torch.Tensor]:
-    """PIL RGB image -> normalized float tensor (3, size, size).
+    """PIL RGB image -> normalized float tensor (3, size, size); for ``resize_mode="naflex"`` the packed patches of
+    :class:`NaFlexTransform` instead.
 
     ``augment=None`` gives the evaluation transform, :class:`EvalGeometry` (``shortest``: short side to
     ``resize_size``, center crop; ``squash``: whole image to size x size; see :class:`ImagePreprocess`).
@@ -253,6 +318,8 @@ def build_image_transform(
     any decoded image: ``squash`` and the random resized crop produce size x size pixels whatever the input's
     shape, and ``shortest`` first bounds the aspect ratio by :data:`MAX_ASPECT`.
     """
+    if preprocess.resize_mode == "naflex":
+        return NaFlexTransform(preprocess, augment)
     size = preprocess.image_size
     interpolation = _INTERPOLATION[preprocess.interpolation]
     if augment is None:

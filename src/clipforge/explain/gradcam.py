@@ -69,6 +69,11 @@ def last_conv_block(tower: nn.Module, images: torch.Tensor) -> tuple[nn.Module, 
     finally:
         recorder.remove()
     if not recorder.blocks:
+        if not _contains_conv(tower):  # a transformer without a class token (attention pooling, NaFlex)
+            raise ValueError(
+                f"{type(tower).__name__} has no convolutional block for Grad-CAM and no class-token attention for "
+                "rollout: nothing to explain it by"
+            )
         raise ValueError(
             f"{type(tower).__name__} has no convolutional block with a spatial output for Grad-CAM "
             f"(input {tuple(images.shape)}; a larger image may help)"

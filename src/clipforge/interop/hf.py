@@ -1,19 +1,18 @@
-"""Import a Hugging Face ``CLIPModel`` or ``SiglipModel`` (a local folder, or a hub id where the network allows).
+"""Import a Hugging Face two-tower model (a local folder, or a hub id where the network allows): ``clip``,
+``siglip``, ``siglip2``, ``metaclip_2``, ``chinese_clip`` and ``altclip`` (:mod:`clipforge.interop.hf_types`).
 
 :func:`import_hf` reads the folder as ``save_pretrained`` wrote it, without building the transformers model:
 
-* ``config.json`` -> the clipforge model config (:func:`hf_model_config`): built-in ViT and text transformer with
-  the released layout's explicit fields: CLIP = class token, ``ln_pre``, causal text, bias-free projections,
-  text pooled at the first ``eos_token_id`` (or at ``argmax(input_ids)`` when the config says
-  ``eos_token_id == 2``, as transformers does for old CLIP configs); SigLIP = no class token, attention pooling
-  (``pool: map``), patch bias, bidirectional text pooled at the last position, a text head with a bias and no
-  image projection, ``loss.kind: siglip`` (it has a logit bias);
-* ``preprocessor_config.json`` -> ``model.image.mean`` / ``std`` / ``interpolation`` and the resize rule
-  (:func:`read_preprocess`): what ``AutoImageProcessor.from_pretrained(folder)`` does by default, exactly;
-* the tokenizer files -> the checkpoint's tokenizer (CLIP's BPE, SigLIP's SentencePiece, through transformers);
-  SigLIP pads every text to the full length (``tokenizer.padding: max_length``);
+* ``config.json`` -> its ``model_type``'s :class:`~clipforge.interop.hf_types.HFModelType`, which turns the
+  transformers config into the clipforge model section (built-in towers in the released layout's explicit fields,
+  or a hosted transformers module where the built-in towers cannot express it);
+* ``preprocessor_config.json`` -> ``model.image``'s mean/std, interpolation and resize rule
+  (:mod:`clipforge.interop.hf_types.preprocess`): what ``AutoImageProcessor.from_pretrained(folder)`` does;
+* the tokenizer files -> the checkpoint's tokenizer, through ``AutoTokenizer.from_pretrained(folder)``, so it is the
+  class transformers picks for the folder (CLIP's BPE, SigLIP's SentencePiece, SigLIP 2's lower-casing Gemma,
+  XLM-R's, BERT's); SigLIP and SigLIP 2 pad every text to the full length (``tokenizer.padding: max_length``);
 * the weights (``model.safetensors``, sharded or not, or ``pytorch_model.bin`` read with ``weights_only``) ->
-  clipforge's names through the explicit map :func:`clipforge.interop.keymaps.hf_rules`, strictly.
+  clipforge's names through the type's explicit key map, strictly (every tensor read, every weight filled).
 """
 
 from __future__ import annotations
@@ -25,31 +24,30 @@ from typing import Any
 
 import torch
 
-from clipforge.config import CheckpointError, Config, ConfigError, config_from_dict
+from clipforge.config import CheckpointError, ConfigError, config_from_dict
 from clipforge.data.hf_loading import looks_like_path, quiet_transformers
 from clipforge.data.tokenize import TOKENIZER_FILES, HFTokenizer, load_hf_tokenizer
-from clipforge.interop.keymaps import convert, hf_rules
+from clipforge.interop.hf_types import HF_MODEL_TYPES, HFModelType, ImportContext
+from clipforge.interop.hf_types.preprocess import read_preprocess
+from clipforge.interop.keymaps import convert
 from clipforge.interop.resolved import Resolved
 from clipforge.model.factory import make_processor
-from clipforge.model.vision import CLIP_MEAN, CLIP_STD
 
 logger = logging.getLogger("clipforge")
 
-SUPPORTED_MODEL_TYPES = {"clip": "CLIPModel", "siglip": "SiglipModel"}
-# Hugging Face hidden_act -> clipforge act (the inverse is what an export writes)
-HF_ACTIVATIONS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh"}
-SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
-# PIL's resampling filters as image processors store them -> clipforge's interpolation names
-PIL_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
-CLIP_LEGACY_EOS_ID = 2  # transformers pools CLIP text at argmax(input_ids) when the config says eos_token_id == 2
-# buffers older transformers saved with the weights; they are no weights (arange(n))
-IGNORED_SUFFIXES = ("position_ids",)
+# buffers transformers saved with the weights in some versions; they are no weights (arange(n), zeros)
+IGNORED_SUFFIXES = ("position_ids", "token_type_ids")
 WEIGHT_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
+
+
+def supported_types() -> str:
+    """The importable model types as messages name them: ``CLIPModel (model_type 'clip'), ...``."""
+    return ", ".join(f"{kind.model_class} (model_type {key!r})" for key, kind in HF_MODEL_TYPES.items())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -76,185 +74,30 @@ def resolve_folder(location: str) -> Path:
     return snapshot
 
 
-def read_hf_config(folder: Path, where: str) -> tuple[str, Any]:
-    """``(model_type, transformers config)`` of ``folder``; only CLIP and SigLIP models are accepted."""
+def read_hf_config(folder: Path, where: str) -> tuple[HFModelType, Any]:
+    """``(model type, transformers config)`` of ``folder``; only the types of ``HF_MODEL_TYPES`` are accepted."""
     path = folder / "config.json"
     if not path.is_file():
         raise CheckpointError(
             f"{where}: {folder} has no config.json, so it is no saved model; point hf: at a folder written by "
-            f"save_pretrained of a {' or '.join(SUPPORTED_MODEL_TYPES.values())}"
+            f"save_pretrained of a {' or '.join(kind.model_class for kind in HF_MODEL_TYPES.values())}"
         )
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{where}: {path} is not valid JSON ({error})") from error
     model_type = raw.get("model_type") if isinstance(raw, dict) else None
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if model_type not in HF_MODEL_TYPES:
         architectures = raw.get("architectures") if isinstance(raw, dict) else None
-        supported = ", ".join(f"{name} (model_type {key!r})" for key, name in SUPPORTED_MODEL_TYPES.items())
         raise CheckpointError(
             f"{where} holds a model of model_type {model_type!r} (architectures {architectures}); "
-            f"clipforge imports {supported}"
+            f"clipforge imports {supported_types()}"
         )
-    from transformers import CLIPConfig, SiglipConfig
+    import transformers
 
-    config_class = CLIPConfig if model_type == "clip" else SiglipConfig
+    kind = HF_MODEL_TYPES[model_type]
     with quiet_transformers():
-        return model_type, config_class.from_dict(raw)
-
-
-# ----------------------------------------------------------------------------------------------
-# config.json + preprocessor_config.json -> clipforge config
-# ----------------------------------------------------------------------------------------------
-def _act(hidden_act: Any, where: str, tower: str) -> str:
-    if hidden_act not in HF_ACTIVATIONS:
-        raise CheckpointError(
-            f"{where}: {tower}.hidden_act={hidden_act!r} has no clipforge counterpart; "
-            f"supported: {sorted(HF_ACTIVATIONS)}"
-        )
-    return HF_ACTIVATIONS[hidden_act]
-
-
-def _tower_fields(tower_config: Any, where: str, tower: str) -> dict[str, Any]:
-    """The fields both built-in towers share, from a Hugging Face vision or text config."""
-    return {
-        "width": tower_config.hidden_size,
-        "depth": tower_config.num_hidden_layers,
-        "heads": tower_config.num_attention_heads,
-        "mlp_ratio": tower_config.intermediate_size / tower_config.hidden_size,
-        "act": _act(tower_config.hidden_act, where, tower),
-        "norm_eps": float(tower_config.layer_norm_eps),
-    }
-
-
-def _size_dict(value: Any, square: bool) -> dict[str, Any]:
-    """An image processor's ``size`` / ``crop_size`` as a dict; older configs store an int (``size`` = the short
-    side, as transformers reads it for CLIP and SigLIP; ``crop_size`` = a square)."""
-    if isinstance(value, dict):
-        return {key: entry for key, entry in value.items() if entry is not None}
-    if isinstance(value, int):
-        return {"height": value, "width": value} if square else {"shortest_edge": value}
-    return {}
-
-
-def _processor_family(raw: dict[str, Any], model_type: str) -> str:
-    """Whose defaults fill what ``raw`` leaves out: its ``image_processor_type``'s, else the model's family."""
-    processor = str(raw.get("image_processor_type") or "")
-    return "clip" if processor.startswith("CLIP") else "siglip" if processor.startswith("Siglip") else model_type
-
-
-def _resize_rule(raw: dict[str, Any], family: str, image_size: int, where: str) -> dict[str, Any]:
-    """The resize fields of a processor config ``raw`` (see :class:`clipforge.data.transforms.ImagePreprocess`).
-
-    ``size: {height, width}`` without a crop -> ``squash`` (SigLIP's processor); ``size: {shortest_edge}`` with a
-    center crop of ``image_size`` -> ``shortest`` with ``resize_size`` = the edge (CLIP's). Both with transformers'
-    crop rounding (down) and its default backend, torchvision's tensor resize. What has no exact counterpart
-    (``longest_edge``, a non-square or missing crop, a resize that is off) is logged and read as the family's
-    own rule at the model's image size.
-    """
-    family_size = {"height": image_size, "width": image_size} if family == "siglip" else {}
-    size = _size_dict(raw.get("size"), square=False) or family_size or {"shortest_edge": image_size}
-    do_crop = raw.get("do_center_crop", family == "clip")
-    crop = _size_dict(raw.get("crop_size"), square=True) or {"height": image_size, "width": image_size}
-    # what transformers does whatever the sizes: crop offsets rounded down, its default backend's tensor resize
-    rule = {"crop_rounding": "floor", "resize_backend": "torchvision"}
-    square = {"height": image_size, "width": image_size}
-    if raw.get("do_resize", True) and set(size) == {"height", "width"}:
-        if size == square and (not do_crop or crop == square):
-            return {**rule, "resize_mode": "squash"}
-    elif raw.get("do_resize", True) and set(size) == {"shortest_edge"}:
-        edge = int(size["shortest_edge"])
-        if do_crop and crop == square and edge >= image_size:
-            return {**rule, "resize_mode": "shortest", "resize_size": edge if edge != image_size else None}
-    fallback = "squash" if family == "siglip" else "shortest"
-    logger.warning(
-        "%s: the image processor's resize (do_resize=%s, size=%s, do_center_crop=%s, crop_size=%s) has no exact "
-        "clipforge counterpart for this %s px model; images are resized as %r at %s px, which differs from "
-        "transformers' preprocessing on some images",
-        where,
-        raw.get("do_resize", True),
-        size,
-        do_crop,
-        crop,
-        image_size,
-        fallback,
-        image_size,
-    )
-    return {**rule, "resize_mode": fallback}
-
-
-def read_preprocess(folder: Path, model_type: str, image_size: int, where: str) -> dict[str, Any]:
-    """``mean`` / ``std`` / ``interpolation`` and the resize rule of ``preprocessor_config.json`` (the family's
-    own without one): what ``AutoImageProcessor.from_pretrained(folder)`` does to an image.
-
-    transformers 5 gives the torchvision backend by default (``CLIPImageProcessor`` / ``SiglipImageProcessor``;
-    the PIL ones, ``backend="pil"``, differ by one level in a few pixels), which center-crops at
-    (resized - crop) // 2: the import reads ``resize_backend: torchvision``, ``crop_rounding: floor``.
-    """
-    path = folder / "preprocessor_config.json"
-    raw = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    family = _processor_family(raw, model_type)
-    mean, std = (CLIP_MEAN, CLIP_STD) if family == "clip" else (SIGLIP_MEAN, SIGLIP_STD)
-    resample = raw.get("resample", 3)
-    interpolation = PIL_RESAMPLE.get(resample)
-    if interpolation is None:
-        logger.warning("%s: resample=%s has no clipforge counterpart; images are resized bicubic", where, resample)
-        interpolation = "bicubic"
-    return {
-        "mean": [float(v) for v in raw.get("image_mean", mean)],
-        "std": [float(v) for v in raw.get("image_std", std)],
-        "interpolation": interpolation,
-        **_resize_rule(raw, family, image_size, where),
-    }
-
-
-def hf_model_config(
-    model_type: str, hf_config: Any, preprocess: dict[str, Any], tokenizer_name: str, where: str
-) -> Config:
-    """The clipforge config of a Hugging Face CLIP (``model_type="clip"``) or SigLIP model config."""
-    vision, text = hf_config.vision_config, hf_config.text_config
-    if getattr(vision, "num_channels", 3) != 3:
-        raise CheckpointError(f"{where}: vision_config.num_channels={vision.num_channels}; clipforge reads RGB")
-    image = {
-        "kind": "vit",
-        "image_size": vision.image_size,
-        "patch_size": vision.patch_size,
-        **_tower_fields(vision, where, "vision_config"),
-        **preprocess,
-    }
-    text_fields = {
-        "kind": "transformer",
-        "context_length": text.max_position_embeddings,
-        "vocab_size": text.vocab_size,
-        **_tower_fields(text, where, "text_config"),
-        "tokenizer": {"kind": "hf", "name": tokenizer_name},
-    }
-    if model_type == "clip":
-        embed_dim, loss = hf_config.projection_dim, "clip"
-        eos = text.eos_token_id
-        pooling = {"pooling": "argmax"} if eos == CLIP_LEGACY_EOS_ID else {"pooling": "eos", "eos_token_id": eos}
-        text_fields.update(pooling)
-    else:
-        if not getattr(vision, "vision_use_head", True):
-            raise CheckpointError(
-                f"{where}: vision_config.vision_use_head=false: SigLIP's image embedding is its attention-pooling "
-                "head, which this model does not have"
-            )
-        embed_dim, loss = vision.hidden_size, "siglip"
-        projection = getattr(text, "projection_size", None) or text.hidden_size
-        if projection != embed_dim:
-            raise CheckpointError(
-                f"{where}: text_config.projection_size={projection} differs from the image embedding's "
-                f"{embed_dim} (vision_config.hidden_size): the two cannot be compared"
-            )
-        image.update(pre_norm=False, pool="map", patch_bias=True, head="identity")
-        text_fields.update(causal=False, pooling="last", head_bias=True)
-        text_fields["tokenizer"]["padding"] = "max_length"
-    values = {"model": {"embed_dim": embed_dim, "image": image, "text": text_fields}, "loss": {"kind": loss}}
-    try:
-        return config_from_dict(values)
-    except ConfigError as error:
-        raise CheckpointError(f"{where}: the model does not fit a clipforge config: {error}") from error
+        return kind, getattr(transformers, kind.config_class).from_dict(raw)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -301,21 +144,38 @@ def read_hf_tokenizer(folder: Path, padding: str, where: str) -> HFTokenizer:
         return load_hf_tokenizer(str(folder), where, padding)
     except (ConfigError, ImportError, ValueError, OSError) as error:
         raise CheckpointError(
-            f"{where}: its tokenizer does not load ({str(error).strip().splitlines()[0]}); SigLIP's SentencePiece "
-            "tokenizer needs pip install sentencepiece"
+            f"{where}: its tokenizer does not load ({str(error).strip().splitlines()[0]}); SentencePiece tokenizers "
+            "(SigLIP's, XLM-R's without a tokenizer.json) need pip install 'clipforge[siglip]'"
         ) from error
 
 
+def declared_max_length(folder: Path) -> int | None:
+    """The ``model_max_length`` the folder's ``tokenizer_config.json`` declares, or None."""
+    path = folder / "tokenizer_config.json"
+    if not path.is_file():
+        return None
+    value = json.loads(path.read_text(encoding="utf-8")).get("model_max_length")
+    return int(value) if isinstance(value, int | float) and value > 0 else None
+
+
 def import_hf(location: str) -> Resolved:
-    """A Hugging Face CLIP or SigLIP model (folder or hub id) as a clipforge config, weights (clipforge's names)
-    and processor (its tokenizer and its image processor's rule)."""
+    """A Hugging Face model (folder or hub id) as a clipforge config, weights (clipforge's names) and processor
+    (its tokenizer and its image processor's rule); a hosted text tower's own config comes with them."""
     where = f"hf:{location}"
     folder = resolve_folder(location)
-    model_type, hf_config = read_hf_config(folder, where)
-    preprocess = read_preprocess(folder, model_type, hf_config.vision_config.image_size, where)
-    config = hf_model_config(model_type, hf_config, preprocess, location, where)
-    tokenizer = read_hf_tokenizer(folder, config.model.text.tokenizer.padding, where)
-    state = read_hf_weights(folder, where)
+    kind, hf_config = read_hf_config(folder, where)
+    values = kind.model_section(hf_config, ImportContext(location, declared_max_length(folder), where))
+    image = values["model"]["image"]
+    image.update(read_preprocess(folder, kind.model_type, hf_config.vision_config, image["image_size"], where))
+    values["model"]["text"]["tokenizer"] = {"kind": "hf", "name": location, "padding": kind.text_padding}
+    try:
+        config = config_from_dict(values)
+    except ConfigError as error:
+        raise CheckpointError(f"{where}: the model does not fit a clipforge config: {error}") from error
+    tokenizer = read_hf_tokenizer(folder, kind.text_padding, where)
+    text_config_json = hf_config.text_config.to_json_string() if kind.hosted_text else None
+    state = {kind.module_name(key): tensor for key, tensor in read_hf_weights(folder, where).items()}
     ignored = [key for key in state if key.endswith(IGNORED_SUFFIXES)]
-    converted = convert(state, hf_rules(config.model, model_type), ignored, where)
-    return Resolved(config, converted, make_processor(config.model, tokenizer), where)
+    converted = convert(state, kind.rules(config.model, text_config_json), ignored, where)
+    processor = make_processor(config.model, tokenizer)
+    return Resolved(config, converted, processor, where, hf_text_config=text_config_json)

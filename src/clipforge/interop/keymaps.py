@@ -1,4 +1,5 @@
-"""Explicit key maps between clipforge's parameter names and Hugging Face's / open_clip's, both ways.
+"""Explicit key maps between clipforge's parameter names and Hugging Face's / open_clip's, both ways (the Hugging
+Face model types' maps are in :mod:`clipforge.interop.hf_types`).
 
 A map is a list of :class:`Rule` s, one per clipforge tensor: its name, the tensor name(s) it comes from in the
 other layout, and how they join. The rules are written out from the clipforge model config (which tensors the
@@ -65,26 +66,14 @@ class Rule:
 
 
 def copy_rules(target: str, source: str, names: Iterable[str] = ("weight", "bias")) -> list[Rule]:
-    """``target.<name> <- source.<name>`` for each name (a Linear or LayerNorm: weight and bias)."""
+    """``target.<name> <- source.<name>`` for each name (a Linear or LayerNorm: weight and bias; or every tensor
+    name of a hosted module's state dict, which keeps its library's own names)."""
     return [Rule(f"{target}.{name}", (f"{source}.{name}",)) for name in names]
 
 
 # ----------------------------------------------------------------------------------------------
 # Transformer blocks
 # ----------------------------------------------------------------------------------------------
-def hf_block_rules(target: str, source: str) -> list[Rule]:
-    """One pre-LN block: Hugging Face CLIP / SigLIP encoder layer ``source`` -> clipforge block ``target``."""
-    rules = copy_rules(f"{target}.ln1", f"{source}.layer_norm1")
-    for name in ("weight", "bias"):
-        projections = tuple(f"{source}.self_attn.{part}_proj.{name}" for part in ("q", "k", "v"))
-        rules.append(Rule(f"{target}.attn.qkv.{name}", projections, "qkv"))
-    rules += copy_rules(f"{target}.attn.out_proj", f"{source}.self_attn.out_proj")
-    rules += copy_rules(f"{target}.ln2", f"{source}.layer_norm2")
-    rules += copy_rules(f"{target}.mlp.fc1", f"{source}.mlp.fc1")
-    rules += copy_rules(f"{target}.mlp.fc2", f"{source}.mlp.fc2")
-    return rules
-
-
 def open_clip_block_rules(target: str, source: str) -> list[Rule]:
     """One block: open_clip / OpenAI ``resblocks.N`` ``source`` -> clipforge block ``target``."""
     rules = copy_rules(f"{target}.ln1", f"{source}.ln_1")
@@ -100,49 +89,6 @@ def open_clip_block_rules(target: str, source: str) -> list[Rule]:
 # ----------------------------------------------------------------------------------------------
 # Whole models
 # ----------------------------------------------------------------------------------------------
-def hf_rules(model: ModelConfig, family: str) -> list[Rule]:
-    """The map of a Hugging Face ``CLIPModel`` (``family="clip"``) or ``SiglipModel`` (``"siglip"``) onto the
-    clipforge model ``model`` describes (built-in ViT and text transformer, in the family's layout)."""
-    image, text = model.image, model.text
-    vision = "vision_model"
-    rules = [Rule("image_tower.patch_embed.weight", (f"{vision}.embeddings.patch_embedding.weight",))]
-    if image.patch_bias:
-        rules.append(Rule("image_tower.patch_embed.bias", (f"{vision}.embeddings.patch_embedding.bias",)))
-    if image.pool == "cls":
-        rules.append(Rule("image_tower.class_embedding", (f"{vision}.embeddings.class_embedding",)))
-    rules.append(Rule("image_tower.positional_embedding", (f"{vision}.embeddings.position_embedding.weight",)))
-    if image.pre_norm:
-        rules += copy_rules("image_tower.ln_pre", f"{vision}.pre_layrnorm")  # sic: Hugging Face's spelling
-    for layer in range(image.depth):
-        rules += hf_block_rules(f"image_tower.transformer.blocks.{layer}", f"{vision}.encoder.layers.{layer}")
-    rules += copy_rules("image_tower.ln_post", f"{vision}.post_layernorm")
-    if image.pool == "map":
-        pool, head = "image_tower.attn_pool", f"{vision}.head"
-        rules.append(Rule(f"{pool}.probe", (f"{head}.probe",)))
-        rules.append(Rule(f"{pool}.qkv.weight", (f"{head}.attention.in_proj_weight",)))
-        rules.append(Rule(f"{pool}.qkv.bias", (f"{head}.attention.in_proj_bias",)))
-        rules += copy_rules(f"{pool}.out_proj", f"{head}.attention.out_proj")
-        rules += copy_rules(f"{pool}.norm", f"{head}.layernorm")
-        rules += copy_rules(f"{pool}.mlp.fc1", f"{head}.mlp.fc1")
-        rules += copy_rules(f"{pool}.mlp.fc2", f"{head}.mlp.fc2")
-    if image.head == "linear":
-        rules.append(Rule("image_head.proj.weight", ("visual_projection.weight",)))
-    rules.append(Rule("text_tower.token_embedding.weight", ("text_model.embeddings.token_embedding.weight",)))
-    rules.append(Rule("text_tower.positional_embedding", ("text_model.embeddings.position_embedding.weight",)))
-    for layer in range(text.depth):
-        rules += hf_block_rules(f"text_tower.transformer.blocks.{layer}", f"text_model.encoder.layers.{layer}")
-    rules += copy_rules("text_tower.ln_final", "text_model.final_layer_norm")
-    if family == "siglip":
-        rules += copy_rules("text_head.proj", "text_model.head")
-        rules += [Rule("log_logit_scale", ("logit_scale",), "vector1"), Rule("logit_bias", ("logit_bias",), "vector1")]
-    else:
-        rules += [
-            Rule("text_head.proj.weight", ("text_projection.weight",)),
-            Rule("log_logit_scale", ("logit_scale",), "scalar"),
-        ]
-    return rules
-
-
 def open_clip_rules(model: ModelConfig, text_prefix: str, logit_bias: bool) -> list[Rule]:
     """The map of an open_clip (or OpenAI) ViT ``CLIP`` state dict onto the clipforge model ``model`` describes.
 

@@ -1,7 +1,7 @@
 """Where a model's weights come from, decided once: a weights spec resolves here, in one place, to its config,
 weights and processor (:func:`resolve`); the model is then built from that (:func:`build`).
 
-A spec is ``hf:<folder or hub id>`` (a Hugging Face CLIPModel / SiglipModel, :mod:`clipforge.interop.hf`),
+A spec is ``hf:<folder or hub id>`` (a Hugging Face two-tower model, :mod:`clipforge.interop.hf`),
 ``open_clip:CONFIG.json:WEIGHTS`` (:mod:`clipforge.interop.open_clip`) or the path of a clipforge checkpoint.
 Every command's ``--checkpoint``, ``clipforge.from_pretrained`` / ``load_checkpoint``, ``clipforge import`` and a
 run's ``model.init`` (:func:`init_model`) take any of them. (A tower's own ``pretrained`` weights, a file or a named

@@ -135,6 +135,8 @@ def _text_inputs(loaded: LoadedModel, batch: int) -> tuple[torch.Tensor, torch.T
 def preprocess_info(preprocess: ImagePreprocess) -> dict:
     """``preprocess`` as ``preprocess.json`` states it (module docstring), the resize rule in words included."""
     info = {**asdict(preprocess), "max_aspect": MAX_ASPECT}
+    for name in ("patch_size", "max_num_patches"):  # the NaFlex resize's own, which ONNX export does not take
+        info.pop(name)
     if preprocess.resize_mode == "squash":
         info.pop("resize_size")
         info.pop("crop_rounding")
@@ -161,6 +163,11 @@ def export_onnx(loaded: LoadedModel, out_dir: str | Path, atol: float = 1e-4) ->
     onnxruntime's embeddings differ from PyTorch's by more than ``atol``.
     """
     folder = Path(out_dir)
+    if loaded.processor.preprocess.resize_mode == "naflex":
+        raise ValueError(
+            "the ONNX export takes (batch, 3, S, S) images, and this model's NaFlex image tower (SigLIP 2, variable "
+            "resolution) reads packed patches; clipforge export hf writes it as a Siglip2Model"
+        )
     for name in ("image_encoder.onnx", "text_encoder.onnx"):  # said now, before the minutes of an export
         check_output(folder / name, what="--out")
     _onnx_modules()

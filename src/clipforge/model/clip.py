@@ -136,8 +136,12 @@ class CLIPModel(nn.Module):
         return F.normalize(embeddings, dim=-1) if normalize else embeddings
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """images (B, 3, H, W) -> embeddings (B, D); unit L2 norm unless ``normalize=False`` (raw projection)."""
-        if images.ndim != 4 or images.shape[1] != 3:
+        """images (B, 3, H, W) (or what the image tower's ``check_images`` accepts: a NaFlex tower's packed
+        patches) -> embeddings (B, D); unit L2 norm unless ``normalize=False`` (raw projection)."""
+        check = getattr(self.image_tower, "check_images", None)  # a Tower says what it takes
+        if check is not None:
+            check(images)
+        elif images.ndim != 4 or images.shape[1] != 3:  # a plain module as the tower: images
             raise ValueError(f"images must have shape (batch, 3, height, width), got {tuple(images.shape)}")
         # No torch.no_grad() for a frozen tower: autograd already skips it when no parameter needs a gradient,
         # and Grad-CAM needs gradients of its activations with respect to the input.

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from clipforge.config import ImageTowerConfig, ModelConfig, TextTowerConfig
 from clipforge.model.clip import CLIPModel
 from clipforge.model.heads import build_head
+from clipforge.model.hosted_hf import build_naflex_tower
 from clipforge.model.locking import lock_tower, locked_submodules
 from clipforge.model.text import build_hf_tower, build_transformer_tower
 from clipforge.model.towers import Tower
@@ -31,6 +32,7 @@ IMAGE_TOWER_BUILDERS: dict[str, Callable[[ImageTowerConfig], Tower]] = {
     "vit": build_vit_tower,
     "torchvision": build_torchvision_tower,
     "timm": build_timm_tower,
+    "naflex": build_naflex_tower,
 }
 # builders take (cfg, vocab_size, pad_token_id, the tower's own saved config or None)
 TEXT_TOWER_BUILDERS: dict[str, Callable[[TextTowerConfig, int | None, int, str | None], Tower]] = {

@@ -4,7 +4,8 @@ Padding is on the right: a row is ``n`` real tokens followed by ``L - n`` paddin
 ``attention_mask`` is 1 on the real ones.
 
 * ``transformer``: the built-in CLIP-style causal :class:`TextTransformer` (or bidirectional, SigLIP's).
-* ``hf``: a Hugging Face encoder through ``transformers.AutoModel`` (:class:`HFTextEncoder`).
+* ``hf``: a Hugging Face encoder through ``transformers.AutoModel`` (:class:`HFTextEncoder`); imported Chinese-CLIP
+  and AltCLIP models host their text models here.
 """
 
 from __future__ import annotations
@@ -17,12 +18,16 @@ from torch import nn
 
 from clipforge.config import ConfigError, TextTowerConfig
 from clipforge.data.hf_loading import hf_from_pretrained, quiet_transformers
+from clipforge.model.hosted_hf import set_hf_grad_checkpointing
 from clipforge.model.towers import Tower, TransformerTower
 from clipforge.model.transformer import DEFAULT_NORM_EPS, Transformer
 
 logger = logging.getLogger("clipforge")
 
 POOLINGS = ("eot", "cls", "mean", "eos", "argmax", "last")
+# text models of two-tower Hugging Face models that AutoModel does not map (config model_type -> transformers class);
+# hosted as they are, so their imports compute exactly what transformers computes
+UNMAPPED_TEXT_MODELS = {"altclip_text_model": "AltCLIPTextModel", "chinese_clip_text_model": "ChineseCLIPTextModel"}
 
 
 def pool_tokens(
@@ -177,6 +182,10 @@ class HFTextEncoder(Tower):
     -> ``AutoModel.from_pretrained(it)`` (a hub id or a local folder). ``name`` may itself be a local folder,
     and either may be ``package:<name>`` (a model folder inside a pip package, :mod:`clipforge.packaged`);
     local folders never consult the hub. A name that does not load raises ConfigError naming the field.
+    ``config_json`` (a checkpoint's ``hf_text_config``) builds the architecture it describes instead, with no folder
+    read; the text models of two-tower types that ``AutoModel`` does not map (:data:`UNMAPPED_TEXT_MODELS`:
+    Chinese-CLIP's, AltCLIP's) are built as their own class. ``output_dim`` is what the model returns per token: its
+    ``project_dim`` (AltCLIP projects every token) or its hidden size.
 
     Gradient checkpointing is the model's own (where it supports it); the encoder is one FSDP unit.
     """
@@ -201,8 +210,9 @@ class HFTextEncoder(Tower):
         if getattr(self.encoder, "pooler", None) is not None:
             self.encoder.pooler = None
         config = self.encoder.config
-        output_dim = getattr(config, "hidden_size", None) or getattr(config, "dim", None)
-        output_dim = output_dim or getattr(config, "d_model", None)
+        # AltCLIP's text model projects every token to project_dim; the others return their hidden states
+        output_dim = getattr(config, "project_dim", None) or getattr(config, "hidden_size", None)
+        output_dim = output_dim or getattr(config, "dim", None) or getattr(config, "d_model", None)
         if output_dim is None:
             raise ValueError(f"cannot tell the hidden size of Hugging Face model {name!r} from its config")
         self.output_dim = int(output_dim)
@@ -214,19 +224,7 @@ class HFTextEncoder(Tower):
         return pool_tokens(hidden, attention_mask, self.pooling, input_ids, self.eos_token_id)
 
     def set_grad_checkpointing(self, enabled: bool = True) -> bool:
-        if not getattr(self.encoder, "supports_gradient_checkpointing", False):
-            return False
-        options = {"use_reentrant": False}
-        if hasattr(self.encoder, "activation_checkpointing_enable"):  # transformers >= 5.x's name for it
-            if enabled:
-                self.encoder.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
-            else:
-                self.encoder.activation_checkpointing_disable()
-        elif enabled:
-            self.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
-        else:
-            self.encoder.gradient_checkpointing_disable()
-        return True
+        return set_hf_grad_checkpointing(self.encoder, enabled)
 
     def describe(self) -> str:
         return type(self.encoder).__name__
@@ -239,12 +237,16 @@ def _load_encoder(name: str, pretrained: bool | str | None, config_json: str | N
     """The encoder ``name``/``pretrained`` describe (see :class:`HFTextEncoder`), or the architecture
     ``config_json`` describes at random, and a log line that says which weights it got. ``None`` is what checkpoints
     load with (their own weights follow), so it is said only at debug level."""
+    import transformers
     from transformers import AutoConfig, AutoModel
 
     if config_json is not None:
         values = json.loads(config_json)
         with quiet_transformers():
-            return AutoModel.from_config(AutoConfig.for_model(values.pop("model_type"), **values))
+            config = AutoConfig.for_model(values.pop("model_type"), **values)
+            if config.model_type in UNMAPPED_TEXT_MODELS:
+                return getattr(transformers, UNMAPPED_TEXT_MODELS[config.model_type])(config)
+            return AutoModel.from_config(config)
     weights = TextTowerConfig.resolve_weights(name, pretrained)
     if weights is None:
         config = hf_from_pretrained(AutoConfig.from_pretrained, name, "model.text.name")

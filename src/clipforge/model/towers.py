@@ -4,6 +4,7 @@ Callers ask the tower instead of testing its class, so a new family (a Hugging F
 tower) is one subclass that answers these questions, and no caller changes:
 
 * ``output_dim``: the width of the features ``forward`` returns, ``(batch, output_dim)``: what the head takes.
+* :meth:`Tower.check_images`: whether a batch is what this image tower takes ((B, 3, H, W) pixels by default).
 * :meth:`Tower.set_grad_checkpointing`: recompute block activations in the backward pass; False = unsupported.
 * :meth:`Tower.sharding_units`: the blocks FSDP shards one by one (empty: the whole tower is one unit).
 * :attr:`Tower.supports_attention_maps` / :meth:`Tower.forward_with_attention`: per-layer attention weights for
@@ -34,6 +35,12 @@ class Tower(nn.Module):
     output_dim: int
     #: the side of the patch grid of an image tower with attention maps (None: no such grid)
     grid_size: int | None = None
+
+    def check_images(self, images: torch.Tensor) -> None:
+        """Raise ValueError naming the expected layout unless ``images`` is what this image tower takes: (B, 3, H, W)
+        pixels (a tower with another input layout, e.g. NaFlex's packed patches, says its own)."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must have shape (batch, 3, height, width), got {tuple(images.shape)}")
 
     def set_grad_checkpointing(self, enabled: bool = True) -> bool:
         """Switch activation checkpointing of the tower's blocks on (or off); False when the tower cannot.

@@ -41,7 +41,8 @@ def resolve_image_preprocess(cfg: ImageTowerConfig) -> ImagePreprocess:
     Each of size, mean/std and interpolation is ``cfg``'s when set (``image_size``, ``mean``/``std``,
     ``interpolation``), else the tower's own: for timm the pretrained config of ``name`` (or ``name.tag``) from
     timm's local registry (falling back to 224 px, ImageNet mean/std, bicubic for a name it does not know); for
-    torchvision 224 px, ImageNet mean/std, bilinear; for the built-in ViT 64 px, CLIP's mean/std, bicubic.
+    torchvision 224 px, ImageNet mean/std, bilinear; for the built-in ViT 64 px, CLIP's mean/std, bicubic; for
+    the NaFlex tower SigLIP's mean/std (0.5), bilinear.
     The resize rule is ``cfg``'s as it stands (``resize_mode``, ``resize_size``, ``crop_rounding``,
     ``resize_backend``; by default the short side to the size, torchvision's crop rounding, PIL's resize, as
     open_clip and timm evaluate): imports set it to their source's.
@@ -52,12 +53,17 @@ def resolve_image_preprocess(cfg: ImageTowerConfig) -> ImagePreprocess:
         size, mean, std, interpolation = TORCHVISION_IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, "bilinear"
     elif cfg.kind == "timm":
         size, mean, std, interpolation = _timm_preprocess(cfg)
+    elif cfg.kind == "naflex":  # SigLIP 2's own
+        size, mean, std, interpolation = BUILTIN_VIT_IMAGE_SIZE, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear"
     else:
-        raise ValueError(f"model.image.kind={cfg.kind!r} is unknown; choose one of ['vit', 'torchvision', 'timm']")
+        raise ValueError(
+            f"model.image.kind={cfg.kind!r} is unknown; choose one of ['vit', 'torchvision', 'timm', 'naflex']"
+        )
     if cfg.mean:
         mean, std = tuple(float(v) for v in cfg.mean), tuple(float(v) for v in cfg.std)
     size = cfg.image_size or size
     interpolation = cfg.interpolation or interpolation
+    naflex = {"patch_size": cfg.patch_size, "max_num_patches": cfg.max_num_patches}  # the NaFlex resize's own
     return ImagePreprocess(
         image_size=size,
         mean=mean,
@@ -67,6 +73,7 @@ def resolve_image_preprocess(cfg: ImageTowerConfig) -> ImagePreprocess:
         resize_size=cfg.resize_size,
         crop_rounding=cfg.crop_rounding,
         resize_backend=cfg.resize_backend,
+        **(naflex if cfg.resize_mode == "naflex" else {}),
     )
 
 
