@@ -248,7 +248,7 @@ def test_the_finetune_siglip2_recipe_trains_an_imported_siglip2_and_resumes_with
     assert main(command) == 0
     assert (run / "best.pt").is_file()
     final = read_checkpoint(run / "last.pt")
-    assert final.config.model.image.kind == "naflex" and final.config.train.precision == "fp32"
+    assert final.config.model.image.kind == "naflex" and final.config.train.precision == "auto"
     losses = [record["loss"] for record in read_metrics(run / "metrics.jsonl") if "loss" in record]
     assert len(losses) == 4 and losses[-1] < losses[0], losses
 
