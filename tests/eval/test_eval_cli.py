@@ -168,7 +168,6 @@ def test_the_index_tie_rule_is_an_option(trained: dict[str, Path], tmp_path: Pat
         (["--task", "linear_probe"], "give --train-data"),
         (["--task", "linear_probe", "--train-data", "path={shapes}"], "--train-data"),  # no labels there
         (["--task", "linear_probe", "--train-data", "path={labelled}", "--val-proportion", "1"], "must lie in (0, 1)"),
-        ([], "needs --task"),
     ],
 )
 def test_probe_and_task_mistakes_exit_2_with_a_message(
@@ -180,3 +179,14 @@ def test_probe_and_task_mistakes_exit_2_with_a_message(
     assert main(command) == 2
     error = capsys.readouterr().err
     assert message in error and "Traceback" not in error, error
+
+
+def test_eval_needs_a_task_or_a_suite_and_data_for_a_task(
+    trained: dict[str, Path], capsys: pytest.CaptureFixture
+) -> None:
+    checkpoint = str(trained["checkpoint"])
+    with pytest.raises(SystemExit) as parse_error:  # argparse: one of --task and --suite, not both
+        main(["eval", "--checkpoint", checkpoint, "--task", "retrieval", "--suite", "offline"])
+    assert parse_error.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", checkpoint, "--task", "retrieval"]) == 2
+    assert "--task retrieval needs --data" in capsys.readouterr().err

@@ -99,7 +99,7 @@ def test_suite_mistakes_exit_2_with_the_entry_named(
     assert "datasets[1]" in refused({"datasets": [{"task": "retrieval", "data": data}] * 2})  # listed twice
     assert "non-empty 'datasets' list" in refused("datasets: []\n")
     assert "datasets[0].data.pth" in refused({"datasets": [{"task": "retrieval", "data": {**data, "pth": "x"}}]})
-    assert "remove --task" in refused({"datasets": [{"task": "retrieval", "data": data}]}, "--task", "retrieval")
+    assert "remove --data" in refused({"datasets": [{"task": "retrieval", "data": data}]}, "--data", "kind=emoji")
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
@@ -118,3 +118,19 @@ def test_the_shipped_offline_suite_names_files_that_are_there() -> None:
             if data is not None and data.get("path"):
                 assert Path(data.path).is_file(), data.path
     assert set(NAMED_SUITES) == {"offline"}
+
+
+def test_the_readme_suite_example_is_a_valid_suite() -> None:
+    import re
+
+    from clipforge.eval.suite import suite_from_dict
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    (block,) = [body for body in re.findall(r"^```yaml\n(.*?)^```", readme, flags=re.S | re.M) if "datasets:" in body]
+    suite = suite_from_dict(yaml.safe_load(block), "README")
+    assert [(task.name, task.task) for task in suite.tasks] == [
+        ("stl10", "zeroshot"),
+        ("coco", "retrieval"),
+        ("stl10", "fewshot"),
+    ]
+    assert suite.tasks[2].train_data.split == "train" and suite.tasks[2].train_data.name == "STL10"

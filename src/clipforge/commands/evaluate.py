@@ -35,10 +35,11 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="zero-shot classification, retrieval or a linear probe of a checkpoint on local data, or a suite",
     )
     add_input(parser, "--checkpoint", required=True, help=CHECKPOINT_HELP)
-    parser.add_argument("--task", choices=EVAL_TASKS, help="what to measure (not with --suite)")
+    what = parser.add_mutually_exclusive_group(required=True)  # one task on --data, or a suite of them
+    what.add_argument("--task", choices=EVAL_TASKS, help="what to measure on --data")
     add_input(parser, "--data", kind="data", nargs="+", metavar="YAML|KEY=VALUE", help=f"the test data: {DATA_HELP}")
     add_input(
-        parser,
+        what,
         "--suite",
         kind="path",
         metavar="FILE|NAME",
@@ -122,14 +123,13 @@ def run(args: argparse.Namespace) -> None:
     if args.suite is not None:
         from clipforge.commands.evaluate_suite import run_suite
 
-        given = [flag for flag, value in (("--task", args.task), ("--data", args.data), ("--out", args.out)) if value]
+        given = [flag for flag, value in (("--data", args.data), ("--out", args.out)) if value]
         if given:
-            raise ConfigError(f"--suite names its own tasks and data and writes into --out-dir; remove {given[0]}")
+            raise ConfigError(f"--suite names its own data and writes into --out-dir; remove {given[0]}")
         run_suite(args)
         return
-    for flag, value in (("--task", args.task), ("--data", args.data)):
-        if not value:
-            raise ConfigError(f"clipforge eval needs {flag} (or --suite FILE|NAME)")
+    if not args.data:
+        raise ConfigError(f"--task {args.task} needs --data: the test data, e.g. kind=manifest path=test.csv")
     run_eval(
         args.checkpoint,
         args.task,
@@ -222,8 +222,10 @@ def run_eval(
         print(f"wrote {write_results_json(out, record)}")
     if out_dir is not None:
         from clipforge.eval.suite import record_path
+        from clipforge.folders import folder_lock
 
-        written = write_results_json(record_path(Path(out_dir), record), record)
+        with folder_lock(out_dir, "eval"):  # a suite may be writing into the same results folder
+            written = write_results_json(record_path(Path(out_dir), record), record)
         print(f"wrote {written}")
         if plot is not None and plot_path is None:  # named after the JSON, beside it
             plot_path = written.with_suffix(".png")

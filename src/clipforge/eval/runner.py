@@ -22,6 +22,7 @@ from clipforge.config import DataConfig
 from clipforge.data.base import DataError, ImageTextSource, capabilities_of
 from clipforge.data.files import classnames_for
 from clipforge.data.processor import Processor
+from clipforge.data.shard_index import IndexedShards
 from clipforge.data.sources import build_source
 from clipforge.eval.classification import TieRule
 from clipforge.eval.features import LockedTowerMemo, encode_source_images, encode_texts
@@ -68,8 +69,6 @@ def open_eval_source(data: DataConfig) -> ImageTextSource:
             "evaluate on a source with random access (manifest, coco, flickr, imagefolder, idx, cifar, hf) or shards"
         )
     if not capabilities.random_access:
-        from clipforge.data.shard_index import IndexedShards
-
         return IndexedShards(source)
     return source
 
