@@ -17,14 +17,14 @@ from PIL import Image  # noqa: E402
 from clipforge.io import atomic_write  # noqa: E402
 
 
-def save_figure(figure: Any, path: str | Path) -> Path:
+def save_figure(figure: Any, path: str | Path, replace: bool = False) -> Path:
     """Write ``figure`` to ``path`` in the format its suffix names (PNG without one), through
-    :func:`clipforge.io.atomic_write` (whole or not at all, never over an input or an existing file unasked),
-    and close it."""
+    :func:`clipforge.io.atomic_write` (whole or not at all, never over an input or an existing file unasked;
+    ``replace``: the caller owns ``path``), and close it."""
     path = Path(path)
     image_format = path.suffix.lower().lstrip(".") or "png"
     try:
-        atomic_write(path, lambda handle: figure.savefig(handle, format=image_format))
+        atomic_write(path, lambda handle: figure.savefig(handle, format=image_format), replace=replace)
     finally:
         plt.close(figure)
     return path
@@ -259,3 +259,25 @@ def plot_class_probabilities(
     axes[-1][1].set_xlabel("probability")
     figure.tight_layout()
     return save_figure(figure, path)
+
+
+def plot_metric_bars(
+    rows: Sequence[tuple[str, str, float]], path: str | Path, title: str = "evaluation suite", replace: bool = False
+) -> Path:
+    """Horizontal bars, one per ``(label, metric, value)`` row (values in [0, 1]; NaN drawn as an empty bar), the
+    metric's name and value written beside each bar. ``replace``: the caller owns ``path`` (a suite's summary)."""
+    height = min(max(2.0, 0.35 * len(rows) + 1.2), 40.0)
+    figure, axis = plt.subplots(figsize=(8.0, height), dpi=120)
+    values = [0.0 if np.isnan(value) else value for _, _, value in rows]
+    positions = np.arange(len(rows))[::-1]
+    axis.barh(positions, values, color="#4C72B0")
+    for position, (_, metric, value) in zip(positions, rows, strict=True):
+        shown = "nan" if np.isnan(value) else f"{value:.3f}"
+        axis.text(min(max(value, 0.0), 1.0) + 0.01 if not np.isnan(value) else 0.01, position, f"{metric} {shown}",
+                  va="center", fontsize=7)  # fmt: skip
+    axis.set_yticks(positions, [label for label, _, _ in rows], fontsize=7)
+    axis.set_xlim(0.0, 1.3)
+    axis.set_xlabel("metric value")
+    axis.set_title(title, fontsize=10)
+    figure.tight_layout()
+    return save_figure(figure, path, replace=replace)

@@ -215,3 +215,86 @@ def test_shuffle_buffer_is_a_seeded_permutation() -> None:
     assert sorted(shuffled(10, 0)) == list(range(50)) and shuffled(10, 0) != list(range(50))
     assert shuffled(10, 0) == shuffled(10, 0) != shuffled(10, 1)
     assert shuffled(1, 0) == shuffled(0, 0) == list(range(50))
+
+
+# ----------------------------------------------------------------------------------------------
+# Shards for evaluation: CLIP_benchmark's wds_<name>/ folders, and an index of the samples
+# ----------------------------------------------------------------------------------------------
+def png(colour: tuple[int, int, int]) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (6, 6), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_wds_folder(root: Path, shards: int = 11, per_shard: int = 2, retrieval: bool = False) -> Path:
+    """``root/wds_colours``: test/0.tar .. test/{shards-1}.tar (nshards.txt), classnames, templates."""
+    folder = root / "wds_colours"
+    (folder / "test").mkdir(parents=True)
+    for shard in range(shards):
+        members = []
+        for position in range(per_shard):
+            key, number = f"{shard:03d}{position}", shard * per_shard + position
+            members.append((f"{key}.webp" if number == 0 else f"{key}.png", png((number, 0, 0))))
+            if retrieval:
+                members.append((f"{key}.txt", f"red {number}\nsquare {number}\n".encode()))
+            else:
+                members.append((f"{key}.cls", f"{number % 3}\n".encode()))
+        write_tar(folder / "test" / f"{shard}.tar", members)
+    (folder / "test" / "nshards.txt").write_text(f"{shards}\n")
+    (folder / "classnames.txt").write_text("red\ngreen\nblue\n\n")
+    (folder / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.\nart of the {c}.\n")
+    if retrieval:
+        (folder / "dataset_type.txt").write_text("retrieval\n")
+    return folder
+
+
+def test_clip_benchmarks_wds_folder_is_read_with_its_class_names_and_templates(tmp_path: Path) -> None:
+    from clipforge.data.shard_index import IndexedShards
+
+    folder = write_wds_folder(tmp_path)
+    source = ShardSource(str(folder))
+    # nshards.txt's order, 0..10, not the file names' (0, 1, 10, 2 ...); the split folder works as the path too
+    assert [Path(shard).name for shard in source.shards] == [f"{n}.tar" for n in range(11)]
+    assert ShardSource(str(folder / "test")).shards == source.shards
+    assert source.classnames == ["red", "green", "blue"] and source.templates == [
+        "a photo of a {c}.",
+        "art of the {c}.",
+    ]
+    index = IndexedShards(source)
+    assert len(index) == 22 and index.labels.tolist() == [n % 3 for n in range(22)]
+    assert index.classnames == ["red", "green", "blue"] and index.templates == source.templates
+    assert index.captions(4) == ["green"]  # a classification sample: its class name
+    assert index.load_image(0).getpixel((0, 0)) == (0, 0, 0) and index.load_image(21).getpixel((2, 2))[0] == 21
+    assert index.describe(21).endswith("10.tar:0101")
+    # memory: NumPy arrays, no object per sample
+    assert index._offsets.nbytes + index._sizes.nbytes + index._shard.nbytes + index._keys.offsets.nbytes < 100 * 22
+
+
+def test_retrieval_shards_hold_one_caption_a_line(tmp_path: Path) -> None:
+    from clipforge.data.shard_index import IndexedShards
+
+    index = IndexedShards(ShardSource(str(write_wds_folder(tmp_path, shards=2, retrieval=True))))
+    assert index.captions(3) == ["red 3", "square 3"] and index.labels is None
+    packed = write_shards(tmp_path / "packed", shapes_samples()[:3], shard_size=2)  # img2dataset: one caption a .txt
+    assert IndexedShards(ShardSource(packed)).captions(0) == ["a small red circle"]
+
+
+def test_shard_folders_that_cannot_be_read_are_named(tmp_path: Path) -> None:
+    from clipforge.data.shard_index import IndexedShards
+
+    empty = tmp_path / "wds_empty"
+    (empty / "train").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"holds no \.tar shard \(its sub-folders: \['train'\]\)"):
+        ShardSource(str(empty))
+    # some samples labelled, some not: the index says which one lacks its label
+    write_tar(tmp_path / "mixed.tar", [("a.png", png((1, 2, 3))), ("a.cls", b"1"), ("b.png", png((1, 2, 3)))])
+    with pytest.raises(ValueError, match=r"1 of 2 samples .* have no label \(first: .*mixed.tar:b\)"):
+        _ = IndexedShards(ShardSource(str(tmp_path / "mixed.tar"))).labels
+    # a sample without an image is indexed, and skipped (counted) when its image is asked for
+    write_tar(tmp_path / "noimage.tar", [("a.png", png((1, 2, 3))), ("a.txt", b"x"), ("b.txt", b"y")])
+    index = IndexedShards(ShardSource(str(tmp_path / "noimage.tar")))
+    assert len(index) == 2 and index.captions(1) == ["y"]
+    with pytest.raises(Exception, match="no image member"):
+        index.load_image(1)

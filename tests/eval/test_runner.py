@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -11,15 +12,8 @@ import torch
 from clipforge.config import EVAL_METRICS, DataConfig
 from clipforge.data.manifest import ManifestSource
 from clipforge.data.sources import build_source
-from clipforge.eval.runner import (
-    benchmark_record,
-    classnames_from_file,
-    evaluate_retrieval,
-    evaluate_zeroshot,
-    format_results_table,
-    open_eval_source,
-    write_results_json,
-)
+from clipforge.eval.results import benchmark_record, format_results_table, write_results_json
+from clipforge.eval.runner import classnames_from_file, evaluate_retrieval, evaluate_zeroshot, open_eval_source
 from clipforge.train.evaluation import ClassifierCache
 from clipforge.viz import plot_confusion_matrix
 from tests.eval.handmade import COLOURS, colour_model, colour_processor, write_colour_set
@@ -96,21 +90,41 @@ def test_retrieval_skips_unreadable_images_with_their_captions(tmp_path: Path) -
 
 def test_results_json_has_the_clip_benchmark_layout(tmp_path: Path) -> None:
     result = run_zeroshot(write_colour_set(tmp_path, per_class=1))
-    path = write_results_json(tmp_path / "out" / "results.json", result, "manifest:colours.csv", "run/last.pt")
+    record = benchmark_record(result, "manifest:colours.csv", "vit-p8", "run/last.pt")
+    path = write_results_json(tmp_path / "out" / "results.json", record)
     written = json.loads(path.read_text())
     assert written == {
         "dataset": "manifest:colours.csv",
-        "model": "run/last.pt",
+        "model": "vit-p8",
+        "pretrained": "run/last.pt",
         "task": "zeroshot_classification",
         "metrics": {"acc1": 1.0, "acc5": 1.0, "mean_per_class_recall": 1.0},
+        "language": "en",
     }
-    assert list(written) == ["dataset", "model", "task", "metrics"]
+    assert list(written) == ["dataset", "model", "pretrained", "task", "metrics", "language"]
     retrieval = evaluate_retrieval(colour_model(), colour_processor(), ManifestSource(tmp_path / "colours.csv"))
-    record = benchmark_record(retrieval, "d", "m")
+    record = benchmark_record(retrieval, "d", "m", "p")
     assert record["task"] == "zeroshot_retrieval"
     assert all(isinstance(value, float) for value in record["metrics"].values())
     table = format_results_table(result, "manifest:colours.csv", "run/last.pt")
     assert "acc1" in table and "6 images, 6 classes" in table
+
+
+def test_acc5_is_nan_below_five_classes_as_clip_benchmark_writes_it(tmp_path: Path) -> None:
+    three = ["red", "green", "blue"]
+    manifest = write_colour_set(tmp_path, per_class=1)
+    rows = [
+        line for line in manifest.read_text().splitlines() if line.startswith("image") or line.split(",")[2] in three
+    ]
+    manifest.write_text("\n".join(rows) + "\n")
+    result = run_zeroshot(manifest)
+    assert "acc5" not in result.metrics  # the library leaves top-5 of 3 classes out; the JSON writes NaN
+    path = write_results_json(tmp_path / "r.json", benchmark_record(result, "d", "m", "p"))
+    assert '"acc5": NaN' in path.read_text()
+    written = json.loads(path.read_text())
+    assert list(written["metrics"]) == ["acc1", "acc5", "mean_per_class_recall"] and math.isnan(
+        written["metrics"]["acc5"]
+    )
 
 
 def test_plot_confusion_matrix_writes_a_png(tmp_path: Path) -> None:
@@ -151,10 +165,11 @@ def test_classnames_from_a_file_list_or_mapping(tmp_path: Path) -> None:
         classnames_from_file(unlabelled, str(tmp_path / "list.json"), "manifest")
 
 
-def test_a_streamed_source_is_refused_with_a_reason(tmp_path: Path) -> None:
+def test_shards_are_indexed_for_evaluation(tmp_path: Path) -> None:
     from tests.data.shard_helpers import shapes_samples, write_shards
 
     spec = write_shards(tmp_path, shapes_samples()[:4], shard_size=2)
-    with pytest.raises(ValueError, match="streamed source .* evaluation cannot index"):
-        open_eval_source(DataConfig(kind="webdataset", path=spec))
+    source = open_eval_source(DataConfig(kind="webdataset", path=spec))
+    assert len(source) == 4 and source.captions(3) == ["a large red square"]
+    assert source.labels.tolist() == [0, 0, 0, 0]
     assert len(open_eval_source(DataConfig(kind="manifest", path=str(write_colour_set(tmp_path / "c"))))) == 12

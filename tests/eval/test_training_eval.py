@@ -220,3 +220,27 @@ def test_locked_towers_run_once_across_rounds_and_give_the_full_pass_figures(
                 parameter.add_(0.5 * torch.randn_like(parameter))
     assert evaluator.memo.image_passes == 1
     assert len(evaluator.memo.texts) == len(set(captions))
+
+
+def test_an_eval_task_on_shards_measures_what_the_same_images_give_from_a_manifest(tmp_path: Path) -> None:
+    """Shards stream in training; an eval task indexes them (one header scan) and reads every sample once."""
+    from clipforge.config import DataConfig
+    from clipforge.data.pack import pack_source
+
+    manifest = write_colour_set(tmp_path / "colours", per_class=2)
+    pack_source(DataConfig(kind="manifest", path=str(manifest)), tmp_path / "shards", shard_size=5)
+    spec = str(tmp_path / "shards")  # a folder of shards
+    config = colour_config(
+        eval={
+            "tasks": [
+                {"name": "csv", "task": "zeroshot", "data": {"kind": "manifest", "path": str(manifest)}},
+                {"name": "tar", "task": "zeroshot", "data": {"kind": "webdataset", "path": spec}},
+                {"name": "tar-r", "task": "retrieval", "data": {"kind": "webdataset", "path": spec}},
+            ],
+            "batch_size": 4,
+        }
+    )
+    evaluator = TrainingEvaluator(config, colour_processor(config), contextlib.nullcontext())
+    record, _ = evaluator.run(colour_model(), step=1)
+    assert record["tar/acc1"] == record["csv/acc1"] == 1.0 and record["tar-r/image_retrieval_recall@1"] < 1
+    assert len(evaluator.tasks[1].source) == 12

@@ -22,3 +22,9 @@ EXPLAIN_METHODS = ("auto", "attention-gradient", "rollout", "gradcam")
 
 # what a weights spec may be: --checkpoint, `clipforge import`, model.init
 WEIGHTS_SPEC_HELP = "hf:<folder or hub id>, open_clip:CONFIG.json:WEIGHTS, or the path of a clipforge checkpoint"
+
+# what `clipforge eval --task` measures (a suite entry's `task` too)
+EVAL_TASKS = ("zeroshot", "retrieval", "linear_probe", "fewshot")
+
+# how evaluation ranks a correct answer that scores exactly as much as a wrong one (clipforge.eval.classification)
+TIE_RULES = ("pessimistic", "index")

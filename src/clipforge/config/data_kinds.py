@@ -242,10 +242,12 @@ class TorchvisionData(DataConfig):
 @dataclass
 class WebDatasetData(DataConfig):
     """``webdataset``: tar shards, brace notation allowed (``data/{00000..00123}.tar``), as img2dataset or
-    ``clipforge data pack`` writes them. Streamed: shards are shuffled per epoch and split over ranks and loader
-    workers, samples pass a ``shuffle_buffer``; ``resample: true`` draws shards with replacement and then needs
-    ``epoch_size`` (samples per epoch over all ranks; without resampling an epoch is one pass over the shards and
-    ``epoch_size`` is not used)."""
+    ``clipforge data pack`` writes them, a folder of ``.tar`` shards, or CLIP_benchmark's ``wds_<name>/`` folder (its
+    ``test/`` shards; ``wds_<name>/train`` for another split; ``classnames.txt`` and the templates file beside).
+    Streamed: shards are shuffled per epoch and split over ranks and loader workers, samples pass a
+    ``shuffle_buffer``; ``resample: true`` draws shards with replacement and then needs ``epoch_size`` (samples per
+    epoch over all ranks; without resampling an epoch is one pass over the shards and ``epoch_size`` is not used).
+    Evaluation indexes the shards with one scan of their headers."""
 
     kind: Literal["webdataset"] = "webdataset"
     path: str = ""

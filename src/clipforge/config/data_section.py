@@ -52,8 +52,9 @@ class SourceCapabilities:
 
 MAP_STYLE = SourceCapabilities()  # images by index, maybe with labels
 UNLABELLED = dataclasses.replace(MAP_STYLE, labels=False)  # images by index, captions only (coco, flickr, a mix)
-# shards: front to back only; evaluation and the feature cache need an index (evaluating shards: a later change)
-STREAMED = SourceCapabilities(random_access=False, streaming=True, evaluable=False, cacheable=False)
+# shards: front to back only; evaluation indexes them with one scan of their headers (clipforge.data.shard_index),
+# the feature cache keys features by an index it cannot keep across epochs of a stream
+STREAMED = SourceCapabilities(random_access=False, streaming=True, evaluable=True, cacheable=False)
 
 
 @dataclass

@@ -266,10 +266,9 @@ def _check_eval_data(task: EvalTaskConfig, where: str) -> None:
     if not data.capabilities.evaluable:
         # the kinds to suggest: those evaluation can index (a mix is refused above)
         indexed = [kind for kind, cls in DATA_KINDS.items() if cls.capabilities.evaluable and kind != "mix"]
-        why = "gives a streamed source that evaluation cannot index (WebDataset shards cannot be evaluated yet)"
         raise ConfigError(
-            f"{where}.data.kind={data.kind!r} {why if data.capabilities.streaming else 'cannot be evaluated'}; "
-            f"evaluate on a source with random access ({', '.join(indexed)})"
+            f"{where}.data.kind={data.kind!r} cannot be evaluated; evaluate on a source evaluation can index "
+            f"({', '.join(indexed)})"
         )
     if task.task == "zeroshot" and not data.capabilities.labels:
         raise ConfigError(

@@ -1,4 +1,5 @@
-"""WebDataset tar shards: shard lists in brace notation, an index of each shard's samples, reading them.
+"""WebDataset tar shards: shard lists in brace notation or folders (``wds_layout.py``), an index of each shard's
+samples, reading them.
 
 Layout (what img2dataset and ``clipforge data pack`` write): consecutive tar members that share a key form
 one sample, the key being the member name up to the first dot of its base name (webdataset's rule, reused
@@ -30,6 +31,7 @@ from webdataset.tariterators import base_plus_ext
 from clipforge.config import STREAMED
 from clipforge.data.base import DataError, bounded_text
 from clipforge.data.files import MAX_LINE_CHARS
+from clipforge.data.wds_layout import resolve_layout
 
 logger = logging.getLogger("clipforge")
 
@@ -121,7 +123,13 @@ class ShardSource:
         self, spec: str, shuffle_buffer: int = 1000, resample: bool = False, epoch_size: int | None = None
     ) -> None:
         self.spec = spec
-        self.shards = expand_shards(spec)
+        layout = resolve_layout(spec)
+        self.shards = layout.shards if layout.shards is not None else expand_shards(spec)
+        # what the shards' folder says (CLIP_benchmark's wds_<name>/ layout): class names in label order, prompt
+        # templates, whether a .txt member holds one caption a line; None / False otherwise
+        self.classnames: list[str] | None = layout.classnames
+        self.templates: list[str] | None = layout.templates
+        self.caption_lines = layout.caption_lines
         if not self.shards:
             raise DataError(f"data.kind='webdataset': the shard spec {spec!r} names no file")
         if not any(os.path.isfile(path) for path in self.shards):
@@ -205,7 +213,7 @@ class ShardSource:
                 data["image" if is_image else extension] = self._files.read(path, offset, size)
         except OSError as error:
             return ShardSample(where, None, [], problem=f"cannot read the shard ({error})")
-        sample = _parse_sample(where, data, image)
+        sample = _parse_sample(where, data, image, self.caption_lines)
         sample.image_extension = image_extension
         return sample
 
@@ -285,8 +293,9 @@ def _scan_headers(path: str, shard: int) -> tuple[list[SampleRef], str]:
     return refs, ""
 
 
-def _parse_sample(where: str, data: dict[str, bytes], want_image: bool) -> ShardSample:
-    """Captions from ``json['captions']``, else ``.txt``, else ``json['caption']``; label from json or .cls."""
+def _parse_sample(where: str, data: dict[str, bytes], want_image: bool, caption_lines: bool = False) -> ShardSample:
+    """Captions from ``json['captions']``, else ``.txt`` (each line a caption with ``caption_lines``, as in
+    CLIP_benchmark's retrieval shards), else ``json['caption']``; label from json or .cls."""
     problems = []
     meta: dict = {}
     if "json" in data:
@@ -300,7 +309,8 @@ def _parse_sample(where: str, data: dict[str, bytes], want_image: bool) -> Shard
     if isinstance(meta.get("captions"), list):
         captions = [str(text) for text in meta["captions"] if isinstance(text, str)]
     if not captions and "txt" in data:
-        captions = [data["txt"].decode("utf-8", errors="replace")]
+        text = data["txt"].decode("utf-8", errors="replace")
+        captions = text.splitlines() if caption_lines else [text]
     if not captions and isinstance(meta.get("caption"), str):
         captions = [meta["caption"]]
     captions = [bounded_text(text.strip()) for text in captions if text and text.strip()]

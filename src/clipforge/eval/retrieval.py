@@ -17,6 +17,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from clipforge.eval.classification import TieRule, check_tie_rule
+
 __all__ = ["retrieval_metrics", "retrieval_ranks", "rank_to_recall", "rank_summary"]
 
 
@@ -26,6 +28,7 @@ def retrieval_metrics(
     text_to_image: Tensor,
     ks: Sequence[int] = (1, 5, 10),
     block_size: int = 4096,
+    ties: TieRule = "pessimistic",
 ) -> dict[str, float]:
     """Recall@k, mean rank and median rank in both retrieval directions.
 
@@ -44,9 +47,18 @@ def retrieval_metrics(
     so an image is a hit at k when any one of its captions is in the top k (the other correct captions never
     push it down).
 
-    Tie rule (pessimistic): a wrong candidate that scores exactly the same as the correct one is counted as
-    ranked ahead of it. A constant model (all scores equal) therefore gets the worst possible rank, never a
-    lucky one.
+    Tie rule (``ties``): ``pessimistic`` (the default, the formulas above) counts a wrong candidate that scores
+    exactly the same as the correct one as ranked ahead of it, so a constant model (all scores equal) gets the
+    worst possible rank, never a lucky one. ``index`` ranks tied candidates by index, the lower first (the order
+    CLIP_benchmark's ``torch.topk`` is read in; PyTorch does not promise an order among equal values, see
+    :mod:`clipforge.eval.classification`)::
+
+        text -> image:  rank(j) = 1 + #{ i : s(i, j) > s(g(j), j) } + #{ i < g(j) : s(i, j) = s(g(j), j) }
+        image -> text:  rank(i) = 1 + #{ wrong j : s(i, j) > best(i) } + #{ wrong j < first(i) : s(i, j) = best(i) }
+
+    where ``first(i)`` is the lowest index of image i's captions that score ``best(i)``. Ties are rare with real
+    features, but exact whenever two images share a caption (its embedding is computed once): then the rules
+    differ, pessimistic counting every shared caption against both images.
 
     Returned keys, for each ``k`` in ``ks``: ``image_retrieval_recall@{k}`` and ``text_retrieval_recall@{k}``
     (the fraction of queries with ``rank <= k``, in [0, 1]); and ``{image,text}_retrieval_{mean,median}_rank``.
@@ -64,9 +76,10 @@ def retrieval_metrics(
         text_to_image: (N_txt,) integer tensor, the image index of each caption.
         ks: cut-offs for recall@k (positive integers).
         block_size: number of queries scored at once.
+        ties: ``pessimistic`` or ``index``.
     """
     _check_ks(ks)
-    image_ranks, text_ranks = retrieval_ranks(image_features, text_features, text_to_image, block_size)
+    image_ranks, text_ranks = retrieval_ranks(image_features, text_features, text_to_image, block_size, ties)
     metrics: dict[str, float] = {}
     metrics.update(rank_summary(image_ranks, ks, prefix="image_retrieval_"))
     metrics.update(rank_summary(text_ranks, ks, prefix="text_retrieval_"))
@@ -78,6 +91,7 @@ def retrieval_ranks(
     text_features: Tensor,
     text_to_image: Tensor,
     block_size: int = 4096,
+    ties: TieRule = "pessimistic",
 ) -> tuple[Tensor, Tensor]:
     """The 1-based ranks behind :func:`retrieval_metrics` (same maths, tie rule and arguments).
 
@@ -86,14 +100,15 @@ def retrieval_ranks(
         features' device; the first holds one rank per caption query, the second one rank per image query.
     """
     text_to_image = _validate(image_features, text_features, text_to_image, block_size)
+    check_tie_rule(ties)
     # float32 scores whatever the storage dtype: fp16 dot products of 512-d vectors tie far too often. One
     # up-front cast (a no-op for float32 inputs) costs N * D floats, small next to one score block.
     image_features = image_features.float()
     text_features = text_features.float()
     # No graph: metrics are never differentiated, and matmul into a preallocated buffer refuses autograd.
     with torch.no_grad():
-        image_ranks = _image_retrieval_ranks(image_features, text_features, text_to_image, block_size)
-        text_ranks = _text_retrieval_ranks(image_features, text_features, text_to_image, block_size)
+        image_ranks = _image_retrieval_ranks(image_features, text_features, text_to_image, block_size, ties)
+        text_ranks = _text_retrieval_ranks(image_features, text_features, text_to_image, block_size, ties)
     return image_ranks, text_ranks
 
 
@@ -118,9 +133,10 @@ def rank_summary(ranks: Tensor, ks: Sequence[int], prefix: str = "") -> dict[str
 
 
 def _image_retrieval_ranks(
-    image_features: Tensor, text_features: Tensor, text_to_image: Tensor, block_size: int
+    image_features: Tensor, text_features: Tensor, text_to_image: Tensor, block_size: int, ties: TieRule
 ) -> Tensor:
-    """Text -> image: rank(j) = #{i : s(i, j) >= s(g(j), j)}, which counts the own image once (hence the +1)."""
+    """Text -> image: rank(j) = #{i : s(i, j) >= s(g(j), j)}, which counts the own image once (hence the +1);
+    the index rule then takes back the tied images after the own one."""
     num_texts = text_features.shape[0]
     ranks = torch.empty(num_texts, dtype=torch.long, device=text_features.device)
     # One score buffer reused by every block: the only O(block * N_img) allocation, made once instead of once
@@ -132,14 +148,16 @@ def _image_retrieval_ranks(
         # The own score is read back from the same matrix, so the comparison below sees bit-identical values
         # and the tie rule holds exactly (a separately computed dot product could round differently).
         own = scores.gather(1, text_to_image[start:stop, None])  # (block, 1)
-        ranks[start:stop] = _count_at_or_above_(scores, own)
+        tied_after = _tied_after(scores, own, text_to_image[start:stop]) if ties == "index" else 0
+        ranks[start:stop] = _count_at_or_above_(scores, own) - tied_after
     return ranks
 
 
 def _text_retrieval_ranks(
-    image_features: Tensor, text_features: Tensor, text_to_image: Tensor, block_size: int
+    image_features: Tensor, text_features: Tensor, text_to_image: Tensor, block_size: int, ties: TieRule
 ) -> Tensor:
-    """Image -> text: rank(i) = 1 + #{all j : s(i, j) >= best(i)} - #{correct j : s(i, j) >= best(i)}."""
+    """Image -> text: rank(i) = 1 + #{all j : s(i, j) >= best(i)} - #{correct j : s(i, j) >= best(i)}; the index
+    rule then takes back the tied wrong captions after ``first(i)``."""
     num_images = image_features.shape[0]
     device = image_features.device
     # Captions grouped by image: the correct captions of images [start, stop) are then one contiguous slice of
@@ -161,9 +179,34 @@ def _text_retrieval_ranks(
         best.scatter_reduce_(0, query_row, correct_scores, reduce="amax")
         # Remove the image's own captions from the count (at least one: the best one itself); what remains are
         # the wrong captions scoring >= best, ties included, which is the pessimistic rule.
-        correct_at_or_above = torch.bincount(query_row[correct_scores >= best[query_row]], minlength=stop - start)
-        ranks[start:stop] = 1 + _count_at_or_above_(scores, best[:, None]) - correct_at_or_above
+        at_best = correct_scores >= best[query_row]  # the correct captions that reach the image's best score
+        correct_at_or_above = torch.bincount(query_row[at_best], minlength=stop - start)
+        tied_after = 0
+        if ties == "index":
+            # first(i): the lowest caption index at the best score; the correct captions after it are not wrong
+            first = torch.full((stop - start,), scores.shape[1], device=device, dtype=torch.long)
+            first.scatter_reduce_(0, query_row[at_best], correct_captions[at_best], reduce="amin")
+            correct_after = torch.bincount(
+                query_row[at_best & (correct_captions > first[query_row])], minlength=stop - start
+            )
+            tied_after = _tied_after(scores, best[:, None], first) - correct_after
+        ranks[start:stop] = 1 + _count_at_or_above_(scores, best[:, None]) - correct_at_or_above - tied_after
     return ranks
+
+
+def _tied_after(scores: Tensor, value: Tensor, position: Tensor) -> Tensor:
+    """(rows,) ``#{c > position[r] : scores[r, c] == value[r]}``: the candidates the index rule ranks behind a tie.
+
+    One equality pass over the block finds the rows with any tie besides the position itself; only those rows
+    (few, with real features) are compared column by column.
+    """
+    counts = torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device)
+    tied_rows = torch.nonzero(torch.eq(scores, value).sum(dim=1) > 1).flatten()
+    if tied_rows.numel():
+        rows = scores[tied_rows] == value[tied_rows]  # (tied rows, candidates)
+        after = torch.arange(scores.shape[1], device=scores.device)[None, :] > position[tied_rows, None]
+        counts[tied_rows] = (rows & after).sum(dim=1)
+    return counts
 
 
 def _count_at_or_above_(scores: Tensor, threshold: Tensor) -> Tensor:

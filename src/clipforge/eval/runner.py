@@ -1,4 +1,5 @@
-"""Zero-shot classification and retrieval of a model on one data source, and how their results are written.
+"""Zero-shot classification and retrieval of a model on one data source (results and their JSON: ``results.py``;
+linear probes: ``probe.py``).
 
 The glue between a source (``clipforge.data.sources``), a model and the metric maths (``zeroshot.py``,
 ``retrieval.py``): images are embedded with the evaluation transform (``features.py``: resize + center crop),
@@ -11,11 +12,8 @@ The model is used as it is: put it in eval mode first (``load_checkpoint`` alrea
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -24,91 +22,62 @@ from clipforge.config import DataConfig
 from clipforge.data.base import DataError, ImageTextSource, capabilities_of
 from clipforge.data.files import classnames_for
 from clipforge.data.processor import Processor
-from clipforge.data.samples import SkippedSample
+from clipforge.data.shard_index import IndexedShards
 from clipforge.data.sources import build_source
+from clipforge.eval.classification import TieRule
 from clipforge.eval.features import LockedTowerMemo, encode_source_images, encode_texts
+from clipforge.eval.results import EvalResult, RetrievalEmbeddings
 from clipforge.eval.retrieval import retrieval_metrics
-from clipforge.eval.templates import get_templates
+from clipforge.eval.templates import get_templates, load_classnames, split_dataset_suffix
 from clipforge.eval.zeroshot import build_zeroshot_classifier, zeroshot_metrics
-from clipforge.io import atomic_write_text
 from clipforge.model import CLIPModel
 from clipforge.viz import plot_retrieval_grid
 
 __all__ = [
-    "BENCHMARK_TASKS",
     "EvalResult",
     "RetrievalEmbeddings",
-    "benchmark_record",
     "classification_targets",
     "classnames_from_file",
-    "dataset_label",
     "evaluate_retrieval",
     "evaluate_zeroshot",
-    "format_results_table",
     "open_eval_source",
+    "plot_retrieval_examples",
+    "source_templates",
     "zeroshot_classifier",
-    "write_results_json",
 ]
 
 ZEROSHOT_KS = (1, 5)  # CLIP_benchmark reports acc1 and acc5
 RETRIEVAL_KS = (1, 5, 10)
-# our task names -> the CLIP_benchmark task names used in the results JSON
-BENCHMARK_TASKS = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval"}
 
 Autocast = contextlib.AbstractContextManager | None
 
 
-@dataclass
-class RetrievalEmbeddings:
-    """The embeddings behind a retrieval result, for pictures of its top results.
-
-    ``image_features`` (N_img, D) and ``text_features`` (N_txt, D) are unit-norm; image row ``r`` is source
-    image ``image_indices[r]``; caption ``j`` (``captions[j]``) describes image row ``text_to_image[j]``.
-    """
-
-    image_features: torch.Tensor
-    image_indices: np.ndarray
-    text_features: torch.Tensor
-    captions: list[str]
-    text_to_image: torch.Tensor
-
-
-@dataclass
-class EvalResult:
-    """What one evaluation measured, and on how much data.
-
-    ``task``: ``zeroshot`` or ``retrieval``. ``metrics``: plain floats (the keys of ``zeroshot_metrics`` or
-    ``retrieval_metrics``, without the confusion matrix). ``num_images`` / ``num_captions`` count what was
-    evaluated; ``skipped_images`` / ``skipped_captions`` what was left out because its image was unreadable.
-    """
-
-    task: str
-    metrics: dict[str, float]
-    num_images: int
-    skipped_images: int
-    num_captions: int = 0
-    skipped_captions: int = 0
-    confusion_matrix: list[list[int]] | None = None  # zero-shot: row = true class, column = top-1 prediction
-    classnames: list[str] | None = None
-    embeddings: RetrievalEmbeddings | None = None
-    skipped: list[SkippedSample] = field(default_factory=list)
-
-
 def open_eval_source(data: DataConfig) -> ImageTextSource:
-    """``build_source(data)``, checked to be a finite source evaluation can index.
+    """``build_source(data)`` as a finite source evaluation can index: every image visited exactly once, its
+    captions and label looked up by index.
 
-    Every image must be visited exactly once and its captions looked up by index, so a source whose
-    ``capabilities`` are not ``evaluable`` (a streamed one: no ``len``/``load_image``) is refused with a
-    ``DataError`` that says so, rather than failing mid-run.
+    A map-style source is used as it is; WebDataset shards (a stream: no ``len``, no ``load_image``) are indexed
+    by one scan of their headers (:class:`~clipforge.data.shard_index.IndexedShards`), their samples then read
+    in file order. A source whose ``capabilities`` say it cannot be evaluated is refused with a ``DataError``
+    that says so, rather than failing mid-run.
     """
     source = build_source(data)
-    if not capabilities_of(source).evaluable:
+    capabilities = capabilities_of(source)
+    if not capabilities.evaluable:
         raise DataError(
-            f"data.kind={data.kind!r} gives a streamed source ({type(source).__name__}) that evaluation cannot "
-            "index (WebDataset shards cannot be evaluated yet); evaluate on a source with random access (manifest, "
-            "coco, flickr, imagefolder, idx, cifar, hf)"
+            f"data.kind={data.kind!r} gives a source ({type(source).__name__}) that evaluation cannot index; "
+            "evaluate on a source with random access (manifest, coco, flickr, imagefolder, idx, cifar, hf) or shards"
         )
+    if not capabilities.random_access:
+        return IndexedShards(source)
     return source
+
+
+def source_templates(source: ImageTextSource) -> list[str] | None:
+    """The prompt templates that come with the data (CLIP_benchmark's ``zeroshot_classification_templates.txt``
+    beside WebDataset shards), or None."""
+    templates = getattr(source, "templates", None)
+    return list(templates) if templates else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,10 +114,20 @@ def classification_targets(
 def classnames_from_file(source: ImageTextSource, spec: str, kind: str) -> list[str]:
     """Class names for ``source``'s labels from ``spec``, read as ``data.classnames`` is (a JSON list in label
     order, a JSON object mapping the source's own class names, or label numbers, to readable names, a text
-    file with one name per line, or a shipped list); ``kind`` names the data kind in error messages."""
+    file with one name per line, or a shipped list), or ``file.json:dataset``: the entry of CLIP_benchmark's
+    ``{dataset: [names]}`` layout (``en_classnames.json``); ``kind`` names the data kind in error messages."""
     if source.labels is None:
         classification_targets(source)  # raises, explaining that the source has no labels
     default = source.classnames or [str(label) for label in range(int(np.max(source.labels, initial=-1)) + 1)]
+    path, dataset = split_dataset_suffix(spec)
+    if dataset is not None:
+        names = load_classnames(path, dataset)
+        if len(names) != len(default):
+            raise DataError(
+                f"{spec}: lists {len(names)} names but the data has {len(default)} classes; expected one name per "
+                "class, in label order"
+            )
+        return names
     return classnames_for(spec, kind, len(default), default)
 
 
@@ -183,11 +162,12 @@ def evaluate_zeroshot(
     num_workers: int = 0,
     classifier: torch.Tensor | None = None,
     memo: LockedTowerMemo | None = None,
+    ties: TieRule = "pessimistic",
 ) -> EvalResult:
     """Zero-shot classification of every readable image of ``source`` by its most similar class prompt.
 
     Prediction: ``argmax_c <image_n, w_c>`` with ``w`` from :func:`zeroshot_classifier`. Metrics (see
-    ``zeroshot_metrics``, pessimistic tie rule): ``acc1``, ``acc5`` (only with at least 5 classes) and
+    ``zeroshot_metrics``, under the tie rule ``ties``): ``acc1``, ``acc5`` (only with at least 5 classes) and
     ``mean_per_class_recall``; the confusion matrix is kept on the result.
 
     Args:
@@ -202,7 +182,8 @@ def evaluate_zeroshot(
     if classifier is None:
         classifier = zeroshot_classifier(model, processor, names, templates, batch_size, autocast, memo)
     images = encode_source_images(model, source, processor, batch_size, num_workers, autocast, memo)
-    measured = zeroshot_metrics(images.features, classifier, torch.as_tensor(labels[images.indices]), ZEROSHOT_KS)
+    labels_kept = torch.as_tensor(labels[images.indices])
+    measured = zeroshot_metrics(images.features, classifier, labels_kept, ZEROSHOT_KS, ties=ties)
     confusion = measured.pop("confusion_matrix")
     return EvalResult(
         task="zeroshot",
@@ -212,6 +193,7 @@ def evaluate_zeroshot(
         confusion_matrix=confusion,
         classnames=names,
         skipped=images.skipped,
+        ties=ties,
     )
 
 
@@ -228,18 +210,19 @@ def evaluate_retrieval(
     num_workers: int = 0,
     ks: Sequence[int] = RETRIEVAL_KS,
     memo: LockedTowerMemo | None = None,
+    ties: TieRule = "pessimistic",
 ) -> EvalResult:
     """Text -> image and image -> text retrieval over every caption of every readable image of ``source``.
 
     Every caption is a text query whose one correct image is the image it belongs to; every image is a
     query whose correct texts are all of its captions (a hit when any one of them is in the top k). Metrics
-    (see ``retrieval_metrics``, pessimistic tie rule): ``{image,text}_retrieval_recall@{k}`` for ``ks`` and
+    (see ``retrieval_metrics``, under the tie rule ``ties``): ``{image,text}_retrieval_recall@{k}`` for ``ks`` and
     the mean and median ranks. An unreadable image is dropped together with its captions, so no caption
     points at an image that is not among the candidates.
 
     Captions shared by several images (``"a dog on the grass"`` under two photos) are embedded once
     (``encode_texts`` encodes each distinct string once), so their scores are bit-identical: such ties are
-    resolved by the pessimistic rule, and the metrics do not depend on ``batch_size``. ``memo``: see
+    resolved by the tie rule, and the metrics do not depend on ``batch_size``. ``memo``: see
     ``evaluate_zeroshot``.
     """
     images = encode_source_images(model, source, processor, batch_size, num_workers, autocast, memo)
@@ -253,7 +236,7 @@ def evaluate_retrieval(
     skipped_captions = sum(len(source.captions(int(index))) for index in unreadable)
     text_features = encode_texts(model, processor, captions, batch_size, autocast, memo)  # (N_txt, D)
     owners = torch.as_tensor(text_to_image, dtype=torch.long)
-    metrics = retrieval_metrics(images.features, text_features, owners, ks=ks)
+    metrics = retrieval_metrics(images.features, text_features, owners, ks=ks, ties=ties)
     return EvalResult(
         task="retrieval",
         metrics={key: float(value) for key, value in metrics.items()},
@@ -263,54 +246,13 @@ def evaluate_retrieval(
         skipped_captions=skipped_captions,
         embeddings=RetrievalEmbeddings(images.features, images.indices, text_features, captions, owners),
         skipped=images.skipped,
+        ties=ties,
     )
 
 
 # ----------------------------------------------------------------------------------------------
-# Results: the CLIP_benchmark JSON, and a table for people
+# Pictures
 # ----------------------------------------------------------------------------------------------
-
-
-def dataset_label(data: DataConfig) -> str:
-    """A short name for the data a result was measured on: ``kind:path`` and ``:split`` where the kind has
-    splits (``emoji:test``, ``manifest:data/test.csv``, ``cifar:data/cifar-10-batches-py:test``)."""
-    return ":".join(part for part in (data.kind, data.get("path", ""), data.get("split", "")) if part)
-
-
-def benchmark_record(result: EvalResult, dataset: str, model: str) -> dict[str, Any]:
-    """The result in CLIP_benchmark's layout: ``{"dataset", "model", "task", "metrics"}``.
-
-    ``task`` is ``zeroshot_classification`` or ``zeroshot_retrieval``; ``metrics`` holds floats only
-    (``acc1``, ``acc5``, ``mean_per_class_recall`` / ``image_retrieval_recall@k``, ``text_retrieval_recall@k``,
-    mean and median ranks), so tools that read CLIP_benchmark results read ours.
-    """
-    return {"dataset": dataset, "model": model, "task": BENCHMARK_TASKS[result.task], "metrics": dict(result.metrics)}
-
-
-def write_results_json(path: str | Path, result: EvalResult, dataset: str, model: str) -> Path:
-    """Write :func:`benchmark_record` as indented JSON to ``path`` (its folder is created), atomically: an
-    interrupted write leaves the old file, never half a new one. Keys keep CLIP_benchmark's order."""
-    return atomic_write_text(path, json.dumps(benchmark_record(result, dataset, model), indent=2) + "\n")
-
-
-def format_results_table(result: EvalResult, dataset: str, model: str) -> str:
-    """A plain-text table of the metrics, headed by what was measured on how much data."""
-    if result.task == "zeroshot":
-        counted = f"{result.num_images} images, {len(result.classnames or [])} classes"
-    else:
-        counted = f"{result.num_images} images, {result.num_captions} captions"
-    if result.skipped_images:
-        counted += f"; skipped {result.skipped_images} unreadable images"
-        counted += f" ({result.skipped_captions} captions)" if result.task == "retrieval" else ""
-    width = max(len(key) for key in result.metrics)
-    lines = [f"{BENCHMARK_TASKS[result.task]} of {model}", f"on {dataset} ({counted})"]
-    lines.append(f"  {'metric':<{width}}  {'value':>8}")
-    for key, value in result.metrics.items():
-        shown = f"{value:8.2f}" if key.endswith("_rank") else f"{value:8.4f}"
-        lines.append(f"  {key:<{width}}  {shown}")
-    return "\n".join(lines)
-
-
 def plot_retrieval_examples(
     result: EvalResult, source: ImageTextSource, path: str | Path, queries: int = 8, top: int = 5
 ) -> Path:

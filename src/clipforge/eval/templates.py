@@ -14,7 +14,7 @@ from pathlib import Path
 
 from clipforge.config.templates import validate_templates
 
-__all__ = ["TEMPLATE_SETS", "get_templates", "load_classnames", "validate_templates"]
+__all__ = ["TEMPLATE_SETS", "get_templates", "load_classnames", "split_dataset_suffix", "validate_templates"]
 
 # The 80 ImageNet prompt templates. Source: Radford et al. 2021, "Learning Transferable Visual Models From
 # Natural Language Supervision" (CLIP), prompt engineering notebook (Prompt_Engineering_for_ImageNet.ipynb).
@@ -180,7 +180,7 @@ def get_templates(spec: str | Sequence[str]) -> list[str]:
         return list(TEMPLATE_SETS[spec])
     if "{}" in spec or "{c}" in spec:
         return validate_templates([spec])
-    path, dataset = _split_dataset_suffix(spec)
+    path, dataset = split_dataset_suffix(spec)
     if path is not None:
         return _templates_from_json(path, dataset)
     raise ValueError(
@@ -207,7 +207,7 @@ def load_classnames(path: str | os.PathLike[str], dataset: str) -> list[str]:
     return list(names)
 
 
-def _split_dataset_suffix(spec: str) -> tuple[Path | None, str | None]:
+def split_dataset_suffix(spec: str) -> tuple[Path | None, str | None]:
     """``'a/b.json:cifar10'`` -> (path, 'cifar10'); ``'a/b.json'`` -> (path, None); (None, None) if no such file.
 
     The file is looked up as given first, so a path that itself contains ':' still works; only if that fails

@@ -5,13 +5,13 @@ Pure tensor functions: the model enters only as an ``encode_text`` callable, the
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from clipforge.eval.classification import ClassificationTally, TieRule, check_ks
 from clipforge.eval.templates import validate_templates
 
 __all__ = ["build_zeroshot_classifier", "zeroshot_metrics", "predict_proba"]
@@ -94,15 +94,19 @@ def zeroshot_metrics(
     classifier: Tensor,
     labels: Tensor,
     ks: Sequence[int] = (1, 5, 10),
+    ties: TieRule = "pessimistic",
+    block_size: int = 8192,
 ) -> dict[str, float | list[list[int]]]:
     """Top-k accuracy, mean per-class recall and the confusion matrix of a zero-shot classifier.
 
-    Logits are ``image_features @ classifier.T`` in float32. For image ``n`` with true class ``y``, its rank is::
+    Logits are ``image_features @ classifier.T`` in float32, ``block_size`` images at a time (never the whole
+    N x C matrix). For image ``n`` with true class ``y``, its rank under the default tie rule is::
 
         rank(n) = 1 + #{ c != y : logit(n, c) >= logit(n, y) }
 
-    Tie rule (pessimistic): a wrong class with the same logit as the true class is ranked ahead of it. The
-    image is correct at k when ``rank(n) <= k``.
+    Tie rule (``ties``, see :mod:`clipforge.eval.classification`): ``pessimistic`` ranks a wrong class with the
+    same logit as the true class ahead of it; ``index`` ranks the lower class index first. The image is correct
+    at k when ``rank(n) <= k``.
 
     Returned keys:
         ``acc{k}``: fraction correct at k, only for the k in ``ks`` with k <= C (with fewer than k classes,
@@ -110,36 +114,24 @@ def zeroshot_metrics(
         ``mean_per_class_recall``: the top-1 recall of each class, averaged over the classes that have at
             least one image in ``labels`` (classes absent from the set are skipped, not counted as 0).
         ``confusion_matrix``: C x C nested list of ints, row = true class, column = top-1 prediction. The
-            prediction follows the same tie rule: if the true class ties for the top logit with another class,
-            the (lowest-index) wrong class is predicted, so the trace divided by N equals ``acc1``.
+            prediction follows the same tie rule (pessimistic: if the true class ties for the top logit with
+            another class, the lowest-index wrong class is predicted), so the trace divided by N equals ``acc1``.
 
     Args:
         image_features: (N, D) image embeddings (normally L2-normalized).
         classifier: (C, D) class weights, e.g. from :func:`build_zeroshot_classifier`.
         labels: (N,) integer true classes in [0, C).
         ks: the k for top-k accuracy.
+        ties: ``pessimistic`` or ``index``.
+        block_size: images scored at once.
     """
     labels = _checked_labels(image_features, classifier, labels, ks)
-    num_classes = classifier.shape[0]
-    logits = image_features.float() @ classifier.to(image_features.device).float().T  # (N, C)
-    true_logit = logits.gather(1, labels[:, None])  # (N, 1)
-    at_or_above = logits >= true_logit  # (N, C), includes the true class itself
-    ranks = at_or_above.sum(dim=1)  # = 1 + #(wrong classes >= true)
-
-    metrics: dict[str, float | list[list[int]]] = {}
-    for k in ks:
-        if k <= num_classes:
-            metrics[f"acc{k}"] = (ranks <= k).double().mean().item()
-
-    predictions = _pessimistic_top1(logits, labels)
-    confusion = torch.bincount(labels * num_classes + predictions, minlength=num_classes * num_classes)
-    confusion = confusion.reshape(num_classes, num_classes).cpu()
-    support = confusion.sum(dim=1)
-    present = support > 0
-    per_class_recall = confusion.diagonal()[present].double() / support[present].double()
-    metrics["mean_per_class_recall"] = per_class_recall.mean().item()
-    metrics["confusion_matrix"] = confusion.tolist()
-    return metrics
+    weights = classifier.to(image_features.device).float()
+    tally = ClassificationTally(classifier.shape[0], ks, ties)
+    for start in range(0, len(labels), block_size):
+        block = image_features[start : start + block_size].float() @ weights.T  # (block, C)
+        tally.add(block, labels[start : start + block_size])
+    return tally.metrics()
 
 
 def _checked_labels(image_features: Tensor, classifier: Tensor, labels: Tensor, ks: Sequence[int]) -> Tensor:
@@ -156,21 +148,12 @@ def _checked_labels(image_features: Tensor, classifier: Tensor, labels: Tensor, 
         raise ValueError(f"labels must have shape (N,) = ({num_images},), got {tuple(labels.shape)}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}")
-    if len(ks) == 0 or any(isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1 for k in ks):
-        raise ValueError(f"ks must be a non-empty sequence of positive integers, got {list(ks)!r}")
+    check_ks(ks)
     labels = labels.to(device=image_features.device, dtype=torch.long)
     low, high = int(labels.min()), int(labels.max())
     if low < 0 or high >= num_classes:
         raise ValueError(f"labels must be class indices in [0, {num_classes - 1}], got values in [{low}, {high}]")
     return labels
-
-
-def _pessimistic_top1(logits: Tensor, labels: Tensor) -> Tensor:
-    """Top-1 predictions (N,) under the pessimistic tie rule: any wrong class tied at the top wins over the true
-    one (the lowest-index such class: argmax of a 0/1 row returns the first maximal index)."""
-    is_top = logits >= logits.max(dim=1, keepdim=True).values
-    wrong_top = is_top.scatter(1, labels[:, None], False)
-    return torch.where(wrong_top.any(dim=1), wrong_top.to(torch.uint8).argmax(dim=1), labels)
 
 
 def predict_proba(image_features: Tensor, classifier: Tensor, logit_scale: float) -> Tensor:
