@@ -69,6 +69,11 @@ class ImageTowerConfig:
     ``backend="pil"``) or ``torchvision`` (torchvision's kernels on a uint8 tensor, antialiased: transformers'
     default backend). The two differ by at most one level in a few pixels; imports pick their source's.
     ``head_bias``: a ``linear`` head with a bias (y = W x + b).
+    ``open_clip`` (kind ``open_clip`` only): open_clip's own image tower, hosted as it is (a timm trunk with
+    open_clip's pooling and projection, a ModifiedResNet, a ViT layout the built-in one has not); this field is the
+    JSON that builds it offline, ``{"embed_dim": ..., "quick_gelu": ..., "vision_cfg": {...}}`` (open_clip's model
+    config keys). An open_clip import writes it (``clipforge.interop.open_clip``); the projection is inside the tower,
+    so its head is ``identity``. Needs ``pip install 'clipforge[open_clip]'``.
 
     Built-in ViT (``vit``) only, defaults = CLIP's layout: ``act`` the MLP activation (``gelu``; ``quick_gelu``
     = x sigmoid(1.702 x), OpenAI's CLIP; ``gelu_tanh``, SigLIP); ``norm_eps`` every LayerNorm's epsilon;
@@ -77,11 +82,12 @@ class ImageTowerConfig:
     attention pooling with a learned probe); ``patch_bias``: a bias in the patch convolution (SigLIP).
     """
 
-    kind: Literal["vit", "torchvision", "timm"] = "vit"
+    kind: Literal["vit", "torchvision", "timm", "open_clip"] = "vit"
     name: str = ""
     pretrained: str | None = None
     pretrained_keys: Literal["by_name", "in_order"] = "by_name"
     image_size: int | None = None
+    open_clip: str = ""
     # built-in ViT only
     patch_size: int = 8
     width: int = 192
@@ -138,11 +144,18 @@ class TextTowerConfig:
     causal attention (CLIP) or, false, bidirectional attention over every position, padding included (SigLIP:
     it needs ``tokenizer.padding: max_length``, so a caption always meets the same padding); ``vocab_size``: the
     embedding rows, null = the tokenizer's vocabulary size (an imported model may have more rows than ids).
+
+    ``open_clip`` (kind ``open_clip`` only): open_clip's own text tower, hosted as it is (CoCa's text transformer
+    with its appended class token, or a Hugging Face encoder with open_clip's pooler and projection); the JSON
+    ``{"embed_dim": ..., "quick_gelu": ..., "text_cfg": {...}}`` that builds it (a Hugging Face encoder's own config
+    travels in the checkpoint, so it rebuilds offline). It reads its padding from the token ids, as open_clip does;
+    its head is ``identity``. Needs ``pip install 'clipforge[open_clip]'``.
     """
 
-    kind: Literal["transformer", "hf"] = "transformer"
+    kind: Literal["transformer", "hf", "open_clip"] = "transformer"
     name: str = ""
     pretrained: bool | str | None = True
+    open_clip: str = ""
     pooling: Literal["auto", "eot", "cls", "mean", "eos", "argmax", "last"] = "auto"
     context_length: int = 32
     # built-in transformer only
@@ -185,7 +198,8 @@ class ModelConfig:
     """The two-tower model; ``embed_dim`` is the shared space both heads project into.
 
     ``init``: start training from released or earlier weights: ``hf:<folder or hub id>`` (a Hugging Face
-    ``CLIPModel`` / ``SiglipModel``), ``open_clip:CONFIG.json:WEIGHTS`` (an open_clip ViT model) or the path of a
+    ``CLIPModel`` / ``SiglipModel``), ``open_clip:...`` (an open_clip model: ``open_clip:NAME[:WEIGHTS]``,
+    ``open_clip:CONFIG.json:WEIGHTS``, ``open_clip:local-dir:FOLDER``, ``open_clip:hf-hub:ORG/REPO``) or the path of a
     clipforge checkpoint. The architecture, the tokenizer and the preprocessing then come from those weights (a
     field this config sets must agree with them); the towers' ``lock``, ``lr_scale`` and ``layer_decay`` stay
     this config's (``clipforge.interop.init_model``).

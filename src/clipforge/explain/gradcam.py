@@ -57,12 +57,37 @@ class _Recorder:
             handle.remove()
 
 
+def _declared_block(tower: nn.Module, block: nn.Module, images: torch.Tensor):
+    """Run ``tower`` and return (``block``, its output, the tower's output); the output must be a spatial map."""
+    outputs = []
+    handle = block.register_forward_hook(lambda module, inputs, output: outputs.append(output))
+    try:
+        features = tower(images)
+    finally:
+        handle.remove()
+    activation = outputs[-1] if outputs else None
+    if (
+        not isinstance(activation, torch.Tensor)
+        or activation.ndim != 4
+        or activation.shape[-1] * activation.shape[-2] < 2
+    ):
+        raise ValueError(
+            f"{tower.describe()}'s last stage gives no (batch, channels, h, w) map: it is not a CNN, so Grad-CAM has "
+            "nothing to weigh; explain needs a CNN image tower or the built-in ViT"
+        )
+    return block, activation, features
+
+
 def last_conv_block(tower: nn.Module, images: torch.Tensor) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """Run ``tower`` on ``images`` and return (its last conv block, that block's output, the tower's output).
 
+    The block is the one the tower declares (``Tower.gradcam_block``), else found by module type (module docstring).
     Raises ``ValueError`` when the tower has no convolutional block with a spatial map, or runs modules holding
     ``nn.Linear`` layers after its last one (not a CNN).
     """
+    declared = tower.gradcam_block() if hasattr(tower, "gradcam_block") else None
+    if declared is not None:
+        return _declared_block(tower, declared, images)
     recorder = _Recorder(tower)
     try:
         output = tower(images)

@@ -214,25 +214,30 @@ class HFTextEncoder(Tower):
         return pool_tokens(hidden, attention_mask, self.pooling, input_ids, self.eos_token_id)
 
     def set_grad_checkpointing(self, enabled: bool = True) -> bool:
-        if not getattr(self.encoder, "supports_gradient_checkpointing", False):
-            return False
-        options = {"use_reentrant": False}
-        if hasattr(self.encoder, "activation_checkpointing_enable"):  # transformers >= 5.x's name for it
-            if enabled:
-                self.encoder.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
-            else:
-                self.encoder.activation_checkpointing_disable()
-        elif enabled:
-            self.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
-        else:
-            self.encoder.gradient_checkpointing_disable()
-        return True
+        return set_hf_grad_checkpointing(self.encoder, enabled)
 
     def describe(self) -> str:
         return type(self.encoder).__name__
 
     def hf_config_json(self) -> str | None:
         return self.encoder.config.to_json_string()
+
+
+def set_hf_grad_checkpointing(encoder: nn.Module, enabled: bool) -> bool:
+    """Switch a Hugging Face model's own activation checkpointing (non-reentrant); False where it has none."""
+    if not getattr(encoder, "supports_gradient_checkpointing", False):
+        return False
+    options = {"use_reentrant": False}
+    if hasattr(encoder, "activation_checkpointing_enable"):  # transformers >= 5.x's name for it
+        if enabled:
+            encoder.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+        else:
+            encoder.activation_checkpointing_disable()
+    elif enabled:
+        encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+    else:
+        encoder.gradient_checkpointing_disable()
+    return True
 
 
 def _load_encoder(name: str, pretrained: bool | str | None, config_json: str | None = None) -> nn.Module:
