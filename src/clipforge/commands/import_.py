@@ -12,7 +12,7 @@ from clipforge.config.choices import WEIGHTS_SPEC_HELP
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "import",
-        help="convert a Hugging Face CLIP/SigLIP model or an open_clip ViT checkpoint into a clipforge checkpoint",
+        help="convert a Hugging Face CLIP/SigLIP model or an open_clip model into a clipforge checkpoint",
     )
     add_input(parser, "spec", kind="path", help=f"what to import: {WEIGHTS_SPEC_HELP}")
     add_output(parser, "--out", required=True, help="the checkpoint to write, e.g. clip-vit-b-32.pt")
@@ -26,8 +26,17 @@ def run(args: argparse.Namespace) -> None:
     loaded = from_pretrained(args.spec)
     save_imported_checkpoint(loaded, out, args.spec)
     model = loaded.config.model
+    image = (
+        f"ViT {model.image.width}x{model.image.depth}"
+        if model.image.kind == "vit"
+        else loaded.model.image_tower.describe()
+    )
+    text = (
+        f"text {model.text.width}x{model.text.depth}"
+        if model.text.kind == "transformer"
+        else f"text {loaded.model.text_tower.describe()}"
+    )
     print(
-        f"imported {args.spec}: ViT {model.image.width}x{model.image.depth} ({model.image.image_size} px), text "
-        f"{model.text.width}x{model.text.depth}, embed_dim {model.embed_dim}, loss {loaded.config.loss.kind}; "
-        f"wrote {out} (use it as --checkpoint, or as model.init to fine-tune)"
+        f"imported {args.spec}: {image} ({loaded.processor.image_size} px), {text}, embed_dim {model.embed_dim}, "
+        f"loss {loaded.config.loss.kind}; wrote {out} (use it as --checkpoint, or as model.init to fine-tune)"
     )

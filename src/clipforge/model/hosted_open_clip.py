@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import os
 import re
 import tempfile
 from collections.abc import Callable, Iterator
@@ -44,6 +46,24 @@ OPEN_CLIP_INSTALL = "pip install 'clipforge[open_clip]'"
 # not the blocks inside its first stage)
 BLOCK_CONTAINERS = ("resblocks", "blocks", "layer", "layers", "block", "stages")
 RESNET_STAGE = re.compile(r"layer\d+")  # ModifiedResNet's layer1 ... layer4
+
+
+class _FromOpenClip(logging.Filter):
+    """Drops the records open_clip logs on the root logger (its progress lines: "Parsing model identifier ...")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return f"{os.sep}open_clip{os.sep}" not in record.pathname
+
+
+@contextlib.contextmanager
+def quiet_open_clip() -> Iterator[None]:
+    """Inside, open_clip's own log lines are held back (clipforge says what happens); errors still raise."""
+    root, record_filter = logging.getLogger(), _FromOpenClip()
+    root.addFilter(record_filter)
+    try:
+        yield
+    finally:
+        root.removeFilter(record_filter)
 
 
 def open_clip_builders() -> tuple[Callable[..., nn.Module], Callable[..., nn.Module]]:
@@ -135,7 +155,8 @@ def build_open_clip_image_tower(cfg: ImageTowerConfig) -> OpenClipImageTower:
     # the pooled features only (output_tokens), and never timm's ImageNet weights: the full model's follow
     vision_cfg = {**source["vision_cfg"], "output_tokens": False, "timm_model_pretrained": False}
     build_vision, _ = open_clip_builders()
-    visual = build_vision(source["embed_dim"], vision_cfg, bool(source.get("quick_gelu", False)))
+    with quiet_open_clip():
+        visual = build_vision(source["embed_dim"], vision_cfg, bool(source.get("quick_gelu", False)))
     return OpenClipImageTower(visual, int(source["embed_dim"]))
 
 
@@ -216,7 +237,7 @@ def build_open_clip_text_tower(
     source = tower_source(cfg.open_clip, "text_cfg", "model.text.open_clip")
     text_cfg = {**source["text_cfg"], "output_tokens": False}
     _, build_text = open_clip_builders()
-    with _hf_source(text_cfg, config_json), quiet_transformers():
+    with _hf_source(text_cfg, config_json), quiet_transformers(), quiet_open_clip():
         text = build_text(source["embed_dim"], text_cfg, bool(source.get("quick_gelu", False)))
     rows = text.token_embedding.num_embeddings if hasattr(text, "token_embedding") else text.config.vocab_size
     if vocab_size is not None and vocab_size > rows:

@@ -23,12 +23,12 @@ from clipforge.config import CheckpointError, Config
 from clipforge.data.hf_loading import hf_from_pretrained
 from clipforge.interop.keymaps import convert
 from clipforge.interop.open_clip.architecture import open_clip_model_config
-from clipforge.interop.open_clip.keys import IMAGE_PREFIX, TEXT_PREFIX, hosted_keys, ignored_keys, open_clip_rules
+from clipforge.interop.open_clip.keys import hosted_keys, ignored_keys, open_clip_rules
 from clipforge.interop.open_clip.source import OpenClipSource, locate, open_clip_module
 from clipforge.interop.open_clip.tokenizer import open_clip_tokenizer
 from clipforge.interop.resolved import Resolved
 from clipforge.model.factory import make_processor
-from clipforge.model.registry import create_model
+from clipforge.model.hosted_open_clip import quiet_open_clip
 
 logger = logging.getLogger("clipforge")
 
@@ -56,7 +56,7 @@ def import_source(source: OpenClipSource) -> Resolved:
     text_cfg = source.model_cfg["text_cfg"]
     hf_text_config = hf_text_config_json(text_cfg, where) if config.model.text.kind == "open_clip" else None
     state = read_weights(source.weights, where) if source.weights is not None else random_weights(source)
-    weights = map_weights(config, source.model_cfg, state, where, hf_text_config)
+    weights = map_weights(config, source.model_cfg, state, where)
     tokenizer = open_clip_tokenizer(text_cfg, config.model.text.tokenizer.padding, where, source.tokenizer_folder)
     processor = make_processor(config.model, tokenizer)
     return Resolved(config, weights, processor, where, hf_text_config=hf_text_config)
@@ -80,7 +80,8 @@ def random_weights(source: OpenClipSource) -> dict[str, torch.Tensor]:
     """The state dict of ``open_clip.create_model(name)``: the registry model at open_clip's own random init."""
     open_clip = open_clip_module()
     try:
-        model = open_clip.create_model(source.name, pretrained=None)
+        with quiet_open_clip():
+            model = open_clip.create_model(source.name, pretrained=None)
     except (OSError, RuntimeError, ValueError) as error:
         raise CheckpointError(
             f"{source.where}: open_clip could not build {source.name} ({str(error).strip().splitlines()[0][:200]})"
@@ -149,7 +150,6 @@ def map_weights(
     model_cfg: dict[str, Any],
     state: dict[str, torch.Tensor],
     where: str,
-    hf_text_config: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """``state`` (open_clip's names) in the names of the clipforge model ``config`` describes, strictly
     (``keys``); works on meta tensors too (the registry-wide check maps without allocating)."""
@@ -161,16 +161,11 @@ def map_weights(
             del state[key]
     if not any(value.is_meta for value in state.values()):
         _drop_size_keys(state, model_cfg, where)
-    image_keys, text_keys = _hosted_module_keys(config, hf_text_config)
     text_prefix = "text." if any(key.startswith("text.") for key in state) else ""  # CustomTextCLIP, CoCa
+    ignored = ignored_keys(state)
+    # a hosted module is open_clip's own, built from the same config: its tensors are the file's under its prefix
+    # (the model built for the weights then checks each one's shape, and that none is missing)
+    image_keys = hosted_keys(state, "visual.", ignored) if config.model.image.kind == "open_clip" else None
+    text_keys = hosted_keys(state, "text.", ignored) if config.model.text.kind == "open_clip" else None
     rules = open_clip_rules(config.model, text_prefix, config.loss.kind == "siglip", image_keys, text_keys)
-    return convert(state, rules, ignored_keys(state), where)
-
-
-def _hosted_module_keys(config: Config, hf_text_config: str | None) -> tuple[list[str], list[str]]:
-    """The state-dict keys of the hosted towers, read from the model built on the meta device (nothing allocated)."""
-    if "open_clip" not in (config.model.image.kind, config.model.text.kind):
-        return [], []
-    with torch.device("meta"):
-        skeleton = create_model(config.model, config.loss.kind, text_config_json=hf_text_config)
-    return hosted_keys(skeleton, IMAGE_PREFIX), hosted_keys(skeleton, TEXT_PREFIX)
+    return convert(state, rules, ignored, where)

@@ -8,8 +8,9 @@ open_clip's layouts: ``CLIP`` keeps the text tower's tensors at the top level (`
   ``in_proj_weight`` is already the built-in block's ``qkv`` layout, and a projection used as ``x @ P``
   (``visual.proj``, ``text_projection``) becomes the head's Linear weight ``P^T``.
 * A hosted tower (``clipforge.model.hosted_open_clip``) keeps open_clip's names under a prefix:
-  ``visual.X`` <-> ``image_tower.visual.X``, ``text.X`` <-> ``text_tower.text.X``, for exactly the tensors the hosted
-  module has (read from the module built on PyTorch's meta device, which allocates nothing).
+  ``visual.X`` <-> ``image_tower.visual.X``, ``text.X`` <-> ``text_tower.text.X``: the module is open_clip's own,
+  built from the same config, so its tensors are the state dict's under the prefix (the model built for the weights
+  then checks every shape and that none is missing).
 """
 
 from __future__ import annotations
@@ -93,9 +94,9 @@ def open_clip_rules(
     return rules
 
 
-def hosted_keys(skeleton: torch.nn.Module, prefix: str) -> list[str]:
-    """The state-dict keys under ``prefix`` of a clipforge model (built on the meta device), without the prefix."""
-    return [key[len(prefix) :] for key in skeleton.state_dict() if key.startswith(prefix)]
+def hosted_keys(state: dict[str, torch.Tensor], prefix: str, ignored: list[str] = ()) -> list[str]:
+    """The keys of ``state`` under ``prefix``, without it (a hosted module's tensors; ``ignored`` left out)."""
+    return [key[len(prefix) :] for key in state if key.startswith(prefix) and key not in ignored]
 
 
 def ignored_keys(state: dict[str, torch.Tensor]) -> list[str]:

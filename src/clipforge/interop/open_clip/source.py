@@ -20,9 +20,11 @@ or folder of a model the built-in towers express needs only CLIP's vocabulary fi
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,16 +127,29 @@ def _from_hub(repository: str, where: str) -> OpenClipSource:
     from open_clip.pretrained import download_pretrained_from_hf
 
     try:
-        config_path = Path(download_pretrained_from_hf(repository, filename=CONFIG_FILE))
-        weights = Path(download_pretrained_from_hf(repository))
-    except Exception as error:  # noqa: BLE001 - no network, no such repository, no access: the same fix
+        with _quiet_hub():
+            config_path = Path(download_pretrained_from_hf(repository, filename=CONFIG_FILE))
+            weights = Path(download_pretrained_from_hf(repository))
+    except Exception:  # noqa: BLE001 - no network, no such repository, no access: the same fix
         raise CheckpointError(
-            f"{where}: {CONFIG_FILE} and the weights could not be downloaded from the Hugging Face hub "
-            f"({str(error).strip().splitlines()[0][:200]}); offline, download the repository and import "
-            "open_clip:local-dir:FOLDER"
+            f"{where}: {CONFIG_FILE} and the weights of {repository} could not be downloaded from the Hugging Face "
+            f"hub (no network, no such repository, or HF_HUB_OFFLINE=1 without a cached copy); offline, download "
+            "the repository and import open_clip:local-dir:FOLDER"
         ) from None
     model_cfg, preprocess = read_model_config(config_path, where)
     return OpenClipSource(model_cfg, where, preprocess, weights)
+
+
+@contextlib.contextmanager
+def _quiet_hub() -> Iterator[None]:
+    """huggingface_hub's retry warnings held back: a failed download ends in one message of ours."""
+    hub = logging.getLogger("huggingface_hub")
+    level = hub.level
+    hub.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hub.setLevel(level)
 
 
 def _from_registry(name: str, weights: str, where: str) -> OpenClipSource:
@@ -167,11 +182,12 @@ def _from_tag(open_clip: Any, name: str, tag: str, model_cfg: dict[str, Any], wh
 
     pretrained_cfg = get_pretrained_cfg(name, tag)
     try:
-        weights = Path(download_pretrained(pretrained_cfg))
-    except Exception as error:  # noqa: BLE001 - no network, no such file: the same fix
+        with _quiet_hub():
+            weights = Path(download_pretrained(pretrained_cfg))
+    except Exception:  # noqa: BLE001 - no network, no such file: the same fix
         raise CheckpointError(
-            f"{where}: open_clip could not download the {tag!r} weights "
-            f"({str(error).strip().splitlines()[0][:200]}); offline, give a local state dict: open_clip:{name}:FILE"
+            f"{where}: open_clip could not download the {tag!r} weights (no network, or HF_HUB_OFFLINE=1 without a "
+            f"cached copy); offline, give a local state dict: open_clip:{name}:FILE"
         ) from None
     preprocess = {
         key: pretrained_cfg[key] for key in ("mean", "std", "interpolation", "resize_mode") if key in pretrained_cfg
