@@ -177,7 +177,8 @@ def write_member(folder: Path, family: str, preprocess_cfg: dict[str, Any] | Non
     folder.mkdir(parents=True, exist_ok=True)
     if tokenizer_kind is not None:
         write_tokenizer(folder, tokenizer_kind)
-    hf_text = write_hf_text_config(folder / "hf-text", hf_kind, folder) if hf_kind else None
+    # beside the model folder, as a hub id is beside a repository: removing the folder leaves what open_clip reads
+    hf_text = write_hf_text_config(folder.parent / f"{folder.name}-hf-text", hf_kind, folder) if hf_kind else None
     config = member_config(family, folder if tokenizer_kind else None, hf_text)
     (folder / "open_clip_config.json").write_text(
         json.dumps({"model_cfg": config, "preprocess_cfg": preprocess_cfg or {}}), encoding="utf-8"
