@@ -151,3 +151,24 @@ def test_without_open_clip_a_hosted_model_names_the_extra_to_install(tmp_path: P
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install 'clipforge[open_clip]'" in err and "Traceback" not in err
     assert not (tmp_path / "onnx").exists()
+
+
+@pytest.mark.parametrize(
+    ("family", "explained"),
+    [("ModifiedResNet", True), ("MobileCLIP (FastViT-MCi)", True), ("Swin", False), ("SigLIP2", False)],
+)
+def test_grad_cam_explains_a_hosted_cnn_and_a_hosted_transformer_is_refused(
+    family: str, explained: bool, tmp_path: Path
+) -> None:
+    """Grad-CAM weighs the last stage of a convolutional trunk, before open_clip's attention pooling or projection;
+    a transformer trunk gives tokens (a ViT) or channels-last maps (Swin), and explain says it cannot."""
+    from clipforge.explain.heatmap import explain
+
+    loaded = from_pretrained(imported(family, tmp_path))
+    if not explained:
+        with pytest.raises(ValueError, match="not a CNN"):
+            explain(loaded, [photos()[0]], ["a photo"])
+        return
+    (explanation,) = explain(loaded, [photos()[0]], ["a photo"])[0]
+    assert explanation.method == "gradcam" and explanation.heatmap.shape == (loaded.processor.image_size,) * 2
+    assert explanation.heatmap.max() == pytest.approx(1.0) and explanation.heatmap.min() >= 0

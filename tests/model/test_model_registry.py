@@ -65,7 +65,7 @@ def test_timm_image_with_hf_text_end_to_end(tmp_path):
 
 
 def test_unknown_kinds_raise():
-    with pytest.raises(ValueError, match=r"model.image.kind='resnet'.*\['timm', 'torchvision', 'vit'\]"):
+    with pytest.raises(ValueError, match=r"model.image.kind='resnet'.*\['open_clip', 'timm', 'torchvision', 'vit'\]"):
         create_model(ModelConfig(image=tiny_image(kind="resnet"), text=tiny_text()), vocab_size=VOCAB)
     with pytest.raises(ValueError, match="model.text.kind='bert'"):
         create_model(ModelConfig(image=tiny_image(), text=tiny_text(kind="bert")), vocab_size=VOCAB)

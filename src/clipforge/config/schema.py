@@ -39,7 +39,7 @@ class TokenizerConfig:
 
 @dataclass
 class ImageTowerConfig:
-    """The image tower: a built-in ViT, a torchvision model or any timm model.
+    """The image tower: a built-in ViT, a torchvision model, any timm model, or open_clip's own tower (imported).
 
     ``pretrained``: where the weights come from. ``None`` = random init; ``"default"`` = the standard
     weights for ``name`` (torchvision's DEFAULT enum, timm's default tag); ``"package:<name>"`` = weights
@@ -118,7 +118,7 @@ class ImageTowerConfig:
 
 @dataclass
 class TextTowerConfig:
-    """The text tower: a built-in CLIP-style causal transformer or a Hugging Face encoder.
+    """The text tower: a built-in CLIP-style causal transformer, a Hugging Face encoder, or open_clip's own tower.
 
     ``pooling``: ``eot`` (the last non-padding token: the built-in transformer's end-of-text),
     ``cls`` (the first token), ``mean`` (mean over non-padding tokens), ``eos`` (the first token whose id is

@@ -6,12 +6,14 @@ place of a class score. With ``A`` the (C, h, w) output of the tower's last conv
     alpha_c = mean_{i,j} ∂s/∂A_c[i, j]          (one weight per channel)
     map     = relu(sum_c alpha_c A_c)           (h, w), upsampled bilinearly to the input size
 
-The block is found by module type, not by name: among the modules that contain an ``nn.Conv2d``, the last
-one to finish in the forward pass whose output is a (B, C, h, w) map with h * w > 1 (for a ResNet that is
-``layer4``, for ConvNeXt/EfficientNet their last stage). A tower that still runs modules holding ``nn.Linear``
-layers after it (a ViT, whose only convolution is the patch embedding) is not a CNN, and is refused; modules,
-not only ``nn.Linear`` calls, since a block may apply its linears' weights functionally (clipforge's own
-transformer blocks do, through ``clipforge.model.cpu_kernels``).
+The block is the one the tower declares (``Tower.gradcam_block``: a hosted open_clip tower's last trunk stage,
+before its attention pooling and projection), else found by module type, not by name: among the modules that
+contain an ``nn.Conv2d``, the last one to finish in the forward pass whose output is a (B, C, h, w) map with
+h * w > 1 (for a ResNet that is ``layer4``, for ConvNeXt/EfficientNet their last stage). A tower that still runs
+modules holding ``nn.Linear`` layers after it (a ViT, whose only convolution is the patch embedding) is not a CNN,
+and is refused, as is a declared block whose output is tokens; modules, not only ``nn.Linear`` calls, since a block
+may apply its linears' weights functionally (clipforge's own transformer blocks do, through
+``clipforge.model.cpu_kernels``).
 """
 
 from __future__ import annotations

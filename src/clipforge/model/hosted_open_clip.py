@@ -138,7 +138,11 @@ class OpenClipImageTower(Tower):
 
     def gradcam_block(self) -> nn.Module | None:
         # the last stage of the trunk, before open_clip's pooling and projection (attention pooling, a Linear):
-        # Grad-CAM weighs its output where it is a (B, C, h, w) map, a CNN's; a ViT's blocks give tokens
+        # Grad-CAM weighs its output where it is a (B, C, h, w) map, a CNN's; a ViT's blocks give tokens, and a
+        # trunk whose stages give channels last (timm's Swin: B, h, w, C) is left to the search, which refuses it
+        trunk = getattr(self.visual, "trunk", None)
+        if trunk is not None and getattr(trunk, "output_fmt", "NCHW") != "NCHW":
+            return None
         units = block_units(self.visual)
         return units[-1] if units else None
 

@@ -36,8 +36,10 @@ from typing import Any
 
 import torch
 
-from clipforge.config import CheckpointError, ConfigError, ImageTowerConfig, TextTowerConfig
+from clipforge.config import CheckpointError, ConfigError, ImageTowerConfig, ModelConfig, TextTowerConfig
+from clipforge.data.processor import Processor
 from clipforge.data.tokenize import BpeTokenizer, Tokenizer
+from clipforge.data.transforms import ImagePreprocess
 from clipforge.folders import LOCK_NAME, staged_folder
 from clipforge.interop.keymaps import invert
 from clipforge.interop.open_clip.architecture import CLIP_BPE_VOCAB_SIZE, TANH_GELU
@@ -81,6 +83,14 @@ def _act_fields(act: str, where: str) -> tuple[dict[str, Any], bool | None]:
     return {}, act == "quick_gelu"
 
 
+def mlp_ratio(width: int, ratio: float) -> float:
+    """The ``mlp_ratio`` that gives open_clip the hidden width clipforge built: clipforge rounds ``width * ratio``,
+    open_clip truncates it, so a ratio just under the hidden width's (8191.9999 for 8192) is nudged half a unit up."""
+    hidden = int(round(width * ratio))
+    exact = hidden / width
+    return exact if int(width * exact) == hidden else (hidden + 0.5) / width
+
+
 def _norm(eps: float) -> dict[str, Any]:
     return {} if eps == 1e-5 else {"norm_kwargs": {"eps": eps}}
 
@@ -107,7 +117,7 @@ def vision_section(image: ImageTowerConfig, image_size: int) -> tuple[dict[str, 
         "width": image.width,
         "layers": image.depth,
         "head_width": image.width // image.heads,
-        "mlp_ratio": image.mlp_ratio,
+        "mlp_ratio": mlp_ratio(image.width, image.mlp_ratio),
         **({} if image.pre_norm else {"no_ln_pre": True}),
         **act,
         **_norm(image.norm_eps),
@@ -143,7 +153,7 @@ def text_section(
         "width": text.width,
         "heads": text.heads,
         "layers": text.depth,
-        "mlp_ratio": text.mlp_ratio,
+        "mlp_ratio": mlp_ratio(text.width, text.mlp_ratio),
         "pool_type": POOL_TYPES[pooling],
         **fields,
         **({} if text.causal else {"no_causal_mask": True}),
@@ -171,15 +181,16 @@ def tokenizer_keys(tokenizer: Tokenizer, name: str) -> dict[str, Any]:
     return {"hf_tokenizer_name": name or "clipforge-tokenizer", **({"tokenizer_kwargs": rules} if rules else {})}
 
 
-def open_clip_configs(loaded: LoadedModel) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(model_cfg, preprocess_cfg)``: the open_clip config of ``loaded`` (module docstring)."""
-    model = loaded.config.model
-    preprocess = loaded.processor.preprocess
+def open_clip_configs(
+    model: ModelConfig, processor: Processor, logit_bias: float | None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(model_cfg, preprocess_cfg)``: the open_clip config of the model ``model`` describes, with ``processor``'s
+    preprocessing and tokenizer and the model's ``logit_bias`` (module docstring)."""
+    preprocess = processor.preprocess
+    tokenizer = processor.tokenizer
     vision, image_quick_gelu = vision_section(model.image, preprocess.image_size)
-    text, text_quick_gelu = text_section(model.text, loaded.tokenizer, loaded.processor.context_length)
-    text.update(
-        tokenizer_keys(loaded.tokenizer, model.text.tokenizer.name if model.text.tokenizer.kind == "hf" else "")
-    )
+    text, text_quick_gelu = text_section(model.text, tokenizer, processor.context_length)
+    text.update(tokenizer_keys(tokenizer, model.text.tokenizer.name if model.text.tokenizer.kind == "hf" else ""))
     needed = {flag for flag in (image_quick_gelu, text_quick_gelu) if flag is not None}
     if len(needed) > 1:
         _refuse("QuickGELU in one tower and GELU in the other", "open_clip's quick_gelu is one flag for both")
@@ -188,8 +199,8 @@ def open_clip_configs(loaded: LoadedModel) -> tuple[dict[str, Any], dict[str, An
         model_cfg["quick_gelu"] = True
     if model.text.kind == "open_clip":
         model_cfg["custom_text"] = True  # the text tower under text.: CustomTextCLIP
-    if loaded.model.logit_bias is not None:
-        model_cfg["init_logit_bias"] = float(loaded.model.logit_bias.detach())
+    if logit_bias is not None:
+        model_cfg["init_logit_bias"] = logit_bias
     preprocess_cfg = {
         "size": preprocess.image_size,
         "mode": "RGB",
@@ -198,13 +209,12 @@ def open_clip_configs(loaded: LoadedModel) -> tuple[dict[str, Any], dict[str, An
         "interpolation": preprocess.interpolation,
         "resize_mode": preprocess.resize_mode,
     }
-    for note in _preprocess_differences(loaded):
+    for note in _preprocess_differences(preprocess):
         logger.warning("open_clip's transform differs from clipforge's: %s", note)
     return model_cfg, preprocess_cfg
 
 
-def _preprocess_differences(loaded: LoadedModel) -> list[str]:
-    preprocess = loaded.processor.preprocess
+def _preprocess_differences(preprocess: ImagePreprocess) -> list[str]:
     notes = []
     if preprocess.resize_mode == "shortest" and preprocess.short_side != preprocess.image_size:
         notes.append(f"it resizes the short side to the crop ({preprocess.image_size}), not to {preprocess.short_side}")
@@ -232,7 +242,10 @@ def open_clip_state_dict(loaded: LoadedModel) -> dict[str, torch.Tensor]:
 def _write(loaded: LoadedModel, scratch: Path) -> None:
     from safetensors.torch import save_file
 
-    model_cfg, preprocess_cfg = open_clip_configs(loaded)
+    bias = loaded.model.logit_bias
+    model_cfg, preprocess_cfg = open_clip_configs(
+        loaded.config.model, loaded.processor, None if bias is None else float(bias.detach())
+    )
     state = open_clip_state_dict(loaded)
     (scratch / CONFIG_FILE).write_text(
         json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, indent=2) + "\n", encoding="utf-8"
