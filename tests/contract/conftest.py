@@ -164,6 +164,7 @@ BASE_ARGV: dict[str, Callable[[World, Path], list[str]]] = {
     "import": lambda w, d: ["import", str(w.checkpoint), "--out", str(d / "imported.pt")],
     "export onnx": lambda w, d: ["export", "onnx", "--checkpoint", str(w.checkpoint), "--out", str(d / "onnx")],
     "export hf": lambda w, d: ["export", "hf", "--checkpoint", str(w.checkpoint), "--out", str(d / "hf")],
+    "export open_clip": lambda w, d: ["export", "open_clip", "--checkpoint", str(w.checkpoint), "--out", str(d / "oc")],
     # a server runs until stopped, and the demo trains for minutes: their inputs are checked in their own tests
     # (tests/search/test_server_limits.py, tests/test_demo.py); here only what fails before they start
     "serve": lambda w, d: ["serve", "--index", str(w.store), "--checkpoint", str(w.checkpoint), "--port", "70000"],

@@ -88,8 +88,9 @@ def test_a_loss_that_does_not_fit_the_import_is_refused(hf_clip: Path, shapes_ma
 
 
 def test_model_init_must_look_like_a_spec() -> None:
-    with pytest.raises(ConfigError, match="open_clip:CONFIG.json:WEIGHTS"):
-        config_from_dict({"model": {"init": "open_clip:weights.pt"}})
+    for init in ("open_clip:", "hf:", " open_clip:ViT-B-32"):
+        with pytest.raises(ConfigError, match="open_clip:CONFIG.json:WEIGHTS"):
+            config_from_dict({"model": {"init": init}})
 
 
 def test_fine_tuning_an_imported_model_lowers_the_loss_and_resumes_exactly(

@@ -1,5 +1,5 @@
-"""``clipforge export onnx`` / ``clipforge export hf``: a checkpoint as ONNX graphs or as a Hugging Face folder,
-each checked against PyTorch."""
+"""``clipforge export onnx`` / ``hf`` / ``open_clip``: a checkpoint as ONNX graphs, a Hugging Face folder or an
+open_clip model folder, each checked against PyTorch."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from clipforge.commands.common import CHECKPOINT_HELP, add_input, add_output, lo
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    export = commands.add_parser("export", help="write a checkpoint in another format (ONNX, Hugging Face)")
+    export = commands.add_parser("export", help="write a checkpoint in another format (ONNX, Hugging Face, open_clip)")
     formats = export.add_subparsers(dest="export_format", required=True)
     onnx = formats.add_parser("onnx", help="image_encoder.onnx + text_encoder.onnx (dynamic batch), checked")
     add_input(onnx, "--checkpoint", required=True, help=CHECKPOINT_HELP)
@@ -23,6 +23,17 @@ def register(commands: argparse._SubParsersAction) -> None:
     add_output(hf, "--out", kind="folder", required=True, help="the folder to write (new or empty)")
     hf.add_argument("--atol", type=float, default=1e-4, help="largest transformers-vs-clipforge difference accepted")
     hf.set_defaults(run=run_hf)
+    open_clip = formats.add_parser(
+        "open_clip",
+        help="an open_clip model folder (open_clip_config.json, open_clip_model.safetensors, tokenizer), checked: "
+        "open_clip.create_model_and_transforms('local-dir:OUT')",
+    )
+    add_input(open_clip, "--checkpoint", required=True, help=CHECKPOINT_HELP)
+    add_output(open_clip, "--out", kind="folder", required=True, help="the folder to write (new or empty)")
+    open_clip.add_argument(
+        "--atol", type=float, default=1e-4, help="largest open_clip-vs-clipforge difference accepted"
+    )
+    open_clip.set_defaults(run=run_open_clip)
 
 
 def run_onnx(args: argparse.Namespace) -> None:
@@ -45,4 +56,17 @@ def run_hf(args: argparse.Namespace) -> None:
     print(
         f"wrote {result.folder} (config.json, model.safetensors, tokenizer, preprocessor_config.json): "
         f"transformers' {result.model_class} matches clipforge within {result.max_difference:.1e}"
+    )
+
+
+def run_open_clip(args: argparse.Namespace) -> None:
+    from clipforge.interop.open_clip.export import export_open_clip
+
+    loaded = load_model(args.checkpoint, "cpu")
+    with user_errors("export open_clip"):
+        result = export_open_clip(loaded, args.out, atol=args.atol)
+    print(
+        f"wrote {result.folder} (open_clip_config.json, open_clip_model.safetensors, tokenizer): "
+        f"open_clip.create_model_and_transforms('local-dir:{result.folder}') matches clipforge within "
+        f"{result.max_difference:.1e}"
     )

@@ -12,7 +12,7 @@ from clipforge.config.choices import WEIGHTS_SPEC_HELP
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "import",
-        help="convert a Hugging Face model (CLIP, SigLIP, SigLIP 2, ...) or an open_clip checkpoint into a clipforge checkpoint",
+        help="convert a Hugging Face model (CLIP, SigLIP, SigLIP 2, ...) or an open_clip model into a clipforge checkpoint",
     )
     add_input(parser, "spec", kind="path", help=f"what to import: {WEIGHTS_SPEC_HELP}")
     add_output(parser, "--out", required=True, help="the checkpoint to write, e.g. clip-vit-b-32.pt")

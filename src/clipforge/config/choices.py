@@ -21,7 +21,10 @@ ANN_KINDS = ("ivf", "ivfpq", "hnsw")
 EXPLAIN_METHODS = ("auto", "attention-gradient", "rollout", "gradcam")
 
 # what a weights spec may be: --checkpoint, `clipforge import`, model.init
-WEIGHTS_SPEC_HELP = "hf:<folder or hub id>, open_clip:CONFIG.json:WEIGHTS, or the path of a clipforge checkpoint"
+WEIGHTS_SPEC_HELP = (
+    "hf:<folder or hub id>, open_clip:NAME[:WEIGHTS] (a name of open_clip's registry), open_clip:CONFIG.json:WEIGHTS, "
+    "open_clip:local-dir:FOLDER, open_clip:hf-hub:ORG/REPO, or the path of a clipforge checkpoint"
+)
 
 # what `clipforge eval --task` measures (a suite entry's `task` too)
 EVAL_TASKS = ("zeroshot", "retrieval", "linear_probe", "fewshot")

@@ -39,7 +39,8 @@ class TokenizerConfig:
 
 @dataclass
 class ImageTowerConfig:
-    """The image tower: a built-in ViT, a torchvision model or any timm model.
+    """The image tower: a built-in ViT, a torchvision model, any timm model, or an imported model's own tower
+    (open_clip's, or SigLIP 2's NaFlex ViT from transformers).
 
     ``pretrained``: where the weights come from. ``None`` = random init; ``"default"`` = the standard
     weights for ``name`` (torchvision's DEFAULT enum, timm's default tag); ``"package:<name>"`` = weights
@@ -69,6 +70,11 @@ class ImageTowerConfig:
     ``backend="pil"``) or ``torchvision`` (torchvision's kernels on a uint8 tensor, antialiased: transformers'
     default backend). The two differ by at most one level in a few pixels; imports pick their source's.
     ``head_bias``: a ``linear`` head with a bias (y = W x + b).
+    ``open_clip`` (kind ``open_clip`` only): open_clip's own image tower, hosted as it is (a timm trunk with
+    open_clip's pooling and projection, a ModifiedResNet, a ViT layout the built-in one has not); this field is the
+    JSON that builds it offline, ``{"embed_dim": ..., "quick_gelu": ..., "vision_cfg": {...}}`` (open_clip's model
+    config keys). An open_clip import writes it (``clipforge.interop.open_clip``); the projection is inside the tower,
+    so its head is ``identity``. Needs ``pip install 'clipforge[open_clip]'``.
 
     Built-in ViT (``vit``) only, defaults = CLIP's layout: ``act`` the MLP activation (``gelu``; ``quick_gelu``
     = x sigmoid(1.702 x), OpenAI's CLIP; ``gelu_tanh``, SigLIP); ``norm_eps`` every LayerNorm's epsilon;
@@ -83,11 +89,12 @@ class ImageTowerConfig:
     with ``max_num_patches`` (the patch budget each image is resized to, aspect kept) is its preprocessing.
     """
 
-    kind: Literal["vit", "torchvision", "timm", "naflex"] = "vit"
+    kind: Literal["vit", "torchvision", "timm", "naflex", "open_clip"] = "vit"
     name: str = ""
     pretrained: str | None = None
     pretrained_keys: Literal["by_name", "in_order"] = "by_name"
     image_size: int | None = None
+    open_clip: str = ""
     # built-in ViT only
     patch_size: int = 8
     width: int = 192
@@ -120,7 +127,7 @@ class ImageTowerConfig:
 
 @dataclass
 class TextTowerConfig:
-    """The text tower: a built-in CLIP-style causal transformer or a Hugging Face encoder.
+    """The text tower: a built-in CLIP-style causal transformer, a Hugging Face encoder, or open_clip's own tower.
 
     ``pooling``: ``eot`` (the last non-padding token: the built-in transformer's end-of-text),
     ``cls`` (the first token), ``mean`` (mean over non-padding tokens), ``eos`` (the first token whose id is
@@ -146,11 +153,18 @@ class TextTowerConfig:
     causal attention (CLIP) or, false, bidirectional attention over every position, padding included (SigLIP:
     it needs ``tokenizer.padding: max_length``, so a caption always meets the same padding); ``vocab_size``: the
     embedding rows, null = the tokenizer's vocabulary size (an imported model may have more rows than ids).
+
+    ``open_clip`` (kind ``open_clip`` only): open_clip's own text tower, hosted as it is (CoCa's text transformer
+    with its appended class token, or a Hugging Face encoder with open_clip's pooler and projection); the JSON
+    ``{"embed_dim": ..., "quick_gelu": ..., "text_cfg": {...}}`` that builds it (a Hugging Face encoder's own config
+    travels in the checkpoint, so it rebuilds offline). It reads its padding from the token ids, as open_clip does;
+    its head is ``identity``. Needs ``pip install 'clipforge[open_clip]'``.
     """
 
-    kind: Literal["transformer", "hf"] = "transformer"
+    kind: Literal["transformer", "hf", "open_clip"] = "transformer"
     name: str = ""
     pretrained: bool | str | None = True
+    open_clip: str = ""
     pooling: Literal["auto", "eot", "cls", "mean", "eos", "argmax", "last"] = "auto"
     context_length: int = 32
     # built-in transformer only
@@ -193,8 +207,10 @@ class ModelConfig:
     """The two-tower model; ``embed_dim`` is the shared space both heads project into.
 
     ``init``: start training from released or earlier weights: ``hf:<folder or hub id>`` (a Hugging Face two-tower
-    model of a type ``clipforge.interop.hf_types`` reads: CLIP, SigLIP, SigLIP 2, ...),
-    ``open_clip:CONFIG.json:WEIGHTS`` (an open_clip ViT model) or the path of a clipforge checkpoint. The architecture, the tokenizer and the preprocessing then come from those weights (a
+    model of a type ``clipforge.interop.hf_types`` reads: CLIP, SigLIP, SigLIP 2, ...), ``open_clip:...`` (an
+    open_clip model: ``open_clip:NAME[:WEIGHTS]``, ``open_clip:CONFIG.json:WEIGHTS``, ``open_clip:local-dir:FOLDER``,
+    ``open_clip:hf-hub:ORG/REPO``) or the path of a clipforge checkpoint. The architecture, the tokenizer and the
+    preprocessing then come from those weights (a
     field this config sets must agree with them); the towers' ``lock``, ``lr_scale`` and ``layer_decay`` stay
     this config's (``clipforge.interop.init_model``).
     """

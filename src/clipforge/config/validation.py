@@ -132,6 +132,12 @@ def _validate_model(config: Config) -> None:
     image = config.model.image
     if image.kind in ("torchvision", "timm") and not image.name:
         raise ConfigError(f"model.image.kind={image.kind!r} needs model.image.name, e.g. resnet18")
+    for where, tower in (("model.image", image), ("model.text", config.model.text)):
+        if tower.kind == "open_clip" and not tower.open_clip:
+            raise ConfigError(
+                f"{where}.kind='open_clip' hosts an open_clip tower, built from {where}.open_clip (its JSON, which an "
+                "import writes): import the model with clipforge import open_clip:NAME --out model.pt"
+            )
     if image.image_size is not None and image.image_size < 1:
         raise ConfigError(f"model.image.image_size={image.image_size} must be positive (or null: the tower's own)")
     _validate_naflex(image)
@@ -239,11 +245,6 @@ def _validate_init(init: str) -> None:
     """The form of ``model.init`` only: the files it names are read when training starts."""
     if init in ("hf:", "open_clip:") or init != init.strip():
         raise ConfigError(f"model.init={init!r} is not a weights spec; use {WEIGHTS_SPEC_HELP}")
-    if init.startswith("open_clip:") and ".json:" not in init:
-        raise ConfigError(
-            f"model.init={init!r}: an open_clip spec names the model config and the weights, "
-            "open_clip:CONFIG.json:WEIGHTS (e.g. open_clip:ViT-B-32-quickgelu.json:ViT-B-32.pt)"
-        )
 
 
 LOCK_PATTERN = re.compile(r"all-but-last-(\d+)")

@@ -31,6 +31,7 @@ from torch import Tensor
 from clipforge.config import TokenizerConfig
 from clipforge.data.base import bounded_text
 from clipforge.data.hf_loading import hf_from_pretrained, quiet_transformers
+from clipforge.data.text_clean import text_cleaner
 from clipforge.packaged import hf_load_kwargs
 
 __all__ = [
@@ -273,13 +274,35 @@ def train_bpe_tokenizer(
 _BINARY_PREFIX = "base64:"  # state key prefix for a saved file that is not UTF-8 text (e.g. spiece.model)
 
 
+# state keys of the source framework's rules around a Hugging Face tokenizer (absent = not used, as in older states)
+CLEAN_KEY, STRIP_SEP_KEY, PAD_ID_KEY = "clean", "strip_sep_token", "pad_id"
+
+
 class HFTokenizer(Tokenizer):
-    """A ``transformers`` tokenizer; padding and truncation are its own (``[CLS] text [SEP]`` for BERT)."""
+    """A ``transformers`` tokenizer; padding and truncation are its own (``[CLS] text [SEP]`` for BERT).
+
+    Three rules a source framework puts around the tokenizer (open_clip's; all off by default):
+    ``clean``: a clean-up applied to every caption first (``clipforge.data.text_clean``: ``whitespace``, ``lower``,
+    ``canonicalize``); ``strip_sep_token``: every separator id (BERT's ``[SEP]``) replaced by id 0 and masked out;
+    ``pad_id``: padding written with this id instead of the tokenizer's pad token (open_clip pads CLIP's BPE with 0).
+    """
 
     kind = "hf"
 
-    def __init__(self, backend: Any, padding: str = "longest"):  # a transformers PreTrainedTokenizerBase
+    def __init__(
+        self,
+        backend: Any,  # a transformers PreTrainedTokenizerBase
+        padding: str = "longest",
+        clean: str = "",
+        strip_sep_token: bool = False,
+        pad_id: int | None = None,
+    ):
         self.padding = _check_padding(padding)
+        self.clean = clean
+        self._clean = text_cleaner(clean) if clean else None
+        self.strip_sep_token = strip_sep_token
+        if strip_sep_token and backend.sep_token_id is None:
+            raise ValueError(f"strip_sep_token: {backend.name_or_path!r} has no separator token")
         if backend.pad_token is None:
             if backend.eos_token is None:
                 raise ValueError(f"{backend.name_or_path!r} has neither a pad nor an end-of-text token to pad with")
@@ -289,12 +312,15 @@ class HFTokenizer(Tokenizer):
         backend.truncation_side = "right"
         self._backend = backend
         self.vocab_size = len(backend)  # includes added tokens, unlike backend.vocab_size
-        self.pad_token_id = backend.pad_token_id
+        self.pad_token_id = backend.pad_token_id if pad_id is None else pad_id
+        self.pad_id = pad_id
         self.bos_token_id = backend.bos_token_id
         self.eos_token_id = backend.eos_token_id
 
     def __call__(self, texts: Sequence[str], context_length: int) -> tuple[Tensor, Tensor]:
         texts = _check_batch(texts, context_length, min_length=self._backend.num_special_tokens_to_add() + 1)
+        if self._clean is not None:
+            texts = [self._clean(text) for text in texts]
         encoded = self._backend(
             texts,
             padding=self.padding,
@@ -304,13 +330,19 @@ class HFTokenizer(Tokenizer):
             return_token_type_ids=False,
             return_attention_mask=True,  # SigLIP's released tokenizers do not return it unasked (model_input_names)
         )
-        return encoded["input_ids"].long(), encoded["attention_mask"].long()
+        input_ids, attention_mask = encoded["input_ids"].long(), encoded["attention_mask"].long()
+        if self.strip_sep_token:
+            separators = input_ids == self._backend.sep_token_id
+            input_ids, attention_mask = input_ids.masked_fill(separators, 0), attention_mask.masked_fill(separators, 0)
+        if self.pad_id is not None:
+            input_ids = input_ids.masked_fill(attention_mask == 0, self.pad_id)
+        return input_ids, attention_mask
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._backend.decode([int(i) for i in ids], skip_special_tokens=True)
 
     def state_dict(self) -> dict[str, str]:
-        state = {"kind": self.kind, **self._padding_state()}
+        state = {"kind": self.kind, **self._padding_state(), **self._rules_state()}
         with tempfile.TemporaryDirectory() as folder:
             self._backend.save_pretrained(folder)
             for path in sorted(Path(folder).rglob("*")):
@@ -324,6 +356,14 @@ class HFTokenizer(Tokenizer):
                     state[_BINARY_PREFIX + name] = base64.b64encode(data).decode("ascii")
         return state
 
+    def _rules_state(self) -> dict[str, str]:
+        rules = {CLEAN_KEY: self.clean} if self.clean else {}
+        if self.strip_sep_token:
+            rules[STRIP_SEP_KEY] = "true"
+        if self.pad_id is not None:
+            rules[PAD_ID_KEY] = str(self.pad_id)
+        return rules
+
     def save_pretrained(self, folder: str | Path, model_max_length: int | None = None) -> None:
         self._backend.save_pretrained(str(folder))  # its own files: they already say how long an input may be
 
@@ -331,7 +371,7 @@ class HFTokenizer(Tokenizer):
     def _from_state(cls, state: dict[str, str]) -> HFTokenizer:
         with tempfile.TemporaryDirectory() as folder:
             for key, content in state.items():
-                if key in ("kind", PADDING_KEY):
+                if key in ("kind", PADDING_KEY, CLEAN_KEY, STRIP_SEP_KEY, PAD_ID_KEY):
                     continue
                 binary = key.startswith(_BINARY_PREFIX)
                 name = key[len(_BINARY_PREFIX) :] if binary else key
@@ -345,7 +385,14 @@ class HFTokenizer(Tokenizer):
                     target.write_bytes(base64.b64decode(content))
                 else:
                     target.write_text(content, encoding="utf-8")
-            return cls(_auto_tokenizer(folder), state.get(PADDING_KEY, "longest"))
+            pad_id = state.get(PAD_ID_KEY)
+            return cls(
+                _auto_tokenizer(folder),
+                state.get(PADDING_KEY, "longest"),
+                clean=state.get(CLEAN_KEY, ""),
+                strip_sep_token=state.get(STRIP_SEP_KEY) == "true",
+                pad_id=None if pad_id is None else int(pad_id),
+            )
 
 
 def _auto_tokenizer(name_or_path: str) -> Any:
@@ -360,18 +407,19 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "voca
 
 
 def load_hf_tokenizer(
-    name_or_path: str, field: str = "model.text.tokenizer.name", padding: str = "longest"
+    name_or_path: str, field: str = "model.text.tokenizer.name", padding: str = "longest", **rules: Any
 ) -> HFTokenizer:
     """A Hugging Face tokenizer by hub id, local folder or ``package:<name>`` (a model folder shipped in a pip
     package, see :mod:`clipforge.packaged`), through ``AutoTokenizer.from_pretrained``.
 
     ``field``: the config field ``name_or_path`` came from, for the ConfigError a wrong name raises.
-    ``padding``: see :attr:`Tokenizer.padding`.
+    ``padding``: see :attr:`Tokenizer.padding`; ``rules``: :class:`HFTokenizer`'s ``clean`` / ``strip_sep_token`` /
+    ``pad_id``.
     """
     from transformers import AutoTokenizer
 
     backend = hf_from_pretrained(AutoTokenizer.from_pretrained, name_or_path, field, TOKENIZER_FILES)
-    return HFTokenizer(backend, padding)
+    return HFTokenizer(backend, padding, **rules)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,12 +6,14 @@ place of a class score. With ``A`` the (C, h, w) output of the tower's last conv
     alpha_c = mean_{i,j} ∂s/∂A_c[i, j]          (one weight per channel)
     map     = relu(sum_c alpha_c A_c)           (h, w), upsampled bilinearly to the input size
 
-The block is found by module type, not by name: among the modules that contain an ``nn.Conv2d``, the last
-one to finish in the forward pass whose output is a (B, C, h, w) map with h * w > 1 (for a ResNet that is
-``layer4``, for ConvNeXt/EfficientNet their last stage). A tower that still runs modules holding ``nn.Linear``
-layers after it (a ViT, whose only convolution is the patch embedding) is not a CNN, and is refused; modules,
-not only ``nn.Linear`` calls, since a block may apply its linears' weights functionally (clipforge's own
-transformer blocks do, through ``clipforge.model.cpu_kernels``).
+The block is the one the tower declares (``Tower.gradcam_block``: a hosted open_clip tower's last trunk stage,
+before its attention pooling and projection), else found by module type, not by name: among the modules that
+contain an ``nn.Conv2d``, the last one to finish in the forward pass whose output is a (B, C, h, w) map with
+h * w > 1 (for a ResNet that is ``layer4``, for ConvNeXt/EfficientNet their last stage). A tower that still runs
+modules holding ``nn.Linear`` layers after it (a ViT, whose only convolution is the patch embedding) is not a CNN,
+and is refused, as is a declared block whose output is tokens; modules, not only ``nn.Linear`` calls, since a block
+may apply its linears' weights functionally (clipforge's own transformer blocks do, through
+``clipforge.model.cpu_kernels``).
 """
 
 from __future__ import annotations
@@ -57,12 +59,37 @@ class _Recorder:
             handle.remove()
 
 
+def _declared_block(tower: nn.Module, block: nn.Module, images: torch.Tensor):
+    """Run ``tower`` and return (``block``, its output, the tower's output); the output must be a spatial map."""
+    outputs = []
+    handle = block.register_forward_hook(lambda module, inputs, output: outputs.append(output))
+    try:
+        features = tower(images)
+    finally:
+        handle.remove()
+    activation = outputs[-1] if outputs else None
+    if (
+        not isinstance(activation, torch.Tensor)
+        or activation.ndim != 4
+        or activation.shape[-1] * activation.shape[-2] < 2
+    ):
+        raise ValueError(
+            f"{tower.describe()}'s last stage gives no (batch, channels, h, w) map: it is not a CNN, so Grad-CAM has "
+            "nothing to weigh; explain needs a CNN image tower or the built-in ViT"
+        )
+    return block, activation, features
+
+
 def last_conv_block(tower: nn.Module, images: torch.Tensor) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """Run ``tower`` on ``images`` and return (its last conv block, that block's output, the tower's output).
 
+    The block is the one the tower declares (``Tower.gradcam_block``), else found by module type (module docstring).
     Raises ``ValueError`` when the tower has no convolutional block with a spatial map, or runs modules holding
     ``nn.Linear`` layers after its last one (not a CNN).
     """
+    declared = tower.gradcam_block() if hasattr(tower, "gradcam_block") else None
+    if declared is not None:
+        return _declared_block(tower, declared, images)
     recorder = _Recorder(tower)
     try:
         output = tower(images)

@@ -42,7 +42,7 @@ def open_clip_merges_file() -> Path:
     spec = importlib.util.find_spec("open_clip")
     if spec is None or not spec.submodule_search_locations:
         raise CheckpointError(
-            f"CLIP's BPE vocabulary comes from the {MERGES_FILE} that open_clip ships: pip install open_clip_torch"
+            f"CLIP's BPE vocabulary comes from the {MERGES_FILE} that open_clip ships: pip install 'clipforge[open_clip]'"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / MERGES_FILE
     if not path.is_file():
@@ -63,11 +63,12 @@ def write_clip_bpe_files(folder: Path, merges_file: Path | None = None) -> tuple
     return vocab_path, merges_path
 
 
-def clip_bpe_tokenizer(padding: str = "longest", merges_file: Path | None = None) -> HFTokenizer:
-    """CLIP's tokenizer (transformers' ``CLIPTokenizer`` over :func:`write_clip_bpe_files`'s vocabulary):
-    ``<|startoftext|> text <|endoftext|>``, padded with ``<|endoftext|>``."""
+def clip_bpe_tokenizer(padding: str = "longest", merges_file: Path | None = None, clean: str = "lower") -> HFTokenizer:
+    """CLIP's tokenizer as open_clip's ``SimpleTokenizer`` applies it (transformers' ``CLIPTokenizer`` over
+    :func:`write_clip_bpe_files`'s vocabulary): captions cleaned by ``clean`` (open_clip's default ``lower``:
+    ``clipforge.data.text_clean``), ``<|startoftext|> text <|endoftext|>``, padded with id 0 as open_clip pads."""
     from transformers import CLIPTokenizer
 
     with tempfile.TemporaryDirectory() as folder, quiet_transformers():
         write_clip_bpe_files(Path(folder), merges_file)
-        return HFTokenizer(CLIPTokenizer.from_pretrained(folder), padding)
+        return HFTokenizer(CLIPTokenizer.from_pretrained(folder), padding, clean=clean, pad_id=0)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from clipforge.config import CheckpointError, ModelConfig
+from clipforge.config import CheckpointError
 
 JOINS = ("copy", "qkv", "transpose", "scalar", "vector1")
 
@@ -85,44 +85,9 @@ def open_clip_block_rules(target: str, source: str) -> list[Rule]:
     rules += copy_rules(f"{target}.mlp.fc2", f"{source}.mlp.c_proj")
     return rules
 
-
-# ----------------------------------------------------------------------------------------------
-# Whole models
-# ----------------------------------------------------------------------------------------------
-def open_clip_rules(model: ModelConfig, text_prefix: str, logit_bias: bool) -> list[Rule]:
-    """The map of an open_clip (or OpenAI) ViT ``CLIP`` state dict onto the clipforge model ``model`` describes.
-
-    ``text_prefix``: ``""`` for ``CLIP`` (the text tower's tensors at the top level, OpenAI's layout) or
-    ``"text."`` for ``CustomTextCLIP``.
-    """
-    image, text = model.image, model.text
-    rules = [
-        Rule("image_tower.patch_embed.weight", ("visual.conv1.weight",)),
-        Rule("image_tower.class_embedding", ("visual.class_embedding",)),
-        Rule("image_tower.positional_embedding", ("visual.positional_embedding",)),
-    ]
-    if image.pre_norm:
-        rules += copy_rules("image_tower.ln_pre", "visual.ln_pre")
-    for layer in range(image.depth):
-        rules += open_clip_block_rules(
-            f"image_tower.transformer.blocks.{layer}", f"visual.transformer.resblocks.{layer}"
-        )
-    rules += copy_rules("image_tower.ln_post", "visual.ln_post")
-    rules.append(Rule("image_head.proj.weight", ("visual.proj",), "transpose"))
-    rules.append(Rule("text_tower.token_embedding.weight", (f"{text_prefix}token_embedding.weight",)))
-    rules.append(Rule("text_tower.positional_embedding", (f"{text_prefix}positional_embedding",)))
-    for layer in range(text.depth):
-        rules += open_clip_block_rules(
-            f"text_tower.transformer.blocks.{layer}", f"{text_prefix}transformer.resblocks.{layer}"
-        )
-    rules += copy_rules("text_tower.ln_final", f"{text_prefix}ln_final")
-    if text.head == "linear" and text.head_bias:  # proj_bias: an nn.Linear
-        rules += copy_rules("text_head.proj", f"{text_prefix}text_projection")
-    elif text.head == "linear":  # a (width, embed_dim) matrix used as x @ P
-        rules.append(Rule("text_head.proj.weight", (f"{text_prefix}text_projection",), "transpose"))
-    rules.append(Rule("log_logit_scale", ("logit_scale",), "scalar"))  # both hold log t
-    if logit_bias:
-        rules.append(Rule("logit_bias", ("logit_bias",), "scalar"))
+    # ----------------------------------------------------------------------------------------------
+    # Whole models
+    # ----------------------------------------------------------------------------------------------
     return rules
 
 

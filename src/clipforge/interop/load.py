@@ -2,7 +2,8 @@
 weights and processor (:func:`resolve`); the model is then built from that (:func:`build`).
 
 A spec is ``hf:<folder or hub id>`` (a Hugging Face two-tower model, :mod:`clipforge.interop.hf`),
-``open_clip:CONFIG.json:WEIGHTS`` (:mod:`clipforge.interop.open_clip`) or the path of a clipforge checkpoint.
+``open_clip:...`` (a name of open_clip's registry, a config and weights, a model folder or hub repository:
+:mod:`clipforge.interop.open_clip`) or the path of a clipforge checkpoint.
 Every command's ``--checkpoint``, ``clipforge.from_pretrained`` / ``load_checkpoint``, ``clipforge import`` and a
 run's ``model.init`` (:func:`init_model`) take any of them. (A tower's own ``pretrained`` weights, a file or a named
 tag, are a tower's business: ``clipforge.model.pretrained``.)
@@ -25,7 +26,7 @@ from clipforge.config.choices import WEIGHTS_SPEC_HELP
 from clipforge.data.processor import Processor
 from clipforge.interop.hf import import_hf
 from clipforge.interop.open_clip import SPEC_PREFIX as OPEN_CLIP_PREFIX
-from clipforge.interop.open_clip import import_open_clip, parse_spec
+from clipforge.interop.open_clip import import_open_clip_spec
 from clipforge.interop.resolved import Resolved
 from clipforge.model import CLIPModel
 from clipforge.model.factory import LoadedModel, build_checked_model, hf_text_config
@@ -35,7 +36,7 @@ HF_PREFIX = "hf:"
 # (a new source is one importer module plus its line here)
 SOURCES: dict[str, Callable[[str], Resolved]] = {
     HF_PREFIX: lambda spec: import_hf(spec.removeprefix(HF_PREFIX)),
-    OPEN_CLIP_PREFIX: lambda spec: import_open_clip(*parse_spec(spec)),
+    OPEN_CLIP_PREFIX: import_open_clip_spec,
 }
 # tower fields that say how to train, not what the model is: model.init keeps the run config's
 TRAINING_FIELDS = ("lock", "lr_scale", "layer_decay")

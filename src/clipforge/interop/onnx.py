@@ -5,10 +5,13 @@
 * ``image_encoder.onnx``: ``pixel_values`` (batch, 3, S, S) float32, preprocessed as ``preprocess.json`` says
   -> ``image_embeds`` (batch, D), unit L2 norm;
 * ``text_encoder.onnx``: ``input_ids``, ``attention_mask`` (batch, length) int64 -> ``text_embeds`` (batch, D);
-* ``preprocess.json`` (image size, mean/std, interpolation, the resize rule, context length) and ``tokenizer/``
-  (the files of the checkpoint's tokenizer);
+* ``preprocess.json`` (image size, mean/std, interpolation, the resize rule; the text rule: context length,
+  padding, pad id, the caption clean-up before tokenizing) and ``tokenizer/`` (the files of the checkpoint's
+  tokenizer);
 
-with the batch (and the text length) dynamic. Both graphs carry metadata: ``log_logit_scale`` (the learned log t:
+with the batch (and the text length) dynamic. One file set: the weights sit inside each ``.onnx`` file, unless a graph
+passes protobuf's 2 GiB limit, when they go to one ``<graph>.onnx.data`` file beside it (and no other data file is
+left). The exporters' own progress lines and warnings are kept out of the command's output. Both graphs carry metadata: ``log_logit_scale`` (the learned log t:
 logits = exp(log_logit_scale) * image_embeds @ text_embeds.T, plus ``logit_bias`` when present, a SigLIP model),
 ``embed_dim``, ``clipforge_version``. After writing, each graph is run with onnxruntime on a
 batch size that the export did not trace with and compared with PyTorch; a difference above ``atol`` fails the
@@ -22,12 +25,22 @@ the long side to ``max_aspect`` times the short one (plus one pixel when the cut
 rounded by ``crop_rounding`` (``round``: Python's ``round``, halves to even; ``floor``: down). The resize is
 ``PIL.Image.resize`` with filter ``interpolation`` (``resize_backend: pil``) or torchvision's antialiased
 ``resize`` of the uint8 (3, H, W) tensor (``torchvision``); then pixel / 255, minus ``mean``, over ``std``.
+
+Its ``text_rule`` states the padding: ``max_length`` (a tower that reads its padding: bidirectional attention, CoCa's
+class token after the padding) pads every text to ``context_length`` with ``pad_token_id``; ``longest`` pads a batch
+on the right to its longest text with ``pad_token_id`` and ``attention_mask`` 0 there, which does not change the
+embeddings. ``text_clean`` (open_clip's models: ``lower``, ``canonicalize``, ...) is applied to each caption before
+``tokenizer/``, and ``strip_sep_token`` turns the separator id into 0 (``clipforge.data.text_clean``, ``HFTokenizer``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,6 +48,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from clipforge.data.processor import Processor
 from clipforge.data.transforms import MAX_ASPECT, ImagePreprocess
 from clipforge.folders import staged_folder
 from clipforge.io import atomic_write_text, check_output
@@ -44,6 +58,10 @@ from clipforge.version import __version__
 EXPORT_BATCH = 2  # the batch size the graphs are traced with
 CHECK_BATCH = 3  # ... and the one they are checked with: a dynamic batch axis must really be dynamic
 OPSET = 18
+# above this many bytes of weights a graph's tensors go to an external data file (protobuf's limit is 2 GiB)
+EXTERNAL_DATA_BYTES = 1536 * 2**20
+# the exporters' loggers: their INFO/WARNING lines ("Skipping constant folding ...") are not the user's business
+EXPORTER_LOGGERS = ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "onnx_ir")
 
 
 class _ImageEncoder(nn.Module):
@@ -87,13 +105,28 @@ def _onnx_modules():
     return onnx, onnxruntime
 
 
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The exporters' log lines, warnings and prints held back; their errors still raise."""
+    loggers = [logging.getLogger(name) for name in EXPORTER_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
 def _export(module: nn.Module, inputs: tuple, names: list[str], output: str, dynamic: dict, path: Path) -> None:
     # torch.export's exporter (dynamo): it traces through the data-dependent branches of the towers (Hugging Face
     # attention masks, torchvision's reshapes) that the TorchScript tracer bakes in at the traced batch, which gave
     # wrong embeddings at other batch sizes. The towers' input checks warn while traced; they only guard layout.
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
+    weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    with torch.no_grad(), _quiet_exporter():
         torch.onnx.export(
             module,
             inputs,
@@ -104,17 +137,32 @@ def _export(module: nn.Module, inputs: tuple, names: list[str], output: str, dyn
             opset_version=OPSET,
             dynamo=True,
             verbose=False,
+            external_data=weight_bytes > EXTERNAL_DATA_BYTES,
         )
 
 
 def _stamp(path: Path, metadata: dict[str, str]) -> None:
-    """Write ``metadata`` into the graph's ``metadata_props`` (what onnxruntime shows as custom metadata)."""
+    """Write ``metadata`` into the graph's ``metadata_props`` (what onnxruntime shows as custom metadata); an
+    external data file stays as it is (the graph keeps pointing into it)."""
     onnx, _ = _onnx_modules()
-    graph = onnx.load(str(path))
+    graph = onnx.load(str(path), load_external_data=False)
     for key, value in metadata.items():
         entry = graph.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.save(graph, str(path))
+
+
+def _used_data_files(path: Path) -> set[str]:
+    """The external data files the graph at ``path`` reads."""
+    onnx, _ = _onnx_modules()
+    graph = onnx.load(str(path), load_external_data=False)
+    return {
+        entry.value
+        for tensor in graph.graph.initializer
+        if tensor.data_location == onnx.TensorProto.EXTERNAL
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
 
 
 def _max_difference(path: Path, feeds: dict[str, torch.Tensor], expected: torch.Tensor) -> float:
@@ -151,6 +199,29 @@ def preprocess_info(preprocess: ImagePreprocess) -> dict:
         )
     library = "PIL.Image.resize" if preprocess.resize_backend == "pil" else "torchvision resize of the uint8 tensor"
     info["resize_rule"] = f"{rule}, {preprocess.interpolation} ({library}); then (pixel / 255 - mean) / std"
+    return info
+
+
+def text_info(processor: Processor) -> dict:
+    """The text rule ``preprocess.json`` states (module docstring): context length, padding, pad id, clean-up."""
+    tokenizer = processor.tokenizer
+    length, pad = processor.context_length, tokenizer.pad_token_id
+    info = {"context_length": length, "padding": tokenizer.padding, "pad_token_id": pad}
+    if tokenizer.padding == "max_length":
+        rule = f"pad every text to context_length={length} tokens with id {pad} (the text tower reads its padding)"
+    else:
+        rule = (
+            f"pad a batch on the right to its longest text (at most {length} tokens) with id {pad} and attention_mask "
+            "0 there (padding does not change the embeddings)"
+        )
+    clean = getattr(tokenizer, "clean", "")
+    if clean:
+        info["text_clean"] = clean
+        rule = f"clean each caption ({clean!r}: clipforge.data.text_clean), tokenize with tokenizer/, then {rule}"
+    if getattr(tokenizer, "strip_sep_token", False):
+        info["strip_sep_token"] = True
+        rule += "; the separator id is replaced by 0"
+    info["text_rule"] = rule
     return info
 
 
@@ -201,6 +272,10 @@ def export_onnx(loaded: LoadedModel, out_dir: str | Path, atol: float = 1e-4) ->
         embed_dim = str(image_expected.shape[1])
         for path in (image_path, text_path):
             _stamp(path, {**metadata, "embed_dim": embed_dim})
+        used = _used_data_files(image_path) | _used_data_files(text_path)
+        for data_file in Path(scratch).glob("*.data"):  # one file set: no data file that no graph reads
+            if data_file.name not in used:
+                data_file.unlink()
         image_difference = _max_difference(image_path, {"pixel_values": check_pixels}, image_expected)
         text_difference = _max_difference(
             text_path, {"input_ids": check_ids, "attention_mask": check_mask}, text_expected
@@ -210,9 +285,12 @@ def export_onnx(loaded: LoadedModel, out_dir: str | Path, atol: float = 1e-4) ->
                 f"the ONNX graphs differ from PyTorch by {max(image_difference, text_difference):.2e} (> {atol}): "
                 "the export is not faithful for this model; nothing was written"
             )
-        info = {**preprocess_info(preprocess), "context_length": loaded.processor.context_length, **metadata}
+        info = {**preprocess_info(preprocess), **text_info(loaded.processor), **metadata}
         atomic_write_text(Path(scratch, "preprocess.json"), json.dumps(info, indent=2) + "\n")
         loaded.processor.save_pretrained(Path(scratch, "tokenizer"))
+    for name in ("image_encoder.onnx.data", "text_encoder.onnx.data"):  # an earlier export's, replaced (--overwrite)
+        if name not in used:
+            (folder / name).unlink(missing_ok=True)
     return OnnxExport(
         folder, folder / "image_encoder.onnx", folder / "text_encoder.onnx", image_difference, text_difference
     )

@@ -71,7 +71,7 @@ def build_model(
         loss_kind=config.loss.kind,
         vocab_size=tokenizer.vocab_size,
         pad_token_id=tokenizer.pad_token_id,
-        text_config_json=text_config_json if model_config.text.kind == "hf" else None,
+        text_config_json=text_config_json if model_config.text.kind in ("hf", "open_clip") else None,
     )
 
 

@@ -3,9 +3,12 @@
 Both rest on one view of a tower as a stack of layers: id 0 is the stem (everything before the first
 block), ids 1..K are its numbered blocks in order, and id K + 1 is what follows the last block (a final norm,
 a head convolution). Blocks are found by parameter name: the numbered children of a ``blocks`` / ``layer(s)``
-/ ``h`` / ``resblocks`` / ``features`` container (one level deeper too: timm's ``blocks.<stage>.<block>``), or
-torchvision ResNets' ``layer<stage>.<block>``. That covers the built-in towers, timm and torchvision
-backbones, and Hugging Face encoders (``encoder.layer.<i>``).
+/ ``h`` / ``resblocks`` / ``features`` / ``stages`` container (one level deeper too: timm's
+``blocks.<stage>.<block>``), or torchvision ResNets' ``layer<stage>.<block>``; a block is the container's path with
+its number(s), so two containers (a convolutional stem's ``stages`` and a ViT's ``blocks`` after it) give
+distinct blocks, numbered in the order their parameters come. That covers the built-in towers, timm and torchvision
+backbones (a ConvNeXt's stages, downsampling included), Hugging Face encoders (``encoder.layer.<i>``) and
+open_clip's hosted towers.
 
 ``lock``: ``True`` locks every parameter, ``False`` none, ``"all-but-last-N"`` all but blocks K-N+1..K and
 what follows them. Locked parameters get ``requires_grad=False`` (the optimizer never sees them), and every
@@ -22,7 +25,7 @@ from torch import nn
 from clipforge.config import LOCK_PATTERN
 
 _BLOCK_PATTERNS = (
-    re.compile(r"(?:^|\.)(?:blocks|layers|layer|h|resblocks|features)\.(\d+)(?:\.(\d+)(?=\.))?"),
+    re.compile(r"(?:^|\.)(?:blocks|layers|layer|h|resblocks|features|stages)\.(\d+)(?:\.(\d+)(?=\.))?"),
     re.compile(r"(?:^|\.)layer(\d+)\.(\d+)(?=\.)"),  # torchvision ResNet: layer1.0.conv1.weight
 )
 
@@ -39,22 +42,27 @@ def unlocked_blocks(lock: bool | str) -> int | None:
     return int(match.group(1))
 
 
-def _block_key(name: str) -> tuple[int, int] | None:
+def _block_key(name: str) -> str | None:
+    """The block a parameter belongs to: its name up to the block's number(s) (``trunk.stages.2``), or None."""
     for pattern in _BLOCK_PATTERNS:
         match = pattern.search(name)
         if match is not None:
-            return int(match.group(1)), int(match.group(2) or -1)
+            return name[: match.end()]
     return None
 
 
 def layer_ids(tower: nn.Module) -> tuple[dict[str, int], int]:
     """(parameter name -> layer id, K): 0 = stem, 1..K = blocks in order, K + 1 = after the last block.
 
-    A parameter outside every block is stem when it comes (in registration order) before the first block's
-    parameters, else it follows the blocks. A tower without numbered blocks has K = 0, all of it stem.
+    Blocks are numbered in the order their first parameters come (registration order: forward order). A parameter
+    outside every block is stem when it comes before the first block's parameters, else it follows the blocks. A
+    tower without numbered blocks has K = 0, all of it stem.
     """
     keys = {name: _block_key(name) for name, _ in tower.named_parameters()}
-    ordinal = {key: position + 1 for position, key in enumerate(sorted({k for k in keys.values() if k}))}
+    ordinal: dict[str, int] = {}
+    for key in keys.values():
+        if key is not None and key not in ordinal:
+            ordinal[key] = len(ordinal) + 1
     ids, seen_block = {}, False
     for name, key in keys.items():
         if key is not None:

@@ -13,6 +13,7 @@ from clipforge.config import ImageTowerConfig, ModelConfig, TextTowerConfig
 from clipforge.model.clip import CLIPModel
 from clipforge.model.heads import build_head
 from clipforge.model.hosted_hf import build_naflex_tower
+from clipforge.model.hosted_open_clip import build_open_clip_image_tower, build_open_clip_text_tower
 from clipforge.model.locking import lock_tower, locked_submodules
 from clipforge.model.text import build_hf_tower, build_transformer_tower
 from clipforge.model.towers import Tower
@@ -33,11 +34,13 @@ IMAGE_TOWER_BUILDERS: dict[str, Callable[[ImageTowerConfig], Tower]] = {
     "torchvision": build_torchvision_tower,
     "timm": build_timm_tower,
     "naflex": build_naflex_tower,
+    "open_clip": build_open_clip_image_tower,
 }
 # builders take (cfg, vocab_size, pad_token_id, the tower's own saved config or None)
 TEXT_TOWER_BUILDERS: dict[str, Callable[[TextTowerConfig, int | None, int, str | None], Tower]] = {
     "transformer": lambda cfg, vocab_size, pad_token_id, _saved: build_transformer_tower(cfg, vocab_size, pad_token_id),
     "hf": build_hf_tower,
+    "open_clip": build_open_clip_text_tower,
 }
 LOSS_INIT: dict[str, tuple[float, float | None]] = {
     "clip": (CLIP_INIT_LOG_LOGIT_SCALE, None),

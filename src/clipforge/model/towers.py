@@ -10,6 +10,8 @@ tower) is one subclass that answers these questions, and no caller changes:
 * :attr:`Tower.supports_attention_maps` / :meth:`Tower.forward_with_attention`: per-layer attention weights for
   explanations. An *image* tower that supports them attends over ``[class token, patch_1 .. patch_{g*g}]``,
   patches in row-major order on a ``grid_size x grid_size`` grid.
+* :meth:`Tower.gradcam_block`: the block whose (B, C, h, w) output Grad-CAM weighs, where the tower knows it
+  better than a search by module type (a trunk followed by attention pooling); None: searched.
 * :meth:`Tower.describe`: the tower in a message, e.g. ``ResNet`` or ``BertModel``.
 * :meth:`Tower.hf_config_json`: the Hugging Face config that rebuilds the tower offline (checkpoints store it).
 
@@ -65,6 +67,11 @@ class Tower(nn.Module):
         """``forward``'s features plus the attention weights of each layer, in forward order, each
         ``(batch, heads, T, T)`` with rows summing to 1; only where :attr:`supports_attention_maps`."""
         raise TypeError(f"{self.describe()} does not return attention maps")
+
+    def gradcam_block(self) -> nn.Module | None:
+        """The block whose output Grad-CAM weighs (it must give a (B, C, h, w) map); None: the last convolutional
+        block, found by module type (``clipforge.explain.gradcam``)."""
+        return None
 
     def describe(self) -> str:
         """The tower in a message: the class that does the work (the library model inside a wrapper)."""

@@ -19,6 +19,7 @@ from torch import nn
 from clipforge.config import BUILTIN_VIT_IMAGE_SIZE, ImageTowerConfig
 from clipforge.data.transforms import ImagePreprocess
 from clipforge.model.backbone_names import check_timm_name, check_torchvision_name
+from clipforge.model.hosted_open_clip import open_clip_image_size
 from clipforge.model.pretrained import load_weights_file, local_weights_file, weights_key_order
 from clipforge.model.towers import Tower, TransformerTower
 from clipforge.model.transformer import DEFAULT_NORM_EPS, AttentionPool, Transformer
@@ -55,9 +56,11 @@ def resolve_image_preprocess(cfg: ImageTowerConfig) -> ImagePreprocess:
         size, mean, std, interpolation = _timm_preprocess(cfg)
     elif cfg.kind == "naflex":  # SigLIP 2's own
         size, mean, std, interpolation = BUILTIN_VIT_IMAGE_SIZE, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear"
+    elif cfg.kind == "open_clip":  # open_clip's defaults: its config's size, OpenAI's mean/std, bicubic
+        size, mean, std, interpolation = open_clip_image_size(cfg), CLIP_MEAN, CLIP_STD, "bicubic"
     else:
         raise ValueError(
-            f"model.image.kind={cfg.kind!r} is unknown; choose one of ['vit', 'torchvision', 'timm', 'naflex']"
+            f"model.image.kind={cfg.kind!r} is unknown; choose one of ['vit', 'torchvision', 'timm', 'naflex', 'open_clip']"
         )
     if cfg.mean:
         mean, std = tuple(float(v) for v in cfg.mean), tuple(float(v) for v in cfg.std)
