@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from clipforge.commands.common import CHECKPOINT_HELP, DEVICE_HELP, add_input, add_output, load_model, user_errors
+from clipforge.commands.common import (
+    CHECKPOINT_HELP,
+    DEVICE_HELP,
+    add_input,
+    add_output,
+    add_weights_option,
+    load_model,
+    user_errors,
+)
 from clipforge.config import ConfigError
 from clipforge.config.choices import FLUSH_EVERY
 
@@ -12,6 +20,7 @@ from clipforge.config.choices import FLUSH_EVERY
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("embed", help="embed images (and/or captions) into a folder for search; resumable")
     add_input(parser, "--checkpoint", required=True, help=CHECKPOINT_HELP)
+    add_weights_option(parser)
     add_input(
         parser,
         "--images",
@@ -46,6 +55,7 @@ def run(args: argparse.Namespace) -> None:
         args.workers,
         args.device,
         flush_every=args.flush_every,
+        weights=args.weights,
     )
 
 
@@ -60,10 +70,12 @@ def run_embed(
     device: str = "auto",
     progress: bool = True,
     flush_every: int = FLUSH_EVERY,
+    weights: str = "raw",
 ) -> None:
     """Embed ``images`` and/or ``texts`` with ``checkpoint`` into the folder ``out``; print what was added.
 
-    Another run writing ``out`` makes this one fail at once (exit 2), before anything is written."""
+    ``weights``: ``raw`` or ``ema`` (the checkpoint's moving average). Another run writing ``out`` makes this one
+    fail at once (exit 2), before anything is written."""
     if images is None and texts is None:
         raise ConfigError("embed needs --images and/or --texts")
     if num_workers < 0:
@@ -72,7 +84,7 @@ def run_embed(
         raise ConfigError(f"--flush-every {flush_every} must be a positive number of images")
     from clipforge.search.embed import embed_images, embed_text_file
 
-    loaded = load_model(checkpoint, device)
+    loaded = load_model(checkpoint, device, weights)
     reports = []
     with user_errors("embed"):
         if images is not None:

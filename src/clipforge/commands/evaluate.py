@@ -13,7 +13,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from clipforge.commands.common import CHECKPOINT_HELP, DEVICE_HELP, add_input, add_output, check_picture_path
+from clipforge.commands.common import (
+    CHECKPOINT_HELP,
+    DEVICE_HELP,
+    add_input,
+    add_output,
+    add_weights_option,
+    check_picture_path,
+)
 from clipforge.commands.data_spec import parse_data_spec
 from clipforge.config import ConfigError, DataConfig
 from clipforge.io import check_output
@@ -28,6 +35,7 @@ logger = logging.getLogger("clipforge")
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("eval", help="zero-shot classification or retrieval of a checkpoint on local data")
     add_input(parser, "--checkpoint", required=True, help=CHECKPOINT_HELP)
+    add_weights_option(parser)
     parser.add_argument("--task", required=True, choices=["zeroshot", "retrieval"])
     add_input(
         parser,
@@ -80,6 +88,7 @@ def run(args: argparse.Namespace) -> None:
         plot=args.plot,
         batch_size=args.batch_size,
         device=args.device,
+        weights=args.weights,
     )
 
 
@@ -93,13 +102,15 @@ def run_eval(
     plot: str | Path | None = None,
     batch_size: int = 256,
     device: str = "auto",
+    weights: str = "raw",
 ) -> EvalResult:
     """Evaluate ``checkpoint`` on the dataset ``data`` describes (see :func:`parse_data_spec`), print a table.
 
     ``classnames``: a file of class names for a zero-shot task (see ``classnames_from_file``); None = the
     source's own. ``out``: also write the CLIP_benchmark JSON there. ``plot``: also draw a PNG there (a confusion matrix for
     ``zeroshot``, the top-5 images of a few caption queries for ``retrieval``); ``""`` picks the name
-    (``out`` with ``.png``, else ``confusion_matrix.png`` / ``retrieval_grid.png``).
+    (``out`` with ``.png``, else ``confusion_matrix.png`` / ``retrieval_grid.png``). ``weights``: ``raw`` or ``ema``
+    (the checkpoint's moving average of its weights).
     """
     from clipforge.eval.runner import (
         dataset_label,
@@ -121,7 +132,7 @@ def run_eval(
     if batch_size < 1:
         raise ConfigError(f"--batch-size={batch_size} must be positive")
     torch_device = resolve_device(device, "--device")
-    loaded = from_pretrained(checkpoint, torch_device)
+    loaded = from_pretrained(checkpoint, torch_device, weights)
     try:
         source = open_eval_source(data_config)
     except (ValueError, FileNotFoundError) as error:

@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import argparse
 
-from clipforge.commands.common import CHECKPOINT_HELP, add_input, add_output, load_model, user_errors
+from clipforge.commands.common import (
+    CHECKPOINT_HELP,
+    add_input,
+    add_output,
+    add_weights_option,
+    load_model,
+    user_errors,
+)
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -13,6 +20,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     formats = export.add_subparsers(dest="export_format", required=True)
     onnx = formats.add_parser("onnx", help="image_encoder.onnx + text_encoder.onnx (dynamic batch), checked")
     add_input(onnx, "--checkpoint", required=True, help=CHECKPOINT_HELP)
+    add_weights_option(onnx)
     add_output(onnx, "--out", kind="folder", required=True, help="the folder to write (new, or without an export)")
     onnx.add_argument("--atol", type=float, default=1e-4, help="largest onnxruntime-vs-PyTorch difference accepted")
     onnx.set_defaults(run=run_onnx)
@@ -20,6 +28,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "hf", help="a Hugging Face CLIPModel/SiglipModel folder (+ tokenizer, image processor), checked"
     )
     add_input(hf, "--checkpoint", required=True, help=CHECKPOINT_HELP)
+    add_weights_option(hf)
     add_output(hf, "--out", kind="folder", required=True, help="the folder to write (new or empty)")
     hf.add_argument("--atol", type=float, default=1e-4, help="largest transformers-vs-clipforge difference accepted")
     hf.set_defaults(run=run_hf)
@@ -28,7 +37,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 def run_onnx(args: argparse.Namespace) -> None:
     from clipforge.interop.onnx import export_onnx
 
-    loaded = load_model(args.checkpoint, "cpu")
+    loaded = load_model(args.checkpoint, "cpu", args.weights)
     with user_errors("export onnx"):
         result = export_onnx(loaded, args.out, atol=args.atol)
     print(
@@ -40,7 +49,7 @@ def run_onnx(args: argparse.Namespace) -> None:
 def run_hf(args: argparse.Namespace) -> None:
     from clipforge.interop.hf_export import export_hf
 
-    loaded = load_model(args.checkpoint, "cpu")
+    loaded = load_model(args.checkpoint, "cpu", args.weights)
     result = export_hf(loaded, args.out, atol=args.atol)
     model_class = "CLIPModel" if result.family == "clip" else "SiglipModel"
     print(

@@ -16,3 +16,6 @@ EXPLAIN_METHODS = ("auto", "attention-gradient", "rollout", "gradcam")
 
 # what a weights spec may be: --checkpoint, `clipforge import`, model.init
 WEIGHTS_SPEC_HELP = "hf:<folder or hub id>, open_clip:CONFIG.json:WEIGHTS, or the path of a clipforge checkpoint"
+
+# which weights of a checkpoint a command uses (--weights): the trained ones, or their moving average (train.ema)
+WEIGHTS_CHOICES = ("raw", "ema")
