@@ -33,10 +33,10 @@ def _validate_lora(lora: LoraConfig, tower: ImageTowerConfig | TextTowerConfig, 
         )
     if tower.lock is not False:
         # a locked tower's features are a fixed function of its input (LiT: cached, memoized); adapters train it
+        frozen = "it (a locked tower's features are computed once and cached)" if tower.lock is True else "part of it"
         raise ConfigError(
-            f"{where}.lora.rank={lora.rank} trains adapters inside the tower, but {where}.lock={tower.lock!r} "
-            f"freezes it (and would cache its features): set {where}.lock=false (LoRA freezes the tower's own "
-            f"weights itself) or {where}.lora.rank=0"
+            f"{where}.lora.rank={lora.rank} trains adapters inside the tower, but {where}.lock={tower.lock!r} freezes "
+            f"{frozen}: set {where}.lock=false (LoRA freezes the tower's own weights itself) or {where}.lora.rank=0"
         )
 
 
