@@ -162,6 +162,17 @@ BASE_ARGV: dict[str, Callable[[World, Path], list[str]]] = {
         str(d / "overlays"),
     ],
     "import": lambda w, d: ["import", str(w.checkpoint), "--out", str(d / "imported.pt")],
+    "merge": lambda w, d: [
+        "merge",
+        "--from",
+        str(w.checkpoint),
+        "--to",
+        str(w.checkpoint),
+        "--alpha",
+        "0.5",
+        "--out",
+        str(d / "merged.pt"),
+    ],
     "export onnx": lambda w, d: ["export", "onnx", "--checkpoint", str(w.checkpoint), "--out", str(d / "onnx")],
     "export hf": lambda w, d: ["export", "hf", "--checkpoint", str(w.checkpoint), "--out", str(d / "hf")],
     # a server runs until stopped, and the demo trains for minutes: their inputs are checked in their own tests

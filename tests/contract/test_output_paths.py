@@ -119,7 +119,7 @@ def test_an_output_that_is_an_input_is_refused(
     assert_contract(outcome, argv, allowed=(2,) if kind != "folder" else (0, 2))
     assert unchanged(before, *world.inputs(), world.store), outcome.describe(argv)
     if outcome.code == 2:
-        said = ("inputs", "exists already", "holds", "is a file", "not a folder")
+        said = ("inputs", "exists already", "holds", "is a file", "not a folder", "not an empty folder")
         assert any(words in outcome.err for words in said), outcome.describe(argv)
 
 
