@@ -5,7 +5,7 @@ For a model A (say, the imported or zero-shot model) and its fine-tune B, the mo
     theta(alpha) = (1 - alpha) * theta_A + alpha * theta_B
 
 for every floating-point tensor (parameters and BatchNorm statistics; the temperature on its log); integer buffers
-(BatchNorm's step counts, position ids) are B's. ``alpha = 0`` gives A's tensors exactly, ``alpha = 1`` B's
+(BatchNorm's step counts, position ids) are B's, and a tensor equal at both ends (a locked tower) is kept as it is. ``alpha = 0`` gives A's tensors exactly, ``alpha = 1`` B's
 (``1 * x + 0 * y = x`` in floating point). Fine-tuning moves far less than the distance between two independent
 trainings, so the two ends lie in one basin and the path between them keeps A's zero-shot skill while it takes B's
 gain on the target (the paper's finding; ``benchmarks/finetune_retention.py`` measures it here).
@@ -103,7 +103,12 @@ def interpolate(first: Resolved, second: Resolved, alpha: float) -> Resolved:
     weights = {}
     for key, end in second.weights.items():
         start = first.weights[key]
-        weights[key] = (1 - alpha) * start + alpha * end if end.is_floating_point() else end.clone()
+        if not end.is_floating_point() or torch.equal(start, end):
+            # integer buffers are the fine-tune's; a tensor equal at both ends (a locked tower) stays exactly itself,
+            # which (1 - alpha) x + alpha x would not always be in floating point
+            weights[key] = end.clone()
+        else:
+            weights[key] = (1 - alpha) * start + alpha * end
     return dataclasses.replace(
         second,
         config=copy.deepcopy(second.config),
