@@ -85,3 +85,14 @@ def test_only_vit_towers_take_patch_dropout() -> None:
         config_from_dict({"model": {"image": {**VIT, "patch_dropout": 1.0}}})
     with pytest.raises(ConfigError, match="timm model 'resnet18' has no patch tokens to drop"):
         build_timm_tower(ImageTowerConfig(kind="timm", name="resnet18", patch_dropout=0.5))
+
+
+def test_a_locked_towers_cached_features_do_not_depend_on_training_only_settings() -> None:
+    # a locked tower runs in eval mode (no patch dropout) and has no adapters: its feature cache entries stay valid
+    from clipforge.config import LoraConfig
+    from clipforge.train.cache_features import _tower_settings
+
+    plain = ImageTowerConfig(**VIT)
+    assert _tower_settings(ImageTowerConfig(**VIT, patch_dropout=0.5, lora=LoraConfig(rank=4))) == _tower_settings(
+        plain
+    )
