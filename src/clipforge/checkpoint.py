@@ -6,7 +6,8 @@ A checkpoint is a ``torch.save`` dict of plain values and tensors only, so it lo
 
 What it holds (:class:`Checkpoint`): the resolved ``config``, the model's :class:`~clipforge.data.processor.Processor`
 (tokenizer, context length, image preprocessing), the ``weights``, the ``step``, a Hugging Face text tower's own
-config (``hf_text_config``), where an import came from, and - for a checkpoint of a training run - its
+config (``hf_text_config``), where an import came from, the moving average of the trained parameters when the run
+keeps one (``ema``, ``train.ema``; files without it load with None), and - for a checkpoint of a training run - its
 :class:`TrainingState` (optimizer, schedule, loss scaler, data position, random generators, evaluation state).
 This module only turns that into bytes and back; models are built elsewhere (``clipforge.model.factory``, from what
 ``clipforge.interop.load`` resolves).
@@ -72,6 +73,26 @@ class Checkpoint:
     imported_from: str | None = None
     training: TrainingState | None = None
     clipforge_version: str = __version__
+    ema: dict[str, torch.Tensor] | None = None
+
+    def weights_for(self, which: str, where: str | Path = "the checkpoint") -> dict[str, torch.Tensor]:
+        """The weights to use: ``raw`` (as trained) or ``ema`` (the moving average of the trained parameters laid
+        over them: ``clipforge.train.ema``); CheckpointError naming ``where`` when there is no average."""
+        if which == "raw":
+            return self.weights
+        if which != "ema":
+            raise ValueError(f"weights={which!r}: choose raw or ema")
+        if self.ema is None:
+            raise CheckpointError(
+                f"{where} holds no weight average: --weights ema needs a checkpoint of a run trained with train.ema "
+                "(e.g. train.ema.decay=0.999); use --weights raw"
+            )
+        strangers = [
+            key for key, value in self.ema.items() if getattr(self.weights.get(key), "shape", None) != value.shape
+        ]
+        if strangers:
+            raise CheckpointError(f"{where}: its weight average does not fit its weights (at {strangers[0]}); damaged")
+        return {**self.weights, **self.ema}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -92,6 +113,8 @@ def save_checkpoint(path: str | Path, checkpoint: Checkpoint, replace: bool = Fa
         "imported_from": checkpoint.imported_from,
         "training": dataclasses.asdict(checkpoint.training) if checkpoint.training is not None else None,
     }
+    if checkpoint.ema is not None:  # absent otherwise: files without an average look as they always did
+        payload["ema"] = checkpoint.ema
     return atomic_write(Path(path), lambda handle: torch.save(payload, handle), replace=replace)
 
 
@@ -115,6 +138,9 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
             f"{path}: its tokenizer cannot be rebuilt ({shown(error)}); the file is damaged"
         ) from None
     training = payload.get("training")
+    ema = payload.get("ema")
+    if ema is not None and not (isinstance(ema, dict) and all(isinstance(v, torch.Tensor) for v in ema.values())):
+        raise CheckpointError(f"{path}: its weight average (ema) is not a set of tensors; the file is damaged")
     try:
         training_state = TrainingState(**training) if training is not None else None
     except TypeError as error:
@@ -128,6 +154,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         imported_from=payload.get("imported_from"),
         training=training_state,
         clipforge_version=str(payload.get("clipforge_version", "")),
+        ema=ema,
     )
 
 

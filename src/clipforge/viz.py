@@ -281,3 +281,25 @@ def plot_metric_bars(
     axis.set_title(title, fontsize=10)
     figure.tight_layout()
     return save_figure(figure, path, replace=replace)
+
+
+def plot_tradeoff_curve(
+    alphas: Sequence[float],
+    retained: Sequence[float],
+    target: Sequence[float],
+    path: str | Path,
+    retained_label: str = "retained",
+    target_label: str = "target",
+) -> Path:
+    """The WiSE-FT curve: one point per interpolation ``alpha`` at (retained metric, target metric), joined in
+    order of alpha and labelled with it (alpha 0: the model before fine-tuning, 1: the fine-tune)."""
+    figure, axis = plt.subplots(figsize=(6, 4.5), dpi=120)
+    axis.plot(retained, target, "-o", color="tab:blue", markersize=4)
+    for alpha, x, y in zip(alphas, retained, target, strict=True):
+        axis.annotate(f"{alpha:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    axis.set_xlabel(retained_label)
+    axis.set_ylabel(target_label)
+    axis.set_title("weight-space interpolation (labels: alpha)")
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    return save_figure(figure, path)

@@ -16,12 +16,13 @@ from clipforge.commands import (
     export,
     import_,
     index,
+    merge,
     search,
     serve,
     train,
 )
 
 # the order of ``clipforge --help``: the run's path first, then using what it made
-MODULES = (train, demo, evaluate, data, embed, search, index, classify, explain, serve, import_, export)
+MODULES = (train, demo, evaluate, merge, data, embed, search, index, classify, explain, serve, import_, export)
 
 __all__ = ["MODULES"]

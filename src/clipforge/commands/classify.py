@@ -5,13 +5,22 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from clipforge.commands.common import CHECKPOINT_HELP, DEVICE_HELP, add_input, add_output, load_model, user_errors
+from clipforge.commands.common import (
+    CHECKPOINT_HELP,
+    DEVICE_HELP,
+    add_input,
+    add_output,
+    add_weights_option,
+    load_model,
+    user_errors,
+)
 from clipforge.config.choices import DEFAULT_TEMPLATES
 
 
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("classify", help="zero-shot probabilities of images over given labels")
     add_input(parser, "--checkpoint", required=True, help=CHECKPOINT_HELP)
+    add_weights_option(parser)
     parser.add_argument("--labels", required=True, help="comma-separated labels, e.g. 'cat,dog,car'")
     add_input(parser, "images", kind="path", nargs="+", metavar="IMAGE", help="image files or folders")
     add_input(
@@ -36,7 +45,7 @@ def run(args: argparse.Namespace) -> None:
 
     with user_errors("classify"):
         names = parse_labels(args.labels)
-        loaded = load_model(args.checkpoint, args.device)
+        loaded = load_model(args.checkpoint, args.device, args.weights)
         result = classify_images(loaded, args.images, names, args.templates)
     print(result.format(args.top))
     if args.plot:

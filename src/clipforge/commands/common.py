@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from clipforge.config import CheckpointError, ConfigError, DataError, ImageLoadError
+from clipforge.config.choices import WEIGHTS_CHOICES
 from clipforge.io import OutputError, OutputExistsError, check_output, shorten
 from clipforge.packaged import MissingPackageError
 
@@ -30,6 +31,10 @@ DEVICE_HELP = "auto | cpu | cuda | cuda:N"
 CHECKPOINT_HELP = (
     "the model: a run's last.pt, best.pt or step_<N>.pt, a checkpoint written by clipforge import, or weights to "
     "import on the fly (hf:FOLDER, open_clip:CONFIG.json:WEIGHTS)"
+)
+WEIGHTS_HELP = (
+    "which weights of the checkpoint: raw (as trained) or ema (the moving average a run keeps with train.ema); "
+    "LoRA adapters are folded into the weights either way"
 )
 OVERWRITE_HELP = "replace output files that exist already (an input of the command is never replaced)"
 
@@ -176,10 +181,16 @@ def user_errors(what: str) -> Iterator[None]:
         raise ConfigError(f"{what}: {error}") from error
 
 
-def load_model(checkpoint: str | os.PathLike, device: str = "auto") -> LoadedModel:
+def add_weights_option(parser: argparse.ArgumentParser, flag: str = "--weights", help: str = WEIGHTS_HELP) -> None:
+    """The ``--weights raw|ema`` choice of a command that loads a model (:func:`load_model`'s ``weights``)."""
+    parser.add_argument(flag, choices=WEIGHTS_CHOICES, default="raw", help=help)
+
+
+def load_model(checkpoint: str | os.PathLike, device: str = "auto", weights: str = "raw") -> LoadedModel:
     """The model ``checkpoint`` names (any weights spec: a checkpoint, ``hf:``, ``open_clip:``), in eval mode on
-    ``device`` (``auto``: CUDA when there is one), with its processor."""
+    ``device`` (``auto``: CUDA when there is one), with its processor; ``weights``: ``raw`` or ``ema`` (the
+    checkpoint's moving average). LoRA adapters come folded into the weights (``clipforge.interop.load``)."""
     from clipforge.interop.load import from_pretrained
     from clipforge.runtime import resolve_device
 
-    return from_pretrained(checkpoint, resolve_device(device, "--device"))
+    return from_pretrained(checkpoint, resolve_device(device, "--device"), weights)

@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import argparse
 
-from clipforge.commands.common import CHECKPOINT_HELP, DEVICE_HELP, add_input, add_output, load_model, user_errors
+from clipforge.commands.common import (
+    CHECKPOINT_HELP,
+    DEVICE_HELP,
+    add_input,
+    add_output,
+    add_weights_option,
+    load_model,
+    user_errors,
+)
 from clipforge.config import ConfigError
 from clipforge.config.choices import FLUSH_EVERY, PART_ROWS
 
@@ -13,6 +21,7 @@ from clipforge.config.choices import FLUSH_EVERY, PART_ROWS
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("embed", help="embed images (and/or captions) into a folder for search; resumable")
     add_input(parser, "--checkpoint", required=True, help=CHECKPOINT_HELP)
+    add_weights_option(parser)
     add_input(
         parser,
         "--images",
@@ -56,6 +65,7 @@ def run(args: argparse.Namespace) -> None:
         args.device,
         flush_every=args.flush_every,
         part_rows=args.part_rows,
+        weights=args.weights,
     )
 
 
@@ -71,11 +81,13 @@ def run_embed(
     progress: bool = True,
     flush_every: int = FLUSH_EVERY,
     part_rows: int = PART_ROWS,
+    weights: str = "raw",
 ) -> None:
     """Embed ``images`` and/or ``texts`` with ``checkpoint`` into the folder ``out``; print what was added.
 
-    Another run writing ``out`` makes this one fail at once (exit 2), before anything is written. Under torchrun
-    every process runs this, embeds its share, and process 0 prints the summary."""
+    ``weights``: ``raw`` or ``ema`` (the checkpoint's moving average). Another run writing ``out`` makes this one
+    fail at once (exit 2), before anything is written. Under torchrun every process runs this, embeds its share, and
+    process 0 prints the summary."""
     if images is None and texts is None:
         raise ConfigError("embed needs --images and/or --texts")
     if num_workers < 0:
@@ -93,7 +105,7 @@ def run_embed(
     with user_errors("embed"), embedding_processes(resolve_device(device, "--device")) as context:
         if not context.is_main:  # one process tells the story; the others speak up only when something is wrong
             logging.getLogger("clipforge").setLevel(logging.WARNING)
-        loaded = load_model(checkpoint, str(context.device))
+        loaded = load_model(checkpoint, str(context.device), weights)
         if images is not None:
             reports.append(
                 embed_images(

@@ -14,7 +14,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from clipforge.commands.common import CHECKPOINT_HELP, DEVICE_HELP, add_input, add_output, check_picture_path
+from clipforge.commands.common import (
+    CHECKPOINT_HELP,
+    DEVICE_HELP,
+    add_input,
+    add_output,
+    add_weights_option,
+    check_picture_path,
+)
 from clipforge.commands.data_spec import parse_data_spec
 from clipforge.config import ConfigError, DataConfig
 from clipforge.config.choices import EVAL_TASKS, TIE_RULES
@@ -38,6 +45,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     what = parser.add_mutually_exclusive_group(required=True)  # one task on --data, or a suite of them
     what.add_argument("--task", choices=EVAL_TASKS, help="what to measure on --data")
     add_input(parser, "--data", kind="data", nargs="+", metavar="YAML|KEY=VALUE", help=f"the test data: {DATA_HELP}")
+    add_weights_option(parser)
     add_input(
         what,
         "--suite",
@@ -148,6 +156,7 @@ def run(args: argparse.Namespace) -> None:
         ties=args.ties,
         language=args.language,
         out_dir=args.out_dir,
+        weights=args.weights,
     )
 
 
@@ -177,6 +186,7 @@ def run_eval(
     ties: str = "pessimistic",
     language: str = "en",
     out_dir: str | Path | None = None,
+    weights: str = "raw",
 ) -> EvalResult:
     """Evaluate ``checkpoint`` on the dataset ``data`` describes (see :func:`parse_data_spec`), print a table.
 
@@ -184,7 +194,8 @@ def run_eval(
     of the other arguments means). ``out``: also write the CLIP_benchmark JSON there; ``out_dir``: into that
     folder, named as CLIP_benchmark names it. ``plot``: also draw a PNG there (a confusion matrix for zero-shot and
     probes, the top-5 images of a few caption queries for retrieval); ``""`` picks the name (the JSON's with
-    ``.png``, else ``confusion_matrix.png`` / ``retrieval_grid.png``).
+    ``.png``, else ``confusion_matrix.png`` / ``retrieval_grid.png``). ``weights``: ``raw`` or ``ema`` (the checkpoint's moving
+    average of its weights).
     """
     from clipforge.eval.results import benchmark_record, format_results_table, model_label, write_results_json
     from clipforge.eval.tasks import EvalTask, check_task, run_task
@@ -210,7 +221,7 @@ def run_eval(
         plot_path = _plot_path(plot, out, task)
         _check_plot(plot_path, out)
     torch_device = resolve_device(device, "--device")
-    loaded = from_pretrained(checkpoint, torch_device)
+    loaded = from_pretrained(checkpoint, torch_device, weights)
     autocast = inference_autocast(torch_device, loaded.config.train.precision)
     done = run_task(loaded.model, loaded.processor, evaluation, batch_size, autocast, ties=ties)
     result = done.result

@@ -62,7 +62,7 @@ def run_suite(args: argparse.Namespace) -> list[dict]:
         if args.plot:
             check_output(picture, what="--plot")
     device = resolve_device(args.device, "--device")
-    loaded = from_pretrained(args.checkpoint, device)
+    loaded = from_pretrained(args.checkpoint, device, args.weights)
     autocast = inference_autocast(device, loaded.config.train.precision)
     model, pretrained = model_label(loaded.config.model), str(args.checkpoint)
     records: list[dict] = []

@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from clipforge.commands.common import CHECKPOINT_HELP, DEVICE_HELP, add_input, add_output, load_model, user_errors
+from clipforge.commands.common import (
+    CHECKPOINT_HELP,
+    DEVICE_HELP,
+    add_input,
+    add_output,
+    add_weights_option,
+    load_model,
+    user_errors,
+)
 from clipforge.config.choices import EXPLAIN_METHODS
 from clipforge.io import check_output
 
@@ -13,6 +21,7 @@ from clipforge.io import check_output
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("explain", help="heat maps of where texts match images")
     add_input(parser, "--checkpoint", required=True, help=CHECKPOINT_HELP)
+    add_weights_option(parser)
     add_input(parser, "--image", required=True, nargs="+", help="one or more image files")
     parser.add_argument("--text", required=True, action="append", help="a text; repeat for several")
     add_output(
@@ -40,7 +49,7 @@ def run(args: argparse.Namespace) -> None:
     from clipforge.explain.heatmap import explain
     from clipforge.viz import overlay_heatmap, plot_explanations, save_image
 
-    loaded = load_model(args.checkpoint, args.device)
+    loaded = load_model(args.checkpoint, args.device, args.weights)
     with user_errors("explain"):
         rows = explain(loaded, args.image, args.text, args.method)
     plot_explanations(rows, args.out, names=[Path(image).name for image in args.image])

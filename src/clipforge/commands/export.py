@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import argparse
 
-from clipforge.commands.common import CHECKPOINT_HELP, add_input, add_output, load_model, user_errors
+from clipforge.commands.common import (
+    CHECKPOINT_HELP,
+    add_input,
+    add_output,
+    add_weights_option,
+    load_model,
+    user_errors,
+)
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -13,6 +20,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     formats = export.add_subparsers(dest="export_format", required=True)
     onnx = formats.add_parser("onnx", help="image_encoder.onnx + text_encoder.onnx (dynamic batch), checked")
     add_input(onnx, "--checkpoint", required=True, help=CHECKPOINT_HELP)
+    add_weights_option(onnx)
     add_output(onnx, "--out", kind="folder", required=True, help="the folder to write (new, or without an export)")
     onnx.add_argument("--atol", type=float, default=1e-4, help="largest onnxruntime-vs-PyTorch difference accepted")
     onnx.set_defaults(run=run_onnx)
@@ -20,6 +28,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "hf", help="a Hugging Face model folder (CLIP, SigLIP, SigLIP 2, ...; + tokenizer, image processor), checked"
     )
     add_input(hf, "--checkpoint", required=True, help=CHECKPOINT_HELP)
+    add_weights_option(hf)
     add_output(hf, "--out", kind="folder", required=True, help="the folder to write (new or empty)")
     hf.add_argument("--atol", type=float, default=1e-4, help="largest transformers-vs-clipforge difference accepted")
     hf.set_defaults(run=run_hf)
@@ -29,6 +38,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "open_clip.create_model_and_transforms('local-dir:OUT')",
     )
     add_input(open_clip, "--checkpoint", required=True, help=CHECKPOINT_HELP)
+    add_weights_option(open_clip)
     add_output(open_clip, "--out", kind="folder", required=True, help="the folder to write (new or empty)")
     open_clip.add_argument(
         "--atol", type=float, default=1e-4, help="largest open_clip-vs-clipforge difference accepted"
@@ -39,7 +49,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 def run_onnx(args: argparse.Namespace) -> None:
     from clipforge.interop.onnx import export_onnx
 
-    loaded = load_model(args.checkpoint, "cpu")
+    loaded = load_model(args.checkpoint, "cpu", args.weights)
     with user_errors("export onnx"):
         result = export_onnx(loaded, args.out, atol=args.atol)
     print(
@@ -51,7 +61,7 @@ def run_onnx(args: argparse.Namespace) -> None:
 def run_hf(args: argparse.Namespace) -> None:
     from clipforge.interop.hf_export import export_hf
 
-    loaded = load_model(args.checkpoint, "cpu")
+    loaded = load_model(args.checkpoint, "cpu", args.weights)
     result = export_hf(loaded, args.out, atol=args.atol)
     print(
         f"wrote {result.folder} (config.json, model.safetensors, tokenizer, preprocessor_config.json): "
@@ -62,7 +72,7 @@ def run_hf(args: argparse.Namespace) -> None:
 def run_open_clip(args: argparse.Namespace) -> None:
     from clipforge.interop.open_clip.export import export_open_clip
 
-    loaded = load_model(args.checkpoint, "cpu")
+    loaded = load_model(args.checkpoint, "cpu", args.weights)
     with user_errors("export open_clip"):
         result = export_open_clip(loaded, args.out, atol=args.atol)
     print(

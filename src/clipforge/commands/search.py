@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from clipforge.commands.common import DEVICE_HELP, add_input, add_output, load_model, user_errors
+from clipforge.commands.common import DEVICE_HELP, add_input, add_output, add_weights_option, load_model, user_errors
 from clipforge.config import ConfigError
 
 if TYPE_CHECKING:
@@ -19,6 +19,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("search", help="search an embedding folder with a text or an image")
     add_input(parser, "--index", kind="folder", required=True, help="the folder `clipforge embed` wrote")
     add_input(parser, "--checkpoint", required=True, help="the checkpoint that embedded it")
+    add_weights_option(parser, help="the weights that embedded it: raw or ema (see clipforge embed --help)")
     parser.add_argument("--query", default=None, help="a text query")
     add_input(parser, "--image", default=None, help="an image file as the query (image-to-image)")
     parser.add_argument("--top", type=int, default=10, help="results to print")
@@ -39,7 +40,7 @@ def run(args: argparse.Namespace) -> None:
     from clipforge.data.base import decode_image
     from clipforge.search.index import Index, format_hits
 
-    loaded = load_model(args.checkpoint, args.device)
+    loaded = load_model(args.checkpoint, args.device, args.weights)
     with user_errors("search"):
         index = Index.load(
             args.index, loaded, kind=args.kind, backend=args.backend, device=next(loaded.model.parameters()).device

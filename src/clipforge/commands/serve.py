@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from clipforge.commands.common import DEVICE_HELP, add_input, user_errors
+from clipforge.commands.common import DEVICE_HELP, add_input, add_weights_option, user_errors
 from clipforge.config import ConfigError
 from clipforge.config.choices import EXPLAIN_METHODS
 
@@ -26,6 +26,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("serve", help="a web page to search an embedding folder (the serve extra)")
     add_input(parser, "--index", kind="folder", required=True, help="the folder `clipforge embed` wrote")
     add_input(parser, "--checkpoint", required=True, help="the checkpoint that embedded it")
+    add_weights_option(parser, help="the weights that embedded it: raw or ema (see clipforge embed --help)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind; other than 127.0.0.1 exposes the page")
     parser.add_argument("--port", default="8000", help="TCP port, 1 to 65535 (0: any free port)")
     parser.add_argument("--backend", default="auto", choices=["auto", "exact", "faiss"])
@@ -55,4 +56,5 @@ def run(args: argparse.Namespace) -> None:
             str(resolve_device(args.device)),
             args.explain_method,
             show_paths=args.show_paths,
+            weights=args.weights,
         )

@@ -31,3 +31,6 @@ EVAL_TASKS = ("zeroshot", "retrieval", "linear_probe", "fewshot")
 
 # how evaluation ranks a correct answer that scores exactly as much as a wrong one (clipforge.eval.classification)
 TIE_RULES = ("pessimistic", "index")
+
+# which weights of a checkpoint a command uses (--weights): the trained ones, or their moving average (train.ema)
+WEIGHTS_CHOICES = ("raw", "ema")

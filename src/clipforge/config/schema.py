@@ -38,6 +38,29 @@ class TokenizerConfig:
 
 
 @dataclass
+class LoraConfig:
+    """Low-rank adapters on a tower (LoRA, through the ``peft`` library: ``pip install 'clipforge[lora]'``).
+
+    ``rank`` r > 0 turns them on: each targeted linear map ``y = W x + b`` becomes
+    ``y = W x + b + (alpha / r) * B A dropout(x)`` with ``A`` (r, in) and ``B`` (out, r), ``B`` starting at zero so
+    training starts from the tower as it is. The tower's own weights are frozen; only ``A`` and ``B`` (and the heads,
+    the temperature) train. ``targets``: which linear maps of the tower's blocks, by role: ``attention`` (query, key,
+    value and output projections) and ``mlp`` (the feed-forward layers) (``clipforge.model.lora``). ``dropout``: on the
+    adapters' input, training only. Checkpoints keep the adapters apart; every model load (eval, embed, export, merge)
+    folds them into the weights, W + (alpha / r) B A, so what is used or exported is a plain model.
+    """
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[Literal["attention", "mlp"]] = field(default_factory=lambda: ["attention", "mlp"])
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+
+@dataclass
 class ImageTowerConfig:
     """The image tower: a built-in ViT, a torchvision model, any timm model, or an imported model's own tower
     (open_clip's, or SigLIP 2's NaFlex ViT from transformers).
@@ -75,6 +98,10 @@ class ImageTowerConfig:
     JSON that builds it offline, ``{"embed_dim": ..., "quick_gelu": ..., "vision_cfg": {...}}`` (open_clip's model
     config keys). An open_clip import writes it (``clipforge.interop.open_clip``); the projection is inside the tower,
     so its head is ``identity``. Needs ``pip install 'clipforge[open_clip]'``.
+    ``lora``: low-rank adapters (:class:`LoraConfig`; off unless ``lora.rank`` > 0).
+    ``patch_dropout``: while training, each image keeps a random ``1 - patch_dropout`` of its patch tokens (the
+    class token always stays; FLIP): fewer tokens, faster steps. Off in evaluation. ViT towers only (the built-in
+    ``vit``, and timm's vision transformers through their ``patch_drop_rate``).
 
     Built-in ViT (``vit``) only, defaults = CLIP's layout: ``act`` the MLP activation (``gelu``; ``quick_gelu``
     = x sigmoid(1.702 x), OpenAI's CLIP; ``gelu_tanh``, SigLIP); ``norm_eps`` every LayerNorm's epsilon;
@@ -123,6 +150,8 @@ class ImageTowerConfig:
     head_init: Literal["normal", "identity"] = "normal"
     head_bias: bool = False
     head_dropout: float = 0.1
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    patch_dropout: float = 0.0
 
 
 @dataclass
@@ -147,7 +176,7 @@ class TextTowerConfig:
     ``head``: ``identity`` keeps the tower's own space (needs ``embed_dim`` = the tower's width);
     ``head_init: identity`` starts a ``linear`` head at the identity (near-identity: it keeps the pretrained space
     to begin with and trains from there), else normal(0, in_dim^-1/2). ``head_bias``: a ``linear`` head with a
-    bias (SigLIP's text head).
+    bias (SigLIP's text head). ``lora``: low-rank adapters, as for the image tower.
 
     Built-in transformer only, defaults = CLIP's layout: ``act`` and ``norm_eps`` as for the ViT; ``causal``:
     causal attention (CLIP) or, false, bidirectional attention over every position, padding included (SigLIP:
@@ -185,6 +214,7 @@ class TextTowerConfig:
     head_init: Literal["normal", "identity"] = "normal"
     head_bias: bool = False
     head_dropout: float = 0.1
+    lora: LoraConfig = field(default_factory=LoraConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
 
     @staticmethod
@@ -269,6 +299,26 @@ class DistributedConfig:
 
 
 @dataclass
+class EMAConfig:
+    """An exponential moving average of the trained weights, kept beside them (``decay`` > 0 turns it on).
+
+    After optimizer step ``s`` (counted from 1): up to ``start_step`` the average is the weights themselves; after
+    it, every ``every`` steps, ``ema = decay * ema + (1 - decay) * weights``. It averages the parameters that train
+    (locked towers never change; buffers such as BatchNorm statistics are the raw model's). Checkpoints keep it, a
+    resumed run continues it exactly, and ``--weights ema`` evaluates, embeds, exports or merges it instead of the
+    raw weights. Evaluations during training (and ``best.pt``) use the raw weights.
+    """
+
+    decay: float = 0.0
+    every: int = 1
+    start_step: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.decay > 0
+
+
+@dataclass
 class TrainConfig:
     """The training run.
 
@@ -286,6 +336,7 @@ class TrainConfig:
     ``gradient_checkpointing``: recompute the towers' block activations in the backward pass instead of
     keeping them (built-in ViT and text transformer, timm and Hugging Face towers that support it).
     ``compile``: ``torch.compile`` the two towers.
+    ``ema``: an exponential moving average of the weights (:class:`EMAConfig`; off by default).
     """
 
     steps: int = 1000
@@ -301,6 +352,7 @@ class TrainConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     gradient_checkpointing: bool = False
     compile: bool = False
+    ema: EMAConfig = field(default_factory=EMAConfig)
 
 
 @dataclass

@@ -8,6 +8,7 @@ import re
 from clipforge.config.choices import WEIGHTS_SPEC_HELP
 from clipforge.config.data_kinds import DATA_KINDS
 from clipforge.config.errors import ConfigError
+from clipforge.config.finetune_checks import validate_finetuning
 from clipforge.config.schema import (
     BUILTIN_VIT_IMAGE_SIZE,
     EVAL_METRICS,
@@ -38,6 +39,7 @@ def validate(config: Config) -> None:
     _validate_run(config)
     config.data.validate("data")
     _validate_model(config)
+    validate_finetuning(config)
     if config.loss.chunk_size is not None and config.loss.chunk_size <= 0:
         raise ConfigError(f"loss.chunk_size={config.loss.chunk_size} must be positive (or null for no chunking)")
     _validate_eval(config.eval)

@@ -5,7 +5,12 @@ A spec is ``hf:<folder or hub id>`` (a Hugging Face two-tower model, :mod:`clipf
 ``open_clip:...`` (a name of open_clip's registry, a config and weights, a model folder or hub repository:
 :mod:`clipforge.interop.open_clip`) or the path of a clipforge checkpoint.
 Every command's ``--checkpoint``, ``clipforge.from_pretrained`` / ``load_checkpoint``, ``clipforge import`` and a
-run's ``model.init`` (:func:`init_model`) take any of them. (A tower's own ``pretrained`` weights, a file or a named
+run's ``model.init`` (:func:`init_model`) take any of them.
+
+What a spec resolves to is a plain model, ready to use: ``weights="ema"`` takes a checkpoint's moving average of its
+trained parameters instead of the raw weights (``train.ema``), and LoRA adapters (``model.*.lora``) are folded into
+the weights they adapt (:func:`fold_adapters`), so every command (eval, embed, search, export, merge) and every
+export format sees one plain model whatever the run trained. (Resuming a run reads its checkpoint as it is.) (A tower's own ``pretrained`` weights, a file or a named
 tag, are a tower's business: ``clipforge.model.pretrained``.)
 """
 
@@ -21,8 +26,8 @@ from typing import Any
 import torch
 
 from clipforge.checkpoint import Checkpoint, CheckpointError, read_checkpoint, save_checkpoint
-from clipforge.config import Config, ConfigError, ModelConfig, config_from_dict, config_to_dict
-from clipforge.config.choices import WEIGHTS_SPEC_HELP
+from clipforge.config import Config, ConfigError, LoraConfig, ModelConfig, config_from_dict, config_to_dict
+from clipforge.config.choices import WEIGHTS_CHOICES, WEIGHTS_SPEC_HELP
 from clipforge.data.processor import Processor
 from clipforge.interop.hf import import_hf
 from clipforge.interop.open_clip import SPEC_PREFIX as OPEN_CLIP_PREFIX
@@ -30,6 +35,7 @@ from clipforge.interop.open_clip import import_open_clip_spec
 from clipforge.interop.resolved import Resolved
 from clipforge.model import CLIPModel
 from clipforge.model.factory import LoadedModel, build_checked_model, hf_text_config
+from clipforge.model.lora import adapted_towers, merge_adapters
 
 HF_PREFIX = "hf:"
 # a weights source other than a clipforge checkpoint: its spec prefix -> the importer that resolves the whole spec
@@ -39,19 +45,28 @@ SOURCES: dict[str, Callable[[str], Resolved]] = {
     OPEN_CLIP_PREFIX: import_open_clip_spec,
 }
 # tower fields that say how to train, not what the model is: model.init keeps the run config's
-TRAINING_FIELDS = ("lock", "lr_scale", "layer_decay")
+TRAINING_FIELDS = ("lock", "lr_scale", "layer_decay", "lora", "patch_dropout")
 # tower fields without effect on imported weights (random init, hub weights): the import's are kept, unchecked
 UNCHECKED_FIELDS = ("pretrained", "pretrained_keys", "head_init", "head_dropout")
 
 
-def resolve(spec: str) -> Resolved:
+def resolve(spec: str, weights: str = "raw") -> Resolved:
     """The config, weights and processor that ``spec`` names (module docstring): the one place that decides.
 
-    Every problem with the spec or its files raises CheckpointError (or FileNotFoundError) naming it.
+    ``weights``: ``raw`` (as trained) or ``ema`` (a checkpoint's moving average, ``train.ema``). Adapters are folded
+    in (:func:`fold_adapters`). Every problem with the spec or its files raises CheckpointError (or
+    FileNotFoundError) naming it.
     """
     spec = str(spec)
+    if weights not in WEIGHTS_CHOICES:
+        raise ConfigError(f"--weights {weights!r}: choose one of {list(WEIGHTS_CHOICES)}")
     for prefix, importer in SOURCES.items():
         if spec.startswith(prefix):
+            if weights != "raw":
+                raise CheckpointError(
+                    f"{spec}: --weights {weights} needs a clipforge checkpoint of a run trained with train.ema; "
+                    "imported weights have no moving average (use --weights raw)"
+                )
             return importer(spec)
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -59,15 +74,32 @@ def resolve(spec: str) -> Resolved:
     if not path.exists():
         raise CheckpointError(f"checkpoint {spec!r} does not exist; a weights spec is {WEIGHTS_SPEC_HELP}")
     checkpoint = read_checkpoint(path)
-    return Resolved(
+    resolved = Resolved(
         checkpoint.config,
-        checkpoint.weights,
+        checkpoint.weights_for(weights, spec),
         checkpoint.processor,
         spec,
         step=checkpoint.step,
         hf_text_config=checkpoint.hf_text_config,
         imported_from=checkpoint.imported_from,
     )
+    return fold_adapters(resolved)
+
+
+def fold_adapters(resolved: Resolved) -> Resolved:
+    """``resolved`` with its LoRA adapters folded into the weights they adapt (``W + (alpha / r) B A``, peft's merge:
+    ``clipforge.model.lora.merge_adapters``) and ``lora`` switched off in its config: the plain model that computes
+    the same function (up to float rounding). Without adapters, ``resolved`` itself."""
+    if not adapted_towers(resolved.config.model):
+        return resolved
+    model = build_checked_model(
+        resolved.config, resolved.processor.tokenizer, resolved.weights, resolved.source, resolved.hf_text_config
+    )
+    merge_adapters(model)
+    config = copy.deepcopy(resolved.config)
+    config.model.image.lora, config.model.text.lora = LoraConfig(), LoraConfig()
+    weights = {key: value.detach() for key, value in model.state_dict().items()}
+    return dataclasses.replace(resolved, config=config, weights=weights)
 
 
 def build(resolved: Resolved, device: str | torch.device = "cpu") -> LoadedModel:
@@ -79,11 +111,12 @@ def build(resolved: Resolved, device: str | torch.device = "cpu") -> LoadedModel
     return LoadedModel(model.to(device).eval(), resolved.processor, resolved.config, resolved.step)
 
 
-def from_pretrained(spec: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+def from_pretrained(spec: str | Path, device: str | torch.device = "cpu", weights: str = "raw") -> LoadedModel:
     """The model, processor and config ``spec`` names, in eval mode on ``device``: :func:`build` of
-    :func:`resolve`. Imported models come back with ``step`` 0 and a config whose model section describes them
-    exactly (their tokenizer and preprocessing are the source's own, in ``loaded.processor``)."""
-    return build(resolve(str(spec)), device)
+    :func:`resolve` (``weights``: ``raw`` or ``ema``, a checkpoint's moving average; adapters folded in). Imported
+    models come back with ``step`` 0 and a config whose model section describes them exactly (their tokenizer and
+    preprocessing are the source's own, in ``loaded.processor``)."""
+    return build(resolve(str(spec), weights), device)
 
 
 # a checkpoint is one kind of spec: one function for all of them
@@ -161,11 +194,11 @@ def _merge_section(run: Any, imported: Any, defaults: Any, where: str, spec: str
     merged = copy.deepcopy(imported)
     for field in dataclasses.fields(run):
         name, value = field.name, getattr(run, field.name)
-        if dataclasses.is_dataclass(value):
+        if name in TRAINING_FIELDS:
+            setattr(merged, name, copy.deepcopy(value))
+        elif dataclasses.is_dataclass(value):
             sub = _merge_section(value, getattr(imported, name), getattr(defaults, name), f"{where}.{name}", spec)
             setattr(merged, name, sub)
-        elif name in TRAINING_FIELDS:
-            setattr(merged, name, value)
         elif name not in UNCHECKED_FIELDS and value != getattr(defaults, name) and value != getattr(imported, name):
             raise ConfigError(
                 f"model.init={spec!r} brings its own {where}.{name}={getattr(imported, name)!r}, but the config sets "

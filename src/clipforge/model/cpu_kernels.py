@@ -144,6 +144,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return _OneDNNLinear.apply(x, weight, bias)
 
 
-def apply_linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
-    """``layer(x)`` through :func:`linear`."""
+def apply_linear(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """``layer(x)`` through :func:`linear` for a plain ``nn.Linear``; any other layer (a LoRA-adapted one, whose
+    ``weight`` is only its base layer's) through its own forward."""
+    if not is_plain_linear(layer):
+        return layer(x)
     return linear(x, layer.weight, layer.bias)
+
+
+def is_plain_linear(layer: nn.Module) -> bool:
+    """Whether ``layer`` computes ``x W^T + b`` from its ``weight`` and ``bias`` alone, so kernels may read them."""
+    return isinstance(layer, nn.Linear)

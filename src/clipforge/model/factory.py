@@ -19,6 +19,7 @@ from clipforge.data.processor import Processor
 from clipforge.data.tokenize import Tokenizer
 from clipforge.io import shown
 from clipforge.model.clip import CLIPModel
+from clipforge.model.lora import add_adapters, holds_adapters
 from clipforge.model.pretrained import state_dict_problems
 from clipforge.model.registry import create_model
 from clipforge.model.vision import resolve_image_preprocess
@@ -58,21 +59,30 @@ def offline_model_config(config: Config) -> Config:
 
 
 def build_model(
-    config: Config, tokenizer: Tokenizer, pretrained: bool = True, text_config_json: str | None = None
+    config: Config,
+    tokenizer: Tokenizer,
+    pretrained: bool = True,
+    text_config_json: str | None = None,
+    adapters: bool = True,
 ) -> CLIPModel:
     """The model ``config`` describes, for ``tokenizer``'s vocabulary.
 
     ``pretrained=False`` skips hub/local weight loading (weights that follow replace them); ``text_config_json``
     (a Hugging Face text tower's saved config) builds that tower from it instead of reading ``model.text.name``.
+    ``adapters``: give the towers the LoRA adapters their ``lora`` asks for (``clipforge.model.lora``); False builds
+    the model they adapt.
     """
     model_config = (config if pretrained else offline_model_config(config)).model
-    return create_model(
+    model = create_model(
         model_config,
         loss_kind=config.loss.kind,
         vocab_size=tokenizer.vocab_size,
         pad_token_id=tokenizer.pad_token_id,
         text_config_json=text_config_json if model_config.text.kind in ("hf", "open_clip") else None,
     )
+    if adapters:
+        add_adapters(model, model_config)
+    return model
 
 
 def build_checked_model(
@@ -89,10 +99,16 @@ def build_checked_model(
     key and shape by shape with ``weights``; only a config that fits them is built for real. So a config whose
     sizes are absurd (a width of 200,000, a hidden size of 10^9) costs nothing before it is refused, and the real
     model is never larger than the weights that fill it.
+
+    LoRA (``model.*.lora``): weights that hold adapters (a LoRA run's checkpoint) fill the adapted model; weights
+    without (``model.init`` of a LoRA run) fill the model the adapters adapt, which then gets fresh adapters.
     """
+    with_adapters = holds_adapters(weights)
     try:
         with torch.device("meta"):
-            skeleton = build_model(config, tokenizer, pretrained=False, text_config_json=text_config_json)
+            skeleton = build_model(
+                config, tokenizer, pretrained=False, text_config_json=text_config_json, adapters=with_adapters
+            )
         expected = skeleton.state_dict()
         del skeleton
     except (ValueError, TypeError, RuntimeError, OSError) as error:
@@ -105,8 +121,10 @@ def build_checked_model(
             f"{where}: the weights do not fit the model its config describes ({'; '.join(problems)}); the file is "
             "damaged or comes from an incompatible clipforge version"
         )
-    model = build_model(config, tokenizer, pretrained=False, text_config_json=text_config_json)
+    model = build_model(config, tokenizer, pretrained=False, text_config_json=text_config_json, adapters=with_adapters)
     model.load_state_dict({key: value.to(expected[key].dtype) for key, value in tensors.items()})
+    if not with_adapters:
+        add_adapters(model, config.model)
     return model
 
 

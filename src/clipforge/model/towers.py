@@ -14,6 +14,7 @@ tower) is one subclass that answers these questions, and no caller changes:
   better than a search by module type (a trunk followed by attention pooling); None: searched.
 * :meth:`Tower.describe`: the tower in a message, e.g. ``ResNet`` or ``BertModel``.
 * :meth:`Tower.hf_config_json`: the Hugging Face config that rebuilds the tower offline (checkpoints store it).
+* :meth:`Tower.adapter_targets`: the linear maps LoRA adapts, by role (``clipforge.model.lora``).
 
 The defaults describe the most limited tower (no checkpointing, one sharding unit, no attention maps), so a
 subclass overrides only what it can do.
@@ -21,8 +22,12 @@ subclass overrides only what it can do.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
+
+from clipforge.model.lora import role_targets
 
 __all__ = ["Tower"]
 
@@ -80,6 +85,14 @@ class Tower(nn.Module):
     def hf_config_json(self) -> str | None:
         """The JSON of the Hugging Face config that rebuilds this tower without the hub; None for other towers."""
         return None
+
+    def adapter_targets(self, roles: Sequence[str]) -> list[str]:
+        """The names (within the tower) of the linear maps LoRA adapts for ``roles`` (``attention``, ``mlp``).
+
+        The default reads the module names inside the tower's numbered blocks (:func:`clipforge.model.lora.
+        role_targets`); a tower whose names say nothing of their role lists its own.
+        """
+        return role_targets(self, roles)
 
 
 class TransformerTower(Tower):

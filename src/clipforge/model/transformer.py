@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from clipforge.model.cpu_kernels import apply_linear, fused_linear, linear
+from clipforge.model.cpu_kernels import apply_linear, fused_linear, is_plain_linear, linear
 
 
 def causal_mask(length: int, device: torch.device | None = None) -> torch.Tensor:
@@ -110,11 +110,17 @@ class MultiheadSelfAttention(nn.Module):
         output work (the last block of a tower that pools one token needs no more).
         """
         batch, length, width = x.shape
-        query_weight, key_value_weight = self.qkv.weight.split([width, 2 * width])
-        query_bias, key_value_bias = self.qkv.bias.split([width, 2 * width])
         picked = x[torch.arange(batch, device=x.device), rows]  # (B, width)
-        query = linear(picked, query_weight, query_bias).view(batch, self.heads, 1, self.head_dim)
-        key_value = linear(x, key_value_weight, key_value_bias).view(batch, length, 2, self.heads, self.head_dim)
+        if is_plain_linear(self.qkv):
+            query_weight, key_value_weight = self.qkv.weight.split([width, 2 * width])
+            query_bias, key_value_bias = self.qkv.bias.split([width, 2 * width])
+            query = linear(picked, query_weight, query_bias)
+            key_value = linear(x, key_value_weight, key_value_bias)
+        else:  # an adapted projection (LoRA) is one map: run it whole, keep the picked rows' queries
+            qkv = self.qkv(x)  # (B, T, 3 * width)
+            query, key_value = qkv[torch.arange(batch, device=x.device), rows, :width], qkv[..., width:]
+        query = query.reshape(batch, self.heads, 1, self.head_dim)
+        key_value = key_value.reshape(batch, length, 2, self.heads, self.head_dim)
         key, value = key_value.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, T, head_dim)
         mask = None
         if is_causal:  # (B, 1, 1, T): True where the key's position is at most the query's
@@ -162,7 +168,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # in inference on the CPU, fc1's bias and GELU fuse into one oneDNN kernel (fused_linear: None where it
         # does not apply, QuickGELU included); elsewhere apply_linear still runs oneDNN's products where it can
-        hidden = fused_linear(x, self.fc1.weight, self.fc1.bias, self.act_name)
+        hidden = fused_linear(x, self.fc1.weight, self.fc1.bias, self.act_name) if is_plain_linear(self.fc1) else None
         if hidden is None:
             hidden = self.act(apply_linear(x, self.fc1))
         return apply_linear(hidden, self.fc2)

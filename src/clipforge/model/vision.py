@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from clipforge.config import BUILTIN_VIT_IMAGE_SIZE, ImageTowerConfig
+from clipforge.config import BUILTIN_VIT_IMAGE_SIZE, ConfigError, ImageTowerConfig
 from clipforge.data.transforms import ImagePreprocess
 from clipforge.model.backbone_names import check_timm_name, check_torchvision_name
 from clipforge.model.hosted_open_clip import open_clip_image_size
@@ -139,6 +139,10 @@ class VisionTransformer(TransformerTower):
     every token, then :class:`~clipforge.model.transformer.AttentionPool` (a learned probe attends over them).
     ``pre_norm=False`` drops ``ln_pre`` (SigLIP has none); ``patch_bias`` gives the patch convolution a bias;
     ``act`` / ``norm_eps``: the blocks' MLP activation and every LayerNorm's epsilon.
+
+    ``patch_dropout`` p: in training mode each image keeps ``max(1, round((1 - p) * grid^2))`` of its patch tokens,
+    drawn uniformly without replacement after the positions are added (the class token always stays), so the blocks
+    run on fewer tokens (FLIP, Li et al. 2023); in eval mode every patch is kept.
     """
 
     def __init__(
@@ -155,6 +159,7 @@ class VisionTransformer(TransformerTower):
         pre_norm: bool = True,
         pool: str = "cls",
         patch_bias: bool = False,
+        patch_dropout: float = 0.0,
     ):
         super().__init__()
         if image_size % patch_size:
@@ -166,6 +171,7 @@ class VisionTransformer(TransformerTower):
         self.grid_size = image_size // patch_size
         self.output_dim = width
         self.pool = pool
+        self.patch_dropout = patch_dropout
         # no bias by default: the learned positional embedding already adds a per-token offset
         self.patch_embed = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=patch_bias)
         if pool == "cls":
@@ -198,7 +204,10 @@ class VisionTransformer(TransformerTower):
         if self.class_embedding is not None:
             class_token = self.class_embedding.to(tokens.dtype).expand(tokens.shape[0], 1, -1)
             tokens = torch.cat([class_token, tokens], dim=1)
-        tokens = self.ln_pre(tokens + self.positional_embedding.to(tokens.dtype))
+        tokens = tokens + self.positional_embedding.to(tokens.dtype)
+        if self.training and self.patch_dropout > 0:
+            tokens = self._drop_patches(tokens)
+        tokens = self.ln_pre(tokens)
         if return_attention:
             tokens, attentions = self.transformer(tokens, return_attention=True)
             return self._pool(tokens), attentions
@@ -206,6 +215,17 @@ class VisionTransformer(TransformerTower):
             class_rows = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
             return self.ln_post(self.transformer.forward_one_token(tokens, class_rows))
         return self._pool(self.transformer(tokens))
+
+    def _drop_patches(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, prefix + N, width) -> (B, prefix + K, width): the prefix (class token) and, per image, K
+        patches chosen uniformly at random (the ranks of i.i.d. uniform scores), in their original order."""
+        prefix = 1 if self.class_embedding is not None else 0
+        patches = tokens[:, prefix:]
+        batch, count, width = patches.shape
+        keep = max(1, round((1 - self.patch_dropout) * count))
+        chosen = torch.rand(batch, count, device=tokens.device).topk(keep, dim=1).indices.sort(dim=1).values
+        kept = patches.gather(1, chosen.unsqueeze(-1).expand(-1, -1, width))  # (B, K, width)
+        return torch.cat([tokens[:, :prefix], kept], dim=1)
 
     def _pool(self, tokens: torch.Tensor) -> torch.Tensor:
         """Block outputs (B, T, width) -> features (B, width): ``ln_post`` of the class token, or attention pooling
@@ -242,6 +262,7 @@ def build_vit_tower(cfg: ImageTowerConfig) -> VisionTransformer:
         pre_norm=cfg.pre_norm,
         pool=cfg.pool,
         patch_bias=cfg.patch_bias,
+        patch_dropout=cfg.patch_dropout,
     )
     if cfg.pretrained is None:
         return tower
@@ -364,7 +385,6 @@ def build_timm_tower(cfg: ImageTowerConfig) -> BackboneTower:
     Models that only take one input size (ViTs) are built for ``cfg.image_size`` (timm resamples the
     pretrained position embeddings).
     """
-    import timm
     from timm.models import get_pretrained_cfg
 
     path = local_weights_file(cfg.pretrained)
@@ -375,14 +395,16 @@ def build_timm_tower(cfg: ImageTowerConfig) -> BackboneTower:
         if tuple(pretrained_cfg.input_size[-2:]) != (cfg.image_size, cfg.image_size):
             kwargs["img_size"] = cfg.image_size
     pretrained = cfg.pretrained is not None and path is None
+    if cfg.patch_dropout > 0:  # timm's vision transformers drop patch tokens in training mode only
+        kwargs["patch_drop_rate"] = cfg.patch_dropout
     if path is not None and weights_key_order(cfg) == "in_order":
         # by position, the file's classifier meets the model's: build with it, load, then go headless
-        model = timm.create_model(name, pretrained=False, **kwargs)
+        model = _create_timm(name, False, kwargs)
         load_weights_file(model, path, f"timm model {cfg.name!r}", key_order="in_order")
         model.reset_classifier(0)
         path = None
     else:
-        model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
+        model = _create_timm(name, pretrained, {**kwargs, "num_classes": 0})
     if path is not None:
         classifier = model.pretrained_cfg.get("classifier") or ()
         classifier = (classifier,) if isinstance(classifier, str) else tuple(classifier)
@@ -391,3 +413,19 @@ def build_timm_tower(cfg: ImageTowerConfig) -> BackboneTower:
     # (e.g. 288 -> 1024) when num_classes=0, so num_features alone would be wrong there
     output_dim = getattr(model, "head_hidden_size", None) or model.num_features
     return BackboneTower(model, output_dim)
+
+
+def _create_timm(name: str, pretrained: bool, kwargs: dict) -> nn.Module:
+    """``timm.create_model(name, pretrained, **kwargs)``; a ``patch_drop_rate`` the architecture does not take (it has
+    no patch tokens) is a ConfigError naming ``model.image.patch_dropout``."""
+    import timm
+
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except TypeError as error:
+        if "patch_drop_rate" not in kwargs or "patch_drop_rate" not in str(error):
+            raise
+        raise ConfigError(
+            f"model.image.patch_dropout={kwargs['patch_drop_rate']}: timm model {name!r} has no patch tokens to drop "
+            "(only its vision transformers do); set it to 0"
+        ) from None

@@ -95,9 +95,14 @@ class Index:
         kind: str = "images",
         backend: str = "auto",
         device: str | torch.device = "cpu",
+        weights: str = "raw",
     ) -> Index:
-        """Open ``directory``; ``checkpoint`` (a path or a loaded one) is needed for text and image queries."""
-        loaded = from_pretrained(checkpoint, device) if isinstance(checkpoint, str | os.PathLike) else checkpoint
+        """Open ``directory``; ``checkpoint`` (a path or a loaded one) is needed for text and image queries;
+        ``weights``: a checkpoint path's ``raw`` weights or their moving average (``ema``)."""
+        if isinstance(checkpoint, str | os.PathLike):
+            loaded = from_pretrained(checkpoint, device, weights)
+        else:
+            loaded = checkpoint
         return cls(EmbeddingStore(directory), loaded, kind=kind, backend=backend, device=device)
 
     def _open_faiss(self, backend: str):

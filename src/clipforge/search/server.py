@@ -257,8 +257,10 @@ def serve(
     explain_method: str = "auto",
     show_paths: bool = False,
     limits: ServerLimits | None = None,
+    weights: str = "raw",
 ) -> None:
-    """Bind ``host``:``port``, open the index and run the page (``create_app``) until interrupted.
+    """Bind ``host``:``port``, open the index and run the page (``create_app``) until interrupted; ``weights``:
+    the checkpoint's ``raw`` weights or their moving average (``ema``).
 
     ``ConfigError`` when the address cannot be bound (a port in use, no permission, not this machine's address),
     before the model is loaded."""
@@ -266,7 +268,10 @@ def serve(
     sock = bind_socket(host, port)  # first: a port in use is reported before the model loads
     try:
         app = create_app(
-            Index.load(directory, checkpoint, backend=backend, device=device), explain_method, show_paths, limits
+            Index.load(directory, checkpoint, backend=backend, device=device, weights=weights),
+            explain_method,
+            show_paths,
+            limits,
         )
     except BaseException:
         sock.close()

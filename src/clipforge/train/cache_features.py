@@ -51,8 +51,9 @@ IMAGE_CHUNK = 64  # images between two progress records
 TEXT_CHUNK = 4096  # captions between two progress records: each chunk is sorted by length, then batched
 TEXT_BATCH = 256
 VIEW_SEED = 0  # cached views do not depend on the run's seed, so runs with other seeds share them
-# settings that change how a tower trains, not what its locked features are
-_TRAINING_ONLY = ("lock", "lr_scale", "layer_decay", "head", "head_dropout", "tokenizer")
+# settings that change how a tower trains, not what its locked features are (a tower with LoRA adapters is never
+# locked, and patch dropout acts in training mode only, where a locked tower never is)
+_TRAINING_ONLY = ("lock", "lr_scale", "layer_decay", "head", "head_dropout", "tokenizer", "lora", "patch_dropout")
 # data settings that change how samples are drawn or loaded, not which samples exist
 _LOADING_ONLY = (
     "num_workers",

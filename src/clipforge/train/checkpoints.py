@@ -31,6 +31,7 @@ def run_checkpoint(run: TrainingRun, state: RunState) -> Checkpoint:
         step=state.step,
         hf_text_config=run.hf_text_config,
         training=training,
+        ema=run.ema.state_dict() if run.ema is not None else None,
     )
 
 

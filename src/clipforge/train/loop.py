@@ -199,6 +199,8 @@ def _advance(run: TrainingRun, state: RunState, stop: interrupt.StopRequest) -> 
     state.empty_batches = 0
     loss, grad_norm, state.lr = _optimizer_step(run, batch.to(context.device), state.step)
     state.step += 1
+    if run.ema is not None:
+        run.ema.update(state.step)
     state.window.add(loss, grad_norm, sum(sizes))
     run.run_log.advance()
     if state.step % config.logging.log_every == 0 or state.step == config.train.steps:

@@ -34,6 +34,7 @@ from clipforge.model.factory import build_checked_model, build_model, check_trai
 from clipforge.runtime import autocast_context, resolve_precision, set_rng_state, usable_workers
 from clipforge.train import resume, run_dir
 from clipforge.train.cache_features import build_feature_cache
+from clipforge.train.ema import WeightAverage
 from clipforge.train.evaluation import TrainingEvaluator
 from clipforge.train.optim import build_optimizer, build_scheduler
 from clipforge.train.run_log import NullRunLogger, RunLogger, start_summary
@@ -48,7 +49,8 @@ class TrainingRun:
 
     ``model`` is the :class:`CLIPModel`; ``train_model`` what the step calls: the model, its DDP wrapper, or
     the model sharded in place (FSDP2). ``processor`` turns the data into the model's inputs (and is saved in
-    every checkpoint). ``batches`` and ``run_log`` are set once the state is restored.
+    every checkpoint). ``ema``: the moving average of the trained weights (``train.ema``), or None. ``batches`` and
+    ``run_log`` are set once the state is restored.
     """
 
     config: Config
@@ -64,6 +66,7 @@ class TrainingRun:
     evaluator: TrainingEvaluator
     autocast: Any
     hf_text_config: str | None = None
+    ema: WeightAverage | None = None
     batches: Iterator[Batch] = field(default_factory=lambda: iter(()))
     run_log: RunLogger | NullRunLogger = field(default_factory=NullRunLogger)
 
@@ -115,6 +118,8 @@ def build_run(
         evaluator=TrainingEvaluator(config, processor, autocast_context(device, config.train.precision)),
         autocast=autocast_context(device, config.train.precision),
         hf_text_config=start.hf_text_config or model.text_tower.hf_config_json(),
+        # after wrapping: under FSDP2 the average is sharded as the parameters are
+        ema=WeightAverage(wrap.unwrap(train_model), config.train.ema) if config.train.ema.enabled else None,
     )
     return run, cached_features
 
@@ -135,6 +140,10 @@ def restore(run: TrainingRun, state: RunState, checkpoint: Checkpoint, resume_fr
     if not run.context.enabled:  # torch's generators are reseeded every step; this restores Python's and CUDA's
         set_rng_state(training.rng, run.context.device)
     run.evaluator.load_state_dict(training.eval)
+    if run.ema is not None and checkpoint.ema is not None:
+        run.ema.load_state_dict(checkpoint.ema)
+    elif run.ema is not None:
+        logger.info("train.ema: %s holds no weight average; it starts from the resumed weights", resume_from)
     if resume_from.resolve().parent != run.output_dir.resolve():
         state.saved_step = -1  # last.pt of this folder does not hold the resumed step yet
     logger.info("resumed from %s at step %d (%d samples seen)", resume_from, state.step, state.samples_seen)
