@@ -150,3 +150,37 @@ def test_the_kernel_probe_measures_a_finite_positive_ratio() -> None:
 
     speedup = measure_onednn_linear_speedup(tokens=32, width=32, rounds=1)
     assert math.isfinite(speedup) and speedup > 0
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "autocast"])
+def test_a_process_whose_first_linear_runs_without_autograd_still_measures_the_probe(
+    mode: str, monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    """The kernel probe times a backward pass; the first linear of an embed or eval process runs under
+    no_grad / inference_mode (or autocast), and must measure it there, not fail (found by a fresh machine's run)."""
+    import functools
+
+    from clipforge.model import cpu_kernels
+    from clipforge.runtime import probes
+
+    monkeypatch.setenv("CLIPFORGE_CACHE_DIR", str(tmp_path))  # an empty probe file: measured on the first linear
+    small = functools.partial(cpu_kernels.measure_onednn_linear_speedup, tokens=64, width=32, rounds=1)
+    monkeypatch.setattr(cpu_kernels, "measure_onednn_linear_speedup", small)
+    cpu_kernels._onednn_faster.cache_clear()
+    probes.measured_once.cache_clear()
+    tower = VisionTransformer(image_size=32, patch_size=8, width=32, depth=2, heads=2).eval()
+    contexts = {
+        "no_grad": torch.no_grad(),
+        "inference_mode": torch.inference_mode(),
+        "autocast": torch.autocast("cpu", dtype=torch.bfloat16),
+    }
+    try:
+        with contexts[mode]:
+            features = tower(torch.randn(2, 3, 32, 32))
+            if mode == "autocast":  # the float32 kernel does not apply under autocast: ask for the choice there
+                assert cpu_kernels._onednn_faster() in (True, False)
+        assert torch.isfinite(features.float()).all()
+        assert "onednn_linear_speedup" in (tmp_path / "machine-probes.json").read_text()  # kept for the next process
+    finally:
+        cpu_kernels._onednn_faster.cache_clear()
+        probes.measured_once.cache_clear()

@@ -65,15 +65,20 @@ def probe_file() -> Path:
 
 @functools.cache
 def measured_once(name: str, measure: Callable[[], float]) -> float:
-    """``measure()``'s figure for ``name`` on this machine: read from the probe file, else measured now and
-    written there (and kept in this process either way)."""
+    """``measure()``'s figure for ``name`` on this machine: read from the probe file, else measured now (with
+    autograd on and no autocast, whatever the caller's mode) and written there (and kept in this process either
+    way)."""
     path, key = probe_file(), machine_key()
     try:
         figures = json.loads(path.read_text())
         return float(figures[key][name])
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    value = float(measure())
+    # The first call comes from wherever a process first needs the figure: often inside torch.no_grad(),
+    # inference_mode() (an embed's first linear) or an autocast region. A probe times autograd and plain float32,
+    # so it runs outside all of them.
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False):
+        value = float(measure())
     with contextlib.suppress(OSError, OutputError):  # unwritable or full: the figure stays in this process
         try:
             figures = json.loads(path.read_text())
