@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from clipforge.search import embed as embed_module
 from clipforge.search.embed import embed_images
-from clipforge.search.plan import EmbedPlan, ids_digest, new_plan, pending_plan
+from clipforge.search.plan import MIN_BLOCKS, EmbedPlan, ids_digest, new_plan, pending_plan
 from clipforge.search.store import EmbeddingStore
 
 
@@ -113,3 +113,18 @@ def test_a_stopped_run_is_taken_up_and_new_files_follow_it(
     for kind_file in sorted((reference / "images").glob("part-*")):
         assert (out / "images" / kind_file.name).read_bytes() == kind_file.read_bytes(), kind_file.name
     assert not list((out / "images").glob("plan-*"))
+
+
+@settings(max_examples=200, deadline=None)
+@given(items=st.integers(1, 100_000), chunk_size=st.integers(1, 512), part_rows=st.integers(1, 8192))
+def test_a_short_run_is_cut_into_enough_blocks_for_every_process_and_the_layout_ignores_n(
+    items: int, chunk_size: int, part_rows: int
+) -> None:
+    """Blocks are what the processes share out: 2,000 images must not be one block (one busy process), and the
+    layout depends on the input alone, so any number of processes writes the same parts."""
+    plan = new_plan(Path("/nonexistent"), 0, range(items), [str(n) for n in range(items)], chunk_size, part_rows)
+    chunks = -(-items // chunk_size)
+    assert 1 <= plan.block_rows <= max(chunk_size, part_rows)  # never larger than asked
+    assert len(plan) >= min(chunks, MIN_BLOCKS)  # as many blocks as the chunks allow, up to MIN_BLOCKS
+    if len(plan) > MIN_BLOCKS and plan.chunks_per_block < part_rows // chunk_size:  # cut smaller only for that
+        assert len(plan) < 2 * MIN_BLOCKS + 2

@@ -111,13 +111,21 @@ class EmbedPlan:
         return cls(run, source, positions, chunk_size, chunks_per_block, digest)
 
 
+# a run is cut into at least this many blocks where its chunks allow: blocks are the unit of work dealt to the
+# processes, so a short run of one block would keep all but one process idle (2,000 images in one 2,048-row block
+# ran no faster on 2 processes than on 1). A count, not a function of N: the layout stays the same on any N. Runs
+# longer than MIN_BLOCKS full parts (--part-rows) are not affected.
+MIN_BLOCKS = 4
+
+
 def new_plan(folder: Path, source: int, positions: Iterable[int], ids: list[str], chunk_size: int, part_rows: int):
     """A plan for the items ``positions`` (whose ids are ``ids``) of input ``source``, numbered after everything in
-    ``folder``: chunks of ``chunk_size``, blocks of about ``part_rows`` rows (at least one chunk)."""
+    ``folder``: chunks of ``chunk_size``, blocks of about ``part_rows`` rows (at least one chunk), fewer rows where
+    that gives :data:`MIN_BLOCKS` blocks (a short run)."""
     positions = np.asarray(list(positions), dtype=np.int64)
-    return EmbedPlan(
-        next_part_number(folder), source, positions, chunk_size, max(1, part_rows // chunk_size), ids_digest(ids)
-    )
+    chunks = math.ceil(len(positions) / chunk_size)
+    chunks_per_block = max(1, min(part_rows // chunk_size, chunks // MIN_BLOCKS))
+    return EmbedPlan(next_part_number(folder), source, positions, chunk_size, chunks_per_block, ids_digest(ids))
 
 
 def pending_plan(folder: Path, source: int, ids_at: Callable[[np.ndarray], list[str] | None]) -> EmbedPlan | None:
