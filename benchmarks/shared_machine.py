@@ -7,14 +7,18 @@ evaluation use), torch at every core this process may use. Each measurement runs
 OpenMP reads its wait settings when torch loads:
 
 * ``openmp default``: OpenMP's own waiting (libgomp spins ~300,000 times at a barrier before it sleeps);
-* ``clipforge``: what the ``clipforge`` command sets before torch loads (``clipforge.cores.quiet_openmp_waits``);
+* ``clipforge``: what the ``clipforge`` command sets before torch loads (``clipforge.cores.quiet_openmp_waits``:
+  threads sleep at once when other processes keep this process's cores busy as it starts, else a short spin),
+  decided here the way the command decides it, as the measurement starts;
 * ``passive``: ``OMP_WAIT_POLICY=PASSIVE`` (threads sleep at once), for comparison.
 
 Each is measured quiet, then beside one busy process (a single-threaded Python loop: one core's worth of other
-work on the machine), rounds alternating. Printed: images/s, and busy / quiet per setting (goal: >= 40%).
+work on the machine, started 0.5 s before the measurement), rounds alternating; ``--late`` starts it 2 s after the
+measurement's process instead (load that comes after the command started). Printed: images/s, and busy / quiet per setting (goal: >= 40%).
 
     python benchmarks/shared_machine.py                  # 256 images per measurement, 3 rounds
     python benchmarks/shared_machine.py --images 128 --rounds 2 --avx2   # AVX2 kernels forced
+    python benchmarks/shared_machine.py --late           # the busy process starts after the measured one
 """
 
 from __future__ import annotations
@@ -106,19 +110,21 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256, help="images per measurement")
     parser.add_argument("--rounds", type=int, default=3, help="rounds, each measuring every setting quiet and busy")
     parser.add_argument("--avx2", action="store_true", help="force AVX2 kernels (what an AVX2-only CPU runs)")
+    parser.add_argument("--late", action="store_true", help="start the busy process 2 s after the measured one")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from _machine import cpu_model
 
-    isa = "AVX2 forced" if args.avx2 else "native kernels"
+    isa = ("AVX2 forced" if args.avx2 else "native kernels") + (", busy process started late" if args.late else "")
     print(f"CPU: {cpu_model()}, {len(os.sched_getaffinity(0))} cores, {isa}; load average {os.getloadavg()[0]:.2f}")
     results: dict[tuple[str, bool], list[float]] = {}
     for _ in range(args.rounds):
         for setting in SETTINGS:
             results.setdefault((setting, False), []).append(measure(setting, args.images, args.avx2))
-            busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            late = "import time; time.sleep(2)\n" if args.late else ""
+            busy = subprocess.Popen([sys.executable, "-c", late + "while True: pass"])
             try:
-                time.sleep(0.5)
+                time.sleep(0 if args.late else 0.5)
                 results.setdefault((setting, True), []).append(measure(setting, args.images, args.avx2))
             finally:
                 busy.kill()

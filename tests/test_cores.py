@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -44,8 +48,6 @@ def test_any_cgroup_file_content_reads_as_a_quota_or_none(content: str) -> None:
 
 
 def test_available_cores_is_at_least_one_and_at_most_the_machine() -> None:
-    import os
-
     assert 1 <= cores.available_cores() <= (os.cpu_count() or 1)
 
 
@@ -60,7 +62,29 @@ def test_openmp_waits_are_left_alone_when_the_user_chose(monkeypatch) -> None:
     # an earlier in-process CLI call (or the CI's environment) may have set these; the test owns them here
     for name in ("GOMP_SPINCOUNT", "KMP_BLOCKTIME"):
         monkeypatch.delenv(name, raising=False)
-    assert cores.quiet_openmp_waits() is False
+    assert cores.quiet_openmp_waits(load=2.0) is False and os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
     monkeypatch.delenv("OMP_WAIT_POLICY")
-    assert cores.quiet_openmp_waits() is True
-    assert cores.OPENMP_SPIN_COUNT == __import__("os").environ["GOMP_SPINCOUNT"]
+    assert cores.quiet_openmp_waits(load=0.0) is True
+    assert cores.OPENMP_SPIN_COUNT == os.environ["GOMP_SPINCOUNT"] and "OMP_WAIT_POLICY" not in os.environ
+
+
+@pytest.mark.parametrize("load", [0.5, 1.0, 7.5])
+def test_openmp_threads_sleep_at_once_when_other_processes_use_the_cores(monkeypatch, load: float) -> None:
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME"):
+        monkeypatch.delenv(name, raising=False)
+    assert cores.quiet_openmp_waits(load=load) is True
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE" and "GOMP_SPINCOUNT" not in os.environ
+
+
+def test_the_load_of_another_busy_process_is_seen() -> None:
+    """A process spinning on one core shows as (at least) about one core of other load."""
+    if cores.other_load(0.05) is None:
+        pytest.skip("no /proc/stat, or a CPU quota: the load cannot be attributed to this process's cores")
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)  # the interpreter is up and spinning
+        seen = cores.other_load(0.5)
+    finally:
+        busy.kill()
+        busy.wait()
+    assert seen is not None and 0.5 <= seen <= len(os.sched_getaffinity(0)) + 0.2
