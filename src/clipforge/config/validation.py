@@ -76,6 +76,10 @@ def _validate_run(config: Config) -> None:
         raise ConfigError(
             f"train.grad_clip={train.grad_clip} must be >= 0: the largest gradient norm (0 = no clipping)"
         )
+    if train.text_buckets < 1:
+        raise ConfigError(
+            f"train.text_buckets={train.text_buckets} must be >= 1: the length buckets of a text batch (1 = one batch)"
+        )
     if train.keep_checkpoints < 0:
         raise ConfigError(
             f"train.keep_checkpoints={train.keep_checkpoints} must be >= 0: how many step_<N>.pt to keep beside "

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from clipforge.config import TrainConfig
+from clipforge.config import ConfigError, TrainConfig
 from clipforge.distributed.groups import DistributedContext
 from clipforge.model import CLIPModel
 from clipforge.model.grad_checkpointing import enable_grad_checkpointing
@@ -84,12 +84,15 @@ def shard_model(model: CLIPModel) -> CLIPModel:
 
 
 def prepare_model(model: CLIPModel, config: TrainConfig, context: DistributedContext) -> nn.Module:
-    """``model`` (on ``context.device``) ready for training: gradient checkpointing and compilation as
-    ``config`` asks, then wrapped for ``config.distributed.strategy`` when several processes run.
+    """``model`` (on ``context.device``) ready for training: text length buckets, gradient checkpointing and
+    compilation as ``config`` asks, then wrapped for ``config.distributed.strategy`` when several processes run.
 
     Returns the module to call in the training step: the model itself, a DDP wrapper, or the model sharded
     in place (FSDP2). :func:`unwrap` gives the :class:`CLIPModel` back.
     """
+    if config.text_buckets > 1:
+        _check_text_buckets(model, config, sharded=context.enabled and config.distributed.strategy == "fsdp")
+        model.text_buckets = config.text_buckets
     if config.gradient_checkpointing:
         for tower in enable_grad_checkpointing(model):
             logger.warning("train.gradient_checkpointing: the %s has no checkpointing support; it runs without", tower)
@@ -101,6 +104,22 @@ def prepare_model(model: CLIPModel, config: TrainConfig, context: DistributedCon
         return shard_model(model)
     device_ids = [context.device.index] if context.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def _check_text_buckets(model: CLIPModel, config: TrainConfig, sharded: bool) -> None:
+    """ConfigError where ``train.text_buckets`` would change what the model computes, or is not supported."""
+    tower = model.text_tower
+    if not getattr(tower, "ignores_padding", False):
+        raise ConfigError(
+            f"train.text_buckets={config.text_buckets}: the text tower ({tower.describe()}) reads padding positions "
+            "(bidirectional built-in layout, 'last' pooling, or a hosted tower), so cutting a batch's padding would "
+            "change its features; set train.text_buckets=1"
+        )
+    if sharded:
+        raise ConfigError(
+            f"train.text_buckets={config.text_buckets} runs the text tower several times per step, which FSDP2's "
+            "sharded tower does not support here; set train.text_buckets=1 or train.distributed.strategy=ddp"
+        )
 
 
 def unwrap(module: nn.Module) -> CLIPModel:

@@ -99,6 +99,8 @@ class CLIPModel(nn.Module):
         else:
             self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias)))
         self.locked_modules = tuple(locked_modules)
+        # length buckets of the text tower's batches (train.text_buckets; 1 = one batch); not a parameter
+        self.text_buckets = 1
         self.train(self.training)
 
     def __getattr__(self, name: str) -> Any:
@@ -160,7 +162,33 @@ class CLIPModel(nn.Module):
             )
         if input_ids.is_floating_point():
             raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
-        return self.project_text(self.text_tower(input_ids, attention_mask), normalize)
+        return self.project_text(self.text_features(input_ids, attention_mask), normalize)
+
+    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The text tower's features (B, F) of a batch, the rows in :attr:`text_buckets` length buckets.
+
+        With ``text_buckets`` = K > 1 the rows are ordered by token count (stable) and cut into K buckets, and each
+        bucket runs the tower cut to its own longest row, so short captions stop paying for the longest one's
+        padding (the text tower's forward + backward on clip art captions: 2.05x faster with 4 buckets on 2 CPU
+        cores, benchmarks/finetune_speed.py); the rows come back in the batch's order. The same function: padding is
+        masked out of every row's value, so a row does not depend on its neighbours beyond float rounding. Only for
+        right-padded batches that have padding (otherwise one batch), and towers whose value of a row ignores its
+        padding (``train.text_buckets`` is refused for the others at config load).
+        """
+        buckets = min(self.text_buckets, len(input_ids) // 2)
+        if buckets <= 1:
+            return self.text_tower(input_ids, attention_mask)
+        mask = attention_mask.bool()
+        lengths = mask.sum(dim=1)
+        right_padded = bool((mask[:, 1:] <= mask[:, :-1]).all())
+        if not right_padded or int(lengths.min()) == input_ids.shape[1]:
+            return self.text_tower(input_ids, attention_mask)
+        order = torch.argsort(lengths, stable=True)
+        parts = []
+        for rows in order.tensor_split(buckets):
+            longest = max(1, int(lengths[rows].max()))
+            parts.append(self.text_tower(input_ids[rows, :longest], attention_mask[rows, :longest]))
+        return torch.cat(parts)[torch.argsort(order)]
 
     def forward(
         self,

@@ -167,6 +167,12 @@ class TextTransformer(TransformerTower):
     def supports_attention_maps(self) -> bool:
         return True
 
+    @property
+    def ignores_padding(self) -> bool:
+        # causal: no real token attends to the padding after it; "last" pools a padding position itself. (The
+        # bidirectional layout attends to padding: its features depend on the padded length.)
+        return self.causal and self.pooling != "last"
+
     def forward_with_attention(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -225,6 +231,10 @@ class HFTextEncoder(Tower):
 
     def set_grad_checkpointing(self, enabled: bool = True) -> bool:
         return set_hf_grad_checkpointing(self.encoder, enabled)
+
+    @property
+    def ignores_padding(self) -> bool:
+        return self.pooling != "last"  # the encoder masks padding out of attention
 
     def describe(self) -> str:
         return type(self.encoder).__name__

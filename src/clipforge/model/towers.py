@@ -68,6 +68,12 @@ class Tower(nn.Module):
         """Whether :meth:`forward_with_attention` returns the attention weights of every layer."""
         return False
 
+    @property
+    def ignores_padding(self) -> bool:
+        """A text tower: whether a row's features are the same however many padding positions follow its last real
+        token (so a batch may be cut to any length that keeps every real token: ``train.text_buckets``)."""
+        return False
+
     def forward_with_attention(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``forward``'s features plus the attention weights of each layer, in forward order, each
         ``(batch, heads, T, T)`` with rows summing to 1; only where :attr:`supports_attention_maps`."""
