@@ -3,10 +3,12 @@
 The start is a model with zero-shot skill: the demo's LiT model (``demo-lit``: EfficientNet-Lite0 + MiniLM, locked,
 heads trained on emoji, clip art and flags), trained here in the work folder unless ``--base`` names one. From it:
 
-* ``fine-tune``: the ``finetune-demo`` recipe for ``--steps`` steps: the text tower (and the heads) fine-tuned on
-  the clip art's training split, the image tower locked (its features cached);
-* ``+ EMA``: the same run's moving average of its weights (``train.ema``; ``--weights ema``), no extra training;
-* ``WiSE-FT``: the start and the fine-tune interpolated, ``(1 - alpha) * start + alpha * fine-tune``, at alphas
+* ``fine-tune (recipe)``: the ``finetune-demo`` recipe for ``--steps`` steps: the text tower (and the heads)
+  fine-tuned on the clip art's training split, the image tower locked (its features cached);
+* ``aggressive fine-tune``: the same with the settings the recipe guards against (:data:`AGGRESSIVE`: 10x the
+  learning rate, the tower at the heads' rate, no layer decay, no warmup): what forgetting looks like;
+* ``+ EMA``: each run's moving average of its weights (``train.ema``; ``--weights ema``), no extra training;
+* ``WiSE-FT``: the start and each fine-tune interpolated, ``(1 - alpha) * start + alpha * fine-tune``, at alphas
   chosen on VALIDATION data only (``clipforge.train.wise_ft`` / ``clipforge merge``): ``best`` maximizes the mean
   of the target and the retained score, ``matched`` is the smallest alpha whose target reaches the fine-tune's;
 * ``LoRA``: the ``finetune-demo-lora`` recipe (rank-8 adapters on the text tower's attention and MLP layers).
@@ -18,7 +20,7 @@ directions), Fashion-MNIST and MNIST zero-shot top-1; ``retained`` is their mean
 MNIST digits 0-99 of each class); test: its test sources (emoji and clip art test, icons test, Fashion-MNIST t10k,
 MNIST digits 400-499), read once, after every choice is made.
 
-    python benchmarks/finetune_retention.py --work /tmp/retention                  # ~20 min on 2 cores
+    python benchmarks/finetune_retention.py --work /tmp/retention                  # ~30 min on 2 cores
     python benchmarks/finetune_retention.py --work /tmp/retention --base demo-output/run/best.pt --steps 150
     python benchmarks/finetune_retention.py --work /tmp/r --quick                   # a smoke run: not a measurement
 """
@@ -29,12 +31,14 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from _machine import cpu_model
 
+from clipforge.checkpoint import read_checkpoint
 from clipforge.config import load_config
 from clipforge.demo import demo_sources, evaluate_demo
 from clipforge.eval.features import LockedTowerMemo
@@ -42,6 +46,9 @@ from clipforge.interop.load import build, resolve
 from clipforge.interop.merge import interpolate
 from clipforge.train.loop import train
 
+# the settings the recipe guards against (README "Fine-tuning"): 10x its learning rate, the pretrained tower at
+# the heads' rate, no layer decay, no warmup
+AGGRESSIVE = ["optim.lr=1.0e-3", "model.text.lr_scale=1.0", "model.text.layer_decay=1.0", "schedule.warmup_steps=0"]
 ALPHAS = [round(0.1 * step, 1) for step in range(11)]
 RETAINED = ("emoji", "icons", "fashion_mnist", "mnist")
 FASHION_PER_CLASS = 100  # 1,000 balanced Fashion-MNIST images per split (the demo reports 2,000)
@@ -90,8 +97,12 @@ class Evaluator:
         return scores(metrics)
 
 
-def run_recipe(recipe: str, base: Path, folder: Path, steps: int, cache: Path, extra: list[str]) -> Path:
-    """Train ``recipe`` from ``base`` for ``steps`` steps into ``folder``; its last checkpoint."""
+def run_recipe(recipe: str, base: Path, folder: Path, steps: int, cache: Path, extra: list[str], reuse: bool) -> Path:
+    """Train ``recipe`` from ``base`` for ``steps`` steps into ``folder``; its last checkpoint (with ``reuse``, the
+    one a previous run of this script left there, if its step is ``steps``)."""
+    if reuse and (folder / "last.pt").is_file() and read_checkpoint(folder / "last.pt").step == steps:
+        print(f"reusing {folder / 'last.pt'}", flush=True)
+        return folder / "last.pt"
     overrides = [
         f"model.init={base}",
         f"train.steps={steps}",
@@ -144,47 +155,57 @@ def table(rows: dict[str, Scores], start: Scores) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work", type=Path, required=True, help="scratch folder (runs, feature cache)")
+    parser.add_argument(
+        "--work", type=Path, default=None, help="scratch folder (runs, feature cache); default: a new temporary one"
+    )
     parser.add_argument("--base", type=Path, default=None, help="the start (default: train demo-lit in --work)")
-    parser.add_argument("--steps", type=int, default=120, help="fine-tuning steps of each run")
+    parser.add_argument("--steps", type=int, default=150, help="fine-tuning steps of each run (the recipes' 150)")
     parser.add_argument("--json", type=Path, default=None, help="write every figure here")
+    parser.add_argument("--reuse", action="store_true", help="reuse the fine-tunes a previous run left in --work")
     parser.add_argument("--quick", action="store_true", help="a few steps everywhere: checks the script runs")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = time.perf_counter()
-    work, cache = args.work, args.work / "feature_cache"
+    work = args.work or Path(tempfile.mkdtemp(prefix="finetune_retention-"))
+    cache = work / "feature_cache"
     steps = 4 if args.quick else args.steps
     base = args.base or train_base(work, cache, args.quick)
     timings = {"base": time.perf_counter() - started}
     quick = ["train.batch_size=64"] if args.quick else []
 
-    began = time.perf_counter()
-    full = run_recipe("finetune-demo", base, work / "full", steps, cache, quick)
-    timings["fine-tune"] = time.perf_counter() - began
-    began = time.perf_counter()
-    lora = run_recipe("finetune-demo-lora", base, work / "lora", steps, cache, quick)
-    timings["lora"] = time.perf_counter() - began
+    runs = {}
+    for name, recipe, extra in (
+        ("fine-tune", "finetune-demo", []),
+        ("aggressive", "finetune-demo", AGGRESSIVE),
+        ("lora", "finetune-demo-lora", []),
+    ):
+        began = time.perf_counter()
+        runs[name] = run_recipe(recipe, base, work / name, steps, cache, quick + extra, args.reuse)
+        timings[name] = time.perf_counter() - began
 
-    start_weights, full_weights = resolve(str(base)), resolve(str(full))
-    models = {
-        "start (demo LiT)": lambda: build(start_weights),
-        "fine-tune": lambda: build(full_weights),
-        "+ EMA": lambda: build(resolve(str(full), "ema")),
-        "LoRA (r=8)": lambda: build(resolve(str(lora))),
-    }
-    # choices on validation only
+    start_weights = resolve(str(base))
+    models = {"start (demo LiT)": lambda: build(start_weights)}
+    for name, label in (("fine-tune", "fine-tune (recipe)"), ("aggressive", "aggressive fine-tune")):
+        models[label] = lambda path=runs[name]: build(resolve(str(path)))
+        models[f"{label} + EMA"] = lambda path=runs[name]: build(resolve(str(path), "ema"))
+    models["LoRA (r=8)"] = lambda: build(resolve(str(runs["lora"])))
+    # choices on validation only: a WiSE-FT curve per fine-tune
     began = time.perf_counter()
     validation = Evaluator("val")
     val = {name: validation(make()) for name, make in models.items()}
-    curve = {alpha: validation(build(interpolate(start_weights, full_weights, alpha))) for alpha in ALPHAS}
-    chosen = choose_alphas(curve, val["fine-tune"])
+    curves, chosen = {}, {}
+    for name, label in (("fine-tune", "fine-tune (recipe)"), ("aggressive", "aggressive fine-tune")):
+        tuned = resolve(str(runs[name]))
+        curves[name] = {alpha: validation(build(interpolate(start_weights, tuned, alpha))) for alpha in ALPHAS}
+        chosen[name] = choose_alphas(curves[name], val[label])
     timings["validation"] = time.perf_counter() - began
     # test: read once, for the chosen models
     began = time.perf_counter()
-    for rule, alpha in chosen.items():
-        models[f"WiSE-FT alpha={alpha:g} ({rule} on val)"] = lambda a=alpha: build(
-            interpolate(start_weights, full_weights, a)
-        )
+    for name, rules in chosen.items():
+        for rule, alpha in rules.items():
+            models[f"WiSE-FT of {name}, alpha={alpha:g} ({rule} on val)"] = lambda a=alpha, n=name: build(
+                interpolate(start_weights, resolve(str(runs[n])), a)
+            )
     test_evaluator = Evaluator("test")
     test = {name: test_evaluator(make()) for name, make in models.items()}
     timings["test"] = time.perf_counter() - began
@@ -192,9 +213,10 @@ def main() -> None:
 
     print(f"finetune_retention: {steps} steps, CPU {cpu_model()} ({os.cpu_count()} cores), "
           f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
-    print("\nvalidation: the WiSE-FT curve (alpha, target, retained mean)")
-    for alpha, s in curve.items():
-        print(f"  {alpha:4.1f}  {s.target:.3f}  {s.retained_mean:.3f}")
+    for name, curve in curves.items():
+        print(f"\nvalidation: the WiSE-FT curve of {name} (alpha, target, retained mean)")
+        for alpha, point in curve.items():
+            print(f"  {alpha:4.1f}  {point.target:.3f}  {point.retained_mean:.3f}")
     print(f"chosen on validation: {chosen}\n\ntest\n{table(test, test['start (demo LiT)'])}")
     print("\nseconds: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     if args.json:
@@ -203,7 +225,7 @@ def main() -> None:
             "cpu": cpu_model(),
             "chosen": chosen,
             "validation": {name: vars(s) for name, s in val.items()},
-            "curve": {str(alpha): vars(s) for alpha, s in curve.items()},
+            "curves": {name: {str(a): vars(p) for a, p in curve.items()} for name, curve in curves.items()},
             "test": {name: vars(s) for name, s in test.items()},
             "seconds": timings,
         }
