@@ -42,7 +42,9 @@ class Hang(Exception):
 
 
 @contextlib.contextmanager
-def _deadline(seconds: int) -> Iterator[None]:
+def deadline(seconds: int) -> Iterator[None]:
+    """Raise :class:`Hang` in the main thread once ``seconds`` have passed (SIGALRM): a hang fails, not waits."""
+
     def expire(signum, frame):
         raise Hang(f"still running after {seconds} s")
 
@@ -59,7 +61,7 @@ def run(argv: Sequence[str], deadline_s: int = DEADLINE_S) -> Outcome:
     """``clipforge argv`` in this process: (exit code, stdout, stderr, escaped traceback)."""
     out, err = io.StringIO(), io.StringIO()
     escaped = ""
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), _deadline(deadline_s):
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), deadline(deadline_s):
         try:
             code = main(list(argv))
         except SystemExit as exit_:  # argparse's own usage errors: exit code 2 and a usage line

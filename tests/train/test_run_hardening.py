@@ -7,11 +7,8 @@ record logs and the gradient norm beside it (f), the torch.compile note (g), one
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import logging
-import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,24 +21,9 @@ from clipforge.train import loop
 from clipforge.train.loop import COMPILE_NOTE, TrainResult, train
 from clipforge.train.run_log import read_metrics
 from tests.conftest import tiny_config
+from tests.contract.harness import deadline  # a run that spins on unreadable data fails, not hangs
 
 TINY_RUN = {"steps": 2, "batch_size": 8, "checkpoint_every": 2}
-
-
-@contextlib.contextmanager
-def deadline(seconds: int) -> Iterator[None]:
-    """Fail instead of hanging: a run that spins on unreadable data is stopped after ``seconds``."""
-
-    def stop(signum, frame):
-        raise TimeoutError(f"still running after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, stop)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def config_file(tmp_path: Path, manifest: Path, output_dir: Path, **sections) -> str:
