@@ -173,7 +173,8 @@ class CLIPModel(nn.Module):
         cores, benchmarks/finetune_speed.py); the rows come back in the batch's order. The same function: padding is
         masked out of every row's value, so a row does not depend on its neighbours beyond float rounding. Only for
         right-padded batches that have padding (otherwise one batch), and towers whose value of a row ignores its
-        padding (``train.text_buckets`` is refused for the others at config load).
+        padding (``train.text_buckets`` is refused for the others before a run's first step,
+        ``clipforge.distributed.wrap.prepare_model``).
         """
         buckets = min(self.text_buckets, len(input_ids) // 2)
         if buckets <= 1:
