@@ -52,6 +52,7 @@ from clipforge.data.processor import Processor
 from clipforge.data.transforms import MAX_ASPECT, ImagePreprocess
 from clipforge.folders import staged_folder
 from clipforge.io import atomic_write_text, check_output
+from clipforge.logs import quiet_loggers
 from clipforge.model.factory import LoadedModel
 from clipforge.version import __version__
 
@@ -108,17 +109,10 @@ def _onnx_modules():
 @contextlib.contextmanager
 def _quiet_exporter() -> Iterator[None]:
     """The exporters' log lines, warnings and prints held back; their errors still raise."""
-    loggers = [logging.getLogger(name) for name in EXPORTER_LOGGERS]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
+    with quiet_loggers(EXPORTER_LOGGERS, logging.ERROR), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with contextlib.redirect_stdout(io.StringIO()):
             yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
 
 
 def _export(module: nn.Module, inputs: tuple, names: list[str], output: str, dynamic: dict, path: Path) -> None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
 from types import ModuleType
+
+from clipforge.logs import quiet_loggers
 
 
 def import_faiss() -> ModuleType:
@@ -19,15 +20,8 @@ def import_faiss() -> ModuleType:
     return faiss
 
 
-@contextlib.contextmanager
-def _quiet_faiss_loader() -> Iterator[None]:
+def _quiet_faiss_loader() -> contextlib.AbstractContextManager[None]:
     """faiss's loader tries its AVX2/AVX512 builds first and logs each miss at INFO, traceback text and all
     (``ModuleNotFoundError(... swigfaiss_avx2)``), although it then loads the generic build: under the CLI's
     INFO logging that printed on every search. Only its INFO is dropped; its warnings and errors still show."""
-    loader = logging.getLogger("faiss.loader")
-    previous = loader.level
-    loader.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        loader.setLevel(previous)
+    return quiet_loggers(("faiss.loader",), logging.WARNING)

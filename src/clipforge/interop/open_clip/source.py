@@ -24,12 +24,12 @@ import contextlib
 import difflib
 import json
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from clipforge.config import CheckpointError
+from clipforge.logs import quiet_loggers
 from clipforge.model.hosted_open_clip import OPEN_CLIP_INSTALL
 from clipforge.packaged import MissingPackageError
 
@@ -140,16 +140,9 @@ def _from_hub(repository: str, where: str) -> OpenClipSource:
     return OpenClipSource(model_cfg, where, preprocess, weights)
 
 
-@contextlib.contextmanager
-def _quiet_hub() -> Iterator[None]:
+def _quiet_hub() -> contextlib.AbstractContextManager[None]:
     """huggingface_hub's retry warnings held back: a failed download ends in one message of ours."""
-    hub = logging.getLogger("huggingface_hub")
-    level = hub.level
-    hub.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        hub.setLevel(level)
+    return quiet_loggers(("huggingface_hub",), logging.ERROR)
 
 
 def _from_registry(name: str, weights: str, where: str) -> OpenClipSource:
